@@ -1,0 +1,1 @@
+"""rallyctl, the admin CLI: reads etcd directly, so it works from any host that reaches etcd."""

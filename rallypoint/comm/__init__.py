@@ -1,0 +1,1 @@
+"""Collectives with deadlines, the collective watchdog and hang diagnosis."""

@@ -1,0 +1,1 @@
+"""rallyd, the per-node daemon: config, rendezvous loop, worker supervision, sd_notify."""

@@ -1,0 +1,56 @@
+"""One exception tree for rallypoint.
+
+Backend errors (gRPC, pyetcd, torch) are translated into these at the edge, so callers only ever
+catch ``RallypointError`` subclasses and every message says what is wrong and where.
+"""
+
+from __future__ import annotations
+
+
+class RallypointError(Exception):
+    """Base of every error rallypoint raises on purpose."""
+
+
+class ConfigError(RallypointError):
+    """The configuration (file, environment or flags) is invalid."""
+
+
+class EtcdError(RallypointError):
+    """An etcd call failed for a reason other than the cluster being unreachable."""
+
+
+class EtcdUnavailable(EtcdError):
+    """No configured etcd endpoint answered in time."""
+
+
+class LeaseLost(EtcdError):
+    """A lease expired or was revoked: every key attached to it is gone."""
+
+
+class MalformedRecord(RallypointError):
+    """A record read from etcd does not parse or validate; the message names the key."""
+
+    def __init__(self, key: str, why: str) -> None:
+        super().__init__(f"malformed record at {key!r}: {why}")
+        self.key = key
+        self.why = why
+
+
+class NodeIdConflict(RallypointError):
+    """Another live daemon already holds this node id."""
+
+
+class StaleGeneration(RallypointError):
+    """An action names a generation that is no longer current."""
+
+
+class LayoutError(RallypointError):
+    """The requested TP/PP/DP layout cannot be placed on the available GPUs."""
+
+
+class RendezvousTimeout(RallypointError):
+    """A rendezvous step (plan, barrier) did not finish before its deadline."""
+
+
+class StoreTimeout(RallypointError):
+    """A key awaited in the etcd-backed store did not appear before the deadline."""

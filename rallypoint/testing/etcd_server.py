@@ -1,0 +1,189 @@
+"""Run the real ``etcd`` binary: one member or a cluster, on free loopback ports, in temp dirs.
+
+Used by the tests, the demo and the benchmarks. Members are started with a 10 ms heartbeat and a
+100 ms election timeout so a cluster elects a leader in well under a second, and are torn down
+with SIGKILL by PID. Debian's ``etcd-server`` package provides the binary.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+INSTALL_HINT = "etcd is not installed: `sudo apt-get install etcd-server` (Debian/Ubuntu)"
+
+
+def etcd_binary() -> str | None:
+    """Path of the etcd binary, or None when it is not installed."""
+    return os.environ.get("RALLYPOINT_ETCD_BIN") or shutil.which("etcd")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class EtcdMember:
+    """One etcd process."""
+
+    name: str
+    client_port: int
+    peer_port: int
+    data_dir: Path
+    log_path: Path
+    proc: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "member not started"
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+@dataclass
+class EtcdCluster:
+    """A real etcd cluster of ``size`` members on loopback (size 1 is a plain single server)."""
+
+    size: int = 1
+    root: Path | None = None
+    members: list[EtcdMember] = field(default_factory=list)
+    _own_root: bool = False
+
+    def __post_init__(self) -> None:
+        if self.root is None:
+            self.root = Path(tempfile.mkdtemp(prefix="rallypoint-etcd-"))
+            self._own_root = True
+        for i in range(self.size):
+            name = f"m{i}"
+            self.members.append(EtcdMember(
+                name, free_port(), free_port(), self.root / f"{name}.etcd", self.root / f"{name}.log"
+            ))
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        return tuple(m.endpoint for m in self.members)
+
+    def _initial_cluster(self) -> str:
+        return ",".join(f"{m.name}=http://127.0.0.1:{m.peer_port}" for m in self.members)
+
+    def start_member(self, member: EtcdMember, state: str = "new") -> None:
+        binary = etcd_binary()
+        if binary is None:
+            raise RuntimeError(INSTALL_HINT)
+        args = [
+            binary, "--name", member.name, "--data-dir", str(member.data_dir),
+            "--listen-client-urls", f"http://127.0.0.1:{member.client_port}",
+            "--advertise-client-urls", f"http://127.0.0.1:{member.client_port}",
+            "--listen-peer-urls", f"http://127.0.0.1:{member.peer_port}",
+            "--initial-advertise-peer-urls", f"http://127.0.0.1:{member.peer_port}",
+            "--initial-cluster", self._initial_cluster(), "--initial-cluster-state", state,
+            "--initial-cluster-token", f"rallypoint-{id(self):x}",
+            "--heartbeat-interval", "10", "--election-timeout", "100",
+            "--listen-metrics-urls", "", "--logger", "zap", "--log-outputs", str(member.log_path),
+        ]
+        member.proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def start(self, timeout: float = 15.0) -> "EtcdCluster":
+        """Start every member and wait until the cluster answers on every endpoint."""
+        for m in self.members:
+            self.start_member(m)
+        self.wait_healthy(timeout)
+        return self
+
+    def wait_healthy(self, timeout: float = 15.0, members: list[EtcdMember] | None = None) -> None:
+        """Block until each (alive) member serves a linearizable read."""
+        from rallypoint.errors import EtcdError
+        from rallypoint.rendezvous.etcd import EtcdClient, EtcdSettings
+
+        deadline = time.monotonic() + timeout
+        for m in members or [m for m in self.members if m.alive()]:
+            client = EtcdClient(EtcdSettings(endpoints=(m.endpoint,), request_timeout=0.5,
+                                             endpoint_retry=0.0, retry_deadline=0))
+            try:
+                while True:
+                    try:
+                        client.get("/rallypoint-health")
+                        break
+                    except EtcdError:
+                        if not m.alive():
+                            raise RuntimeError(f"etcd {m.name} exited; log: {m.log_path}")
+                        if time.monotonic() > deadline:
+                            raise RuntimeError(f"etcd {m.name} not healthy in {timeout}s; log: {m.log_path}")
+                        time.sleep(0.02)
+            finally:
+                client.close()
+
+    def leader(self) -> EtcdMember:
+        """The member that currently leads the raft group."""
+        import pyetcd
+
+        for m in self.members:
+            if not m.alive():
+                continue
+            client = pyetcd.MultiEndpointEtcd3Client(
+                [pyetcd.Endpoint("127.0.0.1", m.client_port, secure=False, time_retry=0)], timeout=1.0)
+            try:
+                st = client.status()
+                leader_id = st.leader.id
+                for mm in client.members:
+                    if mm.id == leader_id:
+                        return next(x for x in self.members if x.name == mm.name)
+            except Exception:
+                continue
+            finally:
+                client.close()
+        raise RuntimeError("no etcd leader found")
+
+    def kill(self, member: EtcdMember, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to one member (SIGKILL by default) and reap it if it died."""
+        if member.proc is None:
+            return
+        try:
+            os.kill(member.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        if sig in (signal.SIGKILL, signal.SIGTERM):
+            member.proc.wait(timeout=10)
+
+    def restart(self, member: EtcdMember, timeout: float = 15.0) -> None:
+        """Start a killed member again on its old data dir and ports."""
+        self.start_member(member, state="existing")
+        self.wait_healthy(timeout, [member])
+
+    def stop(self) -> None:
+        """SIGKILL every member and remove the temp dirs."""
+        for m in self.members:
+            if m.proc is not None and m.proc.poll() is None:
+                try:
+                    os.kill(m.proc.pid, signal.SIGCONT)
+                    os.kill(m.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                m.proc.wait(timeout=10)
+        if self._own_root and self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> "EtcdCluster":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

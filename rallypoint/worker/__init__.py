@@ -1,0 +1,1 @@
+"""The rank process: sharded decoder, shard loading, serving loop and API."""
