@@ -322,9 +322,13 @@ class EtcdClient:
 
     # -- watches ----------------------------------------------------------------------------
 
-    def watch_prefix(self, prefix: str, start_revision: int) -> "PrefixWatch":
-        """Watch every change under ``prefix`` from ``start_revision`` on (inclusive)."""
-        watch = PrefixWatch(self, prefix, start_revision)
+    def watch_prefix(self, prefix: str, start_revision: int,
+                     sink: "queue.Queue[WatchEvent] | None" = None) -> "PrefixWatch":
+        """Watch every change under ``prefix`` from ``start_revision`` on (inclusive).
+
+        ``sink`` lets several watches feed one queue, so a loop can block on all of them at once.
+        """
+        watch = PrefixWatch(self, prefix, start_revision, sink)
         watch.start()
         return watch
 
@@ -418,10 +422,11 @@ class PrefixWatch:
     if etcd compacted past that point, ``RESYNC`` is queued and the reader must re-list.
     """
 
-    def __init__(self, client: EtcdClient, prefix: str, start_revision: int) -> None:
+    def __init__(self, client: EtcdClient, prefix: str, start_revision: int,
+                 sink: "queue.Queue[WatchEvent] | None" = None) -> None:
         self.client = client
         self.prefix = prefix
-        self.events: queue.Queue[WatchEvent] = queue.Queue()
+        self.events: queue.Queue[WatchEvent] = queue.Queue() if sink is None else sink
         self.last_revision = start_revision - 1
         self.reconnects = 0
         self._watcher: Any = None

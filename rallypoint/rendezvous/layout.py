@@ -1,0 +1,92 @@
+"""Pure placement logic: which rank runs where, for a set of live nodes and a cluster spec.
+
+Kept free of I/O so the leader's decision can be unit-tested exhaustively. Rank order follows
+vLLM's parallel_state: ``rank = dp*(PP*TP) + pp*TP + tp``, so a replica's TP group is contiguous
+and lands on one node whenever it fits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from rallypoint.errors import LayoutError
+from rallypoint.rendezvous.records import ClusterSpec, NodeRecord, Plan, RankSlot
+
+
+@dataclass(frozen=True)
+class Coords:
+    """A rank's position in the (dp, pp, tp) grid."""
+
+    dp: int
+    pp: int
+    tp: int
+
+
+def rank_of(c: Coords, tp_size: int, pp_size: int) -> int:
+    """Global rank of grid position ``c``."""
+    return c.dp * (pp_size * tp_size) + c.pp * tp_size + c.tp
+
+
+def coords_of(rank: int, tp_size: int, pp_size: int) -> Coords:
+    """Grid position of global ``rank``."""
+    replica = tp_size * pp_size
+    return Coords(dp=rank // replica, pp=(rank % replica) // tp_size, tp=rank % tp_size)
+
+
+def eligible(nodes: Iterable[NodeRecord], spec: ClusterSpec) -> list[NodeRecord]:
+    """Nodes that may host ranks, in placement order (by node id), capped at ``max_nodes``."""
+    usable = sorted((n for n in nodes if n.slots > 0 and not n.cordoned), key=lambda n: n.node)
+    return usable[: spec.max_nodes] if spec.max_nodes else usable
+
+
+def place(nodes: Iterable[NodeRecord], spec: ClusterSpec) -> tuple[int, list[RankSlot]]:
+    """Place as many whole replicas as fit (or exactly ``spec.dp``) on ``nodes``.
+
+    Returns:
+        (dp, ranks): the data-parallel size chosen and one slot per rank, in rank order.
+
+    Raises:
+        LayoutError: fewer than ``min_nodes`` eligible nodes, or not one whole replica fits.
+    """
+    usable = eligible(nodes, spec)
+    if len(usable) < spec.min_nodes:
+        raise LayoutError(f"{len(usable)} eligible node(s), min_nodes is {spec.min_nodes}")
+    seats = [(n.node, local) for n in usable for local in range(n.slots)]
+    fit = len(seats) // spec.replica_size
+    if fit < 1:
+        raise LayoutError(f"{len(seats)} rank slot(s) cannot hold one replica of tp*pp = {spec.replica_size}")
+    if spec.dp and fit < spec.dp:
+        raise LayoutError(f"{len(seats)} rank slot(s) hold {fit} replica(s), spec asks for dp = {spec.dp}")
+    dp = spec.dp or fit
+    ranks = [RankSlot(rank, node, local) for rank, (node, local) in enumerate(seats[: dp * spec.replica_size])]
+    return dp, ranks
+
+
+def make_plan(gen: int, nodes: Iterable[NodeRecord], spec: ClusterSpec, reason: str, leader: str) -> Plan:
+    """The plan for generation ``gen`` over the live ``nodes``; every live node is a member."""
+    nodes = list(nodes)
+    dp, ranks = place(nodes, spec)
+    members = tuple(sorted(n.node for n in nodes))
+    plan = Plan(gen=gen, tp=spec.tp, pp=spec.pp, dp=dp, ranks=tuple(ranks), members=members,
+                reason=reason, leader=leader)
+    plan.validate(f"plan {gen}")
+    return plan
+
+
+def same_layout(plan: Plan, other: Plan) -> bool:
+    """True when two plans place the same ranks on the same seats with the same members."""
+    return (plan.ranks, plan.members, plan.tp, plan.pp, plan.dp) == (
+        other.ranks, other.members, other.tp, other.pp, other.dp)
+
+
+def group_ranks(tp_size: int, pp_size: int, dp_size: int) -> dict[str, list[list[int]]]:
+    """Every TP, PP and DP group of the grid, as lists of global ranks (vLLM's order)."""
+    grid = [(d, p, t) for d in range(dp_size) for p in range(pp_size) for t in range(tp_size)]
+    def r(d: int, p: int, t: int) -> int:
+        return rank_of(Coords(d, p, t), tp_size, pp_size)
+    return {
+        "tp": [[r(d, p, t) for t in range(tp_size)] for d in range(dp_size) for p in range(pp_size)],
+        "pp": [[r(d, p, t) for p in range(pp_size)] for d in range(dp_size) for t in range(tp_size)],
+        "dp": [[r(d, p, t) for d in range(dp_size)] for p in range(pp_size) for t in range(tp_size)],
+    } if grid else {"tp": [], "pp": [], "dp": []}

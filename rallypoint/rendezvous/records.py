@@ -1,0 +1,262 @@
+"""The records rallypoint keeps in etcd, their key layout, and strict parsing.
+
+Every record is JSON. Parsing validates types and invariants and raises ``MalformedRecord`` naming
+the key, so a bad write in etcd (by hand, by an old version) is reported, never a crash.
+
+Key layout under ``/rallypoint/<cluster>/``::
+
+    nodes/<node>                 NodeRecord, on the node's lease
+    acks/<gen>/<node>            the node holds plan <gen>, on the node's lease
+    control/spec                 ClusterSpec, written once (create-only)
+    control/leader               leader node id, on the leader's lease
+    control/gen                  current generation (decimal), moved only by compare-and-swap
+    control/plans/<gen>          Plan of that generation (gen zero-padded so keys sort)
+    control/released/<gen>       every member of plan <gen> acked: workers may build groups
+    store/<gen>/<group>/...      torch.distributed.Store keys, fenced by generation
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from rallypoint.errors import MalformedRecord
+
+GEN_WIDTH = 10
+
+
+@dataclass(frozen=True)
+class ClusterKeys:
+    """Key paths of one cluster."""
+
+    cluster: str
+
+    @property
+    def root(self) -> str:
+        return f"/rallypoint/{self.cluster}/"
+
+    @property
+    def nodes(self) -> str:
+        return self.root + "nodes/"
+
+    def node(self, node: str) -> str:
+        return self.nodes + node
+
+    @property
+    def acks(self) -> str:
+        return self.root + "acks/"
+
+    def acks_of(self, gen: int) -> str:
+        return f"{self.acks}{gen:0{GEN_WIDTH}d}/"
+
+    def ack(self, gen: int, node: str) -> str:
+        return self.acks_of(gen) + node
+
+    @property
+    def control(self) -> str:
+        return self.root + "control/"
+
+    @property
+    def spec(self) -> str:
+        return self.control + "spec"
+
+    @property
+    def leader(self) -> str:
+        return self.control + "leader"
+
+    @property
+    def gen(self) -> str:
+        return self.control + "gen"
+
+    @property
+    def plans(self) -> str:
+        return self.control + "plans/"
+
+    def plan(self, gen: int) -> str:
+        return f"{self.plans}{gen:0{GEN_WIDTH}d}"
+
+    @property
+    def released(self) -> str:
+        return self.control + "released/"
+
+    def released_of(self, gen: int) -> str:
+        return f"{self.released}{gen:0{GEN_WIDTH}d}"
+
+    def store(self, gen: int) -> str:
+        return f"{self.root}store/{gen:0{GEN_WIDTH}d}/"
+
+
+def gen_from_key(key: str) -> int:
+    """The generation number at the end of a ``plans/``, ``released/`` or ``acks/<gen>/`` key."""
+    parts = key.rstrip("/").split("/")
+    for part in reversed(parts):
+        if part.isdigit():
+            return int(part)
+    raise MalformedRecord(key, "no generation number in the key")
+
+
+def _load(key: str, raw: bytes | str) -> dict[str, Any]:
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MalformedRecord(key, f"not JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise MalformedRecord(key, f"expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _field(key: str, data: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    if name not in data:
+        raise MalformedRecord(key, f"missing field {name!r}")
+    value = data[name]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in kinds):
+        raise MalformedRecord(key, f"field {name!r} should be {_kind_name(kind)}, got {value!r}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(k.__name__ for k in kinds)
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """What a daemon says about its node when it registers.
+
+    Attributes:
+        slots: how many ranks it can host (its GPUs, or its CPU rank slots when it has none).
+        cordoned: an operator asked that no new ranks be placed here.
+    """
+
+    node: str
+    host: str
+    address: str
+    gpus: int
+    slots: int
+    version: str
+    pid: int
+    started: float = field(default_factory=time.time)
+    cordoned: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, key: str, raw: bytes | str) -> "NodeRecord":
+        d = _load(key, raw)
+        rec = cls(
+            node=_field(key, d, "node", str), host=_field(key, d, "host", str),
+            address=_field(key, d, "address", str), gpus=_field(key, d, "gpus", int),
+            slots=_field(key, d, "slots", int), version=_field(key, d, "version", str),
+            pid=_field(key, d, "pid", int), started=float(_field(key, d, "started", (int, float))),
+            cordoned=bool(d.get("cordoned", False)),
+        )
+        if not key.endswith("/" + rec.node):
+            raise MalformedRecord(key, f"node field {rec.node!r} does not match the key")
+        if rec.gpus < 0 or rec.slots < 0:
+            raise MalformedRecord(key, "gpus and slots must be >= 0")
+        return rec
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """The layout every daemon of a cluster must agree on; the first daemon writes it."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 0  # 0: as many replicas as the slots allow
+    min_nodes: int = 1
+    max_nodes: int = 0  # 0: unlimited
+
+    @property
+    def replica_size(self) -> int:
+        return self.tp * self.pp
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, key: str, raw: bytes | str) -> "ClusterSpec":
+        d = _load(key, raw)
+        spec = cls(**{n: _field(key, d, n, int) for n in ("tp", "pp", "dp", "min_nodes", "max_nodes")})
+        if spec.tp < 1 or spec.pp < 1 or spec.dp < 0 or spec.min_nodes < 1 or spec.max_nodes < 0:
+            raise MalformedRecord(key, f"sizes out of range: {spec}")
+        return spec
+
+
+@dataclass(frozen=True)
+class RankSlot:
+    """Where one rank runs: a node and the local device index on it."""
+
+    rank: int
+    node: str
+    local_rank: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The layout of one generation; written exactly once, by the leader, under a CAS on ``gen``.
+
+    Rank order follows vLLM's parallel_state: ``rank = dp*(PP*TP) + pp*TP + tp``.
+    ``members`` are the nodes that must ack before the generation is released (ranked or not).
+    """
+
+    gen: int
+    tp: int
+    pp: int
+    dp: int
+    ranks: tuple[RankSlot, ...]
+    members: tuple[str, ...]
+    reason: str
+    leader: str
+    time: float = field(default_factory=time.time)
+
+    @property
+    def world_size(self) -> int:
+        return len(self.ranks)
+
+    def ranks_on(self, node: str) -> list[RankSlot]:
+        """The ranks this plan places on ``node``, by local rank."""
+        return sorted((r for r in self.ranks if r.node == node), key=lambda r: r.local_rank)
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["world_size"] = self.world_size
+        d["ranks"] = [[r.rank, r.node, r.local_rank] for r in self.ranks]
+        return json.dumps(d, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, key: str, raw: bytes | str) -> "Plan":
+        d = _load(key, raw)
+        raw_ranks = _field(key, d, "ranks", list)
+        try:
+            ranks = tuple(RankSlot(int(r), str(n), int(lr)) for r, n, lr in raw_ranks)
+        except (TypeError, ValueError):
+            raise MalformedRecord(key, "ranks must be [rank, node, local_rank] triples") from None
+        plan = cls(
+            gen=_field(key, d, "gen", int), tp=_field(key, d, "tp", int), pp=_field(key, d, "pp", int),
+            dp=_field(key, d, "dp", int), ranks=ranks,
+            members=tuple(_field(key, d, "members", list)), reason=_field(key, d, "reason", str),
+            leader=_field(key, d, "leader", str), time=float(_field(key, d, "time", (int, float))),
+        )
+        plan.validate(key)
+        return plan
+
+    def validate(self, key: str) -> None:
+        """Check the invariants every plan must hold; raise ``MalformedRecord`` naming ``key``."""
+        if self.gen < 1:
+            raise MalformedRecord(key, f"gen must be >= 1, got {self.gen}")
+        if min(self.tp, self.pp, self.dp) < 1:
+            raise MalformedRecord(key, f"tp, pp, dp must be >= 1, got {self.tp}, {self.pp}, {self.dp}")
+        if self.world_size != self.tp * self.pp * self.dp:
+            raise MalformedRecord(key, f"{self.world_size} ranks but tp*pp*dp = {self.tp * self.pp * self.dp}")
+        if sorted(r.rank for r in self.ranks) != list(range(self.world_size)):
+            raise MalformedRecord(key, "ranks must be 0..world_size-1, each once")
+        seats = {(r.node, r.local_rank) for r in self.ranks}
+        if len(seats) != self.world_size:
+            raise MalformedRecord(key, "two ranks share one node/local_rank")
+        if not {r.node for r in self.ranks} <= set(self.members):
+            raise MalformedRecord(key, "a rank is placed on a node that is not a member")

@@ -1,0 +1,362 @@
+"""One node's side of the rendezvous: register, elect, plan, ack, release.
+
+Every daemon registers its node under a lease and mirrors the cluster's ``control/`` keys through
+one resumable watch. Whoever holds ``control/leader`` also mirrors ``nodes/`` and ``acks/``; when
+membership changes it waits a short last-call window (so joins that arrive together make one plan)
+and writes exactly one plan per generation with a compare-and-swap on ``control/gen`` that also
+checks it still holds the leader key. Members ack the plans that name them; once every member
+acked, the leader writes ``released/<gen>`` and the workers may build that generation's groups.
+
+``run_cycle()`` does one step and returns one sentence saying what it did (Patroni's habit), so
+the daemon's log reads as a narrative and tests can assert on it.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psutil
+
+from rallypoint.errors import ConfigError, EtcdError, LayoutError, MalformedRecord, NodeIdConflict
+from rallypoint.log import get_logger
+from rallypoint.rendezvous.etcd import Create, EtcdClient, Lease, Mod, Put, PrefixWatch, Value, Version, WatchEvent
+from rallypoint.rendezvous.layout import make_plan, same_layout
+from rallypoint.rendezvous.records import ClusterKeys, ClusterSpec, NodeRecord, Plan, gen_from_key
+
+
+@dataclass(frozen=True)
+class RendezvousSettings:
+    """Timing and layout of the rendezvous; seconds throughout."""
+
+    cluster: str
+    node: str
+    spec: ClusterSpec
+    lease_ttl: float = 3.0
+    last_call: float = 0.5
+    idle_wait: float = 0.2
+
+
+class Rendezvous:
+    """This node's membership, leadership and view of the current plan.
+
+    Args:
+        client: the etcd client (shared with other users of this process is fine).
+        settings: cluster, node id, spec and timings.
+        record: what to publish about this node (its ``node`` must equal ``settings.node``).
+        on_release: called from ``run_cycle`` with each plan released that names this node.
+    """
+
+    def __init__(self, client: EtcdClient, settings: RendezvousSettings, record: NodeRecord,
+                 on_release: Callable[[Plan], None] | None = None) -> None:
+        self.client = client
+        self.settings = settings
+        self.record = record
+        self.keys = ClusterKeys(settings.cluster)
+        self.on_release = on_release
+        self.log = get_logger("rendezvous", node=settings.node, cluster=settings.cluster)
+        self.lease: Lease | None = None
+        self.events: queue.Queue[WatchEvent] = queue.Queue()
+        self._watches: list[PrefixWatch] = []
+        self._leader_watches: list[PrefixWatch] = []
+        # Mirrors of etcd, updated only from run_cycle's thread.
+        self.leader: str | None = None
+        self.gen = 0
+        self.plan: Plan | None = None
+        self.released_gen = 0
+        self.nodes: dict[str, NodeRecord] = {}
+        self.acks: dict[int, set[str]] = {}
+        self.acked_gen = 0
+        self.delivered_gen = 0
+        self.is_leader = False
+        self._change_since: float | None = None
+        self._last_problem = ""
+
+    # -- joining and leaving ------------------------------------------------------------------
+
+    def join(self) -> None:
+        """Register this node, check the cluster spec, and start mirroring ``control/``.
+
+        Raises:
+            NodeIdConflict: a live daemon already holds this node id.
+            ConfigError: this node's layout disagrees with the cluster's recorded spec.
+            EtcdUnavailable: etcd did not answer within the client's retry deadline.
+        """
+        self.lease = self.client.keep_alive(self.settings.lease_ttl)
+        self._register()
+        self._check_spec()
+        kvs, rev = self.client.get_prefix(self.keys.control)
+        for kv in kvs:
+            self._apply(WatchEvent("put", kv.key, kv.value, kv.mod_revision))
+        self._watches.append(self.client.watch_prefix(self.keys.control, rev + 1, self.events))
+        self.log.info("rendezvous.joined", lease=hex(self.lease.id), leader=self.leader, gen=self.gen)
+
+    def _register(self) -> None:
+        assert self.lease is not None
+        key = self.keys.node(self.settings.node)
+        if self.client.create(key, self.record.to_json(), lease=self.lease.id):
+            return
+        held = self.client.get(key)
+        if held is None:  # expired between the two calls
+            return self._register()
+        if held.lease == self.lease.id:  # our own create, retried after a lost answer
+            return
+        try:
+            other = NodeRecord.from_json(key, held.value)
+        except MalformedRecord as exc:
+            raise NodeIdConflict(f"{exc}; refusing to take over node id {self.settings.node!r}") from None
+        if other.host == self.record.host and not psutil.pid_exists(other.pid):
+            # Our own predecessor (crashed, restarted by systemd): its lease has not run out yet.
+            ok, _ = self.client.transaction(
+                [Mod(key) == held.mod_revision],
+                [Put(key, self.record.to_json(), lease=self.lease.id)], what=f"take over {key}")
+            if ok:
+                self.log.info("rendezvous.took_over_stale_node", stale_pid=other.pid)
+                return
+            return self._register()
+        raise NodeIdConflict(
+            f"node id {self.settings.node!r} is already held by pid {other.pid} on {other.host} "
+            f"(key {key}); give this daemon another --node or stop the other one")
+
+    def _check_spec(self) -> None:
+        mine = self.settings.spec
+        if self.client.create(self.keys.spec, mine.to_json()):
+            return
+        held = self.client.get(self.keys.spec)
+        if held is None:
+            return self._check_spec()
+        theirs = ClusterSpec.from_json(self.keys.spec, held.value)
+        if theirs != mine:
+            raise ConfigError(
+                f"cluster {self.settings.cluster!r} runs {theirs} (key {self.keys.spec}); "
+                f"this node is configured with {mine}")
+
+    def leave(self) -> None:
+        """Leave cleanly: revoke the lease so peers re-plan at once instead of waiting for the TTL."""
+        for w in self._watches + self._leader_watches:
+            w.close()
+        self._watches, self._leader_watches = [], []
+        if self.lease is not None:
+            self.client.release(self.lease)
+            self.lease = None
+        self.is_leader = False
+        self.log.info("rendezvous.left")
+
+    # -- the loop step --------------------------------------------------------------------------
+
+    def run_cycle(self, timeout: float | None = None) -> str:
+        """Wait for etcd changes (up to ``timeout``), apply them, and take at most one step of each kind.
+
+        Returns:
+            One sentence saying what this cycle did.
+        """
+        self._wait_events(self.settings.idle_wait if timeout is None else timeout)
+        done: list[str] = []
+        if self.lease is not None and self.lease.lost.is_set():
+            done.append(self._rejoin())
+        if self.leader is None:
+            done.append(self._campaign())
+        if self.is_leader:
+            done.append(self._lead())
+        done.append(self._ack())
+        done.append(self._deliver())
+        said = "; ".join(d for d in done if d)
+        if said:
+            return said
+        role = "leader" if self.is_leader else f"following {self.leader}"
+        return f"idle: {role} at gen {self.gen}"
+
+    def _wait_events(self, timeout: float) -> None:
+        if self._change_since is not None:
+            timeout = min(timeout, max(0.0, self._change_since + self.settings.last_call - time.monotonic()))
+        try:
+            first = self.events.get(timeout=timeout)
+        except queue.Empty:
+            return
+        self._apply(first)
+        while True:
+            try:
+                self._apply(self.events.get_nowait())
+            except queue.Empty:
+                return
+
+    def _apply(self, ev: WatchEvent) -> None:
+        k = self.keys
+        try:
+            if ev.kind == "resync":
+                self._resync()
+            elif ev.key == k.leader:
+                self.leader = ev.value.decode() if ev.kind == "put" else None
+                if self.is_leader and self.leader != self.settings.node:
+                    self._resign("leader key now says " + str(self.leader))
+            elif ev.key == k.gen and ev.kind == "put":
+                self.gen = max(self.gen, int(ev.value))
+            elif ev.key.startswith(k.plans) and ev.kind == "put":
+                plan = Plan.from_json(ev.key, ev.value)
+                if self.plan is None or plan.gen > self.plan.gen:
+                    self.plan = plan
+                    self.gen = max(self.gen, plan.gen)
+            elif ev.key.startswith(k.released) and ev.kind == "put":
+                self.released_gen = max(self.released_gen, gen_from_key(ev.key))
+            elif ev.key.startswith(k.nodes):
+                name = ev.key[len(k.nodes):]
+                if ev.kind == "delete":
+                    self.nodes.pop(name, None)
+                else:
+                    self.nodes[name] = NodeRecord.from_json(ev.key, ev.value)
+            elif ev.key.startswith(k.acks):
+                gen, node = gen_from_key(ev.key.rsplit("/", 1)[0]), ev.key.rsplit("/", 1)[1]
+                acked = self.acks.setdefault(gen, set())
+                acked.discard(node) if ev.kind == "delete" else acked.add(node)
+        except (MalformedRecord, ValueError) as exc:
+            self.log.error("rendezvous.malformed_record", key=ev.key, error=str(exc))
+
+    def _resync(self) -> None:
+        kvs, _ = self.client.get_prefix(self.keys.control)
+        for kv in kvs:
+            self._apply(WatchEvent("put", kv.key, kv.value, kv.mod_revision))
+
+    # -- leadership ---------------------------------------------------------------------------
+
+    def _campaign(self) -> str:
+        assert self.lease is not None
+        if not self.client.create(self.keys.leader, self.settings.node, lease=self.lease.id):
+            return ""
+        self.leader, self.is_leader = self.settings.node, True
+        self._start_leading()
+        self.log.info("rendezvous.became_leader", gen=self.gen)
+        return f"became leader at gen {self.gen}"
+
+    def _start_leading(self) -> None:
+        self.nodes, self.acks = {}, {}
+        for prefix in (self.keys.nodes, self.keys.acks):
+            kvs, rev = self.client.get_prefix(prefix)
+            for kv in kvs:
+                self._apply(WatchEvent("put", kv.key, kv.value, kv.mod_revision))
+            self._leader_watches.append(self.client.watch_prefix(prefix, rev + 1, self.events))
+        self._change_since = None
+
+    def _resign(self, why: str) -> None:
+        self.is_leader = False
+        for w in self._leader_watches:
+            w.close()
+        self._leader_watches = []
+        self.log.warning("rendezvous.lost_leadership", why=why)
+
+    def _lead(self) -> str:
+        step = self._maybe_plan()
+        if step:
+            return step
+        return self._maybe_release()
+
+    def _maybe_plan(self) -> str:
+        live = {n for n, rec in self.nodes.items()}
+        current = self.plan
+        if current is not None and set(current.members) == live:
+            self._change_since = None
+            return ""
+        now = time.monotonic()
+        if self._change_since is None:
+            self._change_since = now
+        if now - self._change_since < self.settings.last_call:
+            return ""
+        reason = _reason(current, live)
+        try:
+            plan = make_plan(self.gen + 1, self.nodes.values(), self.settings.spec, reason, self.settings.node)
+        except LayoutError as exc:
+            if str(exc) != self._last_problem:
+                self._last_problem = str(exc)
+                self.log.warning("rendezvous.cannot_plan", why=str(exc), gen=self.gen)
+                return f"cannot plan gen {self.gen + 1}: {exc}"
+            return ""
+        self._last_problem = ""
+        return self._write_plan(plan)
+
+    def _write_plan(self, plan: Plan) -> str:
+        """Write ``plan`` iff the generation counter is still ``plan.gen - 1`` and we still lead."""
+        k = self.keys
+        expected = [Version(k.gen) == 0] if plan.gen == 1 else [Value(k.gen) == str(plan.gen - 1)]
+        ok, _ = self.client.transaction(
+            expected + [Value(k.leader) == self.settings.node],
+            [Put(k.gen, str(plan.gen)), Put(k.plan(plan.gen), plan.to_json())],
+            what=f"write plan {plan.gen}")
+        if not ok:
+            held = self.client.get(k.gen)
+            self.gen = int(held.value) if held else self.gen
+            return f"lost the race for gen {plan.gen} (gen is now {self.gen})"
+        self.plan, self.gen, self._change_since = plan, plan.gen, None
+        self.log.info("rendezvous.plan_written", gen=plan.gen, world_size=plan.world_size,
+                      tp=plan.tp, pp=plan.pp, dp=plan.dp, reason=plan.reason)
+        return f"wrote plan gen {plan.gen} ({plan.reason})"
+
+    def _maybe_release(self) -> str:
+        plan = self.plan
+        if plan is None or self.released_gen >= plan.gen:
+            return ""
+        if not set(plan.members) <= self.acks.get(plan.gen, set()):
+            return ""
+        if self.client.create(self.keys.released_of(plan.gen), json.dumps({"time": time.time()})):
+            self.released_gen = plan.gen
+            self.log.info("rendezvous.released", gen=plan.gen)
+            return f"released gen {plan.gen}"
+        return ""
+
+    # -- members ------------------------------------------------------------------------------
+
+    def _ack(self) -> str:
+        plan = self.plan
+        if plan is None or plan.gen <= self.acked_gen or self.settings.node not in plan.members:
+            return ""
+        assert self.lease is not None
+        self.client.put(self.keys.ack(plan.gen, self.settings.node),
+                        json.dumps({"time": time.time()}), lease=self.lease.id)
+        self.acked_gen = plan.gen
+        return f"acked gen {plan.gen}"
+
+    def _deliver(self) -> str:
+        plan = self.plan
+        if plan is None or self.released_gen < plan.gen or self.delivered_gen >= plan.gen:
+            return ""
+        self.delivered_gen = plan.gen
+        if self.settings.node not in plan.members:
+            return ""
+        if self.on_release is not None:
+            self.on_release(plan)
+        return f"gen {plan.gen} released: {len(plan.ranks_on(self.settings.node))} rank(s) here"
+
+    def _rejoin(self) -> str:
+        """Our lease expired (etcd outage, a stopped process): register again under a new one."""
+        old = self.lease
+        if self.is_leader:
+            self._resign("lease lost")
+        if self.leader == self.settings.node:
+            self.leader = None
+        self.lease = self.client.keep_alive(self.settings.lease_ttl)
+        self._register()
+        self.acked_gen = 0  # acks rode the old lease
+        self.log.warning("rendezvous.rejoined", old_lease=hex(old.id) if old else None,
+                         lease=hex(self.lease.id))
+        return "re-registered after lease loss"
+
+
+def _reason(current: Plan | None, live: set[str]) -> str:
+    if current is None:
+        return f"initial: {len(live)} node(s)"
+    parts = []
+    joined, left = sorted(live - set(current.members)), sorted(set(current.members) - live)
+    if joined:
+        parts.append("joined " + ",".join(joined))
+    if left:
+        parts.append("left " + ",".join(left))
+    return "; ".join(parts)
+
+
+def local_record(node: str, address: str, gpus: int, slots: int) -> NodeRecord:
+    """This process's ``NodeRecord``."""
+    from rallypoint import __version__
+    return NodeRecord(node=node, host=socket.gethostname(), address=address, gpus=gpus, slots=slots,
+                      version=__version__, pid=psutil.Process().pid)
