@@ -23,7 +23,7 @@ import grpc
 import pyetcd
 import pyetcd.exceptions as etcd_exc
 from pyetcd import transactions as txn
-from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from rallypoint.errors import EtcdError, EtcdUnavailable, LeaseLost
 from rallypoint.log import get_logger
@@ -213,12 +213,19 @@ class EtcdClient:
             stop=stop_after_delay(limit),
             wait=wait_exponential(multiplier=0.02, min=0.02, max=1.0),
             retry=retry_if_exception_type(EtcdUnavailable),
+            before_sleep=self._log_retry,
             reraise=True,
         )
         for attempt in retrying:
             with attempt:
                 return self._call_once(what, fn)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _log_retry(self, state: RetryCallState) -> None:
+        if state.attempt_number in (1, 2, 4) or state.attempt_number % 8 == 0:
+            exc = state.outcome.exception() if state.outcome else None
+            log.warning("etcd.retrying", attempt=state.attempt_number, endpoints=list(self.settings.endpoints),
+                        error=str(exc), waited=round(state.seconds_since_start, 2))
 
     def _call_once(self, what: str, fn: Callable[[Any], Any]) -> Any:
         self.requests += 1

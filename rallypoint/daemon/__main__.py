@@ -1,0 +1,5 @@
+import sys
+
+from rallypoint.daemon.main import main
+
+sys.exit(main())

@@ -1,0 +1,128 @@
+"""rallyd's main loop: join the rendezvous, then cycle, saying what each cycle did.
+
+At this stage the daemon rendezvouses and reports every released plan; worker supervision and
+recovery plug into ``_on_release`` and ``run_cycle``. The loop is fail-static: an etcd outage is
+logged and waited out, never a reason to tear the current generation down.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from types import FrameType
+
+from rallypoint.daemon.config import Config
+from rallypoint.daemon.sd_notify import Notifier
+from rallypoint.errors import EtcdError, EtcdUnavailable, RallypointError
+from rallypoint.log import get_logger
+from rallypoint.rendezvous.etcd import EtcdClient
+from rallypoint.rendezvous.records import ClusterSpec, Plan
+from rallypoint.rendezvous.rendezvous import Rendezvous, RendezvousSettings, local_record
+
+BUG = "unexpected error in the loop, please report it as a BUG"
+
+
+def cluster_spec(cfg: Config) -> ClusterSpec:
+    """The layout this daemon proposes for its cluster."""
+    return ClusterSpec(tp=cfg.layout.tp, pp=cfg.layout.pp, dp=cfg.layout.dp,
+                       min_nodes=cfg.rendezvous.min_nodes, max_nodes=cfg.rendezvous.max_nodes)
+
+
+class Daemon:
+    """One node's rallyd.
+
+    Args:
+        cfg: the validated configuration.
+        notifier: where sd_notify messages go (``$NOTIFY_SOCKET`` by default).
+    """
+
+    def __init__(self, cfg: Config, notifier: Notifier | None = None) -> None:
+        self.cfg = cfg
+        self.log = get_logger("rallyd", node=cfg.node, cluster=cfg.cluster)
+        self.notify = notifier or Notifier()
+        self.client = EtcdClient(cfg.etcd.to_settings())
+        rv = cfg.rendezvous
+        settings = RendezvousSettings(
+            cluster=cfg.cluster, node=cfg.node, spec=cluster_spec(cfg),
+            lease_ttl=rv.lease_ttl.total_seconds(), last_call=rv.last_call.total_seconds(),
+            idle_wait=min(0.2, rv.heartbeat.total_seconds()))
+        record = local_record(cfg.node, cfg.address, cfg.layout.node_gpus(), cfg.layout.node_slots())
+        self.rendezvous = Rendezvous(self.client, settings, record, on_release=self._on_release)
+        self.stopping = threading.Event()
+        self.generation: Plan | None = None
+
+    def join(self) -> None:
+        """Join the rendezvous, retrying an unreachable etcd until ``etcd.retry_deadline``.
+
+        Raises:
+            EtcdUnavailable: etcd did not answer in time (the message lists the endpoints tried).
+        """
+        try:
+            self.rendezvous.join()
+        except EtcdUnavailable as exc:
+            endpoints = ",".join(self.cfg.etcd.endpoints)
+            raise EtcdUnavailable(
+                f"etcd unreachable at {endpoints} for {self.cfg.etcd.retry_deadline.total_seconds():g}s "
+                f"({exc})") from None
+        self.notify.send(READY=1, STATUS=f"joined cluster {self.cfg.cluster}")
+
+    def _on_release(self, plan: Plan) -> None:
+        self.generation = plan
+        mine = plan.ranks_on(self.cfg.node)
+        self.log.info("rallyd.generation_released", gen=plan.gen, world_size=plan.world_size,
+                      tp=plan.tp, pp=plan.pp, dp=plan.dp, reason=plan.reason,
+                      ranks=[r.rank for r in mine],
+                      layout={r.rank: f"{r.node}/{r.local_rank}" for r in plan.ranks})
+
+    def run_cycle(self) -> str:
+        """One loop step; returns what it did."""
+        try:
+            said = self.rendezvous.run_cycle()
+        except EtcdUnavailable as exc:
+            gen = self.generation.gen if self.generation else 0
+            said = f"etcd unreachable, keeping gen {gen} ({exc})"
+            self.stopping.wait(0.2)
+        except (EtcdError, RallypointError) as exc:
+            said = f"cycle failed: {exc}"
+            self.stopping.wait(0.2)
+        role = "leader" if self.rendezvous.is_leader else "member"
+        gen = self.generation.gen if self.generation else 0
+        self.notify.send(WATCHDOG=1, STATUS=f"gen {gen}, {role}")
+        return said
+
+    def run(self) -> int:
+        """Join and loop until SIGTERM/SIGINT; return the process exit code."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        try:
+            self.join()
+        except RallypointError as exc:
+            self.log.error("rallyd.join_failed", error=str(exc))
+            return 1
+        last = ""
+        while not self.stopping.is_set():
+            try:
+                said = self.run_cycle()
+            except Exception:
+                self.log.exception("rallyd.bug", said=BUG)
+                said = BUG
+                time.sleep(0.5)
+            if said != last and not (said.startswith("idle") and last.startswith("idle")):
+                self.log.info("rallyd.cycle", said=said)
+            last = said
+        self.shutdown()
+        return 0
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.stopping.set()
+
+    def shutdown(self) -> None:
+        """Leave the rendezvous cleanly so peers re-plan without waiting for the lease."""
+        self.notify.send(STOPPING=1, STATUS="leaving")
+        try:
+            self.rendezvous.leave()
+        except RallypointError as exc:
+            self.log.warning("rallyd.leave_failed", error=str(exc))
+        self.client.close()
+        self.log.info("rallyd.stopped")

@@ -1,0 +1,72 @@
+"""Start real ``rallyd`` processes for tests, the demo and benchmarks, and kill them by PID."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class DaemonProcess:
+    """One ``rallyd`` child; its JSON log goes to ``log_path``."""
+
+    node: str
+    args: list[str]
+    log_path: Path
+    proc: subprocess.Popen | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    def start(self) -> "DaemonProcess":
+        env = {**os.environ, **self.env}
+        env.pop("NOTIFY_SOCKET", None) if "NOTIFY_SOCKET" not in self.env else None
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "rallypoint.daemon", "--node", self.node, "--log-json", *self.args],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True)
+        log.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        try:
+            os.kill(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_log(self, needle: str, timeout: float = 15.0, after: int = 0) -> float:
+        """Block until ``needle`` appears in the log (past byte ``after``); return when it did."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if needle in self.log_text()[after:]:
+                return time.monotonic()
+            if self.proc is not None and self.proc.poll() is not None and needle not in self.log_text()[after:]:
+                raise AssertionError(f"rallyd {self.node} exited {self.proc.returncode}:\n{self.log_text()[-3000:]}")
+            time.sleep(0.02)
+        raise AssertionError(f"{needle!r} not in rallyd {self.node}'s log after {timeout}s:\n{self.log_text()[-3000:]}")
+
+    def stop(self) -> None:
+        """SIGKILL (after SIGCONT, in case it was stopped) and reap."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+
+def daemon_args(endpoints: tuple[str, ...], cluster: str, *extra: str) -> list[str]:
+    """Flags for a CPU-only test daemon on ``cluster``."""
+    return ["--cluster", cluster, "--etcd-endpoints", ",".join(endpoints), "--gpus", "0",
+            "--config", os.devnull, *extra]

@@ -1,0 +1,123 @@
+"""Real rallyd processes over a real etcd: leaving, failing, leader failover, bad starts."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rallypoint.rendezvous.etcd import EtcdClient
+from rallypoint.rendezvous.records import ClusterKeys, Plan
+from rallypoint.testing.daemons import DaemonProcess, daemon_args
+from rallypoint.testing.etcd_server import EtcdCluster
+from tests.conftest import make_client
+
+TTL = 3.0
+
+
+@pytest.fixture
+def spawn(etcd: EtcdCluster, cluster_name: str, tmp_path: Path) -> Iterator:
+    started: list[DaemonProcess] = []
+
+    def start(node: str, *extra: str) -> DaemonProcess:
+        d = DaemonProcess(node, daemon_args(etcd.endpoints, cluster_name, "--cpu-ranks", "1", *extra),
+                          tmp_path / f"{node}.log").start()
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.stop()
+
+
+def wait_gone(client: EtcdClient, key: str, timeout: float) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if client.get(key) is None:
+            return time.monotonic() - t0
+        time.sleep(0.02)
+    raise AssertionError(f"{key} still present after {timeout}s")
+
+
+def latest_plan(client: EtcdClient, keys: ClusterKeys) -> Plan:
+    kvs, _ = client.get_prefix(keys.plans)
+    return Plan.from_json(kvs[-1].key, kvs[-1].value)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP])
+def test_failed_node_leaves_within_ttl(spawn, client: EtcdClient, cluster_name: str, sig: int) -> None:
+    keys = ClusterKeys(cluster_name)
+    a, b = spawn("a"), spawn("b")
+    a.wait_log("gen 1 released")
+    b.wait_log("gen 1 released")
+    b.signal(sig)
+    gone = wait_gone(client, keys.node("b"), timeout=TTL + 3)
+    assert gone <= TTL + 0.5, f"node b left {gone:.2f}s after the signal"
+    a.wait_log("left b", timeout=5)
+    assert latest_plan(client, keys).members == ("a",)
+
+
+def test_clean_leave_on_sigterm_replans_at_once(spawn, client: EtcdClient, cluster_name: str) -> None:
+    keys = ClusterKeys(cluster_name)
+    a, b = spawn("a"), spawn("b")
+    b.wait_log("gen 1 released")
+    a.wait_log("gen 1 released")
+    t0 = time.monotonic()
+    b.signal(signal.SIGTERM)
+    assert b.proc.wait(timeout=10) == 0
+    a.wait_log("gen 2 released", timeout=5)
+    assert time.monotonic() - t0 < 1.5  # last call (0.5 s), not the 3 s lease
+    assert latest_plan(client, keys).members == ("a",)
+
+
+def test_leader_failover_when_leader_is_killed(spawn, client: EtcdClient, cluster_name: str) -> None:
+    keys = ClusterKeys(cluster_name)
+    a = spawn("a")
+    a.wait_log("became leader")
+    b, c = spawn("b"), spawn("c")
+    for d in (a, b, c):
+        d.wait_log("released", timeout=15)
+    a.signal(signal.SIGKILL)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < TTL + 3:
+        held = client.get(keys.leader)
+        if held is not None and held.value.decode() in ("b", "c"):
+            break
+        time.sleep(0.02)
+    else:
+        raise AssertionError("no new leader")
+    assert time.monotonic() - t0 <= TTL + 0.5
+    new = b if held.value == b"b" else c
+    new.wait_log("left a", timeout=5)
+    plan = latest_plan(client, keys)
+    assert plan.members == ("b", "c") and plan.leader == new.node
+
+
+def test_unreachable_etcd_exits_nonzero_naming_endpoints(tmp_path: Path) -> None:
+    d = DaemonProcess("x", daemon_args(("127.0.0.1:9",), "c", "--etcd-retry-deadline", "1.5"),
+                      tmp_path / "x.log").start()
+    t0 = time.monotonic()
+    assert d.proc.wait(timeout=20) == 1
+    assert 1.4 <= time.monotonic() - t0 < 10
+    log = d.log_text()
+    assert "rallyd.join_failed" in log and "127.0.0.1:9" in log and "etcd.retrying" in log
+
+
+def test_duplicate_node_id_is_refused(spawn) -> None:
+    first = spawn("same")
+    first.wait_log("gen 1 released")
+    second = spawn("same")
+    assert second.proc.wait(timeout=20) == 1
+    assert "already held by pid" in second.log_text()
+    assert first.proc.poll() is None
+
+
+def test_bad_config_exits_2_with_the_key_named(tmp_path: Path) -> None:
+    bad = tmp_path / "rallyd.toml"
+    bad.write_text('[layout]\ntpp = 2\n')
+    d = DaemonProcess("x", ["--config", str(bad), "--gpus", "0"], tmp_path / "x.log").start()
+    assert d.proc.wait(timeout=20) == 2
+    assert "tpp" in d.log_text() and "did you mean tp" in d.log_text()

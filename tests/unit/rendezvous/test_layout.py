@@ -1,0 +1,54 @@
+"""Placement and rank order (pure logic)."""
+
+from __future__ import annotations
+
+import pytest
+
+from rallypoint.errors import LayoutError
+from rallypoint.rendezvous.layout import Coords, coords_of, group_ranks, make_plan, place, rank_of
+from rallypoint.rendezvous.records import ClusterSpec, NodeRecord
+
+
+def node(name: str, slots: int, cordoned: bool = False) -> NodeRecord:
+    return NodeRecord(node=name, host="h", address="127.0.0.1", gpus=slots, slots=slots,
+                      version="0", pid=1, started=0.0, cordoned=cordoned)
+
+
+def test_vllm_rank_order_for_8_gpus() -> None:
+    groups = group_ranks(tp_size=2, pp_size=2, dp_size=2)
+    assert groups["tp"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert groups["pp"] == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert groups["dp"] == [[0, 4], [1, 5], [2, 6], [3, 7]]
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (2, 2), (4, 2), (1, 4)])
+def test_coords_round_trip(tp: int, pp: int) -> None:
+    for rank in range(tp * pp * 3):
+        assert rank_of(coords_of(rank, tp, pp), tp, pp) == rank
+    assert coords_of(5, 2, 2) == Coords(dp=1, pp=0, tp=1)
+
+
+def test_place_fills_nodes_in_order_and_leaves_spare_slots() -> None:
+    dp, ranks = place([node("b", 4), node("a", 4), node("c", 1)], ClusterSpec(tp=2, pp=2))
+    assert dp == 2
+    assert [(r.rank, r.node, r.local_rank) for r in ranks[:5]] == [
+        (0, "a", 0), (1, "a", 1), (2, "a", 2), (3, "a", 3), (4, "b", 0)]
+    assert len(ranks) == 8  # c's slot stays free
+
+
+def test_place_honours_dp_min_max_and_cordon() -> None:
+    nodes = [node("a", 2), node("b", 2), node("c", 2, cordoned=True)]
+    assert place(nodes, ClusterSpec(tp=2, dp=1))[0] == 1
+    assert place(nodes, ClusterSpec(tp=2, max_nodes=1))[0] == 1
+    with pytest.raises(LayoutError, match="min_nodes is 3"):
+        place(nodes, ClusterSpec(tp=2, min_nodes=3))
+    with pytest.raises(LayoutError, match="dp = 3"):
+        place(nodes, ClusterSpec(tp=2, dp=3))
+    with pytest.raises(LayoutError, match="cannot hold one replica"):
+        place([node("a", 2)], ClusterSpec(tp=4))
+
+
+def test_make_plan_members_include_rankless_nodes() -> None:
+    plan = make_plan(3, [node("a", 2), node("z", 0)], ClusterSpec(tp=2), "why", "a")
+    assert plan.members == ("a", "z") and plan.world_size == 2 and plan.gen == 3
+    assert plan.ranks_on("a")[1].rank == 1 and plan.ranks_on("z") == []
