@@ -318,7 +318,8 @@ def _file_items(path: Path, required: bool) -> list[_Item] | None:
         if name in _SECTIONS and not isinstance(value, dict):
             raise ConfigError(f"{src}: [{name}] must be a table, got {_show(value)}")
         if name not in _SECTIONS and name not in _schema("") and isinstance(value, dict):
-            raise ConfigError(f"{src}: unknown section [{name}]{_hint(name, _SECTIONS)}")
+            hint = _hint(f"[{name}]", [f"[{s}]" for s in _SECTIONS])
+            raise ConfigError(f"{src}: unknown section [{name}]{hint}")
         table = value if name in _SECTIONS else {name: value}
         section = name if name in _SECTIONS else ""
         for key, raw in table.items():
