@@ -17,7 +17,7 @@ from rallypoint.daemon.config import Config, add_arguments, load_config
 from rallypoint.errors import ConfigError
 from rallypoint.rendezvous.etcd import EtcdSettings
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "systemd" / "rallyd.toml.example"
+EXAMPLE = Path(__file__).resolve().parents[3] / "systemd" / "rallyd.toml.example"
 
 
 @pytest.fixture(autouse=True)
