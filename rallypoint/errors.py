@@ -54,3 +54,20 @@ class RendezvousTimeout(RallypointError):
 
 class StoreTimeout(RallypointError):
     """A key awaited in the etcd-backed store did not appear before the deadline."""
+
+
+class GroupError(RallypointError):
+    """A process group cannot be built or used as asked (bad plan, bad sizes, bad tensor)."""
+
+
+class GenerationAborted(RallypointError):
+    """The group a call ran on was aborted (a trip, a dead peer, or an "abort generation" order).
+
+    The process is healthy: it should drop the step it was in and build the next generation.
+    """
+
+    def __init__(self, gen: int, group: str, reason: str) -> None:
+        super().__init__(f"generation {gen} group {group} aborted: {reason}")
+        self.gen = gen
+        self.group = group
+        self.reason = reason

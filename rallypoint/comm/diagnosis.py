@@ -1,0 +1,156 @@
+"""Hang diagnosis: who is to blame when a collective does not finish.
+
+Every rank publishes, a few times a second, per group its last started and last completed sequence
+number plus a heartbeat (``ProgressBoard``, keyed by seat so it survives rank renumbering; the
+daemon will relay it later, until then it goes straight to etcd). When a collective trips, the
+tripping rank reads its peers' records and classifies each member of the group:
+
+* ``dead``: no record (its lease is gone) or, on this host, its process no longer exists;
+* ``stuck``: its heartbeat stopped (a SIGSTOPped or wedged process), or its process is stopped;
+* ``slow``: alive and heartbeating, but it never started sequence k;
+
+and members that started k like us are victims, not suspects.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+from rallypoint.errors import EtcdError, MalformedRecord
+from rallypoint.log import get_logger
+from rallypoint.rendezvous.etcd import EtcdClient
+
+log = get_logger("diagnosis")
+
+
+@dataclass(frozen=True)
+class Suspect:
+    rank: int
+    seat: str
+    kind: str  # dead | stuck | slow
+    why: str
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """The verdict on one tripped (or failed) collective."""
+
+    gen: int
+    group: str
+    seq: int
+    op: str
+    suspects: tuple[Suspect, ...]
+    trigger: str  # "deadline" or "error"
+    waited: float
+    deadline: float = 0.0
+    time: float = field(default_factory=time.time)
+
+    def to_event(self) -> dict[str, Any]:
+        return {"gen": self.gen, "group": self.group, "seq": self.seq, "op": self.op,
+                "trigger": self.trigger, "waited": round(self.waited, 4), "deadline": round(self.deadline, 4),
+                "suspects": [{"rank": s.rank, "seat": s.seat, "kind": s.kind, "why": s.why}
+                             for s in self.suspects]}
+
+
+@dataclass(frozen=True)
+class ProgressRecord:
+    seat: str
+    gen: int
+    rank: int
+    pid: int
+    host: str
+    time: float
+    groups: dict[str, list[int]]
+
+    @classmethod
+    def from_json(cls, key: str, raw: bytes) -> "ProgressRecord":
+        try:
+            d = json.loads(raw)
+            return cls(str(d["seat"]), int(d["gen"]), int(d["rank"]), int(d["pid"]), str(d["host"]),
+                       float(d["time"]), {str(k): [int(v[0]), int(v[1])] for k, v in d["groups"].items()})
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            raise MalformedRecord(key, f"bad progress record: {exc}") from None
+
+
+class ProgressBoard:
+    """Per-seat progress records in etcd under ``/rallypoint/<cluster>/status/progress/``."""
+
+    def __init__(self, client: EtcdClient, cluster: str, seat: str, lease: int | None) -> None:
+        self.client = client
+        self.prefix = f"/rallypoint/{cluster}/status/progress/"
+        self.seat = seat
+        self.lease = lease
+        self.host = socket.gethostname()
+        self.pid = psutil.Process().pid
+
+    def publish(self, gen: int, rank: int, groups: dict[str, list[int]]) -> None:
+        rec = {"seat": self.seat, "gen": gen, "rank": rank, "pid": self.pid, "host": self.host,
+               "time": time.time(), "groups": groups}
+        self.client.put(self.prefix + self.seat.replace("/", ":"), json.dumps(rec), lease=self.lease)
+
+    def read(self) -> dict[str, ProgressRecord]:
+        """Every published record, by seat."""
+        kvs, _ = self.client.get_prefix(self.prefix)
+        out = {}
+        for kv in kvs:
+            try:
+                rec = ProgressRecord.from_json(kv.key, kv.value)
+                out[rec.seat] = rec
+            except MalformedRecord as exc:
+                log.error("diagnosis.malformed_record", key=kv.key, error=str(exc))
+        return out
+
+
+def classify(seat: str, rank: int, rec: ProgressRecord | None, label: str, seq: int,
+             now: float, stale_after: float, host: str, since: float) -> Suspect | None:
+    """The verdict on one peer of a tripped collective, or None if it is a victim like us.
+
+    ``since`` is the wall time the collective started here: a record published before it cannot
+    say whether the peer started the collective, so only a later one can make it ``slow``.
+    """
+    if rec is None:
+        return Suspect(rank, seat, "dead", "no progress record (its lease is gone)")
+    if rec.host == host:
+        try:
+            status = psutil.Process(rec.pid).status()
+        except psutil.NoSuchProcess:
+            return Suspect(rank, seat, "dead", f"process {rec.pid} is gone")
+        if status in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP):
+            return Suspect(rank, seat, "stuck", f"process {rec.pid} is stopped")
+        if status == psutil.STATUS_ZOMBIE:
+            return Suspect(rank, seat, "dead", f"process {rec.pid} is a zombie")
+    age = now - rec.time
+    if age > stale_after:
+        return Suspect(rank, seat, "stuck", f"no heartbeat for {age:.2f}s")
+    started = rec.groups.get(label, [0, 0])[0]
+    if started < seq and rec.time > since:
+        return Suspect(rank, seat, "slow", f"alive but at seq {started}, never started {seq}")
+    return None
+
+
+def diagnose(board: ProgressBoard | None, group: Any, seq: int, op: str, trigger: str,
+             waited: float, my_seat: str, stale_after: float, deadline: float = 0.0) -> Diagnosis:
+    """Name the suspects of ``group``'s collective ``seq``; never raises (etcd down: no suspects)."""
+    if board is None:
+        return Diagnosis(group.gen, group.label, seq, op, (), trigger, waited, deadline)
+    try:
+        records = board.read()
+    except EtcdError as exc:
+        log.warning("diagnosis.board_unreadable", error=str(exc))
+        return Diagnosis(group.gen, group.label, seq, op, (), trigger, waited, deadline)
+    now, host = time.time(), socket.gethostname()
+    suspects = []
+    for rank, (node, local) in zip(group.ranks, group.spec.seats):
+        seat = f"{node}/{local}"
+        if seat == my_seat:
+            continue
+        s = classify(seat, rank, records.get(seat), group.label, seq, now, stale_after, host, now - waited)
+        if s is not None:
+            suspects.append(s)
+    return Diagnosis(group.gen, group.label, seq, op, tuple(suspects), trigger, waited, deadline)

@@ -1,0 +1,133 @@
+"""One process group: a torch backend built directly over its own store prefix, and its abort.
+
+No ``init_process_group``, no default group: each group is a ``ProcessGroupNCCL`` (GPU) or
+``ProcessGroupGloo`` (CPU) object of its own, so a dead rank takes down only the groups it is in.
+Teardown is ``abort()``, bounded in time; never a destroy that waits on a dead peer.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from rallypoint.errors import GenerationAborted, GroupError
+from rallypoint.groups.topology import GroupSpec
+from rallypoint.log import get_logger
+
+log = get_logger("groups")
+
+# torch must never kill the process on a collective error: rallypoint's deadlines decide.
+os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
+
+StoreFactory = Callable[[GroupSpec], dist.Store]
+"""Returns the store a group bootstraps over (an ``EtcdStore`` under the group's generation prefix)."""
+
+
+@dataclass
+class Group:
+    """A built group, plus the bookkeeping the collectives need.
+
+    ``store`` is kept referenced on purpose: torch holds only the C++ half of a Python store, and
+    a collected store makes torch's later calls into it fail.
+    """
+
+    spec: GroupSpec
+    backend: Any  # ProcessGroupNCCL | ProcessGroupGloo | None (a group of one)
+    store: Any
+    device: torch.device
+    build_seconds: float = 0.0
+    seq: int = 0  # collectives issued on this group
+    aborted_reason: str | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def gen(self) -> int:
+        return self.spec.gen
+
+    @property
+    def label(self) -> str:
+        return self.spec.label
+
+    @property
+    def rank_in_group(self) -> int:
+        return self.spec.rank_in_group
+
+    @property
+    def world_size(self) -> int:
+        return self.spec.world_size
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return self.spec.ranks
+
+    @property
+    def aborted(self) -> bool:
+        return self.aborted_reason is not None
+
+    def check(self) -> None:
+        """Raise ``GenerationAborted`` if this group was aborted."""
+        if self.aborted_reason is not None:
+            raise GenerationAborted(self.gen, self.label, self.aborted_reason)
+
+    def abort(self, reason: str) -> float:
+        """Abort the backend (once); return the seconds it took. Safe from any thread."""
+        with self._lock:
+            if self.aborted_reason is not None:
+                return 0.0
+            self.aborted_reason = reason
+        t0 = time.monotonic()
+        if self.backend is not None:
+            try:
+                self.backend.abort()
+            except Exception as exc:  # an abort must never raise into the watchdog
+                log.warning("groups.abort_failed", group=self.label, error=str(exc))
+        took = time.monotonic() - t0
+        log.info("groups.aborted", group=self.label, gen=self.gen, reason=reason, seconds=round(took, 4))
+        return took
+
+
+def build_group(spec: GroupSpec, store_factory: StoreFactory, device: torch.device,
+                timeout: timedelta) -> Group:
+    """Build the backend for ``spec`` over a fresh store; a group of one needs none.
+
+    Raises:
+        GroupError: the peers did not all arrive within ``timeout``, or the backend failed.
+    """
+    if spec.world_size == 1:
+        return Group(spec, None, None, device)
+    t0 = time.monotonic()
+    store = store_factory(spec)
+    try:
+        if device.type == "cuda":
+            backend = _nccl(store, spec, device, timeout)
+        else:
+            backend = dist.ProcessGroupGloo(store, spec.rank_in_group, spec.world_size, timeout)
+    except Exception as exc:
+        raise GroupError(f"building {spec.label} (rank {spec.rank_in_group} of {spec.world_size}) "
+                         f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    took = time.monotonic() - t0
+    log.info("groups.built", group=spec.label, gen=spec.gen, backend=device.type, seconds=round(took, 4))
+    return Group(spec, backend, store, device, build_seconds=took)
+
+
+def _nccl(store: dist.Store, spec: GroupSpec, device: torch.device, timeout: timedelta) -> Any:
+    opts = dist.ProcessGroupNCCL.Options()
+    opts._timeout = timeout
+    # Non-blocking communicators, so abort() also works while the communicator is being set up.
+    opts.config.blocking = 0
+    backend = dist.ProcessGroupNCCL(store, spec.rank_in_group, spec.world_size, opts)
+    # Create the communicator now, so a missing peer shows up here and not in the first collective.
+    backend.eager_connect_single_device(device)
+    return backend

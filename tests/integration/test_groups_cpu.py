@@ -1,0 +1,212 @@
+"""Groups and collectives on gloo with real processes: values, kills, stops, rebuilds, blast radius."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rallypoint.rendezvous.records import Plan, RankSlot
+from rallypoint.testing.etcd_server import EtcdCluster
+from rallypoint.testing.ranks import RankPool, RankProcess
+
+_gens = itertools.count(1)
+_tests = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def pool(etcd: EtcdCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RankPool]:
+    p = RankPool(etcd.endpoints, "groups", tmp_path_factory.mktemp("ranks"), deadline_floor=1.0)
+    yield p
+    p.close()
+
+
+def make_plan(tp: int, pp: int, dp: int, seats: list[tuple[str, int]]) -> Plan:
+    return Plan(gen=next(_gens), tp=tp, pp=pp, dp=dp,
+                ranks=tuple(RankSlot(i, n, l) for i, (n, l) in enumerate(seats)),
+                members=tuple(sorted({n for n, _ in seats})), reason="test", leader="test")
+
+
+def seats_for(n: int, per_node: int = 2) -> list[tuple[str, int]]:
+    t = next(_tests)
+    return [(f"t{t}n{i // per_node}", i % per_node) for i in range(n)]
+
+
+def configure(procs: list[RankProcess], plan: Plan, seats: list[tuple[str, int]]) -> list[dict]:
+    d = json.loads(plan.to_json())
+    ids = [p.send("configure", plan=d, node=s[0], local_rank=s[1]) for p, s in zip(procs, seats)]
+    out = [p.result(i) for p, i in zip(procs, ids)]
+    for r in out:
+        assert r["ok"], r
+    return out
+
+
+def run_all(procs: list[RankProcess], cmd: str, timeout: float = 60, **kw) -> list[dict]:
+    ids = [p.send(cmd, **kw) for p in procs]
+    return [p.result(i, timeout) for p, i in zip(procs, ids)]
+
+
+def test_eight_ranks_tp2_pp2_dp2_groups_and_primitives(pool: RankPool) -> None:
+    procs = pool.take(8)
+    seats = seats_for(8, per_node=4)
+    out = configure(procs, make_plan(2, 2, 2, seats), seats)
+    groups = {r["rank"]: r["groups"] for r in out}
+    assert sorted(groups) == list(range(8))
+    assert sorted({tuple(g["tp"]) for g in groups.values()}) == [(0, 1), (2, 3), (4, 5), (6, 7)]
+    assert sorted({tuple(g["pp"]) for g in groups.values()}) == [(0, 2), (1, 3), (4, 6), (5, 7)]
+    assert sorted({tuple(g["dp"]) for g in groups.values()}) == [(0, 4), (1, 5), (2, 6), (3, 7)]
+    results = run_all(procs, "primitives", group="tp", pp=True)
+    for r in results:
+        assert r["ok"], r
+    by_rank = {o["rank"]: r for o, r in zip(out, results)}
+    for rank, r in by_rank.items():
+        peer = rank ^ 1
+        assert r["all_reduce"] == [float(rank + 1 + peer + 1)] * 3
+        assert r["all_gather_0"] == [[0, 1], [2, 3], [10, 11], [12, 13]]
+        assert r["all_gather_1"] == [[0, 1, 10, 11], [2, 3, 12, 13]]
+        me = rank % 2
+        assert r["reduce_scatter_0"] == [[[0, 3], [6, 9]][me]]
+        assert r["reduce_scatter_1"] == [[[0], [6]], [[12], [18]]][me]
+        assert r["broadcast"] == [1.0, 1.0]
+        # uneven all-to-all: member i sent me i+me+1 rows valued 100*i + me
+        assert r["all_to_all"] == [float(100 * i + me) for i in range(2) for _ in range(i + me + 1)]
+        if (rank // 2) % 2 == 1:  # last PP stage received the dict from stage 0
+            assert r["recv_dict"] == {"h": [[2, 3], "torch.float32", [7.0] * 6],
+                                      "pos": [[5], "torch.int64", [0, 1, 2, 3, 4]]}
+    # The DP group runs the same primitives (a group that spans replicas).
+    for r in run_all(procs, "primitives", group="dp"):
+        assert r["ok"], r
+
+
+def test_bad_inputs_raise_clear_errors(pool: RankPool) -> None:
+    procs = pool.take(2)
+    seats = seats_for(2)
+    configure(procs, make_plan(2, 1, 1, seats), seats)
+    assert procs[0].call("call_bad", what="dtype")["message"].endswith("cannot sum tensors of dtype torch.bool")
+    assert "tensor is on meta" in procs[0].call("call_bad", what="device")["message"]
+    assert "need 2 splits each way" in procs[0].call("call_bad", what="splits")["message"]
+    bad = Plan(gen=next(_gens), tp=2, pp=1, dp=1, ranks=(RankSlot(0, "x", 0), RankSlot(1, "x", 1)),
+               members=("x",), reason="t", leader="t")
+    r = procs[0].call("configure", plan=json.loads(bad.to_json()), node="elsewhere", local_rank=0)
+    assert not r["ok"] and r["error"] == "GroupError" and "places no rank on elsewhere/0" in r["message"]
+
+
+def test_sigkill_during_all_reduce_every_survivor_raises_within_1s(pool: RankPool) -> None:
+    procs = pool.take(4)
+    seats = seats_for(4)
+    configure(procs, make_plan(4, 1, 1, seats), seats)
+    ids = [p.send("loop", group="tp", iters=10**7) for p in procs]
+    time.sleep(1.0)
+    victim = procs[2]
+    t_kill = time.time()
+    victim.kill()
+    suspects = set()
+    for p, i in zip(procs, ids):
+        if p is victim:
+            continue
+        r = p.result(i, timeout=10)
+        assert r["ok"] and r["raised"], r
+        assert "aborted" in r["raised"]
+        assert r["raised_at"] - t_kill < 1.0, f"raised {r['raised_at'] - t_kill:.3f}s after the kill"
+        suspects |= {(s["rank"], s["kind"]) for d in r["diagnoses"] for s in d["suspects"]}
+    assert suspects == {(2, "dead")}
+
+
+def test_sigstop_trips_within_deadline_and_names_exactly_that_rank(pool: RankPool) -> None:
+    procs = pool.take(3)
+    seats = seats_for(3, per_node=3)
+    configure(procs, make_plan(3, 1, 1, seats), seats)
+    ids = [p.send("loop", group="tp", iters=10**7) for p in procs]
+    time.sleep(1.0)
+    stopped = procs[1]
+    t_stop = time.time()
+    stopped.signal(signal.SIGSTOP)
+    deadlines: list[float] = []
+    raised: list[float] = []
+    try:
+        for p, i in zip(procs, ids):
+            if p is stopped:
+                continue
+            r = p.result(i, timeout=15)
+            assert r["raised"], r
+            suspects = {(s["rank"], s["kind"]) for d in r["diagnoses"] for s in d["suspects"]}
+            assert suspects == {(1, "stuck")}, r["diagnoses"]
+            deadlines.extend(d["deadline"] for d in r["diagnoses"] if d["trigger"] == "deadline")
+            raised.append(r["raised_at"] - t_stop)
+        # The first survivor trips on its deadline (floor 1 s, or k x p99 when CPU noise is worse);
+        # it aborts and marks the group, so the others follow at once.
+        assert deadlines, "nobody tripped on a deadline"
+        assert min(raised) <= min(deadlines) + 0.5, (raised, deadlines)
+        assert max(raised) <= min(deadlines) + 0.5 + 0.2, (raised, deadlines)
+    finally:
+        stopped.kill()
+
+
+def test_rebuild_with_a_replacement_process(pool: RankPool) -> None:
+    procs = pool.take(2)
+    seats = seats_for(2)
+    configure(procs, make_plan(2, 1, 1, seats), seats)
+    ids = [p.send("loop", group="tp", iters=10**7) for p in procs]
+    time.sleep(0.5)
+    procs[1].kill()
+    r = procs[0].result(ids[0], timeout=10)
+    assert r["raised"]
+    replacement = pool.take(2)[1]
+    assert replacement is not procs[1]
+    plan = make_plan(2, 1, 1, seats)  # same seats, next generation, a new process on seat 1
+    out = configure([procs[0], replacement], plan, seats)
+    assert "tp" not in out[0]["carried"] and out[0]["gen"] == plan.gen
+    for r in run_all([procs[0], replacement], "loop", group="tp", iters=20):
+        assert r["ok"] and r["raised"] is None and r["iters"] == 20
+
+
+def test_blast_radius_one_replica_dies_the_other_never_notices(pool: RankPool) -> None:
+    procs = pool.take(4)
+    seats = seats_for(4)
+    plan = make_plan(2, 1, 2, seats)
+    configure(procs, plan, seats)
+    iters = 1500
+    ids = [p.send("loop", group="tp", iters=iters if i < 2 else 10**7) for i, p in enumerate(procs)]
+    time.sleep(1.0)
+    t_kill = time.time()
+    procs[3].kill()
+    # The daemon's order after a failure: abort the dead rank's groups everywhere.
+    for p in procs[:3]:
+        p.call("abort", gen=plan.gen, ranks=[3], reason="rank 3 died")
+    survivor = procs[2].result(ids[2], timeout=10)
+    assert survivor["raised"]
+    for p, i in zip(procs[:2], ids[:2]):
+        r = p.result(i, timeout=60)
+        assert r["ok"] and r["raised"] is None and r["iters"] == iters, r
+        stamps = r["stamps"]
+        gaps_before = [b - a for a, b in zip(stamps, stamps[1:]) if b < t_kill]
+        gaps_after = [b - a for a, b in zip(stamps, stamps[1:]) if a >= t_kill]
+        assert len(gaps_before) > 50 and len(gaps_after) > 50, (len(gaps_before), len(gaps_after))
+        assert max(gaps_after) <= 2 * max(gaps_before), (max(gaps_before), max(gaps_after))
+
+
+def test_twenty_abort_rebuild_cycles_leave_fds_and_threads_flat(pool: RankPool) -> None:
+    procs = pool.take(2)
+    seats = seats_for(2)
+    samples = []
+    for cycle in range(20):
+        plan = make_plan(2, 1, 1, seats)
+        configure(procs, plan, seats)
+        for r in run_all(procs, "loop", group="tp", iters=5):
+            assert r["raised"] is None, r
+        ids = [p.send("loop", group="tp", iters=10**7) for p in procs]
+        time.sleep(0.05)
+        procs[0].call("abort", gen=plan.gen, reason=f"drill {cycle}")
+        for p, i in zip(procs, ids):
+            assert p.result(i, timeout=10)["raised"]
+        samples.append([p.call("stats") for p in procs])
+    for k in ("fds", "os_threads"):
+        for rank in range(2):
+            series = [s[rank][k] for s in samples]
+            assert max(series[5:]) <= series[5] + 2, f"{k} of rank {rank} grew: {series}"
