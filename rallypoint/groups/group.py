@@ -46,6 +46,7 @@ class Group:
     build_seconds: float = 0.0
     seq: int = 0  # collectives issued on this group
     aborted_reason: str | None = None
+    abort_seconds: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -94,6 +95,7 @@ class Group:
             except Exception as exc:  # an abort must never raise into the watchdog
                 log.warning("groups.abort_failed", group=self.label, error=str(exc))
         took = time.monotonic() - t0
+        self.abort_seconds = took
         log.info("groups.aborted", group=self.label, gen=self.gen, reason=reason, seconds=round(took, 4))
         return took
 
@@ -125,8 +127,10 @@ def build_group(spec: GroupSpec, store_factory: StoreFactory, device: torch.devi
 def _nccl(store: dist.Store, spec: GroupSpec, device: torch.device, timeout: timedelta) -> Any:
     opts = dist.ProcessGroupNCCL.Options()
     opts._timeout = timeout
-    # Non-blocking communicators, so abort() also works while the communicator is being set up.
-    opts.config.blocking = 0
+    try:  # non-blocking communicators, so abort() also works while one is being set up
+        opts.config.blocking = 0
+    except AttributeError:
+        pass
     backend = dist.ProcessGroupNCCL(store, spec.rank_in_group, spec.world_size, opts)
     # Create the communicator now, so a missing peer shows up here and not in the first collective.
     backend.eager_connect_single_device(device)

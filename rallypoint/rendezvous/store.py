@@ -18,10 +18,11 @@ torch calls a Python store through a pybind11 trampoline (``PythonStore`` in tor
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import torch.distributed as dist
 
@@ -34,7 +35,11 @@ T = TypeVar("T")
 
 
 def store_prefix(cluster: str, gen: int, group: str) -> str:
-    """The etcd prefix of one group's store in one generation: ``/rallypoint/{cluster}/store/{gen}/{group}/``."""
+    """Where one group's store lives in one generation: ``/rallypoint/{cluster}/store/{gen}/{group}/``.
+
+    The generation in the path fences the groups: a process of generation N never reads or writes
+    the keys of generation N+1.
+    """
     return f"/rallypoint/{cluster}/store/{int(gen)}/{group}/"
 
 
@@ -117,15 +122,22 @@ class EtcdStore(dist.Store):
             if ok:
                 return result
 
+    def _read(self, wanted: set[str]) -> tuple[dict[str, bytes], int]:
+        """The wanted keys that exist, read in one range (their common prefix), and its revision."""
+        kvs, revision = self._call(lambda: self._client.get_prefix(self._span(wanted)))
+        return {kv.key: kv.value for kv in kvs if kv.key in wanted}, revision
+
+    def _span(self, wanted: set[str]) -> str:
+        return os.path.commonprefix(sorted(wanted)) if wanted else self._prefix
+
     def _await(self, keys: Sequence[str], timeout: timedelta | None) -> dict[str, bytes]:
         """Block until every key exists; return {full key: value}. Watches, never polls."""
         deadline = self._deadline(timeout)
         wanted = {self._key(k) for k in keys}
-        kvs, revision = self._call(lambda: self._client.get_prefix(self._prefix))
-        have = {kv.key: kv.value for kv in kvs if kv.key in wanted}
+        have, revision = self._read(wanted)
         if len(have) == len(wanted):
             return have
-        watch = self._call(lambda: self._client.watch_prefix(self._prefix, revision + 1))
+        watch = self._call(lambda: self._client.watch_prefix(self._span(wanted), revision + 1))
         try:
             while len(have) < len(wanted):
                 left = None if deadline is None else deadline - time.monotonic()
@@ -133,8 +145,7 @@ class EtcdStore(dist.Store):
                     self._timed_out(wanted - have.keys(), timeout)
                 event = watch.get(timeout=left)
                 if event is RESYNC:  # history compacted under the watch: re-list
-                    kvs, _ = self._call(lambda: self._client.get_prefix(self._prefix))
-                    have = {kv.key: kv.value for kv in kvs if kv.key in wanted}
+                    have, _ = self._read(wanted)
                 elif event is not None and event.key in wanted:
                     if event.kind == "put":
                         have[event.key] = event.value
@@ -144,7 +155,7 @@ class EtcdStore(dist.Store):
             watch.close()
         return have
 
-    def _timed_out(self, missing: set[str], timeout: timedelta | None) -> None:
+    def _timed_out(self, missing: set[str], timeout: timedelta | None) -> NoReturn:
         names = sorted(k[len(self._prefix):] for k in missing)
         seconds = (self.timeout if timeout is None else timeout).total_seconds()
         log.warning("store.wait_timeout", prefix=self._prefix, missing=names, timeout_s=seconds)
@@ -205,9 +216,8 @@ class EtcdStore(dist.Store):
 
     def check(self, keys: Sequence[str]) -> bool:
         """True if every key is set now."""
-        kvs, _ = self._call(lambda: self._client.get_prefix(self._prefix))
-        present = {kv.key for kv in kvs}
-        return all(self._key(k) in present for k in keys)
+        wanted = {self._key(k) for k in keys}
+        return len(self._read(wanted)[0]) == len(wanted)
 
     def multi_get(self, keys: Sequence[str]) -> list[bytes]:
         """Values of ``keys`` in order, waiting (store timeout) for any that are missing."""

@@ -91,13 +91,17 @@ class Agent:
         try:
             for _ in range(iters):
                 comm.all_reduce(t, group)
+                comm.synchronize()
                 if float(t[0]) != size:
                     raise AssertionError(f"all_reduce gave {float(t[0])}, expected {size}")
                 t.fill_(1.0)
                 stamps.append(time.time())
         except GenerationAborted as exc:
-            return {"iters": len(stamps), "stamps": stamps, "raised": str(exc), "raised_at": time.time(),
-                    "diagnoses": [d.to_event() for d in comm.diagnoses[seen:]]}
+            raised_at = time.time()
+            gs = self.rt.groups
+            aborts = {g.label: g.abort_seconds for g in gs.groups.values() if g.aborted} if gs else {}
+            return {"iters": len(stamps), "stamps": stamps, "raised": str(exc), "raised_at": raised_at,
+                    "diagnoses": [d.to_event() for d in comm.diagnoses[seen:]], "abort_seconds": aborts}
         return {"iters": len(stamps), "stamps": stamps, "raised": None}
 
     def stats(self, cmd: dict[str, Any]) -> dict[str, Any]:

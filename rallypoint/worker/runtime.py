@@ -56,8 +56,6 @@ class RankRuntime:
         self.client = EtcdClient(settings.etcd)
         self.lease = self.client.keep_alive(settings.lease_ttl)
         self.device = torch.device(settings.device)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
         self.tracker = Tracker(Deadlines(settings.deadline_floor, settings.deadline_k))
         self.groups: GroupSet | None = None
         self.comm: Comm | None = None
@@ -77,6 +75,10 @@ class RankRuntime:
         """
         rank = rank_at(plan, node, local_rank)
         self.seat = f"{node}/{local_rank}"
+        if self.settings.device.startswith("cuda"):
+            # "cuda" means the seat's own GPU: local_rank is the device index on its node.
+            self.device = torch.device(self.settings.device if ":" in self.settings.device else f"cuda:{local_rank}")
+            torch.cuda.set_device(self.device)
         groups = GroupSet.configure(
             plan, rank, self._store_for, self.device,
             timeout=timedelta(seconds=self.settings.build_timeout), previous=self.groups,
