@@ -87,13 +87,14 @@ class Agent:
         group, iters = cmd.get("group", "tp"), cmd.get("iters", 100)
         size = self.rt.groups.group(group).world_size if self.rt.groups else 1
         stamps: list[float] = []
+        wrong: list[list[float]] = []  # [when, value] of results that were not the group size
         seen = len(comm.diagnoses)
         try:
             for _ in range(iters):
                 comm.all_reduce(t, group)
                 comm.synchronize()
-                if float(t[0]) != size:
-                    raise AssertionError(f"all_reduce gave {float(t[0])}, expected {size}")
+                if (got := float(t[0])) != size:
+                    wrong.append([time.time(), got])
                 t.fill_(1.0)
                 stamps.append(time.time())
         except GenerationAborted as exc:
@@ -101,8 +102,9 @@ class Agent:
             gs = self.rt.groups
             aborts = {g.label: g.abort_seconds for g in gs.groups.values() if g.aborted} if gs else {}
             return {"iters": len(stamps), "stamps": stamps, "raised": str(exc), "raised_at": raised_at,
-                    "diagnoses": [d.to_event() for d in comm.diagnoses[seen:]], "abort_seconds": aborts}
-        return {"iters": len(stamps), "stamps": stamps, "raised": None}
+                    "diagnoses": [d.to_event() for d in comm.diagnoses[seen:]], "abort_seconds": aborts,
+                    "wrong": wrong}
+        return {"iters": len(stamps), "stamps": stamps, "raised": None, "wrong": wrong}
 
     def stats(self, cmd: dict[str, Any]) -> dict[str, Any]:
         p = psutil.Process()

@@ -31,9 +31,10 @@ pytestmark = [pytest.mark.etcd, pytest.mark.skipif(etcd_binary() is None, reason
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _client(endpoints: tuple[str, ...], **kw: float) -> EtcdClient:
-    return EtcdClient(EtcdSettings(endpoints=endpoints, request_timeout=kw.get("request_timeout", 1.0),
-                                   retry_deadline=kw.get("retry_deadline", 5.0)))
+def _client(endpoints: tuple[str, ...], request_timeout: float = 1.0,
+            retry_deadline: float = 5.0) -> EtcdClient:
+    return EtcdClient(EtcdSettings(endpoints=endpoints, request_timeout=request_timeout,
+                                   retry_deadline=retry_deadline))
 
 
 @pytest.fixture
@@ -265,32 +266,58 @@ sys.exit(0 if t.eq(world * (world + 1) / 2).all() else 3)
 """
 
 
-def _run_ranks(mode: str, world: int, endpoints: tuple[str, ...], tmp_path: Path) -> list[list[float]]:
-    prefix = store_prefix("t" + uuid.uuid4().hex[:10], 1, mode)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo"}
-    procs: list[subprocess.Popen] = []
-    try:
+class Ranks:
+    """One group of rank processes, started at once and collected later; killed by PID at the end."""
+
+    def __init__(self, mode: str, world: int, endpoints: tuple[str, ...], out: Path) -> None:
+        self.mode, self.world, self.out = mode, world, out
+        prefix = store_prefix("t" + uuid.uuid4().hex[:10], 1, mode)
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": path, "GLOO_SOCKET_IFNAME": "lo"}
+        self.procs = []
         for rank in range(world):
-            procs.append(subprocess.Popen(
-                [sys.executable, "-c", CHILD, mode, ",".join(endpoints), prefix, str(rank),
-                 str(world), str(tmp_path / f"{mode}-{rank}.json")],
-                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-        for rank, p in enumerate(procs):
-            output, _ = p.communicate(timeout=60)
-            assert p.returncode == 0, f"rank {rank} exited {p.returncode}:\n{output[-3000:]}"
-    finally:
-        for p in procs:
+            with open(out / f"{mode}-{rank}.log", "wb") as log:  # a file: a full pipe would block
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, "-c", CHILD, mode, ",".join(endpoints), prefix, str(rank),
+                     str(world), str(out / f"{mode}-{rank}.json")],
+                    env=env, stdout=log, stderr=subprocess.STDOUT))
+
+    def results(self) -> list[list[float]]:
+        for rank, p in enumerate(self.procs):
+            p.wait(timeout=60)
+            output = (self.out / f"{self.mode}-{rank}.log").read_text(errors="replace")
+            assert p.returncode == 0, f"{self.mode} rank {rank} exited {p.returncode}:\n{output[-3000:]}"
+        return [json.loads((self.out / f"{self.mode}-{r}.json").read_text()) for r in range(self.world)]
+
+    def kill(self) -> None:
+        for p in self.procs:
             if p.poll() is None:
                 os.kill(p.pid, signal.SIGKILL)
                 p.wait()
-    return [json.loads((tmp_path / f"{mode}-{r}.json").read_text()) for r in range(world)]
 
 
-def test_init_process_group_gloo_four_ranks(etcd: EtcdCluster, tmp_path: Path) -> None:
-    results = _run_ranks("init", 4, etcd.endpoints, tmp_path)
-    assert results == [[10.0] * 4] * 4
+@pytest.fixture(scope="module", autouse=True)
+def ranks(request: pytest.FixtureRequest, etcd: EtcdCluster,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Ranks]]:
+    """The rank processes of the selected process tests, started before the first test so that
+    their ``import torch`` (2-3 s each) overlaps the single-process tests; collected at the end."""
+    selected = {item.name for item in request.session.items}
+    out = tmp_path_factory.mktemp("ranks")
+    groups: dict[str, Ranks] = {}
+    try:
+        for mode, world, test in (("init", 4, "test_init_process_group_gloo_four_ranks"),
+                                  ("pg", 2, "test_bare_process_group_gloo_two_ranks")):
+            if test in selected:
+                groups[mode] = Ranks(mode, world, etcd.endpoints, out)
+        yield groups
+    finally:
+        for g in groups.values():
+            g.kill()
 
 
-def test_bare_process_group_gloo_two_ranks(etcd: EtcdCluster, tmp_path: Path) -> None:
-    results = _run_ranks("pg", 2, etcd.endpoints, tmp_path)
-    assert results == [[3.0] * 4] * 2
+def test_init_process_group_gloo_four_ranks(ranks: dict[str, Ranks]) -> None:
+    assert ranks["init"].results() == [[10.0] * 4] * 4
+
+
+def test_bare_process_group_gloo_two_ranks(ranks: dict[str, Ranks]) -> None:
+    assert ranks["pg"].results() == [[3.0] * 4] * 2
