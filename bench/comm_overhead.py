@@ -82,7 +82,7 @@ def worker(rank: int, world: int, port: int, endpoints: list[str], args: argpars
         ops = {
             "all_reduce": (lambda: dist.all_reduce(x), lambda: comm.all_reduce(x, "tp")),
             "all_gather": (lambda: dist.all_gather_into_tensor(gathered, x),
-                           lambda: comm.all_gather(x, dim=0, group="tp")),
+                           lambda: comm.all_gather(x, dim=0, group="tp", out=gathered)),
         }
         for op, (raw, ours) in ops.items():
             for fn in (raw, ours):  # warm up both paths

@@ -77,13 +77,22 @@ class Comm:
         self._run(g, "all_reduce", t.numel() * t.element_size(), g.backend.allreduce([t], _SUM))
         return t
 
-    def all_gather(self, t: torch.Tensor, dim: int = -1, group: str = "tp") -> torch.Tensor:
-        """Concatenate every rank's ``t`` along ``dim`` (column-parallel outputs)."""
+    def all_gather(self, t: torch.Tensor, dim: int = -1, group: str = "tp",
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+        """Concatenate every rank's ``t`` along ``dim`` (column-parallel outputs).
+
+        ``out`` (shape ``[world * t.shape[0], *t.shape[1:]]``) reuses a buffer instead of allocating.
+        """
         g = self._group(group, t)
         if g.backend is None:
             return t
         t = t.contiguous()
-        out = torch.empty((g.world_size * t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+        shape = (g.world_size * t.shape[0],) + tuple(t.shape[1:])
+        if out is None:
+            out = torch.empty(shape, dtype=t.dtype, device=t.device)
+        elif tuple(out.shape) != shape or out.dtype != t.dtype or out.device != t.device:
+            raise GroupError(f"all_gather on {g.label}: out is {tuple(out.shape)} {out.dtype} on {out.device}, "
+                             f"need {shape} {t.dtype} on {t.device}")
         self._run(g, "all_gather", out.numel() * out.element_size(), g.backend._allgather_base(out, t))
         dim = dim % t.dim()
         return out if dim == 0 else torch.cat(out.chunk(g.world_size, 0), dim=dim)

@@ -94,23 +94,34 @@ class Tracker:
         return max(self.deadlines.floor, self.deadlines.k * p99)
 
     def sweep(self) -> list[Op]:
-        """Drop completed ops (polling their handles); return the oldest pending op of each group."""
+        """Drop completed ops; return the oldest pending op of each group.
+
+        Ops of one group complete in issue order (one stream, one gloo context), so a sweep asks
+        the newest op first (one query clears the queue on a healthy group) and otherwise
+        bisects for the first pending one: a handful of handle queries per group, however many
+        calls were issued back to back since the last sweep.
+        """
         now = time.monotonic()
         heads = []
         with self._lock:
             queues = list(self.outstanding.items())
         for key, q in queues:
-            while q:
-                head = q[0]
-                if not head.done:
-                    try:
-                        finished = head.work is None or head.work.is_completed()
-                    except Exception:
-                        finished = False  # failed work: the waiter reports it
-                    if not finished:
-                        break
-                    self.finish(head, now)
-                q.popleft()
+            n = len(q)
+            if n == 0:
+                continue
+            if _complete(q[n - 1]):
+                for _ in range(n):
+                    self.finish(q.popleft(), now)
+                continue
+            lo, hi = 0, n - 1  # q[hi] is pending; find the first pending index
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if _complete(q[mid]):
+                    lo = mid + 1
+                else:
+                    hi = mid
+            for _ in range(lo):
+                self.finish(q.popleft(), now)
             if q and not q[0].group.aborted:
                 heads.append(q[0])
         return heads
@@ -128,3 +139,12 @@ class Tracker:
             self.outstanding.pop(key, None)
             self._groups.pop(key, None)
             self.completed.pop(key, None)
+
+
+def _complete(op: Op) -> bool:
+    if op.done:
+        return True
+    try:
+        return op.work is None or bool(op.work.is_completed())
+    except Exception:
+        return False  # a failed work: whoever waits on it reports the error

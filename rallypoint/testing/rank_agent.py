@@ -98,18 +98,16 @@ class Agent:
                 t.fill_(1.0)
                 stamps.append(time.time())
         except GenerationAborted as exc:
-            raised_at = time.time()
-            gs = self.rt.groups
-            aborts = {g.label: g.abort_seconds for g in gs.groups.values() if g.aborted} if gs else {}
-            return {"iters": len(stamps), "stamps": stamps, "raised": str(exc), "raised_at": raised_at,
-                    "diagnoses": [d.to_event() for d in comm.diagnoses[seen:]], "abort_seconds": aborts,
-                    "wrong": wrong}
+            return {"iters": len(stamps), "stamps": stamps, "raised": str(exc), "raised_at": time.time(),
+                    "diagnoses": [d.to_event() for d in comm.diagnoses[seen:]], "wrong": wrong}
         return {"iters": len(stamps), "stamps": stamps, "raised": None, "wrong": wrong}
 
     def stats(self, cmd: dict[str, Any]) -> dict[str, Any]:
         p = psutil.Process()
+        gs = self.rt.groups
+        aborts = [g.abort_seconds for g in gs.groups.values() if g.aborted] if gs else []
         return {"fds": p.num_fds(), "threads": threading.active_count(), "os_threads": p.num_threads(),
-                "pid": p.pid}
+                "pid": p.pid, "abort_seconds": aborts}
 
     def call_bad(self, cmd: dict[str, Any]) -> dict[str, Any]:
         """Provoke a bad-input error on purpose; reply with its type and message."""

@@ -140,17 +140,20 @@ def test_sigkill_during_all_reduce_every_survivor_raises_within_1s(pool: RankPoo
             continue
         r = p.result(i, timeout=10)
         assert r["ok"] and r["raised"], r
-        if ON_GPU:
-            RESULTS.setdefault("wrong_results_after_kill", []).append(r["wrong"])
-            continue
-        assert r["wrong"] == [], r["wrong"]
         assert "aborted" in r["raised"]
         assert r["raised_at"] - t_kill < KILL_LIMIT, f"raised {r['raised_at'] - t_kill:.3f}s after the kill"
         RESULTS.setdefault("kill_to_raise_s", []).append(r["raised_at"] - t_kill)
-        RESULTS.setdefault("abort_s", []).extend(r["abort_seconds"].values())
+        if ON_GPU:  # NCCL may finish the collective in flight without the dead peer's share
+            RESULTS.setdefault("wrong_results_after_kill", []).append(r["wrong"])
+            continue
+        assert r["wrong"] == [], r["wrong"]
         suspects |= {(s["rank"], s["kind"]) for d in r["diagnoses"] for s in d["suspects"]}
     if not ON_GPU:
         assert suspects == {(2, "dead")}
+    time.sleep(1.0)  # let the aborts (about 0.5 s on NCCL) finish before reading their times
+    for p in procs:
+        if p is not victim:
+            RESULTS.setdefault("abort_s", []).extend(p.call("stats")["abort_seconds"])
 
 
 def test_sigstop_trips_within_deadline_and_names_exactly_that_rank(pool: RankPool) -> None:
@@ -176,9 +179,12 @@ def test_sigstop_trips_within_deadline_and_names_exactly_that_rank(pool: RankPoo
             raised.append(r["raised_at"] - t_stop)
             RESULTS.setdefault("stop_to_raise_s", []).append(r["raised_at"] - t_stop)
             RESULTS.setdefault("stop_trip_waited_s", []).extend(d["waited"] for d in r["diagnoses"])
-            RESULTS.setdefault("abort_s", []).extend(r["abort_seconds"].values())
         # The first survivor trips on its deadline (floor 1 s, or k x p99 when CPU noise is worse);
         # it aborts and marks the group, so the others follow at once.
+        time.sleep(1.0)  # let the aborts (about 0.5 s on NCCL) finish before reading their times
+        for p in procs:
+            if p is not stopped:
+                RESULTS.setdefault("abort_s", []).extend(p.call("stats")["abort_seconds"])
         assert deadlines, "nobody tripped on a deadline"
         assert min(raised) <= min(deadlines) + 0.5, (raised, deadlines)
         assert max(raised) <= min(deadlines) + 0.5 + 0.2, (raised, deadlines)
@@ -210,7 +216,7 @@ def test_blast_radius_one_replica_dies_the_other_never_notices(pool: RankPool) -
     procs = pool.take(4)
     plan = make_plan(2, 1, 2, seats)
     configure(procs, plan, seats)
-    iters = 1500
+    iters = 40000 if ON_GPU else 1500  # a few seconds either way
     ids = [p.send("loop", group="tp", iters=iters if i < 2 else 10**7) for i, p in enumerate(procs)]
     time.sleep(1.0)
     t_kill = time.time()
