@@ -7,7 +7,7 @@ tripping rank reads its peers' records and classifies each member of the group:
 
 * ``dead``: no record (its lease is gone) or, on this host, its process no longer exists;
 * ``stuck``: its heartbeat stopped (a SIGSTOPped or wedged process), or its process is stopped;
-* ``slow``: alive and heartbeating, but it never started sequence k;
+* ``slow``: alive and heartbeating, idle in this group, but it never started sequence k;
 
 and members that started k like us are victims, not suspects.
 """
@@ -128,9 +128,11 @@ def classify(seat: str, rank: int, rec: ProgressRecord | None, label: str, seq: 
     age = now - rec.time
     if age > stale_after:
         return Suspect(rank, seat, "stuck", f"no heartbeat for {age:.2f}s")
-    started = rec.groups.get(label, [0, 0])[0]
-    if started < seq and rec.time > since:
-        return Suspect(rank, seat, "slow", f"alive but at seq {started}, never started {seq}")
+    started, completed = rec.groups.get(label, [0, 0])
+    # Behind us *and* idle in this group: busy elsewhere (slow). Behind us but waiting inside an
+    # earlier collective of this group is a victim of the same hang, not a suspect.
+    if started < seq and completed >= started and rec.time > since:
+        return Suspect(rank, seat, "slow", f"alive, idle at seq {started}, never started {seq}")
     return None
 
 

@@ -55,9 +55,15 @@ class Watchdog(threading.Thread):
             if waited > tracker.deadline(op):
                 self.trips += 1
                 self.comm.trip(op, waited)
-        if self.publish_every and now - self._last_publish >= self.publish_every and self.comm.board:
-            self._last_publish = now
-            try:
-                self.comm.board.publish(self.comm.groups.gen, self.comm.groups.rank, tracker.progress())
-            except RallypointError as exc:
-                log.warning("watchdog.publish_failed", error=str(exc))
+        if self.publish_every and now - self._last_publish >= self.publish_every:
+            self.publish()
+
+    def publish(self) -> None:
+        """Publish this rank's progress and heartbeat now (also called when a generation starts)."""
+        self._last_publish = time.monotonic()
+        if self.comm.board is None:
+            return
+        try:
+            self.comm.board.publish(self.comm.groups.gen, self.comm.groups.rank, self.comm.tracker.progress())
+        except RallypointError as exc:
+            log.warning("watchdog.publish_failed", error=str(exc))

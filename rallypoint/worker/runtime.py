@@ -94,6 +94,8 @@ class RankRuntime:
             self.comm.seat = self.seat
             if self.comm.board is not None:
                 self.comm.board.seat = self.seat
+        assert self.watchdog is not None
+        self.watchdog.publish()  # peers can diagnose us from the first collective on
         self.log.info("runtime.configured", gen=plan.gen, rank=rank, seat=self.seat, carried=list(groups.carried))
         return groups
 
