@@ -104,9 +104,13 @@ class EtcdCluster:
 
     def start(self, timeout: float = 15.0) -> "EtcdCluster":
         """Start every member and wait until the cluster answers on every endpoint."""
-        for m in self.members:
-            self.start_member(m)
-        self.wait_healthy(timeout)
+        try:
+            for m in self.members:
+                self.start_member(m)
+            self.wait_healthy(timeout)
+        except BaseException:
+            self.stop()  # never leave a half-started cluster behind
+            raise
         return self
 
     def wait_healthy(self, timeout: float = 15.0, members: list[EtcdMember] | None = None) -> None:
