@@ -71,3 +71,10 @@ class GenerationAborted(RallypointError):
         self.gen = gen
         self.group = group
         self.reason = reason
+
+
+class CheckpointError(RallypointError):
+    """A model checkpoint (config, index, tensor file) is missing, corrupt or does not fit the model.
+
+    The message names the file and, where one is involved, the tensor or config key.
+    """

@@ -1,0 +1,5 @@
+import sys
+
+from rallypoint.worker.main import main
+
+sys.exit(main())

@@ -1,0 +1,207 @@
+"""The rank process: join a generation, hold this rank's shard, serve, and come back after aborts.
+
+``python -m rallypoint.worker --cluster C --endpoints E --node N --local-rank L --model DIR``
+
+Each generation: wait for a released plan that seats this process, configure the groups (healthy
+unchanged ones carry over), make sure the shard for its (TP rank, PP stage) is loaded — weights
+stay in memory when the shard did not move — and run the replica's steps. The replica's driver
+(PP stage 0, TP rank 0) also serves the HTTP API and keeps the request journal; on an abort it
+holds the requests in flight and resumes them in the next generation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from rallypoint.errors import CheckpointError, GenerationAborted, GroupError, RallypointError
+from rallypoint.groups.group_set import GroupSet
+from rallypoint.log import configure_logging, get_logger
+from rallypoint.rendezvous.etcd import EtcdSettings, endpoints_from
+from rallypoint.worker.api import ApiServer, Frontend
+from rallypoint.worker.control import Controller
+from rallypoint.worker.engine import Driver, EngineSettings, serve_generation
+from rallypoint.worker.requests import RequestQueue
+from rallypoint.worker.runtime import RankRuntime, RuntimeSettings
+
+os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
+
+
+@dataclass(frozen=True)
+class ShardKey:
+    """What decides a rank's weights: a rank keeps them across generations while this is unchanged."""
+
+    tp_rank: int
+    tp_size: int
+    pp_rank: int
+    pp_size: int
+
+
+def layers_for(num_layers: int, pp_rank: int, pp_size: int) -> range:
+    """The decoder layers of PP stage ``pp_rank``: contiguous, the first stages take the remainder."""
+    base, extra = divmod(num_layers, pp_size)
+    start = pp_rank * base + min(pp_rank, extra)
+    return range(start, start + base + (1 if pp_rank < extra else 0))
+
+
+class TPAdapter:
+    """The model's view of its TP group: all-reduce and all-gather on ``tp``."""
+
+    def __init__(self, runtime: RankRuntime) -> None:
+        self.runtime = runtime
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        assert self.runtime.comm is not None
+        return self.runtime.comm.all_reduce(t, "tp")
+
+    def all_gather(self, t: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        assert self.runtime.comm is not None
+        return self.runtime.comm.all_gather(t, dim, "tp")
+
+
+class Worker:
+    """One rank process across generations."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from rallypoint.worker.checkpoint import load_tokenizer
+        from rallypoint.worker.llama_config import LlamaConfig
+
+        self.args = args
+        self.seat = (args.node, args.local_rank)
+        self.log = get_logger("worker", node=args.node, local_rank=args.local_rank)
+        self.runtime = RankRuntime(RuntimeSettings(
+            cluster=args.cluster, device=args.device, deadline_floor=args.deadline_floor,
+            etcd=EtcdSettings(endpoints=endpoints_from(args.endpoints), request_timeout=1.0, retry_deadline=10.0),
+            group_names=("tp", "pp")))
+        self.config = LlamaConfig.from_dir(args.model)
+        self.tokenizer = load_tokenizer(args.model)
+        self.controller = Controller(self.runtime.client, args.cluster, self.seat, self._on_abort)
+        self.settings = EngineSettings(max_batch=args.max_batch, max_seq=args.max_seq,
+                                       eos=getattr(self.tokenizer, "eos_id", None))
+        self.queue = RequestQueue(capacity=args.queue_capacity)
+        self.model = None
+        self.shard: ShardKey | None = None
+        self.driver: Driver | None = None
+        self.api: ApiServer | None = None
+        self.state, self.gen = "starting", 0
+        self.stopping = threading.Event()
+
+    def _on_abort(self, gen: int, ranks: tuple[int, ...], reason: str) -> None:
+        labels = self.runtime.abort_generation(gen, reason, ranks)
+        if labels:
+            self.log.warning("worker.abort_order", gen=gen, ranks=list(ranks), aborted=labels, reason=reason)
+
+    def _ensure_shard(self, groups: GroupSet) -> float:
+        """Load this rank's shard unless it is already in memory; return the seconds spent."""
+        from rallypoint.worker.shards import load_stage
+
+        key = ShardKey(groups.tp_rank, groups.tp_size, groups.pp_rank, groups.pp_size)
+        if key == self.shard and self.model is not None:
+            self.model.reset_cache()
+            return 0.0
+        t0 = time.monotonic()
+        self.model = None
+        layers = layers_for(self.config.num_hidden_layers, key.pp_rank, key.pp_size)
+        self.model = load_stage(self.args.model, self.config, key.tp_rank, key.tp_size, layers,
+                                first=groups.is_first_stage, last=groups.is_last_stage,
+                                device=self.runtime.device, dtype=getattr(torch, self.args.dtype),
+                                comm=TPAdapter(self.runtime))
+        self.model.setup_cache(self.settings.max_batch, self.settings.max_seq)
+        self.shard = key
+        took = time.monotonic() - t0
+        self.log.info("worker.shard_loaded", tp_rank=key.tp_rank, tp=key.tp_size, pp_rank=key.pp_rank,
+                      pp=key.pp_size, layers=[layers.start, layers.stop], seconds=round(took, 3))
+        return took
+
+    def _start_api(self) -> None:
+        if self.api is not None:
+            return
+        fe = Frontend(queue=self.queue, encode=self.tokenizer.encode, decode=self.tokenizer.decode,
+                      vocab_size=self.config.vocab_size, state=lambda: (self.state, self.gen),
+                      max_context=self.settings.max_seq)
+        self.api = ApiServer(fe, self.args.api_host, self.args.api_port)
+        self.api.serve_in_thread()
+        if self.args.api_url_file:
+            with open(self.args.api_url_file, "w") as f:
+                f.write(self.api.url)
+
+    def run(self) -> int:
+        while not self.stopping.is_set():
+            try:
+                plan = self.controller.wait_plan(self.gen, timeout=1.0)
+            except RallypointError:
+                continue
+            try:
+                groups = self.runtime.configure(plan, *self.seat)
+            except GroupError as exc:
+                self.log.error("worker.configure_failed", gen=plan.gen, error=str(exc))
+                self.gen = plan.gen
+                continue
+            self.gen = plan.gen
+            try:
+                loaded = self._ensure_shard(groups)
+            except CheckpointError as exc:
+                # A bad shard is fatal for this process; the daemon marks the seat and re-plans.
+                self.log.error("worker.shard_failed", gen=plan.gen, error=str(exc))
+                return 3
+            is_driver = groups.is_first_stage and groups.tp_rank == 0
+            if is_driver:
+                if self.driver is None:
+                    self.driver = Driver(self.queue, self.settings, self.runtime.device)
+                self._start_api()
+            self.state = "serving"
+            self.log.info("worker.serving", gen=plan.gen, rank=groups.rank, driver=is_driver,
+                          shard_seconds=round(loaded, 3))
+            try:
+                nxt = serve_generation(self.model, self.runtime.comm, groups, self.settings, self.runtime.device,
+                                       self.driver if is_driver else None, self._should_switch)
+                if self.driver is not None:
+                    self.driver.hold()
+                self.log.info("worker.switch", gen=plan.gen, to=nxt)
+            except GenerationAborted as exc:
+                self.state = "recovering"
+                self.runtime.abort_generation(plan.gen, f"replica step abandoned: {exc.reason}")
+                held = self.driver.hold() if is_driver and self.driver else []
+                self.log.warning("worker.generation_aborted", gen=plan.gen, reason=str(exc),
+                                 held=[r.id for r in held])
+        return 0
+
+    def _should_switch(self) -> bool:
+        latest = self.controller.latest()
+        if latest is not None and latest.gen > self.gen and self.driver is not None:
+            self.driver.switch_to = latest.gen
+        return self.stopping.is_set()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="rallypoint-worker")
+    ap.add_argument("--cluster", required=True)
+    ap.add_argument("--endpoints", required=True)
+    ap.add_argument("--node", required=True)
+    ap.add_argument("--local-rank", type=int, required=True)
+    ap.add_argument("--model", required=True, help="Hugging Face-style checkpoint directory")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (the seat's GPU)")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--deadline-floor", type=float, default=1.0)
+    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--max-seq", type=int, default=512)
+    ap.add_argument("--queue-capacity", type=int, default=256)
+    ap.add_argument("--api-host", default="127.0.0.1")
+    ap.add_argument("--api-port", type=int, default=0)
+    ap.add_argument("--api-url-file", help="write the API's URL here once it listens")
+    args = ap.parse_args(argv)
+    configure_logging("info")
+    worker = Worker(args)
+    signal.signal(signal.SIGTERM, lambda *_: worker.stopping.set())
+    return worker.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

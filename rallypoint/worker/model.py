@@ -1,0 +1,318 @@
+"""A Llama decoder in plain PyTorch (gpt-fast style), built directly at one rank's shard size.
+
+One ``StageModel`` is one pipeline stage of one tensor-parallel rank: the layers in ``layers`` (global
+indices), plus the embedding on the first stage and the final norm + LM head on the last.
+
+Tensor parallelism (Megatron layout):
+
+- column-parallel (output rows split, ``SPLIT_DIM`` 0): ``q/k/v_proj``, ``gate/up_proj``, ``lm_head``;
+- row-parallel (input columns split, ``SPLIT_DIM`` 1): ``o_proj``, ``down_proj``, each followed by a
+  TP all-reduce of its partial sums;
+- replicated: ``embed_tokens`` (whole table on every first-stage rank: the simplest choice, and a
+  byte-level vocabulary is small), every RMSNorm;
+- the LM head's vocabulary slices are all-gathered along the last dim, so every last-stage rank
+  ends with the full logits (and computes the same greedy token).
+
+With ``tp_size == 1`` no communication happens, so the same class is the single-process float32
+reference. Names of parameters are HF's without the ``model.`` prefix (``layers.3.mlp.up_proj.weight``),
+so a checkpoint tensor maps to a parameter by a string edit. Attention uses the HF "rotate_half"
+RoPE convention, so real HF Llama checkpoints load unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rallypoint.worker.llama_config import LlamaConfig
+
+# How each weight is split over TP ranks: 0 = rows (column-parallel), 1 = columns (row-parallel),
+# None = replicated. Keyed by the parameter name's last two parts.
+SPLIT_DIM: dict[str, int | None] = {
+    "q_proj.weight": 0, "k_proj.weight": 0, "v_proj.weight": 0, "o_proj.weight": 1,
+    "gate_proj.weight": 0, "up_proj.weight": 0, "down_proj.weight": 1, "lm_head.weight": 0,
+    "embed_tokens.weight": None, "input_layernorm.weight": None,
+    "post_attention_layernorm.weight": None, "norm.weight": None,
+}
+
+
+class TPComm(Protocol):
+    """The two TP collectives the model needs (``rallypoint.comm.collectives.Comm`` has them)."""
+
+    def all_reduce(self, t: Tensor) -> Tensor: ...
+
+    def all_gather(self, t: Tensor, dim: int = -1) -> Tensor: ...
+
+
+def split_dim(name: str) -> int | None:
+    """TP split dimension of parameter ``name`` (see ``SPLIT_DIM``)."""
+    return SPLIT_DIM[".".join(name.split(".")[-2:])]
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` without bias that skips its random init on ``meta`` (where weights get assigned).
+
+    Initialising on meta costs nothing but makes torch import its compiler stack (~3 s per process).
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
+class Embedding(nn.Embedding):
+    """``nn.Embedding`` that skips its random init on ``meta``."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale (HF ``LlamaRMSNorm``)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: [B, S, D]; normalised in float32 like HF, scaled in the input dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(config: LlamaConfig) -> Tensor:
+    """Inverse frequencies ``[head_dim / 2]`` (float32), with Llama 3 frequency scaling if configured."""
+    d = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    rs = config.rope_scaling
+    if not rs or rs.get("rope_type", rs.get("type")) != "llama3":
+        return inv
+    factor, low, high = rs["factor"], rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
+    old = rs["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old / low, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    mid = (1 - smooth) * scaled / factor + smooth * scaled
+    is_mid = (wavelen >= old / high) & (wavelen <= old / low)
+    return torch.where(is_mid, mid, scaled)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """HF's RoPE pairing: dimension ``i`` rotates with ``i + Dh/2``."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate queries or keys by their positions' angles."""
+    # x: [B, H, S, Dh]; cos, sin: [B or 1, 1, S, Dh]
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """One layer's keys and values for ``max_seq`` positions (a plain holder, not a module)."""
+
+    def __init__(self, batch: int, heads: int, max_seq: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        shape = (batch, heads, max_seq, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [B, Hkv, T, Dh]
+        self.v = torch.zeros(shape, dtype=dtype, device=device)  # [B, Hkv, T, Dh]
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Write ``k``/``v`` at their positions; return the whole cache of the rows in use.
+
+        ``rows`` (``[B]``) are the cache rows the ``B`` inputs use (default: the first ``B``).
+        """
+        # input_pos: [S] or [B, S]; k, v: [B, Hkv, S, Dh] -> [B, Hkv, T, Dh]
+        b = k.shape[0]
+        if rows is None and input_pos.dim() == 1:  # the common case: views, no gather
+            self.k[:b].index_copy_(2, input_pos, k)
+            self.v[:b].index_copy_(2, input_pos, v)
+            return self.k[:b], self.v[:b]
+        rows = torch.arange(b, device=k.device) if rows is None else rows              # [B]
+        pos = input_pos.expand(b, -1)                                                   # [B, S]
+        self.k[rows[:, None], :, pos] = k.transpose(1, 2)                               # [B, S, Hkv, Dh]
+        self.v[rows[:, None], :, pos] = v.transpose(1, 2)
+        return self.k[rows], self.v[rows]
+
+    def reset(self) -> None:
+        self.k.zero_()
+        self.v.zero_()
+
+
+class Attention(nn.Module):
+    """Grouped-query attention over this rank's ``heads`` query and ``kv_heads`` KV heads."""
+
+    def __init__(self, config: LlamaConfig, tp_size: int) -> None:
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.heads = config.num_attention_heads // tp_size
+        self.kv_heads = config.num_key_value_heads // tp_size
+        d, q, kv = config.hidden_size, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        self.q_proj = Linear(d, q)
+        self.k_proj = Linear(d, kv)
+        self.v_proj = Linear(d, kv)
+        self.o_proj = Linear(q, d)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, rows: Tensor | None = None) -> Tensor:
+        # x: [B, S, D]; input_pos: [S] or [B, S] -> partial sums [B, S, D] (the caller all-reduces them)
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)     # [B, H, S, Dh]
+        k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, S, Dh]
+        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, S, Dh]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qpos = input_pos if input_pos.dim() == 2 else input_pos[None]               # [B or 1, S]
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v, rows)                        # [B, Hkv, T, Dh]
+            key_pos = torch.arange(k.shape[2], device=x.device)[None, None, :]        # [1, 1, T]
+        else:
+            key_pos = qpos[:, None, :]                                                # [B or 1, 1, S]: T = S
+        mask = (key_pos <= qpos[:, :, None])[:, None]                                 # [B or 1, 1, S, T] causal
+        rep = self.heads // self.kv_heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)       # [B, H, T, Dh]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                   # [B, H, S, Dh]
+        return self.o_proj(y.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU over this rank's ``intermediate_size / tp`` slice."""
+
+    def __init__(self, config: LlamaConfig, tp_size: int) -> None:
+        super().__init__()
+        d, i = config.hidden_size, config.intermediate_size // tp_size
+        self.gate_proj = Linear(d, i)
+        self.up_proj = Linear(d, i)
+        self.down_proj = Linear(i, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: [B, S, D] -> [B, S, I/tp] -> partial sums [B, S, D]
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention then pre-norm MLP, each added to the residual after its TP all-reduce."""
+
+    def __init__(self, config: LlamaConfig, tp_size: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, tp_size)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config, tp_size)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, reduce: Callable[[Tensor], Tensor],
+                rows: Tensor | None = None) -> Tensor:
+        # x: [B, S, D] -> [B, S, D]
+        h = x + reduce(self.self_attn(self.input_layernorm(x), cos, sin, input_pos, rows))
+        return h + reduce(self.mlp(self.post_attention_layernorm(h)))
+
+
+class StageModel(nn.Module):
+    """One pipeline stage of one TP rank, at shard size.
+
+    Args:
+        config: the model's shape.
+        tp_rank: this rank's index in its TP group (only used to describe the shard).
+        tp_size: TP group size; every split dimension is divided by it.
+        layers: the global indices of this stage's decoder layers.
+        first: this stage owns the embedding (takes token ids).
+        last: this stage owns the final norm and LM head (returns logits).
+        comm: the TP collectives; ``forward`` needs it when ``tp_size > 1`` (it may be set later).
+    """
+
+    def __init__(self, config: LlamaConfig, tp_rank: int = 0, tp_size: int = 1, layers: range | None = None,
+                 first: bool = True, last: bool = True, comm: TPComm | None = None) -> None:
+        super().__init__()
+        config.check_parallel(tp_size, 1)
+        if not 0 <= tp_rank < tp_size:
+            raise ValueError(f"tp_rank {tp_rank} is outside tp_size {tp_size}")
+        self.config, self.tp_rank, self.tp_size = config, tp_rank, tp_size
+        self.layer_ids = range(config.num_hidden_layers) if layers is None else layers
+        self.first, self.last, self.comm = first, last, comm
+        if first:
+            self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(config, tp_size) for i in self.layer_ids})
+        if last:
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size // tp_size)
+        self._inv_freq: Tensor | None = None
+
+    def _reduce(self, t: Tensor) -> Tensor:
+        return t if self.tp_size == 1 else self.comm.all_reduce(t)
+
+    def _rope(self, input_pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        # input_pos: [S] or [B, S] -> cos, sin: [B or 1, 1, S, Dh]
+        if self._inv_freq is None or self._inv_freq.device != input_pos.device:
+            self._inv_freq = rope_inv_freq(self.config).to(input_pos.device)
+        pos = input_pos if input_pos.dim() == 2 else input_pos[None]                 # [B or 1, S]
+        freqs = pos.float()[..., None] * self._inv_freq                              # [B or 1, S, Dh/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]                             # [B or 1, 1, S, Dh]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(self, x: Tensor, input_pos: Tensor, rows: Tensor | None = None) -> Tensor:
+        """Run this stage.
+
+        Args:
+            x: token ids ``[B, S]`` (int64) on the first stage, hidden states ``[B, S, D]`` elsewhere.
+            input_pos: absolute positions of the inputs: ``[S]`` shared by the batch, or ``[B, S]``
+                per row (continuous batching: rows at different lengths).
+            rows: ``[B]`` KV-cache rows the inputs use (default: rows ``0..B-1``); ignored without a cache.
+
+        Returns:
+            Hidden states ``[B, S, D]``, or on the last stage float32 logits ``[B, S, V]``.
+        """
+        if self.tp_size > 1 and self.comm is None:
+            raise RuntimeError(f"TP rank {self.tp_rank}/{self.tp_size}: forward needs a comm (set stage.comm)")
+        h = self.embed_tokens(x) if self.first else x                               # [B, S, D]
+        cos, sin = self._rope(input_pos, h.dtype)
+        for layer in self.layers.values():
+            h = layer(h, cos, sin, input_pos, self._reduce, rows)
+        if not self.last:
+            return h
+        logits = self.lm_head(self.norm(h))                                          # [B, S, V/tp]
+        if self.tp_size > 1:
+            logits = self.comm.all_gather(logits, dim=-1)                            # [B, S, V]
+        return logits.float()
+
+    def setup_cache(self, max_batch: int, max_seq: int, dtype: torch.dtype | None = None,
+                    device: torch.device | str | None = None) -> None:
+        """Give every layer a zeroed KV cache ``[max_batch, kv_heads/tp, max_seq, head_dim]``."""
+        if max_seq > self.config.max_position_embeddings:
+            raise ValueError(f"max_seq {max_seq} > max_position_embeddings {self.config.max_position_embeddings}")
+        ref = next(self.parameters())
+        for layer in self.layers.values():
+            attn = layer.self_attn
+            attn.kv_cache = KVCache(max_batch, attn.kv_heads, max_seq, attn.head_dim,
+                                    dtype or ref.dtype, torch.device(device) if device else ref.device)
+
+    def reset_cache(self) -> None:
+        """Zero every layer's KV cache (kept allocated)."""
+        for layer in self.layers.values():
+            if layer.self_attn.kv_cache is not None:
+                layer.self_attn.kv_cache.reset()
+
+    def drop_cache(self) -> None:
+        """Free every layer's KV cache; ``forward`` then attends only within its input."""
+        for layer in self.layers.values():
+            layer.self_attn.kv_cache = None
+
+    def hf_names(self) -> dict[str, str]:
+        """This stage's parameter names mapped to the HF checkpoint tensor names."""
+        out = {}
+        for name, _ in self.named_parameters():
+            if name == "lm_head.weight":
+                out[name] = "model.embed_tokens.weight" if self.config.tie_word_embeddings else name
+            else:
+                out[name] = "model." + name
+        return out

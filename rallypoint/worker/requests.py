@@ -1,0 +1,161 @@
+"""Inference requests, their journals, and the queue a replica's driver serves them from.
+
+Every accepted request gets an id and a journal: the tokens generated so far. A token enters the
+journal (and reaches the client) only once the step *after* the one that produced it finished in
+the same generation: NCCL can complete the collective in flight at a peer's death with that peer's
+share missing, and the next step is the one that hangs and gets aborted. On an abort the last,
+uncommitted tokens are dropped and the request resumes after the rebuild by prefilling prompt +
+committed tokens, so the client sees one uninterrupted completion, identical to a failure-free run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from rallypoint.errors import RallypointError
+
+
+class BadRequest(RallypointError):
+    """A malformed request; the message says which field is wrong."""
+
+
+class QueueFull(RallypointError):
+    """The replica's queue is full; the client should retry after ``retry_after`` seconds."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"queue full, retry after {retry_after:g}s")
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0
+    seed: int = 0
+    stop_at_eos: bool = True
+
+
+@dataclass
+class Request:
+    """One completion request and its journal."""
+
+    prompt: list[int]
+    params: SamplingParams
+    id: str = field(default_factory=lambda: "cmpl-" + uuid.uuid4().hex[:16])
+    created: float = field(default_factory=time.time)
+    committed: list[int] = field(default_factory=list)  # delivered to the client, final
+    pending: list[int] = field(default_factory=list)  # produced, not yet confirmed by a later step
+    finish_reason: str | None = None
+    resumed: int = 0  # times it was held over an abort and resumed
+    error: str | None = None
+    _cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
+
+    @property
+    def tokens_so_far(self) -> list[int]:
+        """Prompt plus committed tokens: what a resumed request prefills."""
+        return self.prompt + self.committed
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def propose(self, token: int) -> None:
+        """A step produced ``token``; it commits when the next step succeeds."""
+        self.pending.append(token)
+
+    def commit(self, eos: int | None) -> None:
+        """The steps that produced the pending tokens are confirmed: deliver them."""
+        with self._cond:
+            for tok in self.pending:
+                if self.done:
+                    break
+                self.committed.append(tok)
+                if self.params.stop_at_eos and eos is not None and tok == eos:
+                    self.finish_reason = "stop"
+                elif len(self.committed) >= self.params.max_tokens:
+                    self.finish_reason = "length"
+            self.pending.clear()
+            self._cond.notify_all()
+
+    def rollback(self) -> None:
+        """The generation was aborted: forget tokens no later step confirmed."""
+        with self._cond:
+            self.pending.clear()
+            self.resumed += 1
+
+    def fail(self, why: str) -> None:
+        with self._cond:
+            self.error, self.finish_reason = why, "error"
+            self._cond.notify_all()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until finished; True if it finished."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.done, timeout)
+
+    def stream(self, timeout: float = 600.0) -> Iterator[list[int]]:
+        """Yield committed tokens as they arrive (each yield a list of new ones) until finished."""
+        sent = 0
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: len(self.committed) > sent or self.done,
+                                    max(0.0, deadline - time.monotonic()))
+                new, done = self.committed[sent:], self.done
+            if new:
+                sent += len(new)
+                yield new
+            if done or time.monotonic() > deadline:
+                return
+
+
+class RequestQueue:
+    """FIFO of accepted requests, bounded; also tracks the ones in flight for /health and /metrics."""
+
+    def __init__(self, capacity: int = 256, retry_after: float = 1.0) -> None:
+        self.capacity = capacity
+        self.retry_after = retry_after
+        self._waiting: queue.Queue[Request] = queue.Queue()
+        self.in_flight: dict[str, Request] = {}
+        self.lock = threading.Lock()
+        self.accepted = itertools.count()
+        self.counts = {"accepted": 0, "completed": 0, "rejected": 0, "resumed": 0, "failed": 0}
+
+    def submit(self, req: Request) -> Request:
+        """Accept ``req`` or raise ``QueueFull``."""
+        with self.lock:
+            if self._waiting.qsize() + len(self.in_flight) >= self.capacity:
+                self.counts["rejected"] += 1
+                raise QueueFull(self.retry_after)
+            self.counts["accepted"] += 1
+        self._waiting.put(req)
+        return req
+
+    def take(self, n: int, timeout: float = 0.0) -> list[Request]:
+        """Up to ``n`` waiting requests, now in flight (waits up to ``timeout`` for the first)."""
+        out: list[Request] = []
+        try:
+            out.append(self._waiting.get(timeout=timeout) if timeout else self._waiting.get_nowait())
+            while len(out) < n:
+                out.append(self._waiting.get_nowait())
+        except queue.Empty:
+            pass
+        with self.lock:
+            for r in out:
+                self.in_flight[r.id] = r
+        return out
+
+    def finished(self, req: Request) -> None:
+        with self.lock:
+            self.in_flight.pop(req.id, None)
+            self.counts["failed" if req.error else "completed"] += 1
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting.qsize()
