@@ -1,0 +1,5 @@
+import sys
+
+from rallypoint.cli.main import main
+
+sys.exit(main())
