@@ -219,7 +219,7 @@ def test_blast_radius_one_replica_dies_the_other_never_notices(pool: RankPool) -
     procs = pool.take(4)
     plan = make_plan(2, 1, 2, seats)
     configure(procs, plan, seats)
-    iters = 60000 if ON_GPU else 2500  # a few seconds either way
+    iters = 60000 if ON_GPU else 4000  # a few seconds either way
     ids = [p.send("loop", group="tp", iters=iters if i < 2 else 10**7) for i, p in enumerate(procs)]
     time.sleep(2.0)
     t_kill = time.time()
@@ -238,7 +238,9 @@ def test_blast_radius_one_replica_dies_the_other_never_notices(pool: RankPool) -
         gaps_before = [b - a for a, b in zip(stamps, stamps[1:]) if t_kill - 1.5 <= a and b < t_kill]
         gaps_after = [b - a for a, b in zip(stamps, stamps[1:]) if t_kill <= a < t_kill + 1.5]
         assert len(gaps_before) > 50 and len(gaps_after) > 50, (len(gaps_before), len(gaps_after))
-        assert max(gaps_after) <= 2 * max(gaps_before), (max(gaps_before), max(gaps_after))
+        # Noticing the failure would cost a deadline (1 s) or an abort (0.5 s); on a loaded 2-core
+        # box plain scheduling jitter reaches tens of ms, so gaps under 50 ms pass regardless.
+        assert max(gaps_after) <= max(2 * max(gaps_before), 0.05), (max(gaps_before), max(gaps_after))
         RESULTS.setdefault("blast_radius_max_gap_before_after_s", []).append([max(gaps_before), max(gaps_after)])
 
 
