@@ -171,6 +171,31 @@ class CollectivesConfig:
 
 
 @dataclass(frozen=True)
+class WorkerConfig:
+    """``[worker]``: the rank processes rallyd starts for the seats a plan gives this node.
+
+    Attributes:
+        model: checkpoint directory (Hugging Face layout); unset: rendezvous only, no workers.
+        dtype: weights' dtype; ``auto`` is bfloat16 on GPUs, float32 on CPU.
+        max_batch: KV-cache rows per replica (requests decoded together).
+        max_seq: positions per row (prompt + completion).
+        api_host, api_port: where a replica's driver serves HTTP; port 0 picks a free one.
+        restart_budget: worker restarts allowed per ``restart_window``; past it the seat is left
+            down (degraded) instead of restarting in a loop.
+        restart_window: the window of ``restart_budget``.
+    """
+
+    model: str | None = _opt(None, "str")
+    dtype: str = _opt("auto", "choice", choices=("auto", "float32", "bfloat16", "float16"))
+    max_batch: int = _opt(8, "int", ge=1)
+    max_seq: int = _opt(512, "int", ge=16)
+    api_host: str = _opt("127.0.0.1", "str")
+    api_port: int = _opt(0, "int", ge=0)
+    restart_budget: int = _opt(5, "int", ge=0)
+    restart_window: timedelta = _opt(_secs(60.0), "seconds", gt=0)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     """``[log]``: ``level`` (debug, info, warning, error); ``json`` None picks by terminal."""
 
@@ -198,13 +223,14 @@ class Config:
     rendezvous: RendezvousConfig = field(default_factory=RendezvousConfig)
     layout: LayoutConfig = field(default_factory=LayoutConfig)
     collectives: CollectivesConfig = field(default_factory=CollectivesConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
     log: LogConfig = field(default_factory=LogConfig)
     path: Path | None = None
 
 
 _SECTIONS: dict[str, type] = {"etcd": EtcdConfig, "rendezvous": RendezvousConfig,
                               "layout": LayoutConfig, "collectives": CollectivesConfig,
-                              "log": LogConfig}
+                              "worker": WorkerConfig, "log": LogConfig}
 _Item = tuple[str, str, Any, str, bool]  # section ("" = top level), key, raw, source, raw is text
 
 

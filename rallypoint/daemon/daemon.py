@@ -14,6 +14,7 @@ from types import FrameType
 
 from rallypoint.daemon.config import Config
 from rallypoint.daemon.sd_notify import Notifier
+from rallypoint.daemon.supervisor import Supervisor, WorkerProcess, worker_argv
 from rallypoint.errors import EtcdError, EtcdUnavailable, RallypointError
 from rallypoint.log import get_logger
 from rallypoint.rendezvous.etcd import EtcdClient
@@ -51,6 +52,39 @@ class Daemon:
         self.rendezvous = Rendezvous(self.client, settings, record, on_release=self._on_release)
         self.stopping = threading.Event()
         self.generation: Plan | None = None
+        self.supervisor = self._make_supervisor() if cfg.worker.model else None
+        self.degraded: str | None = None
+
+    def _make_supervisor(self) -> Supervisor:
+        cfg = self.cfg
+        w = cfg.worker
+        device = "cuda" if cfg.layout.node_gpus() > 0 else "cpu"
+        argv = worker_argv(cfg.cluster, ",".join(cfg.etcd.endpoints), cfg.node, str(w.model), device, w.dtype,
+                           w.max_batch, w.max_seq, w.api_host, w.api_port,
+                           cfg.collectives.deadline_floor.total_seconds(), cfg.state_dir)
+        return Supervisor(argv, cfg.state_dir / "logs", self._on_worker_exit, w.restart_budget,
+                          w.restart_window.total_seconds())
+
+    def _on_worker_exit(self, worker: WorkerProcess, code: int) -> None:
+        """A worker died (watcher thread): order the abort, ask for the next plan, restart it in place."""
+        from rallypoint.worker.control import order_abort
+
+        plan = self.generation
+        if plan is None:
+            return
+        seat = [s for s in plan.ranks if s.node == self.cfg.node and s.local_rank == worker.local_rank]
+        rank = seat[0].rank if seat else -1
+        reason = f"rank {rank} ({self.cfg.node}/{worker.local_rank}, pid {worker.pid}) exited with code {code}"
+        try:
+            order_abort(self.client, self.rendezvous.keys, plan.gen, [rank] if rank >= 0 else [], reason)
+            self.rendezvous.request_replan(plan.gen, reason + "; restarted in place")
+        except RallypointError as exc:
+            self.log.error("rallyd.abort_order_failed", gen=plan.gen, error=str(exc))
+        if self.supervisor is not None and self.supervisor.may_restart():
+            self.supervisor.start(worker.local_rank, after_gen=plan.gen)
+        else:
+            self.degraded = f"seat {self.cfg.node}/{worker.local_rank} left down: restart budget spent"
+            self.log.error("rallyd.degraded", gen=plan.gen, why=self.degraded)
 
     def join(self) -> None:
         """Join the rendezvous, retrying an unreachable etcd until ``etcd.retry_deadline``.
@@ -70,6 +104,13 @@ class Daemon:
     def _on_release(self, plan: Plan) -> None:
         self.generation = plan
         mine = plan.ranks_on(self.cfg.node)
+        if self.supervisor is not None:
+            alive = self.supervisor.alive()
+            for slot in mine:
+                if slot.local_rank not in alive:
+                    self.supervisor.start(slot.local_rank, after_gen=plan.gen - 1)
+            for lr in set(alive) - {s.local_rank for s in mine}:
+                self.supervisor.stop(lr)  # this seat has no rank in the new layout
         self.log.info("rallyd.generation_released", gen=plan.gen, world_size=plan.world_size,
                       tp=plan.tp, pp=plan.pp, dp=plan.dp, reason=plan.reason,
                       ranks=[r.rank for r in mine],
@@ -120,6 +161,8 @@ class Daemon:
     def shutdown(self) -> None:
         """Leave the rendezvous cleanly so peers re-plan without waiting for the lease."""
         self.notify.send(STOPPING=1, STATUS="leaving")
+        if self.supervisor is not None:
+            self.supervisor.stop_all()
         try:
             self.rendezvous.leave()
         except RallypointError as exc:

@@ -121,6 +121,8 @@ def _translate(exc: BaseException, what: str, endpoint: str) -> EtcdError:
         if code in _UNAVAILABLE_CODES:
             return EtcdUnavailable(f"{what}: etcd at {endpoint} unavailable ({code.name})")
         details = exc.details() if hasattr(exc, "details") else str(exc)
+        if code == grpc.StatusCode.NOT_FOUND and "lease not found" in str(details):
+            return LeaseLost(f"{what}: the lease expired or was revoked ({details})")
         return EtcdError(f"{what}: etcd at {endpoint} refused: {details}")
     if isinstance(exc, _UNAVAILABLE_EXC):
         return EtcdUnavailable(f"{what}: etcd at {endpoint} unavailable ({type(exc).__name__})")

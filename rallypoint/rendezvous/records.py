@@ -12,6 +12,8 @@ Key layout under ``/rallypoint/<cluster>/``::
     control/gen                  current generation (decimal), moved only by compare-and-swap
     control/plans/<gen>          Plan of that generation (gen zero-padded so keys sort)
     control/released/<gen>       every member of plan <gen> acked: workers may build groups
+    control/replan/<gen>         generation <gen> lost a rank: the leader writes the next plan
+    control/abort/<gen>/<ranks>  abort order: workers abort the groups holding those ranks
     store/<gen>/<group>/...      torch.distributed.Store keys, fenced by generation
 """
 
@@ -83,6 +85,13 @@ class ClusterKeys:
 
     def released_of(self, gen: int) -> str:
         return f"{self.released}{gen:0{GEN_WIDTH}d}"
+
+    @property
+    def replans(self) -> str:
+        return self.control + "replan/"
+
+    def replan_of(self, gen: int) -> str:
+        return f"{self.replans}{gen:0{GEN_WIDTH}d}"
 
     def store(self, gen: int) -> str:
         return f"{self.root}store/{gen:0{GEN_WIDTH}d}/"

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import psutil
 
-from rallypoint.errors import ConfigError, EtcdError, LayoutError, MalformedRecord, NodeIdConflict
+from rallypoint.errors import ConfigError, LayoutError, LeaseLost, MalformedRecord, NodeIdConflict
 from rallypoint.log import get_logger
-from rallypoint.rendezvous.etcd import Create, EtcdClient, Lease, Mod, Put, PrefixWatch, Value, Version, WatchEvent
-from rallypoint.rendezvous.layout import make_plan, same_layout
+from rallypoint.rendezvous.etcd import EtcdClient, Lease, Mod, Put, PrefixWatch, Value, Version, WatchEvent
+from rallypoint.rendezvous.layout import make_plan
 from rallypoint.rendezvous.records import ClusterKeys, ClusterSpec, NodeRecord, Plan, gen_from_key
 
 
@@ -75,6 +75,7 @@ class Rendezvous:
         self.is_leader = False
         self._change_since: float | None = None
         self._last_problem = ""
+        self._replan: tuple[int, str] | None = None  # (gen, reason): that generation lost a rank
 
     # -- joining and leaving ------------------------------------------------------------------
 
@@ -156,14 +157,19 @@ class Rendezvous:
         """
         self._wait_events(self.settings.idle_wait if timeout is None else timeout)
         done: list[str] = []
-        if self.lease is not None and self.lease.lost.is_set():
-            done.append(self._rejoin())
-        if self.leader is None:
-            done.append(self._campaign())
-        if self.is_leader:
-            done.append(self._lead())
-        done.append(self._ack())
-        done.append(self._deliver())
+        try:
+            if self.lease is not None and self.lease.lost.is_set():
+                done.append(self._rejoin())
+            if self.leader is None:
+                done.append(self._campaign())
+            if self.is_leader:
+                done.append(self._lead())
+            done.append(self._ack())
+            done.append(self._deliver())
+        except LeaseLost as exc:
+            if self.lease is not None:
+                self.lease.lost.set()
+            done.append(f"lease lost ({exc}); re-registering")
         said = "; ".join(d for d in done if d)
         if said:
             return said
@@ -200,6 +206,8 @@ class Rendezvous:
                 if self.plan is None or plan.gen > self.plan.gen:
                     self.plan = plan
                     self.gen = max(self.gen, plan.gen)
+            elif ev.key.startswith(k.replans) and ev.kind == "put":
+                self._replan = (gen_from_key(ev.key), ev.value.decode(errors="replace"))
             elif ev.key.startswith(k.released) and ev.kind == "put":
                 self.released_gen = max(self.released_gen, gen_from_key(ev.key))
             elif ev.key.startswith(k.nodes):
@@ -253,12 +261,27 @@ class Rendezvous:
             return step
         return self._maybe_release()
 
+    def request_replan(self, gen: int, reason: str) -> bool:
+        """Ask the leader for the next plan because generation ``gen`` lost a rank. Any thread.
+
+        Returns False when someone already asked for that generation.
+        """
+        return self.client.create(self.keys.replan_of(gen), reason)
+
     def _maybe_plan(self) -> str:
         live = {n for n, rec in self.nodes.items()}
         current = self.plan
-        if current is not None and set(current.members) == live:
+        replan = self._replan if current is not None and self._replan and self._replan[0] == current.gen else None
+        if current is not None and set(current.members) == live and replan is None:
             self._change_since = None
             return ""
+        if replan is not None and set(current.members) == live:
+            try:
+                plan = make_plan(self.gen + 1, self.nodes.values(), self.settings.spec, replan[1], self.settings.node)
+            except LayoutError as exc:
+                return f"cannot re-plan gen {current.gen}: {exc}"
+            self._replan = None
+            return self._write_plan(plan)
         now = time.monotonic()
         if self._change_since is None:
             self._change_since = now

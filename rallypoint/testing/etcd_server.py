@@ -67,7 +67,9 @@ class EtcdCluster:
 
     def __post_init__(self) -> None:
         if self.root is None:
-            self.root = Path(tempfile.mkdtemp(prefix="rallypoint-etcd-"))
+            # tmpfs when there is one: etcd fsyncs every write, and a busy disk stalls it for seconds.
+            shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+            self.root = Path(tempfile.mkdtemp(prefix="rallypoint-etcd-", dir=shm))
             self._own_root = True
         for i in range(self.size):
             name = f"m{i}"

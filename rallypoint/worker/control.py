@@ -5,7 +5,7 @@ each released plan that gives its seat a rank, and every abort order, which it a
 from the watch thread (the main thread may be blocked inside a collective). The daemon is the one
 that writes abort orders when it sees a rank die; anyone with etcd access can (a drill, a test).
 
-Abort order: ``control/abort/<gen>`` = ``{"ranks": [...], "reason": "..."}``.
+Abort order: ``control/abort/<gen>/<ranks>`` = ``{"gen": N, "ranks": [...], "reason": "..."}``.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from rallypoint.rendezvous.records import ClusterKeys, Plan, gen_from_key
 log = get_logger("control")
 
 
-def abort_key(keys: ClusterKeys, gen: int) -> str:
-    return f"{keys.control}abort/{gen:010d}"
+def abort_key(keys: ClusterKeys, gen: int, ranks: list[int]) -> str:
+    return f"{keys.control}abort/{gen:010d}/{'-'.join(map(str, ranks)) or 'all'}"
 
 
 def order_abort(client: EtcdClient, keys: ClusterKeys, gen: int, ranks: list[int], reason: str) -> None:
-    """Tell every worker of ``gen`` to abort the groups containing ``ranks``."""
-    client.put(abort_key(keys, gen), json.dumps({"ranks": ranks, "reason": reason}))
+    """Tell every worker of ``gen`` to abort the groups containing ``ranks`` (all groups if none)."""
+    client.put(abort_key(keys, gen, ranks), json.dumps({"gen": gen, "ranks": ranks, "reason": reason}))
 
 
 class Controller:
@@ -77,8 +77,8 @@ class Controller:
             elif ev.key.startswith(f"{k.control}abort/") and not replay:
                 order = json.loads(ev.value)
                 ranks = tuple(int(r) for r in order.get("ranks", []))
-                self.on_abort(gen_from_key(ev.key), ranks, str(order.get("reason", "abort order")))
-        except (MalformedRecord, ValueError, TypeError) as exc:
+                self.on_abort(int(order["gen"]), ranks, str(order.get("reason", "abort order")))
+        except (MalformedRecord, ValueError, TypeError, KeyError) as exc:
             log.error("control.malformed_record", key=ev.key, error=str(exc))
 
     def latest(self) -> Plan | None:

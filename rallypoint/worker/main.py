@@ -76,9 +76,10 @@ class Worker:
         self.args = args
         self.seat = (args.node, args.local_rank)
         self.log = get_logger("worker", node=args.node, local_rank=args.local_rank)
+        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.runtime = RankRuntime(RuntimeSettings(
-            cluster=args.cluster, device=args.device, deadline_floor=args.deadline_floor,
-            etcd=EtcdSettings(endpoints=endpoints_from(args.endpoints), request_timeout=1.0, retry_deadline=10.0),
+            cluster=args.cluster, device=device, deadline_floor=args.deadline_floor,
+            etcd=EtcdSettings(endpoints=endpoints_from(args.endpoints), request_timeout=2.0, retry_deadline=10.0),
             group_names=("tp", "pp")))
         self.config = LlamaConfig.from_dir(args.model)
         self.tokenizer = load_tokenizer(args.model)
@@ -90,7 +91,7 @@ class Worker:
         self.shard: ShardKey | None = None
         self.driver: Driver | None = None
         self.api: ApiServer | None = None
-        self.state, self.gen = "starting", 0
+        self.state, self.gen = "starting", args.after_gen
         self.stopping = threading.Event()
 
     def _on_abort(self, gen: int, ranks: tuple[int, ...], reason: str) -> None:
@@ -111,7 +112,7 @@ class Worker:
         layers = layers_for(self.config.num_hidden_layers, key.pp_rank, key.pp_size)
         self.model = load_stage(self.args.model, self.config, key.tp_rank, key.tp_size, layers,
                                 first=groups.is_first_stage, last=groups.is_last_stage,
-                                device=self.runtime.device, dtype=getattr(torch, self.args.dtype),
+                                device=self.runtime.device, dtype=self._dtype(),
                                 comm=TPAdapter(self.runtime))
         self.model.setup_cache(self.settings.max_batch, self.settings.max_seq)
         self.shard = key
@@ -119,6 +120,11 @@ class Worker:
         self.log.info("worker.shard_loaded", tp_rank=key.tp_rank, tp=key.tp_size, pp_rank=key.pp_rank,
                       pp=key.pp_size, layers=[layers.start, layers.stop], seconds=round(took, 3))
         return took
+
+    def _dtype(self) -> torch.dtype:
+        if self.args.dtype == "auto":
+            return torch.bfloat16 if self.runtime.device.type == "cuda" else torch.float32
+        return getattr(torch, self.args.dtype)
 
     def _start_api(self) -> None:
         if self.api is not None:
@@ -196,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--api-host", default="127.0.0.1")
     ap.add_argument("--api-port", type=int, default=0)
     ap.add_argument("--api-url-file", help="write the API's URL here once it listens")
+    ap.add_argument("--after-gen", type=int, default=0,
+                    help="join only plans newer than this (a restarted rank must not rejoin the failed generation)")
     args = ap.parse_args(argv)
     configure_logging("info")
     worker = Worker(args)

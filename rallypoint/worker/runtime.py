@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -54,7 +55,7 @@ class RankRuntime:
         self.settings = settings
         self.keys = ClusterKeys(settings.cluster)
         self.client = EtcdClient(settings.etcd)
-        self.lease = self.client.keep_alive(settings.lease_ttl)
+        self.lease = self.client.keep_alive(settings.lease_ttl, on_lost=self._renew_lease)
         self.device = torch.device(settings.device)
         self.tracker = Tracker(Deadlines(settings.deadline_floor, settings.deadline_k))
         self.groups: GroupSet | None = None
@@ -66,6 +67,22 @@ class RankRuntime:
         # member waiting on a live-but-abandoned peer does not have to wait for its own deadline.
         self._taints = self.client.watch_prefix(self._taint_prefix, self.client.get_prefix(self._taint_prefix)[1] + 1)
         threading.Thread(target=self._follow_taints, name="rallypoint-taints", daemon=True).start()
+
+    def _renew_lease(self, lost: int) -> None:
+        """The lease expired (etcd was unreachable longer than its TTL): take a new one and go on.
+
+        Called from the lease keeper thread; keys written from now on ride the new lease.
+        """
+        while True:
+            try:
+                self.lease = self.client.keep_alive(self.settings.lease_ttl, on_lost=self._renew_lease)
+                break
+            except EtcdError as exc:
+                self.log.warning("runtime.lease_renew_failed", error=str(exc))
+                time.sleep(0.5)
+        if self.comm is not None and self.comm.board is not None:
+            self.comm.board.lease = self.lease.id
+        self.log.warning("runtime.lease_renewed", old=hex(lost), lease=hex(self.lease.id))
 
     def configure(self, plan: PlanLike, node: str, local_rank: int) -> GroupSet:
         """Build generation ``plan.gen``'s groups for the seat ``node/local_rank``.

@@ -1,0 +1,87 @@
+"""rallyd runs the workers: a request stream lives through a SIGKILLed worker (real daemons, real
+etcd, real worker processes, real signals)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from rallypoint.rendezvous.etcd import EtcdClient
+from rallypoint.rendezvous.records import ClusterKeys, Plan
+from rallypoint.testing.daemons import DaemonProcess, daemon_args
+from rallypoint.testing.etcd_server import EtcdCluster
+from rallypoint.worker.checkpoint import make_model
+from tests.integration.test_serving import post, stream
+
+
+def wait_file(path: Path, timeout: float = 90) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text():
+            return path.read_text()
+        time.sleep(0.05)
+    raise AssertionError(f"{path} never appeared")
+
+
+def worker_pid(daemon: DaemonProcess) -> int:
+    kids = [p for p in psutil.Process(daemon.pid).children() if "rallypoint.worker" in " ".join(p.cmdline())]
+    assert len(kids) == 1, kids
+    return kids[0].pid
+
+
+def test_request_stream_lives_through_a_killed_worker(etcd: EtcdCluster, client: EtcdClient,
+                                                      cluster_name: str, tmp_path: Path) -> None:
+    model = make_model(tmp_path / "model", "tiny", seed=1)
+    keys = ClusterKeys(cluster_name)
+    daemons = []
+    for node in ("a", "b"):
+        args = daemon_args(etcd.endpoints, cluster_name, "--tp", "2", "--cpu-ranks", "1",
+                           "--state-dir", str(tmp_path / node), "--worker-model", str(model))
+        daemons.append(DaemonProcess(node, args, tmp_path / f"{node}.log").start())
+    try:
+        url = wait_file(tmp_path / "a" / "api-0.url")
+        requests = [{"prompt": f"request {i}: the quick brown fox", "max_tokens": 40} for i in range(6)]
+        reference = [post(url, r)[1]["choices"][0]["token_ids"] for r in requests]
+        got: dict[int, list[int]] = {}
+
+        def client_stream(i: int) -> None:
+            events = stream(url, requests[i])
+            got[i] = [t for e in events for t in e["choices"][0]["token_ids"]]
+
+        threads = [threading.Thread(target=client_stream, args=(i,)) for i in range(len(requests))]
+        for t in threads:
+            t.start()
+        time.sleep(0.2)
+        victim = worker_pid(daemons[1])
+        t_kill = time.monotonic()
+        psutil.Process(victim).send_signal(signal.SIGKILL)
+        # The owning daemon notices the exit and orders the abort of generation 1.
+        while time.monotonic() - t_kill < 5:
+            kvs, _ = client.get_prefix(keys.control + "abort/")
+            if kvs:
+                break
+            time.sleep(0.005)
+        detected = time.monotonic() - t_kill
+        order = json.loads(kvs[0].value)
+        assert order["gen"] == 1 and order["ranks"] == [1] and "exited" in order["reason"]
+        assert detected < 1.0, f"abort order {detected:.3f}s after the kill"
+        for t in threads:
+            t.join(timeout=120)
+        assert [got.get(i) for i in range(len(requests))] == reference  # nothing lost, nothing changed
+        kvs, _ = client.get_prefix(keys.plans)
+        plans = [Plan.from_json(kv.key, kv.value) for kv in kvs]
+        assert [p.gen for p in plans] == [1, 2]
+        assert "restarted in place" in plans[1].reason and plans[1].ranks == plans[0].ranks
+        replacement = worker_pid(daemons[1])
+        assert replacement != victim
+    finally:
+        for d in daemons:
+            for p in psutil.Process(d.pid).children(recursive=True) if d.proc.poll() is None else []:
+                p.kill()
+            d.stop()
