@@ -207,17 +207,26 @@ class Comm:
         if op in ("send", "recv"):
             pass  # gloo point-to-point work completes only inside wait(); an abort unblocks it
         elif not work.is_completed():
-            delay = 2e-5
-            while not work.is_completed():
-                if g.aborted_reason is not None:
-                    raise GenerationAborted(g.gen, g.label, g.aborted_reason)
-                time.sleep(delay)
-                delay = min(delay * 2, 1e-3)
+            self._await(g, work)
         try:
             work.wait()
         except Exception as exc:
             self._failed(rec, exc)
         self.tracker.finish(rec)
+
+    def _await(self, g: Group, work: Any) -> None:
+        """Poll ``work`` until it completes or ``g`` is aborted (from any thread).
+
+        A plain ``work.wait()`` would do, except that gloo's ``abort()`` does not wake it. Polling
+        measured faster here than a future callback waking an Event (1.1-1.3 vs 1.4-1.9 ms per
+        2-rank all-reduce on a loaded 2-core box).
+        """
+        delay = 2e-5
+        while not work.is_completed():
+            if g.aborted_reason is not None:
+                raise GenerationAborted(g.gen, g.label, g.aborted_reason)
+            time.sleep(delay)
+            delay = min(delay * 2, 1e-3)
 
     def _raise_if_aborted(self, exc: BaseException) -> None:
         for g in self.groups.groups.values():

@@ -57,6 +57,9 @@ class RankRuntime:
         self.client = EtcdClient(settings.etcd)
         self.lease = self.client.keep_alive(settings.lease_ttl, on_lost=self._renew_lease)
         self.device = torch.device(settings.device)
+        if self.device.type == "cpu":
+            # Several rank processes share the cores: intra-op threads would only fight (10x slower).
+            torch.set_num_threads(int(os.environ.get("RALLYPOINT_CPU_THREADS", "1")))
         self.tracker = Tracker(Deadlines(settings.deadline_floor, settings.deadline_k))
         self.groups: GroupSet | None = None
         self.comm: Comm | None = None
