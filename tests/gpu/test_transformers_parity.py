@@ -10,19 +10,28 @@ Input: B=2 rows of S=24 byte tokens. Checks:
 
 * float32: logits relative error (max |ours - HF| / max |HF|) < 1e-3, and the greedy next token
   (argmax) identical at every position;
-* bfloat16 (both models in bf16): max |ours - HF| < 5 % of the std of HF's logits, and the argmax
-  equal at >= 95 % of positions. Why 5 %: bf16 keeps 8 significant bits (relative rounding up to
-  2^-9 = 0.2 % per stored value), and every layer rounds the residual stream, the norms' outputs,
-  q/k/v, the attention output and the MLP activations again, in a different order on each side
-  (fused SDPA kernels, HF's repeat_kv vs our repeat_interleave, GEMM split-K choices). The two
-  bf16 runs therefore differ by a few bf16 ulps of the hidden state, which the LM head turns into
-  logit differences of about 1 % of the logits' spread on average, and up to a few % at the worst
-  of the 2 x 24 x 320 logits. Measured (CPU, torch 2.13, transformers 5): ``small`` about 2 %,
-  ``1b`` about 2 % (see the report in the test's assertion message). 5 % leaves room for GPU
-  kernels' other rounding while still catching a real bug (a wrong RoPE pairing, a missing norm
-  weight, a swapped projection give differences of the order of the std itself, i.e. 100 %).
-  The argmax may flip where the two best logits are within that noise; 95 % agreement allows
-  ~2 such near-ties out of 48 positions.
+* bfloat16 (both models in bf16; HF's bf16 logits are the reference), with tolerance
+  ``TOL = 15 %`` of the reference logits' std: max |ours - HF| < TOL, mean |ours - HF| < 3 % of the
+  std, and the argmax agrees at >= 90 % of the 48 positions, every disagreement being a near-tie
+  (HF's logit for our token within TOL of HF's best).
+
+  Why these, and not 5 % / 95 %: bf16 keeps 8 significant bits, so the logits themselves are
+  rounded to 2^-5 = 0.031 (3 % of the std) at |logit| in [4, 8), and every layer rounds the residual
+  stream, the norms, q/k/v, attention and the MLP again, in a different order on each side (SDPA
+  kernel choice, repeat_kv vs repeat_interleave, GEMM blocking). Both bf16 runs are then equally far
+  from float32 and differ from each other by that noise. Measured on CPU (torch 2.13, transformers
+  5.23), max / mean |difference| in % of the std and argmax agreement over the 48 positions:
+
+      small: ours-bf16 vs HF-bf16 5.3 / 0.9 %, 97.9 %;  HF-bf16 vs HF-fp32 5.1 / 1.0 %, 95.8 %
+      1b:    ours-bf16 vs HF-bf16 6.8 / 1.3 %, 93.8 %;  HF-bf16 vs HF-fp32 5.9 / 1.1 %, 95.8 %
+
+  so a 5 % max or a 95 % agreement bound would fail HF's own bf16 against its float32. The random
+  models have flat logits (top-2 gap median 0.23, i.e. a quarter of the std, sometimes an exact
+  bf16 tie), and every argmax flip seen was within 0.047 (1.5 ulp) of the top. 15 % (max) and 3 %
+  (mean) are ~2.2x the worst measured, leaving room for the GPU's own rounding (cuBLAS may reduce
+  split-K partial sums in bf16); 15 % is about 5 ulps of the largest logits. Real bugs are far
+  above that: on ``small`` in float32, an interleaved instead of rotate-half RoPE pairing moves the
+  logits by 158 % of the std at worst (26 % on average), k and v swapped in one layer by 275 % (52 %).
 * greedy decoding of 16 new tokens in float32: ours with the KV cache
   (``rallypoint.worker.sampling.generate``) vs ``generate(do_sample=False)``: identical tokens.
   EOS is cleared from HF's generation config so neither side stops early or masks a token.
@@ -49,8 +58,9 @@ from rallypoint.worker.shards import load_stage  # noqa: E402
 
 B, S, NEW = 2, 24, 16
 FP32_REL = 1e-3
-BF16_STD_FRACTION = 0.05
-BF16_ARGMAX_AGREE = 0.95
+BF16_MAX = 0.15    # max |ours - HF| / std(HF)
+BF16_MEAN = 0.03   # mean |ours - HF| / std(HF)
+BF16_ARGMAX_AGREE = 0.90
 TEXT = b"The quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs."
 
 
@@ -116,14 +126,21 @@ def test_logits_float32(ckpt: Path) -> None:
 
 def test_logits_bfloat16(ckpt: Path) -> None:
     mine, ref = both_logits(ckpt, torch.bfloat16)
-    worst = float((mine - ref).abs().max())
+    diff = (mine - ref).abs()
     std = float(ref.std())
-    agree = float((mine.argmax(-1) == ref.argmax(-1)).float().mean())
-    report = (f"{ckpt.name}: bf16 max |ours - HF| = {worst:.4f} = {100 * worst / std:.2f} % of HF's logit std "
-              f"{std:.4f}; argmax agreement {100 * agree:.1f} %")
+    tol = BF16_MAX * std
+    ours_tok = mine.argmax(-1)                                                     # [B, S]
+    agree = float((ours_tok == ref.argmax(-1)).float().mean())
+    # how far below HF's best logit our choice is, per position (0 where we agree)
+    shortfall = ref.max(-1).values - ref.gather(-1, ours_tok[..., None])[..., 0]   # [B, S]
+    report = (f"{ckpt.name}: bf16 max |ours - HF| = {float(diff.max()):.4f} ({100 * float(diff.max()) / std:.2f} % of "
+              f"HF's logit std {std:.4f}), mean {100 * float(diff.mean()) / std:.2f} %; argmax agreement "
+              f"{100 * agree:.1f} %, worst shortfall of our token in HF's logits {float(shortfall.max()):.4f}")
     print(report)
-    assert worst < BF16_STD_FRACTION * std, report
+    assert float(diff.max()) < tol, report
+    assert float(diff.mean()) < BF16_MEAN * std, report
     assert agree >= BF16_ARGMAX_AGREE, report
+    assert float(shortfall.max()) <= tol, report
 
 
 @torch.inference_mode()
