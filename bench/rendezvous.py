@@ -1,32 +1,33 @@
 """Rendezvous benchmark: N members against one real etcd, from the last join to everyone holding the plan.
 
-Each member is a full ``Rendezvous`` with its own lease and its own ``control/`` watch. Members are
-spread over K worker processes (spawned once, reused for every run) so that they do not all contend
-for one GIL; inside a worker they share ``EtcdClient``s (one gRPC channel per ``--per-client``
-members), as an event-driven daemon would, and are driven by one loop that calls ``run_cycle(0)``
-on every member that has a watch event queued, is the leader, or has not seen a leader yet, and
-otherwise sleeps until a watch event arrives or the leader's last-call window ends.
+Each member is a full ``Rendezvous`` with its own lease and its own ``control/`` watch. Real daemons
+run one per host; here N share one machine, spread over K spawned worker processes (reused for every
+run) to keep them off one GIL. In a worker, members share an ``EtcdClient`` (gRPC channel) per
+``--per-client`` of them, and ``--threads`` driver threads step them round robin like
+``Members.cycle_until``, made event-driven: ``run_cycle(0)`` only for members with a watch event
+queued, the leader, or members that have seen no leader yet; otherwise sleep until an event comes
+or the leader's last call ends.
 
-One run (a fresh cluster name each time, against one single-member etcd started here):
+K for a 2-core machine: 2 processes, one driver thread each. A member's work (parse the plan, ack
+it, take watch events, refresh its lease) is CPU and etcd needs CPU beside it, so the two cores are
+the limit: more processes only add switches and per-process gRPC, watch and lease-keeper threads
+(K = 4 and 8 were no faster here), and a thread per member (``--threads 0``) makes a GIL convoy that
+starves the lease keepers until leases expire. One driver thread puts a worker's RPCs in series;
+the other worker and etcd use the CPU meanwhile.
 
-1. every worker builds its clients and members;
-2. every worker joins its members (``join()``, one after another); each records the wall-clock
-   time its last ``join()`` returned. The benchmark's zero is the latest of those: the last join;
-3. once every worker reports its joins done, all start cycling at once: members campaign, the
-   winner reads ``nodes/``, waits out the last call (from the first unplanned change it sees),
-   writes plan gen 1, everyone acks, the leader releases it, everyone delivers it. Each member
-   records ``time.time()`` when it delivers the plan. The spec has ``min_nodes = N``, so gen 1 is
-   always the plan of all N;
-4. every member leaves (lease revoked), clients close.
-
-Measured: seconds from the last join to every member holding the released plan (max over members,
-and the median member), the leader's own timeline, and etcd requests: the sum of ``client.requests``
-deltas over every client from before the first join to the end of the run, divided by N, and the
-leader's own requests (each request is attributed to the member the worker's loop was driving;
-lease refreshes and watch reconnects run in background threads and are counted apart).
+One run, on a fresh cluster name: every worker builds its members and joins them; each records the
+wall-clock time (``time.time()``, shared by the processes) its last ``join()`` returned, and the
+latest of those is zero. Then all start cycling at once: members campaign, the winner reads
+``nodes/``, waits the last call out (from the first unplanned change it sees, right after it wins),
+writes plan gen 1 (the spec's ``min_nodes = N`` makes it the plan of all N), every member acks, the
+leader writes ``released/1``, and each member records when it delivered the plan (``delivered_gen
+>= 1``). Last, every member leaves (lease revoked). Reported: last and median member's time, the
+leader's timeline, ``client.requests`` deltas over all clients / N (split into join, rendezvous and
+background lease refreshes by the member whose driver issued each), the leader's own requests, CPU
+time of the workers and etcd, and what other processes and the host took of this shared VM.
 
 Usage: ``.venv/bin/python bench/rendezvous.py [--sizes 16,64,256] [--last-call 0.5,0.1]
-[--repeats 3] [--procs 2] [--per-client 16] [--json out.json]``
+[--repeats 3] [--procs 2] [--threads 1] [--per-client 16] [--json out.json]``
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import argparse
 import importlib.metadata
 import json
 import multiprocessing as mp
+import multiprocessing.resource_tracker
 import os
 import platform
 import queue
@@ -46,7 +48,7 @@ import threading
 import time
 import traceback
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,15 +56,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from rallypoint.errors import EtcdError  # noqa: E402
 from rallypoint.log import configure_logging  # noqa: E402
 from rallypoint.rendezvous.etcd import EtcdClient, EtcdSettings  # noqa: E402
 from rallypoint.rendezvous.records import ClusterSpec  # noqa: E402
 from rallypoint.rendezvous.rendezvous import Rendezvous, RendezvousSettings, local_record  # noqa: E402
 from rallypoint.testing.etcd_server import INSTALL_HINT, EtcdCluster, etcd_binary  # noqa: E402
-
-TORCHELASTIC_NOTE = ("For context: TorchElastic's etcd rendezvous polls every 1 s and waits a 30 s "
-                     "last call by default.")
-
 
 @dataclass(frozen=True)
 class RunSpec:
@@ -75,8 +74,9 @@ class RunSpec:
     slots: int
     tp: int
     per_client: int
+    lease_ttl: float
     timeout: float
-    driver: str  # "threads" or "roundrobin"
+    threads: int  # driver threads in this worker; 0: one per member
 
 
 # -- worker side ------------------------------------------------------------------------------------
@@ -95,12 +95,11 @@ class _WakingQueue(queue.Queue):
 
 
 class _Tally:
-    """Attributes each etcd request to the member whose thread issued it, or to a background thread."""
+    """Counts etcd requests by the member whose driver issued them; None: background (lease refreshes)."""
 
     def __init__(self) -> None:
         self.local = threading.local()  # .member: the member this thread drives, if any
-        self.per_member: dict[int, int] = {}
-        self.background = 0
+        self.per_member: dict[int | None, int] = {}
         self._lock = threading.Lock()
 
     def wrap(self, client: EtcdClient) -> None:
@@ -109,32 +108,25 @@ class _Tally:
         def counted(what: str, fn: Any) -> Any:
             member = getattr(self.local, "member", None)
             with self._lock:
-                if member is None:
-                    self.background += 1
-                else:
-                    self.per_member[member] = self.per_member.get(member, 0) + 1
+                self.per_member[member] = self.per_member.get(member, 0) + 1
             return inner(what, fn)
 
         client._call_once = counted  # type: ignore[method-assign]
 
 
 class _Worker:
-    """One worker process's members for one run.
-
-    With the ``threads`` driver each member runs its own loop thread (``join()``, then
-    ``run_cycle()`` until it holds the plan), as each daemon would on its own host. With
-    ``roundrobin`` the worker's main thread joins its members one after another and then steps
-    them in turn, so their RPCs never overlap (``Members.cycle_until``'s way, made event-driven).
-    """
+    """One worker process's members for one run; driver thread ``g`` owns every ``threads``-th member."""
 
     def __init__(self, endpoints: tuple[str, ...], spec: RunSpec) -> None:
         self.spec = spec
-        self.wake = threading.Event()
         self.go = threading.Event()
         self.tally = _Tally()
         self.clients: list[EtcdClient] = []
         self.members: list[Rendezvous] = []
         n = len(spec.nodes)
+        t = n if spec.threads <= 0 else min(spec.threads, n)
+        self.groups = [list(range(g, n, t)) for g in range(t)]
+        self.wakes = [threading.Event() for _ in range(t)]
         self.delivered: list[float | None] = [None] * n
         self.joined_at: list[float | None] = [None] * n
         self.join_rpcs: dict[int, int] = {}
@@ -142,138 +134,133 @@ class _Worker:
         self.threads: list[threading.Thread] = []
         self.timeline: dict[str, float] = {}
         self.leader_index: int | None = None
+        self.failed_cycles = self.rejoins = 0
         cluster_spec = ClusterSpec(tp=spec.tp, min_nodes=spec.n)
         for i, node in enumerate(spec.nodes):
             if i % spec.per_client == 0:
                 client = EtcdClient(EtcdSettings(endpoints=endpoints, request_timeout=2.0, retry_deadline=10.0))
                 self.tally.wrap(client)
                 self.clients.append(client)
-            settings = RendezvousSettings(spec.cluster, node, cluster_spec, last_call=spec.last_call)
+            settings = RendezvousSettings(spec.cluster, node, cluster_spec, lease_ttl=spec.lease_ttl,
+                                          last_call=spec.last_call)
             r = Rendezvous(self.clients[-1], settings, local_record(node, "127.0.0.1", 0, spec.slots),
                            on_release=lambda plan, i=i: self._on_release(i))
-            if spec.driver == "roundrobin":
-                r.events = _WakingQueue(self.wake)  # before join(): the watch feeds this queue
+            r.events = _WakingQueue(self.wakes[i % t])  # before join(): the watch feeds this queue
             self.members.append(r)
 
     def _on_release(self, i: int) -> None:
-        if self.delivered[i] is None:
-            self.delivered[i] = time.time()
-
-    def _join_one(self, i: int) -> None:
-        self.tally.local.member = i
-        self.members[i].join()
-        self.joined_at[i] = time.time()
-        self.join_rpcs[i] = self.tally.per_member.get(i, 0)
-        self.tally.local.member = None
+        self.delivered[i] = self.delivered[i] or time.time()
 
     def join(self) -> dict[str, Any]:
         first = time.time()
-        if self.spec.driver == "roundrobin":
-            for i in range(len(self.members)):
-                self._join_one(i)
-        else:
-            self.threads = [threading.Thread(target=self._member_thread, args=(i,), daemon=True,
-                                             name=f"member {self.spec.nodes[i]}") for i in range(len(self.members))]
-            for t in self.threads:
-                t.start()
-            self._collect("joined")
+        self.threads = [threading.Thread(target=self._driver, args=(g,), daemon=True, name=f"driver {g}")
+                        for g in range(len(self.groups))]
+        for t in self.threads:
+            t.start()
+        self._collect("joined")
         return {"first_join": first, "last_join": max(self.joined_at)}
 
-    def _member_thread(self, i: int) -> None:
-        """One member's daemon loop: join, wait for the start signal, cycle until it holds the plan."""
+    def _driver(self, g: int) -> None:
+        """Join group ``g``'s members, wait for the start signal, step them until each holds the plan."""
         try:
-            self._join_one(i)
-            self.reports.put(("joined", i, ""))
+            for i in self.groups[g]:
+                self.tally.local.member = i
+                self.members[i].join()
+                self.joined_at[i] = time.time()
+                self.join_rpcs[i] = self.tally.per_member.get(i, 0)
+            self.tally.local.member = None
+            self.reports.put(("joined", g, ""))
             if not self.go.wait(self.spec.timeout):
                 return
-            self.tally.local.member = i
-            r, deadline = self.members[i], time.monotonic() + self.spec.timeout
-            while r.delivered_gen < 1 and time.monotonic() < deadline:
-                said = r.run_cycle()
-                if not said.startswith("idle"):
-                    self._note(i, said)
-            self.reports.put(("done", i, ""))
+            self._step(g, time.monotonic() + self.spec.timeout)
+            self.reports.put(("done", g, ""))
         except Exception:
-            self.reports.put(("error", i, traceback.format_exc()))
+            self.reports.put(("error", g, traceback.format_exc()))
 
-    def _collect(self, what: str) -> None:
-        """Wait until every member thread reported ``what``; raise the first error one reported."""
-        seen, deadline = 0, time.monotonic() + self.spec.timeout + 5
-        while seen < len(self.members):
-            try:
-                kind, i, tb = self.reports.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise RuntimeError(f"{len(self.members) - seen} member thread(s) did not report {what!r}") from None
-            if kind == "error":
-                raise RuntimeError(f"member {self.spec.nodes[i]} failed:\n{tb}")
-            seen += kind == what
-
-    def cycle(self) -> dict[str, Any]:
-        start = time.time()
-        if self.spec.driver == "roundrobin":
-            self._round_robin()
-        else:
-            self.go.set()
-            self._collect("done")
-        if any(t is None for t in self.delivered):
-            raise RuntimeError(f"{self.delivered.count(None)} member(s) got no plan in {self.spec.timeout}s")
-        return self._results(start)
-
-    def _round_robin(self) -> None:
-        deadline = time.monotonic() + self.spec.timeout
-        while any(t is None for t in self.delivered) and time.monotonic() < deadline:
-            self.wake.clear()
+    def _step(self, g: int, deadline: float) -> None:
+        mine, wake = [(i, self.members[i]) for i in self.groups[g]], self.wakes[g]
+        while any(self.delivered[i] is None for i, _ in mine) and time.monotonic() < deadline:
+            wake.clear()
             busy = False
-            for i, r in enumerate(self.members):
+            for i, r in mine:
                 if r.leader is None or r.is_leader or not r.events.empty() or r.lease.lost.is_set():
                     self.tally.local.member = i
-                    said = r.run_cycle(0)
+                    try:
+                        said = r.run_cycle(0)
+                    except EtcdError as exc:  # rallyd's loop says "cycle failed" and goes on; so do we
+                        said = f"cycle failed: {exc}"
+                        self.failed_cycles += 1
                     self.tally.local.member = None
                     if not said.startswith("idle"):
                         busy = True
                         self._note(i, said)
             if not busy:
-                self.wake.wait(self._idle_wait())
+                wake.wait(self._idle_wait(mine))
+
+    def _collect(self, what: str) -> None:
+        """Wait until every driver thread reported ``what``; raise the first error one reported."""
+        seen, deadline = 0, time.monotonic() + self.spec.timeout + 5
+        while seen < len(self.groups):
+            try:
+                kind, g, tb = self.reports.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise RuntimeError(f"{len(self.groups) - seen} driver thread(s) did not report {what!r}") from None
+            if kind == "error":
+                raise RuntimeError(f"driver thread {g} failed:\n{tb}")
+            seen += kind == what
+
+    def cycle(self) -> dict[str, Any]:
+        self.go.set()
+        self._collect("done")
+        if any(t is None for t in self.delivered):
+            raise RuntimeError(f"{self.delivered.count(None)} member(s) got no plan in {self.spec.timeout}s")
+        return self._results()
 
     def _note(self, i: int, said: str) -> None:
         now = time.time()
+        if "re-registered after lease loss" in said:
+            self.rejoins += 1
         for tag, phrase in (("elected", "became leader"), ("plan_written", "wrote plan gen 1"),
                             ("released", "released gen 1")):
             if phrase in said and tag not in self.timeline:
                 self.timeline[tag] = now
                 self.leader_index = i
 
-    def _idle_wait(self) -> float:
+    @staticmethod
+    def _idle_wait(mine: list[tuple[int, Rendezvous]]) -> float:
         waits = [r._change_since + r.settings.last_call - time.monotonic()
-                 for r in self.members if r.is_leader and r._change_since is not None]
+                 for _, r in mine if r.is_leader and r._change_since is not None]
         return max(0.0005, min(waits)) if waits else 0.05
 
-    def _results(self, start: float) -> dict[str, Any]:
-        total = self.tally.per_member
-        join_total = sum(self.join_rpcs.values())
-        plans = {(r.plan.gen, len(r.plan.members)) for r in self.members if r.plan is not None}
-        leader = self.leader_index
+    def _results(self) -> dict[str, Any]:
+        total, join_total, lead = dict(self.tally.per_member), sum(self.join_rpcs.values()), self.leader_index
+        background = total.pop(None, 0)
         return {
-            "cycle_start": start,
-            "delivered": self.delivered,
-            "plans": sorted(plans),
-            "client_requests": sum(c.requests for c in self.clients),
-            "join_rpcs": join_total,
-            "cycle_rpcs": sum(total.values()) - join_total,
-            "background_rpcs": self.tally.background,
-            "timeline": self.timeline,
-            "leader": None if leader is None else {
-                "node": self.spec.nodes[leader], "join_rpcs": self.join_rpcs.get(leader, 0),
-                "cycle_rpcs": total.get(leader, 0) - self.join_rpcs.get(leader, 0)},
-            "clients": len(self.clients),
+            "delivered": self.delivered, "timeline": self.timeline,
+            "plans": sorted({(r.plan.gen, len(r.plan.members)) for r in self.members if r.plan is not None}),
+            "client_requests": sum(c.requests for c in self.clients), "join_rpcs": join_total,
+            "cycle_rpcs": sum(total.values()) - join_total, "background_rpcs": background,
+            "failed_cycles": self.failed_cycles, "rejoins": self.rejoins,
+            "leader": None if lead is None else {
+                "node": self.spec.nodes[lead], "join_rpcs": self.join_rpcs.get(lead, 0),
+                "cycle_rpcs": total.get(lead, 0) - self.join_rpcs.get(lead, 0)},
         }
 
     def teardown(self) -> None:
         self.go.set()
         for t in self.threads:
             t.join(5.0)
+        # Stop refreshing before revoking: a refresh racing a revoke logs a false "lease lost". (No
+        # keeper.join(): LeaseKeeper's _stop Event shadows Thread._stop, so join() raises TypeError.)
+        keepers = [c._keeper for c in self.clients if c._keeper is not None]
+        for k in keepers:
+            k.stop()
+        deadline = time.monotonic() + 5.0
+        while any(k in threading.enumerate() for k in keepers) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        deadline = time.monotonic() + 20.0  # past it, leases are left to expire (a leave retries up to 10 s)
         for r in self.members:
-            if r.lease is not None:
+            if r.lease is not None and time.monotonic() < deadline:
                 r.leave()
         for c in self.clients:
             c.close()
@@ -289,21 +276,18 @@ def _worker_main(conn: Any, endpoints: tuple[str, ...]) -> None:
             cmd, *args = conn.recv()
         except EOFError:  # the parent is gone
             return
+        if cmd == "exit":
+            return
         try:
-            if cmd == "exit":
-                return
             if cmd == "setup":
                 worker = _Worker(endpoints, args[0])
                 reply: Any = len(worker.clients)
-            elif cmd == "join":
-                reply = worker.join()
-            elif cmd == "go":
-                reply = worker.cycle()
             elif cmd == "teardown":
-                worker.teardown()
-                worker, reply = None, None
+                if worker is not None:
+                    worker.teardown()
+                worker = reply = None
             else:
-                raise ValueError(f"unknown command {cmd!r}")
+                reply = {"join": worker.join, "go": worker.cycle}[cmd]()
             conn.send(("ok", reply))
         except Exception:
             conn.send(("error", traceback.format_exc()))
@@ -312,16 +296,20 @@ def _worker_main(conn: Any, endpoints: tuple[str, ...]) -> None:
 # -- parent side ------------------------------------------------------------------------------------
 
 
+class PoolBroken(RuntimeError):
+    """A worker did not answer: its pipe is out of step, so the benchmark cannot go on."""
+
+
 class Pool:
     """K spawned worker processes, each on its own pipe; killed by pid on close, whatever happened."""
 
-    def __init__(self, k: int, endpoints: tuple[str, ...]) -> None:
+    def __init__(self, k: int, endpoints: tuple[str, ...], etcd_pids: list[int]) -> None:
         ctx = mp.get_context("spawn")
+        self.etcd_pids = etcd_pids
         self.conns, self.procs = [], []
         for w in range(k):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker_main, args=(child, endpoints), name=f"bench-worker-{w}",
-                               daemon=True)
+            proc = ctx.Process(target=_worker_main, args=(child, endpoints), name=f"bench-{w}", daemon=True)
             proc.start()
             child.close()
             self.conns.append(parent)
@@ -334,39 +322,91 @@ class Pool:
         replies = []
         deadline = time.monotonic() + timeout
         for w, conn in enumerate(self.conns):
-            if not conn.poll(max(0.0, deadline - time.monotonic())):
-                raise RuntimeError(f"worker {w} did not answer {msgs[w][0]!r} in {timeout}s")
-            status, reply = conn.recv()
+            try:
+                if not conn.poll(max(0.0, deadline - time.monotonic())):
+                    raise PoolBroken(f"worker {w} did not answer {msgs[w][0]!r} in {timeout}s")
+                status, reply = conn.recv()
+            except (EOFError, OSError) as exc:
+                raise PoolBroken(f"worker {w} is gone ({exc!r})") from None
             if status != "ok":
                 raise RuntimeError(f"worker {w} failed on {msgs[w][0]!r}:\n{reply}")
             replies.append(reply)
         return replies
 
-    def close(self) -> None:
+    def close(self, grace: float = 3.0) -> None:
+        """Ask every worker to exit, and SIGKILL those still there after ``grace`` seconds."""
         for conn in self.conns:
             try:
                 conn.send(("exit",))
             except (OSError, ValueError):
                 pass
-        deadline = time.monotonic() + 3.0
+        deadline = time.monotonic() + grace
         for proc in self.procs:
             proc.join(max(0.0, deadline - time.monotonic()))
             if proc.is_alive():
                 proc.kill()
                 proc.join(5.0)
+        getattr(mp.resource_tracker._resource_tracker, "_stop", lambda: None)()  # reap it: leave no zombie
+
+
+class CpuMeter:
+    """CPU time of the workers and etcd, and the cores other processes used and the host stole (shared VM)."""
+
+    def __init__(self, workers: list[int], etcd: list[int]) -> None:
+        self.groups, self.tick = ([os.getpid()], workers, etcd), os.sysconf("SC_CLK_TCK")
+
+    def _cpu(self, pids: list[int]) -> float:
+        total = 0
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])  # utime + stime of all its threads
+            except (OSError, IndexError, ValueError):
+                pass
+        return total / self.tick
+
+    def _sample(self) -> tuple[float, ...]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+        busy, steal = (v[0] + v[1] + v[2] + v[5] + v[6]) / self.tick, v[7] / self.tick
+        return (time.monotonic(), busy, steal, *(self._cpu(g) for g in self.groups))
+
+    def start(self) -> None:
+        self.first = self._sample()
+
+    def mark(self) -> None:
+        """Start the window whose CPU time ``stop()`` reports (other and stolen cores count from ``start``)."""
+        self.marked = self._sample()
+
+    def stop(self) -> dict[str, float]:
+        t1, busy1, steal1, me1, workers1, etcd1 = self._sample()
+        t0, busy0, steal0, me0, workers0, etcd0 = self.first
+        _, _, _, _, workers_m, etcd_m = self.marked
+        wall, ours = max(t1 - t0, 1e-9), (me1 - me0) + (workers1 - workers0) + (etcd1 - etcd0)
+        return {"cpu_workers_s": workers1 - workers_m, "cpu_etcd_s": etcd1 - etcd_m,
+                "other_cores": max(0.0, busy1 - busy0 - ours) / wall, "steal_cores": (steal1 - steal0) / wall}
 
 
 def run_once(pool: Pool, n: int, last_call: float, args: argparse.Namespace) -> dict[str, Any]:
     """One rendezvous of ``n`` fresh members on a fresh cluster name; returns its measurements."""
-    k = len(pool.procs)
-    nodes = [f"n{i:04d}" for i in range(n)]
-    cluster = "bench-" + uuid.uuid4().hex[:10]
+    k, nodes, cluster = len(pool.procs), [f"n{i:04d}" for i in range(n)], "bench-" + uuid.uuid4().hex[:10]
     specs = [RunSpec(cluster, n, tuple(nodes[w::k]), last_call, args.slots, args.tp, args.per_client,
-                     args.run_timeout, args.driver) for w in range(k)]
-    clients = pool.ask([("setup", s) for s in specs], 60)
-    joins = pool.ask([("join",)] * k, 120)
-    done = pool.ask([("go",)] * k, args.run_timeout + 10)
-    pool.ask([("teardown",)] * k, 120)
+                     args.lease_ttl, args.run_timeout, args.threads) for w in range(k)]
+    clients = sum(pool.ask([("setup", s) for s in specs], 60))
+    meter, broken = CpuMeter([p.pid for p in pool.procs], pool.etcd_pids), False
+    try:
+        meter.start()
+        joins = pool.ask([("join",)] * k, args.run_timeout + 10)
+        meter.mark()
+        done = pool.ask([("go",)] * k, args.run_timeout + 10)
+        cpu = meter.stop()
+    except PoolBroken:
+        broken = True
+        raise
+    finally:
+        if not broken:
+            pool.ask([("teardown",)] * k, 120)
     last_join = max(j["last_join"] for j in joins)
     delivered = [t for d in done for t in d["delivered"]]
     plans = {tuple(p) for d in done for p in d["plans"]}
@@ -377,86 +417,109 @@ def run_once(pool: Pool, n: int, last_call: float, args: argparse.Namespace) -> 
     if len(leaders) != 1:
         raise RuntimeError(f"expected one leader, saw {len(leaders)}")
     lead = leaders[0]
-    requests = sum(d["client_requests"] for d in done)
     return {
-        "n": n, "last_call": last_call, "cluster": cluster, "procs": k, "clients": sum(clients),
+        "n": n, "last_call": last_call, "cluster": cluster, "procs": k, "clients": clients,
         "joins_took": last_join - min(j["first_join"] for j in joins),
-        "cycling_started": max(d["cycle_start"] for d in done) - last_join,
-        "all_delivered": lat[-1], "median_delivered": statistics.median(lat), "first_delivered": lat[0],
+        "all_delivered": lat[-1], "median_delivered": statistics.median(lat),
         **{f"leader_{tag}": t - last_join for tag, t in lead["timeline"].items()},
-        "rpc_per_member": requests / n,
+        "rpc_per_member": sum(d["client_requests"] for d in done) / n,
         "join_rpc_per_member": sum(d["join_rpcs"] for d in done) / n,
         "cycle_rpc_per_member": sum(d["cycle_rpcs"] for d in done) / n,
         "background_rpc_per_member": sum(d["background_rpcs"] for d in done) / n,
         "leader_node": lead["leader"]["node"],
         "leader_join_rpcs": lead["leader"]["join_rpcs"], "leader_cycle_rpcs": lead["leader"]["cycle_rpcs"],
+        "rejoins": sum(d["rejoins"] for d in done), "failed_cycles": sum(d["failed_cycles"] for d in done),
+        **cpu, "cpu_ms_per_member": (cpu["cpu_workers_s"] + cpu["cpu_etcd_s"]) / n * 1000,
     }
 
 
+_MEDIANS = ("all_delivered", "median_delivered", "leader_elected", "leader_plan_written", "leader_released",
+            "joins_took", "rpc_per_member", "join_rpc_per_member", "cycle_rpc_per_member",
+            "background_rpc_per_member", "leader_rpcs", "leader_cycle_rpcs", "cpu_ms_per_member", "etcd_cpu_share")
+_MAXIMA = ("all_delivered", "median_delivered", "other_cores", "steal_cores")
+
+
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (n, last_call): median and max over repeats."""
+    """One row per (n, last_call): medians (``*_med``) and maxima (``*_max``) over the completed repeats."""
     rows = []
     for key in sorted({(r["n"], r["last_call"]) for r in runs}, key=lambda x: (x[0], -x[1])):
-        rs = [r for r in runs if (r["n"], r["last_call"]) == key]
-        def med(field: str) -> float:
-            return statistics.median(r[field] for r in rs)
-        def top(field: str) -> float:
-            return max(r[field] for r in rs)
-        rows.append({
-            "n": key[0], "last_call": key[1], "repeats": len(rs), "procs": rs[0]["procs"],
-            "clients": rs[0]["clients"],
-            "all_delivered_median": med("all_delivered"), "all_delivered_max": top("all_delivered"),
-            "median_member_median": med("median_delivered"), "median_member_max": top("median_delivered"),
-            "plan_written_median": med("leader_plan_written"), "released_median": med("leader_released"),
-            "joins_took_median": med("joins_took"),
-            "rpc_per_member_median": med("rpc_per_member"), "rpc_per_member_max": top("rpc_per_member"),
-            "join_rpc_per_member_median": med("join_rpc_per_member"),
-            "cycle_rpc_per_member_median": med("cycle_rpc_per_member"),
-            "background_rpc_per_member_median": med("background_rpc_per_member"),
-            "leader_rpcs_median": statistics.median(r["leader_join_rpcs"] + r["leader_cycle_rpcs"] for r in rs),
-            "leader_cycle_rpcs_median": med("leader_cycle_rpcs"),
-        })
+        tried = [r for r in runs if (r["n"], r["last_call"]) == key]
+        rs = [dict(r, leader_rpcs=r["leader_join_rpcs"] + r["leader_cycle_rpcs"],
+                   etcd_cpu_share=r["cpu_etcd_s"] / max(1e-9, r["cpu_etcd_s"] + r["cpu_workers_s"]))
+              for r in tried if "error" not in r]
+        row: dict[str, Any] = {"n": key[0], "last_call": key[1], "runs": len(tried), "completed": len(rs)}
+        if rs:
+            row.update({f"{f}_med": statistics.median(r[f] for r in rs) for f in _MEDIANS})
+            row.update({f"{f}_max": max(r[f] for r in rs) for f in _MAXIMA})
+            row["rejoins"] = sum(r["rejoins"] for r in rs)
+        rows.append(row)
     return rows
+
+
+COLUMNS = [
+    ("N", "{n}"), ("last call", "{last_call:.1f} s"), ("runs ok", "{completed}/{runs}"),
+    ("all hold plan", "{all_delivered_med:.3f} [{all_delivered_max:.3f}]"),
+    ("median member", "{median_delivered_med:.3f} [{median_delivered_max:.3f}]"),
+    ("elected", "{leader_elected_med:.3f}"), ("plan written", "{leader_plan_written_med:.3f}"),
+    ("released", "{leader_released_med:.3f}"),
+    ("RPC/member", "{rpc_per_member_med:.2f}"),
+    ("= join+rdzv+keepalive", "{join_rpc_per_member_med:.2f}+{cycle_rpc_per_member_med:.2f}"
+                              "+{background_rpc_per_member_med:.2f}"),
+    ("leader RPC (rdzv)", "{leader_rpcs_med:.0f} ({leader_cycle_rpcs_med:.0f})"),
+    ("CPU ms/member", "{cpu_ms_per_member_med:.1f}"),
+    ("other/stolen cores", "{other_cores_max:.2f}/{steal_cores_max:.2f}"),
+    ("lease losses", "{rejoins}"),
+]
 
 
 def table(rows: list[dict[str, Any]], header: str) -> str:
     """The rows as an aligned plain-text table, with its header and footer."""
-    cols = [("N", "{n}"), ("last call", "{last_call:.1f} s"), ("procs", "{procs}"), ("clients", "{clients}"),
-            ("all hold plan", "{all_delivered_median:.3f} [{all_delivered_max:.3f}]"),
-            ("median member", "{median_member_median:.3f} [{median_member_max:.3f}]"),
-            ("plan written", "{plan_written_median:.3f}"), ("released", "{released_median:.3f}"),
-            ("joins took", "{joins_took_median:.2f}"),
-            ("RPC/member", "{rpc_per_member_median:.2f}"),
-            ("= join+rdzv+keepalive", "{join_rpc_per_member_median:.2f}+{cycle_rpc_per_member_median:.2f}"
-                                      "+{background_rpc_per_member_median:.2f}"),
-            ("leader RPC (rdzv)", "{leader_rpcs_median:.0f} ({leader_cycle_rpcs_median:.0f})")]
-    cells = [[c for c, _ in cols]] + [[f.format(**r) for _, f in cols] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    def cell(fmt: str, row: dict[str, Any]) -> str:
+        try:
+            return fmt.format(**row)
+        except KeyError:  # no completed run in this row
+            return "-"
+    cells = [[c for c, _ in COLUMNS]] + [[cell(f, r) for _, f in COLUMNS] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     footer = [
-        "Times: seconds from the last member's join() returning; median [max] over repeats. 'all hold plan' is",
-        "the last member to hold released plan gen 1 (all N members); 'median member' the median member;",
-        "'plan written' / 'released' are when the leader wrote gen 1 / wrote released/1 (median over repeats).",
-        "The leader waits the last call out from the first unplanned change it sees, so it is inside these times.",
-        "RPC/member: sum of client.requests deltas over all clients, from before the first join to the end, / N;",
-        "keepalive = lease refreshes (and any watch reconnects) from background threads. Leader RPC: the leader's",
-        "own requests, join included (rendezvous cycles alone in parentheses).",
-        TORCHELASTIC_NOTE,
+        "Seconds from the last join() returning until the last ('all hold plan') and the median member holds",
+        "released plan gen 1 of all N members: median [max] of the completed repeats. elected / plan written /",
+        "released: when the leader won, wrote gen 1, wrote released/1 (medians); it waits the last call out",
+        "from the first unplanned change, right after it wins, so the window is inside every time.",
+        "RPC/member: sum of client.requests deltas over all clients, first join to last delivery, / N; split",
+        "into join, rendezvous and keepalive (lease refreshes, background). Leader RPC: its own, join included",
+        "(rendezvous alone in parentheses). CPU ms/member: workers' and etcd's CPU time from the start signal",
+        "to the last delivery, / N. other/stolen cores: the average other processes on this shared VM used",
+        "and the host stole, first join to last delivery (max of repeats). Lease losses: members that had to",
+        "re-register after their lease expired (sum).",
+        "For context: TorchElastic's etcd rendezvous polls every 1 s and waits a 30 s last call by default.",
     ]
     return "\n".join([header, ""] + lines + [""] + footer)
 
 
 def versions() -> dict[str, str]:
     out = subprocess.run([etcd_binary() or "etcd", "--version"], capture_output=True, text=True).stdout
-    return {
-        "python": platform.python_version(),
-        "etcd": out.splitlines()[0].split(":", 1)[1].strip() if out else "?",
-        "etcd-sdk-python": importlib.metadata.version("etcd-sdk-python"),
-        "grpcio": importlib.metadata.version("grpcio"),
-        "protobuf": importlib.metadata.version("protobuf"),
-        "cpus": str(os.cpu_count()),
-    }
+    return {"python": platform.python_version(),
+            "etcd": out.splitlines()[0].split(":", 1)[1].strip() if out else "?",
+            **{p: importlib.metadata.version(p) for p in ("etcd-sdk-python", "grpcio", "protobuf")},
+            "cpus": str(os.cpu_count())}
+
+
+def describe(args: argparse.Namespace, v: dict[str, str], elapsed: float) -> str:
+    """The table's header: how the members were driven, and the versions."""
+    threads = ("one driver thread per member" if args.threads <= 0 else
+               "one driver thread each" if args.threads == 1 else f"{args.threads} driver threads each")
+    clients = ", ".join(f"{sum(-(-len(range(w, n, args.procs)) // args.per_client) for w in range(args.procs))} "
+                        f"(N={n})" for n in args.sizes)
+    return (f"Rendezvous benchmark: N members, each with its own lease ({args.lease_ttl:g} s TTL) and its own "
+            f"control/ watch, in {args.procs} worker processes ({threads}); a worker's members share one "
+            f"EtcdClient (gRPC channel) per {args.per_client}, so clients in all: {clients}.\nOne etcd "
+            f"{v['etcd']} (single member, started here). Spec tp={args.tp}, {args.slots} slots/member, "
+            f"min_nodes=N; {args.repeats} repeats per row.\nPython {v['python']}, etcd-sdk-python "
+            f"{v['etcd-sdk-python']}, grpcio {v['grpcio']}, protobuf {v['protobuf']}; {v['cpus']} CPUs; "
+            f"whole benchmark {elapsed:.0f} s.")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -469,17 +532,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--procs", type=int, default=2, help="worker processes the members are spread over")
     p.add_argument("--per-client", type=int, default=16, help="members sharing one EtcdClient (gRPC channel)")
+    p.add_argument("--lease-ttl", type=float, default=3.0, help="member lease TTL, seconds (rallyd's default)")
     p.add_argument("--slots", type=int, default=2, help="rank slots per member node")
     p.add_argument("--tp", type=int, default=2, help="tensor-parallel size of the cluster spec")
-    p.add_argument("--driver", choices=("threads", "roundrobin"), default="threads",
-                   help="one loop thread per member (default), or one loop stepping a worker's members in turn")
+    p.add_argument("--threads", type=int, default=1,
+                   help="driver threads per worker, each stepping its share of members; 0: one per member")
     p.add_argument("--run-timeout", type=float, default=30.0, help="seconds one run may take to deliver")
     p.add_argument("--json", type=Path, help="also write every run and the summary here")
     return p.parse_args(argv)
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+def run_logged(pool: Pool, n: int, last_call: float, args: argparse.Namespace, label: str) -> dict[str, Any]:
+    """``run_once``, with a line on stderr; a failed run is a result too (counted, never averaged)."""
+    try:
+        run = run_once(pool, n, last_call, args)
+    except PoolBroken:
+        raise
+    except RuntimeError as exc:
+        print(f"{label}: FAILED: {exc}", file=sys.stderr)
+        return {"n": n, "last_call": last_call, "error": str(exc)}
+    print(f"{label}: all hold plan {run['all_delivered']:.3f} s, median {run['median_delivered']:.3f} s, "
+          f"{run['rpc_per_member']:.2f} RPC/member, {run['cpu_ms_per_member']:.1f} CPU ms/member; cores "
+          f"used by others {run['other_cores']:.2f}, stolen {run['steal_cores']:.2f}", file=sys.stderr, flush=True)
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -488,40 +563,34 @@ def main(argv: list[str] | None = None) -> int:
         print(INSTALL_HINT, file=sys.stderr)
         return 2
     configure_logging(level="warning")
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    cluster, pool, runs = EtcdCluster(1), None, []
+    for sig in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell may have started us with it ignored
+        signal.signal(sig, signal.default_int_handler)  # raises KeyboardInterrupt
+    cluster, pool, runs, grace, status = EtcdCluster(1), None, [], 3.0, 0
     t0 = time.monotonic()
     try:
         cluster.start()
-        pool = Pool(args.procs, cluster.endpoints)
-        for n in args.sizes:
-            for last_call in args.last_call:
-                for rep in range(args.repeats):
-                    run = run_once(pool, n, last_call, args)
-                    runs.append(run)
-                    print(f"N={n:4d} last_call={last_call:.1f} #{rep + 1}: all hold plan "
-                          f"{run['all_delivered']:.3f} s, median {run['median_delivered']:.3f} s, "
-                          f"{run['rpc_per_member']:.2f} RPC/member", file=sys.stderr, flush=True)
+        pool = Pool(args.procs, cluster.endpoints, [m.pid for m in cluster.members])
+        for n, call, i in ((n, c, i) for n in args.sizes for c in args.last_call for i in range(args.repeats)):
+            runs.append(run_logged(pool, n, call, args, f"N={n:4d} last_call={call:.1f} #{i + 1}"))
     except KeyboardInterrupt:
         print("interrupted: stopping workers and etcd", file=sys.stderr)
+        grace = 0.0
         return 130
+    except PoolBroken as exc:  # report what completed, then fail
+        print(f"benchmark stopped: {exc}", file=sys.stderr)
+        grace, status = 0.0, 1
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
         if pool is not None:
-            pool.close()
+            pool.close(grace)
         cluster.stop()
-    rows = summarize(runs)
-    v = versions()
-    header = (f"Rendezvous: N members, each its own lease and its own watch, over {args.procs} worker "
-              f"processes, {args.per_client} members per EtcdClient (gRPC channel); one etcd {v['etcd']} "
-              f"(single member); {args.repeats} repeats; spec tp={args.tp}, {args.slots} slots/member, "
-              f"min_nodes=N.\nPython {v['python']}, etcd-sdk-python {v['etcd-sdk-python']}, grpcio "
-              f"{v['grpcio']}; {v['cpus']} CPUs; whole benchmark {time.monotonic() - t0:.0f} s.")
-    print(table(rows, header))
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    rows, v = summarize(runs), versions()
+    print(table(rows, describe(args, v, time.monotonic() - t0)))
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: (str(v_) if isinstance(v_, Path) else v_)
-                                                  for k, v_ in vars(args).items()},
-                                         "versions": v, "summary": rows, "runs": runs}, indent=2))
-    return 0
+        options = {k: str(x) if isinstance(x, Path) else x for k, x in vars(args).items()}
+        args.json.write_text(json.dumps({"args": options, "versions": v, "summary": rows, "runs": runs}, indent=2))
+    return status
 
 
 if __name__ == "__main__":
