@@ -316,7 +316,7 @@ class Pool:
             self.procs.append(proc)
 
     def ask(self, msgs: list[tuple[Any, ...]], timeout: float) -> list[Any]:
-        """Send one message to each worker (all first, then collect), and return their replies."""
+        """Send one message to each worker, collect every reply, and raise the first error among them."""
         for conn, msg in zip(self.conns, msgs):
             conn.send(msg)
         replies = []
@@ -325,13 +325,13 @@ class Pool:
             try:
                 if not conn.poll(max(0.0, deadline - time.monotonic())):
                     raise PoolBroken(f"worker {w} did not answer {msgs[w][0]!r} in {timeout}s")
-                status, reply = conn.recv()
+                replies.append(conn.recv())
             except (EOFError, OSError) as exc:
                 raise PoolBroken(f"worker {w} is gone ({exc!r})") from None
+        for w, (status, reply) in enumerate(replies):
             if status != "ok":
                 raise RuntimeError(f"worker {w} failed on {msgs[w][0]!r}:\n{reply}")
-            replies.append(reply)
-        return replies
+        return [reply for _, reply in replies]
 
     def close(self, grace: float = 3.0) -> None:
         """Ask every worker to exit, and SIGKILL those still there after ``grace`` seconds."""
@@ -549,7 +549,7 @@ def run_logged(pool: Pool, n: int, last_call: float, args: argparse.Namespace, l
     except PoolBroken:
         raise
     except RuntimeError as exc:
-        print(f"{label}: FAILED: {exc}", file=sys.stderr)
+        print(f"{label}: FAILED: {str(exc).strip().splitlines()[-1]}", file=sys.stderr)
         return {"n": n, "last_call": last_call, "error": str(exc)}
     print(f"{label}: all hold plan {run['all_delivered']:.3f} s, median {run['median_delivered']:.3f} s, "
           f"{run['rpc_per_member']:.2f} RPC/member, {run['cpu_ms_per_member']:.1f} CPU ms/member; cores "

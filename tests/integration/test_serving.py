@@ -209,6 +209,10 @@ def test_request_lives_through_a_sigkilled_rank(deploy) -> None:
     resumed = int(next(l for l in metrics.splitlines() if 'outcome="resumed"' in l).split()[-1])
     assert resumed >= 1, metrics
     assert "rallypoint_generation 2" in metrics
+    # Only the moved shard reloads: the driver kept its weights across the rebuild.
+    driver_log = Path(workers[0].log_path).read_text()  # type: ignore[attr-defined]
+    assert driver_log.count('"event": "worker.shard_loaded"') == 1
+    assert '"gen": 2' in driver_log and '"shard_seconds": 0.0' in driver_log
 
 
 def test_corrupt_shard_is_named(deploy, model_dir: Path, tmp_path: Path) -> None:
