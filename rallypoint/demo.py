@@ -1,17 +1,26 @@
-"""The quick-start demo: a local etcd plus two rallyd daemons on CPU that rendezvous on one plan.
+"""The quick-start demo: a local etcd and two rallyd daemons serving a tiny model on CPU.
 
-Run it with ``scripts/demo.sh`` (or ``python -m rallypoint.demo`` once installed). It prints the
-plan the daemons agreed on, then SIGKILLs one daemon and shows the survivor's re-plan after the
-lease runs out, then stops everything.
+Run it with ``scripts/demo.sh`` (or ``python -m rallypoint.demo`` once installed). The two daemons
+rendezvous on one plan (one TP=2 replica spanning both nodes), start a worker each, and serve a
+random tiny Llama. The demo prints the plan and a completion, then SIGKILLs the worker of node-b
+while a second completion streams: node-b's daemon sees the exit, orders the abort, restarts the
+worker in place, the leader writes generation 2, and the completion finishes with the same tokens
+as a failure-free run. Then it stops everything.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import signal
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from pathlib import Path
+
+import psutil
 
 from rallypoint.rendezvous.etcd import EtcdClient, EtcdSettings
 from rallypoint.rendezvous.records import ClusterKeys, Plan
@@ -36,40 +45,88 @@ def latest_plan(client: EtcdClient, keys: ClusterKeys) -> Plan | None:
     return Plan.from_json(kvs[-1].key, kvs[-1].value) if kvs else None
 
 
+def complete(url: str, prompt: str, max_tokens: int, stream: bool = False) -> tuple[str, list[int]]:
+    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "stream": stream}).encode()
+    req = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        if not stream:
+            choice = json.loads(resp.read())["choices"][0]
+            return choice["text"], choice["token_ids"]
+        text, ids = "", []
+        for line in resp:
+            if line.startswith(b"data: {"):
+                choice = json.loads(line[6:])["choices"][0]
+                text, ids = text + choice["text"], ids + choice["token_ids"]
+        return text, ids
+
+
+def wait_file(path: Path, timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text():
+            return path.read_text()
+        time.sleep(0.05)
+    raise TimeoutError(f"{path} did not appear in {timeout:g}s")
+
+
+def worker_of(daemon: DaemonProcess) -> psutil.Process:
+    return next(p for p in psutil.Process(daemon.pid).children() if "rallypoint.worker" in " ".join(p.cmdline()))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rallypoint-demo", description=__doc__)
-    ap.add_argument("--tp", type=int, default=2)
-    ap.add_argument("--cpu-ranks", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=48, help="tokens per completion")
     args = ap.parse_args(argv)
     if etcd_binary() is None:
         print(INSTALL_HINT, file=sys.stderr)
         return 1
+    from rallypoint.worker.checkpoint import make_model
+
     work = Path(tempfile.mkdtemp(prefix="rallypoint-demo-"))
-    with EtcdCluster(1, root=work) as etcd:
+    model = make_model(work / "model", "tiny", seed=0)
+    print(f"wrote a random tiny Llama to {model}")
+    with EtcdCluster(1, root=work / "etcd") as etcd:
         print(f"etcd up at {etcd.endpoints[0]}")
-        extra = ["--tp", str(args.tp), "--cpu-ranks", str(args.cpu_ranks)]
-        daemons = [DaemonProcess(n, daemon_args(etcd.endpoints, "demo", *extra), work / f"{n}.log")
-                   for n in ("node-a", "node-b")]
+        daemons = [DaemonProcess(n, daemon_args(etcd.endpoints, "demo", "--tp", "2", "--cpu-ranks", "1",
+                                                "--state-dir", str(work / n), "--worker-model", str(model)),
+                                 work / f"{n}.log") for n in ("node-a", "node-b")]
         client = EtcdClient(EtcdSettings(endpoints=etcd.endpoints))
         keys = ClusterKeys("demo")
         try:
             for d in daemons:
                 d.start()
-            for d in daemons:
-                d.wait_log('"gen": 1', timeout=30)
-            print(f"\nboth daemons hold the plan:\n{format_plan(latest_plan(client, keys))}\n")
+            url = wait_file(work / "node-a" / "api-0.url")
+            print(f"\nthe daemons agreed on:\n{format_plan(latest_plan(client, keys))}\n")
+            print(f"the replica's API is at {url}")
+            prompt = "rallypoint keeps serving when"
+            text, ids = complete(url, prompt, args.tokens)
+            print(f"completion of {prompt!r} ({len(ids)} tokens): {text!r}\n")
+            result: dict[str, tuple[str, list[int]]] = {}
+            client_thread = threading.Thread(target=lambda: result.setdefault("r", complete(
+                url, prompt, args.tokens, stream=True)))
+            client_thread.start()
+            time.sleep(0.2)
+            victim = worker_of(daemons[1])
             t0 = time.monotonic()
-            daemons[1].stop()
-            print("SIGKILLed node-b; waiting for its lease (3 s) to run out...")
-            daemons[0].wait_log("left node-b", timeout=30)
-            print(f"re-planned {time.monotonic() - t0:.2f} s after the kill:\n"
-                  f"{format_plan(latest_plan(client, keys))}\n")
+            victim.send_signal(signal.SIGKILL)
+            print(f"SIGKILLed node-b's worker (pid {victim.pid}) while the same request streamed again")
+            client_thread.join(timeout=120)
+            took = time.monotonic() - t0
+            text2, ids2 = result["r"]
+            print(f"the stream finished {took:.2f} s after the kill: "
+                  f"{'identical tokens' if ids2 == ids else 'DIFFERENT tokens'} ({len(ids2)} tokens)")
+            print(f"\n{format_plan(latest_plan(client, keys))}\n")
         finally:
             client.close()
             for d in daemons:
-                d.stop()
+                d.signal(signal.SIGTERM)
+            for d in daemons:
+                try:
+                    d.proc.wait(timeout=15)
+                except Exception:
+                    d.stop()
     print(f"logs in {work}")
-    return 0
+    return 0 if ids2 == ids else 1
 
 
 if __name__ == "__main__":

@@ -159,7 +159,7 @@ class EtcdClient:
         opts = [
             ("grpc.keepalive_time_ms", int(s.keepalive * 1000)),
             ("grpc.keepalive_timeout_ms", int(s.request_timeout * 1000)),
-            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.keepalive_permit_without_calls", 0),  # etcd answers idle pings with GOAWAY
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1000),

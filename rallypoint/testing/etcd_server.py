@@ -71,6 +71,7 @@ class EtcdCluster:
             shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
             self.root = Path(tempfile.mkdtemp(prefix="rallypoint-etcd-", dir=shm))
             self._own_root = True
+        self.root.mkdir(parents=True, exist_ok=True)
         for i in range(self.size):
             name = f"m{i}"
             self.members.append(EtcdMember(
