@@ -13,6 +13,7 @@ Key layout under ``/rallypoint/<cluster>/``::
     control/plans/<gen>          Plan of that generation (gen zero-padded so keys sort)
     control/released/<gen>       every member of plan <gen> acked: workers may build groups
     control/replan/<gen>         generation <gen> lost a rank: the leader writes the next plan
+    control/left/<node>          <node> left cleanly: re-plan now, no grace period
     control/abort/<gen>/<ranks>  abort order: workers abort the groups holding those ranks
     store/<gen>/<group>/...      torch.distributed.Store keys, fenced by generation
 """
@@ -85,6 +86,10 @@ class ClusterKeys:
 
     def released_of(self, gen: int) -> str:
         return f"{self.released}{gen:0{GEN_WIDTH}d}"
+
+    @property
+    def left(self) -> str:
+        return self.control + "left/"
 
     @property
     def replans(self) -> str:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from rallypoint.errors import ConfigError, LayoutError, LeaseLost, MalformedRecord, NodeIdConflict
+from rallypoint.errors import ConfigError, LayoutError, LeaseLost, MalformedRecord, NodeIdConflict, RallypointError
 from rallypoint.log import get_logger
 from rallypoint.rendezvous.etcd import EtcdClient, Lease, Mod, Put, PrefixWatch, Value, Version, WatchEvent
 from rallypoint.rendezvous.layout import make_plan
@@ -76,6 +76,8 @@ class Rendezvous:
         self._change_since: float | None = None
         self._last_problem = ""
         self._replan: tuple[int, str] | None = None  # (gen, reason): that generation lost a rank
+        self._grace_until = 0.0  # a new leader does not drop members before this (monotonic)
+        self._left: set[str] = set()  # nodes that said they were leaving before their key went
 
     # -- joining and leaving ------------------------------------------------------------------
 
@@ -89,6 +91,7 @@ class Rendezvous:
         """
         self.lease = self.client.keep_alive(self.settings.lease_ttl)
         self._register()
+        self.client.delete(self.keys.left + self.settings.node)  # back after a clean leave
         self._check_spec()
         kvs, rev = self.client.get_prefix(self.keys.control)
         for kv in kvs:
@@ -142,6 +145,10 @@ class Rendezvous:
             w.close()
         self._watches, self._leader_watches = [], []
         if self.lease is not None:
+            try:  # say so first: the leader re-plans at once instead of granting a grace period
+                self.client.put(self.keys.left + self.settings.node, json.dumps({"time": time.time()}))
+            except RallypointError as exc:
+                self.log.warning("rendezvous.leaving_mark_failed", error=str(exc))
             self.client.release(self.lease)
             self.lease = None
         self.is_leader = False
@@ -206,6 +213,9 @@ class Rendezvous:
                 if self.plan is None or plan.gen > self.plan.gen:
                     self.plan = plan
                     self.gen = max(self.gen, plan.gen)
+            elif ev.key.startswith(k.left):
+                name = ev.key[len(k.left):]
+                self._left.add(name) if ev.kind == "put" else self._left.discard(name)
             elif ev.key.startswith(k.replans) and ev.kind == "put":
                 self._replan = (gen_from_key(ev.key), ev.value.decode(errors="replace"))
             elif ev.key.startswith(k.released) and ev.kind == "put":
@@ -283,6 +293,8 @@ class Rendezvous:
             self._replan = None
             return self._write_plan(plan)
         now = time.monotonic()
+        if current is not None and set(current.members) - live - self._left and now < self._grace_until:
+            return ""  # members missing right after an election: wait for them to re-register
         if self._change_since is None:
             self._change_since = now
         if now - self._change_since < self.settings.last_call:
@@ -312,6 +324,8 @@ class Rendezvous:
             self.gen = int(held.value) if held else self.gen
             return f"lost the race for gen {plan.gen} (gen is now {self.gen})"
         self.plan, self.gen, self._change_since = plan, plan.gen, None
+        for name in self._left - set(plan.members):
+            self.client.delete(self.keys.left + name)
         self.log.info("rendezvous.plan_written", gen=plan.gen, world_size=plan.world_size,
                       tp=plan.tp, pp=plan.pp, dp=plan.dp, reason=plan.reason)
         return f"wrote plan gen {plan.gen} ({plan.reason})"
@@ -361,6 +375,9 @@ class Rendezvous:
         self.lease = self.client.keep_alive(self.settings.lease_ttl)
         self._register()
         self.acked_gen = 0  # acks rode the old lease
+        # Our lease ran out: most likely etcd was away and every node is re-registering at once.
+        # Should we lead next, give them a lease TTL before a missing node counts as gone.
+        self._grace_until = time.monotonic() + self.settings.lease_ttl
         self.log.warning("rendezvous.rejoined", old_lease=hex(old.id) if old else None,
                          lease=hex(self.lease.id))
         return "re-registered after lease loss"
