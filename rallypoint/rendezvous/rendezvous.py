@@ -205,7 +205,11 @@ class Rendezvous:
             elif ev.key == k.leader:
                 self.leader = ev.value.decode() if ev.kind == "put" else None
                 if self.is_leader and self.leader != self.settings.node:
-                    self._resign("leader key now says " + str(self.leader))
+                    held = self.client.get(k.leader)  # a stale delete (the key we replaced)?
+                    if held is not None and held.value.decode() == self.settings.node:
+                        self.leader = self.settings.node
+                    else:
+                        self._resign("leader key now says " + str(self.leader))
             elif ev.key == k.gen and ev.kind == "put":
                 self.gen = max(self.gen, int(ev.value))
             elif ev.key.startswith(k.plans) and ev.kind == "put":
