@@ -7,6 +7,7 @@ logged and waited out, never a reason to tear the current generation down.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -54,6 +55,7 @@ class Daemon:
         self.generation: Plan | None = None
         self.supervisor = self._make_supervisor() if cfg.worker.model else None
         self.degraded: str | None = None
+        self._diagnoses = None
 
     def _make_supervisor(self) -> Supervisor:
         cfg = self.cfg
@@ -99,7 +101,38 @@ class Daemon:
             raise EtcdUnavailable(
                 f"etcd unreachable at {endpoints} for {self.cfg.etcd.retry_deadline.total_seconds():g}s "
                 f"({exc})") from None
+        if self.supervisor is not None:
+            prefix = self.rendezvous.keys.root + "status/diagnosis/"
+            _, rev = self.client.get_prefix(prefix)
+            self._diagnoses = self.client.watch_prefix(prefix, rev + 1)
+            threading.Thread(target=self._follow_diagnoses, name="rallyd-diagnoses", daemon=True).start()
         self.notify.send(READY=1, STATUS=f"joined cluster {self.cfg.cluster}")
+
+    def _follow_diagnoses(self) -> None:
+        """A peer's watchdog named one of our workers stuck or dead: kill it, so the exit path
+        (abort order, re-plan, restart in place) takes over. ``slow`` suspects are only logged."""
+        import json
+
+        assert self._diagnoses is not None
+        while (ev := self._diagnoses.get()) is not None:
+            if ev.kind != "put":
+                continue
+            try:
+                d = json.loads(ev.value)
+                suspects = [s for s in d["suspects"] if s["seat"].split("/")[0] == self.cfg.node]
+            except (ValueError, KeyError, TypeError):
+                self.log.error("rallyd.malformed_diagnosis", key=ev.key)
+                continue
+            for s in suspects:
+                local = int(s["seat"].split("/")[1])
+                worker = self.supervisor.alive().get(local) if self.supervisor else None
+                self.log.warning("rallyd.suspect_named", gen=d.get("gen"), group=d.get("group"), seat=s["seat"],
+                                 kind=s["kind"], why=s.get("why"), pid=worker.pid if worker else None)
+                if worker is not None and s["kind"] in ("stuck", "dead"):
+                    try:
+                        os.kill(worker.pid, signal.SIGKILL)  # reported by the watcher like any exit
+                    except ProcessLookupError:
+                        pass
 
     def _on_release(self, plan: Plan) -> None:
         self.generation = plan
@@ -161,6 +194,9 @@ class Daemon:
     def shutdown(self) -> None:
         """Leave the rendezvous cleanly so peers re-plan without waiting for the lease."""
         self.notify.send(STOPPING=1, STATUS="leaving")
+        if self._diagnoses is not None:
+            self._diagnoses.close()
+            self._diagnoses.events.put(None)  # type: ignore[arg-type]
         if self.supervisor is not None:
             self.supervisor.stop_all()
         try:

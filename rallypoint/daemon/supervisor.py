@@ -140,5 +140,5 @@ def worker_argv(cluster: str, endpoints: str, node: str, model: str, device: str
                 "--dtype", dtype, "--max-batch", str(max_batch), "--max-seq", str(max_seq),
                 "--api-host", api_host, "--api-port", str(api_port + local_rank if api_port else 0),
                 "--deadline-floor", str(deadline_floor), "--after-gen", str(after_gen),
-                "--api-url-file", str(state_dir / f"api-{local_rank}.url")]
+                "--api-url-file", str(state_dir / f"api-{local_rank}.url"), "--die-with-parent"]
     return argv

@@ -162,6 +162,8 @@ class Worker:
                 if self.driver is None:
                     self.driver = Driver(self.queue, self.settings, self.runtime.device)
                 self._start_api()
+            if self.driver is not None:
+                self.driver.switch_to = 0  # any switch asked for is this very generation
             self.state = "serving"
             self.log.info("worker.serving", gen=plan.gen, rank=groups.rank, driver=is_driver,
                           shard_seconds=round(loaded, 3))
@@ -186,6 +188,18 @@ class Worker:
         return self.stopping.is_set()
 
 
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent (rallyd) dies: no orphan keeps a GPU."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass  # not Linux: the daemon's stop path still kills by PID
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rallypoint-worker")
     ap.add_argument("--cluster", required=True)
@@ -204,7 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--api-url-file", help="write the API's URL here once it listens")
     ap.add_argument("--after-gen", type=int, default=0,
                     help="join only plans newer than this (a restarted rank must not rejoin the failed generation)")
+    ap.add_argument("--die-with-parent", action="store_true", help="exit when the parent process dies")
     args = ap.parse_args(argv)
+    if args.die_with_parent:
+        die_with_parent()
+        if os.getppid() == 1:
+            return 4  # the parent died before we could ask
     configure_logging("info")
     worker = Worker(args)
     signal.signal(signal.SIGTERM, lambda *_: worker.stopping.set())

@@ -35,8 +35,11 @@ def worker_pid(daemon: DaemonProcess) -> int:
     return kids[0].pid
 
 
-def test_request_stream_lives_through_a_killed_worker(etcd: EtcdCluster, client: EtcdClient,
-                                                      cluster_name: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fault", ["SIGKILL", "SIGSTOP"])
+def test_request_stream_lives_through_a_failed_worker(etcd: EtcdCluster, client: EtcdClient, cluster_name: str,
+                                                      tmp_path: Path, fault: str) -> None:
+    """SIGKILL: the owning daemon sees the exit. SIGSTOP (a hang): the peer's watchdog trips, its
+    diagnosis names the stopped seat, and the owning daemon kills it; then the same path."""
     model = make_model(tmp_path / "model", "tiny", seed=1)
     keys = ClusterKeys(cluster_name)
     daemons = []
@@ -60,9 +63,9 @@ def test_request_stream_lives_through_a_killed_worker(etcd: EtcdCluster, client:
         time.sleep(0.2)
         victim = worker_pid(daemons[1])
         t_kill = time.monotonic()
-        psutil.Process(victim).send_signal(signal.SIGKILL)
-        # The owning daemon notices the exit and orders the abort of generation 1.
-        while time.monotonic() - t_kill < 5:
+        psutil.Process(victim).send_signal(getattr(signal, fault))
+        # The owning daemon notices the exit (after killing the stuck worker) and orders the abort.
+        while time.monotonic() - t_kill < 10:
             kvs, _ = client.get_prefix(keys.control + "abort/")
             if kvs:
                 break
@@ -70,7 +73,11 @@ def test_request_stream_lives_through_a_killed_worker(etcd: EtcdCluster, client:
         detected = time.monotonic() - t_kill
         order = json.loads(kvs[0].value)
         assert order["gen"] == 1 and order["ranks"] == [1] and "exited" in order["reason"]
-        assert detected < 1.0, f"abort order {detected:.3f}s after the kill"
+        # SIGKILL: the exit is seen at once. SIGSTOP: a deadline (1 s floor) first.
+        assert detected < (1.0 if fault == "SIGKILL" else 3.0), f"abort order {detected:.3f}s after {fault}"
+        if fault == "SIGSTOP":
+            assert "exited with code -9" in order["reason"]
+            assert '"rallyd.suspect_named"' in daemons[1].log_text() and '"kind": "stuck"' in daemons[1].log_text()
         for t in threads:
             t.join(timeout=120)
         assert [got.get(i) for i in range(len(requests))] == reference  # nothing lost, nothing changed
@@ -84,4 +91,60 @@ def test_request_stream_lives_through_a_killed_worker(etcd: EtcdCluster, client:
         for d in daemons:
             for p in psutil.Process(d.pid).children(recursive=True) if d.proc.poll() is None else []:
                 p.kill()
+            d.stop()
+
+
+@pytest.mark.parametrize("victim", ["rank-node", "leader"])
+def test_request_stream_lives_through_a_lost_node(etcd: EtcdCluster, client: EtcdClient, cluster_name: str,
+                                                  tmp_path: Path, victim: str) -> None:
+    """Three nodes, one rank slot each, TP=2: c is the leader (started first) and holds no rank.
+    SIGKILL a whole node (daemon and worker): b, whose rank moves to c once b's lease runs out; or
+    the leader c, after which a new leader writes the next plan and the replica switches to it."""
+    model = make_model(tmp_path / "model", "tiny", seed=3)
+    keys = ClusterKeys(cluster_name)
+    daemons: dict[str, DaemonProcess] = {}
+    try:
+        for node in ("c", "a", "b"):
+            args = daemon_args(etcd.endpoints, cluster_name, "--tp", "2", "--cpu-ranks", "1",
+                               "--state-dir", str(tmp_path / node), "--worker-model", str(model))
+            daemons[node] = DaemonProcess(node, args, tmp_path / f"{node}.log").start()
+            if node == "c":
+                daemons[node].wait_log("became leader", timeout=30)
+        url = wait_file(tmp_path / "a" / "api-0.url")
+        requests = [{"prompt": f"node loss {i}", "max_tokens": 40} for i in range(4)]
+        reference = [post(url, r)[1]["choices"][0]["token_ids"] for r in requests]
+        got: dict[int, list[int]] = {}
+
+        def client_stream(i: int) -> None:
+            events = stream(url, requests[i])
+            got[i] = [t for e in events for t in e["choices"][0]["token_ids"]]
+
+        threads = [threading.Thread(target=client_stream, args=(i,)) for i in range(len(requests))]
+        for t in threads:
+            t.start()
+        time.sleep(0.2)
+        lost = daemons["b" if victim == "rank-node" else "c"]
+        procs = [psutil.Process(lost.pid), *psutil.Process(lost.pid).children(recursive=True)]
+        for p in procs:
+            p.kill()
+        for t in threads:
+            t.join(timeout=120)
+        assert [got.get(i) for i in range(len(requests))] == reference
+        expected_nodes = ("a", "c") if victim == "rank-node" else ("a", "b")
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:  # the lost node's lease runs out, the (new) leader re-plans
+            kvs, _ = client.get_prefix(keys.plans)
+            last = Plan.from_json(kvs[-1].key, kvs[-1].value)
+            if last.members == expected_nodes:
+                break
+            time.sleep(0.1)
+        assert last.members == expected_nodes and {s.node for s in last.ranks} <= set(expected_nodes)
+        assert last.leader in expected_nodes
+        # The replica serves in the new generation too, with the same tokens.
+        assert post(url, requests[0])[1]["choices"][0]["token_ids"] == reference[0]
+    finally:
+        for d in daemons.values():
+            if d.proc is not None and d.proc.poll() is None:
+                for p in psutil.Process(d.pid).children(recursive=True):
+                    p.kill()
             d.stop()
