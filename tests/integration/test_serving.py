@@ -215,6 +215,23 @@ def test_request_lives_through_a_sigkilled_rank(deploy) -> None:
     assert '"gen": 2' in driver_log and '"shard_seconds": 0.0' in driver_log
 
 
+def test_pipeline_and_tensor_parallel_replicas_give_the_same_tokens(deploy) -> None:
+    """The same greedy request served at TP=1, at PP=2 and at TP=2 x PP=2 (the engine's pipeline
+    path: headers and hidden states down the stages, sampled tokens back to the first)."""
+    body = {"prompt": "pipeline stages", "max_tokens": 16}
+    tokens = []
+    for tp, pp in ((1, 1), (1, 2), (2, 2)):
+        d = deploy()
+        seats = [("n0", i) for i in range(tp * pp)]
+        workers = [d.start_worker(*s) for s in seats]
+        d.publish(tp, seats, pp=pp)
+        code, out, _ = post(d.url(workers[0]), body)
+        assert code == 200, out
+        tokens.append(out["choices"][0]["token_ids"])
+        d.close()
+    assert tokens[0] == tokens[1] == tokens[2] and len(tokens[0]) == 16
+
+
 def test_corrupt_shard_is_named(deploy, model_dir: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad-model"
     bad.mkdir()
