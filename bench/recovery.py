@@ -92,10 +92,16 @@ def one_run(url: str, state: Path, body: dict, reference: list[int], daemon: Dae
         "planned": planned,
         "rebuilt": first("worker-0.log", "groups.built", t_kill, gen=gen + 1),
         "loaded": first("worker-1.log", "worker.shard_loaded", t_kill),
-        "first_token": next((w for w, _ in stamps if w > t_kill), None),
     }
+    # The first token the new generation produced (tokens committed before the kill may still be
+    # in flight to the client just after it).
+    rebuilt = phases["rebuilt"] or t_kill
+    phases["first_token"] = next((w for w, _ in stamps if w > rebuilt), None)
+    same = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
+    before = sum(len(ids) for w, ids in stamps if w <= t_kill)
     return {"phases": {k: (v - t_kill if v else None) for k, v in phases.items()},
-            "identical": tokens == reference, "tokens": len(tokens)}
+            "identical": tokens == reference, "tokens": len(tokens), "first_difference": same,
+            "delivered_before_kill": before}
 
 
 def main() -> int:
@@ -105,6 +111,7 @@ def main() -> int:
     ap.add_argument("--size", default="1b")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=200)
+    ap.add_argument("--dtype", default="auto", help="the workers' dtype (auto: bf16 on GPU)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="rallypoint-recovery-"))
@@ -116,7 +123,7 @@ def main() -> int:
     results = []
     with EtcdCluster(1) as etcd:
         node_args = ["--tp", "2", "--state-dir", str(work / "n0"), "--worker-model", str(model),
-                     "--worker-max-seq", "512", "--worker-restart-budget", "100"]
+                     "--worker-max-seq", "512", "--worker-restart-budget", "100", "--worker-dtype", args.dtype]
         # daemon_args says --gpus 0; a later --gpus wins.
         node_args += ["--gpus", str(args.gpus)] if args.gpus else ["--cpu-ranks", "2"]
         daemon = DaemonProcess("n0", daemon_args(etcd.endpoints, "recovery") + node_args, work / "rallyd.log").start()
@@ -136,7 +143,8 @@ def main() -> int:
                 results.append(r)
                 print(f"run {run + 1}: " + ", ".join(f"{k} {v:.3f}s" if v is not None else f"{k} -"
                                                      for k, v in r["phases"].items())
-                      + f"; identical tokens: {r['identical']}", flush=True)
+                      + f"; identical tokens: {r['identical']} (first difference at token "
+                      f"{r['first_difference']}, {r['delivered_before_kill']} delivered before the kill)", flush=True)
                 time.sleep(1.0)
         finally:
             for p in psutil.Process(daemon.pid).children(recursive=True) if daemon.proc.poll() is None else []:

@@ -139,12 +139,12 @@ class Driver:
         if new is not None:
             row = free[0]
             self.rows[row] = new
-            seq = new.tokens_so_far
+            seq = new.prompt if new.fed is not None else new.tokens_so_far
             batch = [(row, new, seq, 0)]
             kind, s = PREFILL, len(seq)
         else:
-            batch = [(row, r, r.tokens_so_far + r.pending, None) for row, r in sorted(self.rows.items())
-                     if not self._exhausted(r)]
+            batch = [(row, r, r.known, None) for row, r in sorted(self.rows.items())
+                     if r.fed is not None or not self._exhausted(r)]
             batch = [(row, r, seq, len(seq) - 1) for row, r, seq, _ in batch]
             kind, s = (DECODE, 1) if batch else (IDLE, 0)
         hdr[0], hdr[1], hdr[2] = kind, len(batch), s
@@ -172,8 +172,9 @@ class Driver:
                 self.queue.finished(r)
         if produced and nxt is not None:
             for (row, r), tok in zip(produced, nxt.tolist()):
-                if row in self.rows:
-                    r.propose(int(tok))
+                if row in self.rows and not r.propose(int(tok)):
+                    self.queue.counts["replay_mismatch"] += 1
+                    log.warning("engine.replay_mismatch", request=r.id, position=len(r.prompt) + (r.fed or 0))
 
     def hold(self) -> list[Request]:
         """The generation was aborted: drop unconfirmed tokens, keep every request for resumption."""

@@ -53,6 +53,7 @@ class Request:
     pending: list[int] = field(default_factory=list)  # produced, not yet confirmed by a later step
     finish_reason: str | None = None
     resumed: int = 0  # times it was held over an abort and resumed
+    fed: int | None = None  # while resuming: how many committed tokens the new KV cache holds again
     error: str | None = None
     _cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
 
@@ -62,12 +63,30 @@ class Request:
         return self.prompt + self.committed
 
     @property
+    def known(self) -> list[int]:
+        """Prompt plus the tokens this generation's KV cache holds (or will, after this step)."""
+        if self.fed is not None:
+            return self.prompt + self.committed[:self.fed]
+        return self.prompt + self.committed + self.pending
+
+    @property
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def propose(self, token: int) -> None:
-        """A step produced ``token``; it commits when the next step succeeds."""
+    def propose(self, token: int) -> bool:
+        """A step produced ``token``; it commits when the next step succeeds.
+
+        While replaying, the token re-derives a committed one and is dropped; returns False when it
+        differs from what was committed (the computation was not reproduced exactly).
+        """
+        if self.fed is not None:
+            same = self.committed[self.fed] == token
+            self.fed += 1
+            if self.fed == len(self.committed):
+                self.fed = None
+            return same
         self.pending.append(token)
+        return True
 
     def commit(self, eos: int | None) -> None:
         """The steps that produced the pending tokens are confirmed: deliver them."""
@@ -84,10 +103,16 @@ class Request:
             self._cond.notify_all()
 
     def rollback(self) -> None:
-        """The generation was aborted: forget tokens no later step confirmed."""
+        """The generation was aborted: forget tokens no later step confirmed, and replay the rest.
+
+        The resumed request prefills its prompt and then re-feeds its committed tokens one decode
+        step at a time: the same kernels on the same shapes as the first time, so even in bf16 the
+        KV cache, and the greedy tokens after it, come out as they would have without the abort.
+        """
         with self._cond:
             self.pending.clear()
             self.resumed += 1
+            self.fed = 0 if self.committed else None
 
     def fail(self, why: str) -> None:
         with self._cond:
@@ -125,7 +150,7 @@ class RequestQueue:
         self.in_flight: dict[str, Request] = {}
         self.lock = threading.Lock()
         self.accepted = itertools.count()
-        self.counts = {"accepted": 0, "completed": 0, "rejected": 0, "resumed": 0, "failed": 0}
+        self.counts = {"accepted": 0, "completed": 0, "rejected": 0, "resumed": 0, "failed": 0, "replay_mismatch": 0}
 
     def submit(self, req: Request) -> Request:
         """Accept ``req`` or raise ``QueueFull``."""
