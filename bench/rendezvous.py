@@ -8,12 +8,12 @@ run) to keep them off one GIL. In a worker, members share an ``EtcdClient`` (gRP
 queued, the leader, or members that have seen no leader yet; otherwise sleep until an event comes
 or the leader's last call ends.
 
-K for a 2-core machine: 2 processes, one per core, one driver thread each. A member's work (parse
-the plan, ack it, take watch events, refresh its lease) is CPU, and etcd needs CPU beside it, so the
-two cores are the limit: K = 4 and 8 measured within run-to-run noise of K = 2 at N = 256 (more
-processes add only switches and per-process gRPC, watch and lease-keeper threads), K = 1 twice as
-slow, and a thread per member (``--threads 0``) makes a GIL convoy that starves the lease keepers
-until leases expire. A worker's RPCs go in series; the other worker and etcd use the CPU meanwhile.
+K for a 2-core machine: 4 processes, two per core, one driver thread each. A worker steps its
+members in series, so each of its RPCs leaves its core idle unless another worker (or etcd) has work:
+two per core fill those waits. Measured at N = 256 (last call 0.1 s, alternating runs): K = 4 beat
+K = 2 in each of 4 pairs, by 0.1-0.4 s; K = 8 was no better than 4 (its extra gRPC, watch and
+lease-keeper threads cost CPU), K = 1 took twice as long, and a thread per member (``--threads 0``)
+made a GIL convoy that starved the lease keepers until leases expired.
 
 One run, on a fresh cluster name: every worker builds its members and joins them; each records the
 wall-clock time (``time.time()``, shared by the processes) its last ``join()`` returned, and the
@@ -27,7 +27,7 @@ background lease refreshes by the member whose driver issued each), the leader's
 time of workers and etcd, and what other processes and the host took of this shared VM.
 
 Usage: ``.venv/bin/python bench/rendezvous.py [--sizes 16,64,256] [--last-call 0.5,0.1] [--repeats 3]
-[--procs 2] [--threads 1] [--per-client 16] [--lease-ttl 3] [--json out.json]``
+[--procs 4] [--threads 1] [--per-client 16] [--lease-ttl 3] [--json out.json]``
 """
 
 from __future__ import annotations
@@ -532,7 +532,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--last-call", type=floats, default=[0.5, 0.1],
                    help="last-call windows in seconds, comma-separated (one table row each)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--procs", type=int, default=2, help="worker processes the members are spread over")
+    p.add_argument("--procs", type=int, default=4, help="worker processes the members are spread over")
     p.add_argument("--per-client", type=int, default=16, help="members sharing one EtcdClient (gRPC channel)")
     p.add_argument("--lease-ttl", type=float, default=3.0, help="member lease TTL, seconds (rallyd's default)")
     p.add_argument("--slots", type=int, default=2, help="rank slots per member node")
