@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 
 from rallypoint.comm.collectives import Comm
 from rallypoint.errors import RallypointError

@@ -13,29 +13,16 @@ It extends ``rank_agent``'s protocol (configure, primitives, loop, abort, stats,
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import queue
-import subprocess
 import sys
-import threading
 import time
-import traceback
-from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 
-from rallypoint.log import configure_logging
-from rallypoint.rendezvous.etcd import EtcdSettings, endpoints_from
-from rallypoint.testing.rank_agent import Agent, reply
-from rallypoint.testing.ranks import RankPool, RankProcess
+from rallypoint.testing.rank_agent import Agent, serve
 from rallypoint.worker.llama_config import LlamaConfig
 from rallypoint.worker.model import StageModel
 from rallypoint.worker.pipeline import pipeline_forward, share_tokens, stage_layers
-from rallypoint.worker.runtime import RankRuntime, RuntimeSettings
 from rallypoint.worker.sampling import sample
 from rallypoint.worker.shards import load_stage
 
@@ -91,74 +78,8 @@ class ModelAgent(Agent):
                 "logits": logits_out if gs.is_last_stage else None}
 
 
-class ModelRankProcess(RankProcess):
-    """A ``RankProcess`` running ``model_agent`` instead of ``rank_agent``."""
-
-    def __init__(self, endpoints: tuple[str, ...], cluster: str, log_path: Path,
-                 device: str = "cpu", deadline_floor: float = 5.0, env: dict[str, str] | None = None) -> None:
-        self.log_path = log_path
-        self._log = open(log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rallypoint.testing.model_agent", "--cluster", cluster,
-             "--endpoints", ",".join(endpoints), "--device", device, "--deadline-floor", str(deadline_floor)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
-            env={**os.environ, **(env or {})}, start_new_session=True)
-        self.replies: queue.Queue[dict[str, Any]] = queue.Queue()
-        self._pending: dict[int, dict[str, Any]] = {}
-        threading.Thread(target=self._read, daemon=True).start()
-        self.ready: dict[str, Any] | None = None
-
-
-class ModelRankPool(RankPool):
-    """``RankPool`` of ``ModelRankProcess``es."""
-
-    def spawn(self, n: int) -> list[RankProcess]:
-        new: list[RankProcess] = [
-            ModelRankProcess(self.endpoints, self.cluster, self.log_dir / f"rank{next(self._count)}.log", **self.kw)
-            for _ in range(n)]
-        for p in new:
-            p.wait_ready()
-        self.all.extend(new)
-        return new
-
-
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--cluster", required=True)
-    ap.add_argument("--endpoints", required=True)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--deadline-floor", type=float, default=5.0)
-    args = ap.parse_args()
-    configure_logging("info", json=True)
-    torch.set_num_threads(1)  # several ranks share a few cores
-    rt = RankRuntime(RuntimeSettings(
-        cluster=args.cluster, device=args.device, deadline_floor=args.deadline_floor,
-        etcd=EtcdSettings(endpoints=endpoints_from(args.endpoints), request_timeout=1.0, retry_deadline=5.0)))
-    agent = ModelAgent(rt)
-    work: queue.Queue[dict[str, Any] | None] = queue.Queue()
-
-    def reader() -> None:
-        for line in sys.stdin:
-            cmd = json.loads(line)
-            if cmd["cmd"] == "abort":
-                labels = rt.abort_generation(cmd["gen"], cmd.get("reason", "abort order"), tuple(cmd.get("ranks", ())))
-                reply({"id": cmd.get("id"), "ok": True, "aborted": labels})
-            else:
-                work.put(cmd)
-        work.put(None)
-
-    threading.Thread(target=reader, daemon=True).start()
-    reply({"ready": True, "pid": psutil.Process().pid})
-    while (cmd := work.get()) is not None:
-        if cmd["cmd"] == "exit":
-            break
-        try:
-            reply({"id": cmd.get("id"), "ok": True, **getattr(agent, cmd["cmd"])(cmd)})
-        except Exception as exc:
-            reply({"id": cmd.get("id"), "ok": False, "error": type(exc).__name__, "message": str(exc),
-                   "trace": traceback.format_exc()[-2000:]})
-    rt.close()
-    return 0
+    return serve(ModelAgent, default_floor=5.0)
 
 
 if __name__ == "__main__":

@@ -126,17 +126,22 @@ class Agent:
 
 
 def main() -> int:
+    return serve(Agent)
+
+
+def serve(agent_cls: type, default_floor: float = 1.0) -> int:
+    """Run an agent of ``agent_cls`` (``Agent`` or a subclass) over stdin/stdout until ``exit``."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--cluster", required=True)
     ap.add_argument("--endpoints", required=True)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--deadline-floor", type=float, default=1.0)
+    ap.add_argument("--deadline-floor", type=float, default=default_floor)
     args = ap.parse_args()
     configure_logging("info", json=True)
     rt = RankRuntime(RuntimeSettings(
         cluster=args.cluster, device=args.device, deadline_floor=args.deadline_floor,
         etcd=EtcdSettings(endpoints=endpoints_from(args.endpoints), request_timeout=1.0, retry_deadline=5.0)))
-    agent = Agent(rt)
+    agent = agent_cls(rt)
     work: queue.Queue[dict[str, Any] | None] = queue.Queue()
 
     def reader() -> None:

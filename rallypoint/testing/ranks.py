@@ -20,11 +20,12 @@ class RankProcess:
     _ids = itertools.count(1)
 
     def __init__(self, endpoints: tuple[str, ...], cluster: str, log_path: Path,
-                 device: str = "cpu", deadline_floor: float = 1.0, env: dict[str, str] | None = None) -> None:
+                 device: str = "cpu", deadline_floor: float = 1.0, env: dict[str, str] | None = None,
+                 module: str = "rallypoint.testing.rank_agent") -> None:
         self.log_path = log_path
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rallypoint.testing.rank_agent", "--cluster", cluster,
+            [sys.executable, "-m", module, "--cluster", cluster,
              "--endpoints", ",".join(endpoints), "--device", device, "--deadline-floor", str(deadline_floor)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
             env={**os.environ, **(env or {})}, start_new_session=True)

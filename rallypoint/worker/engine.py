@@ -123,7 +123,7 @@ class Driver:
 
     def plan(self) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[int, Request]]]:
         """Decide the next step: (header, tokens, [(row, request)] producing a token)."""
-        mb, st = self.settings.max_batch, self.settings
+        mb = self.settings.max_batch
         hdr = torch.zeros(header_size(mb), dtype=torch.int64)
         if self.switch_to:
             hdr[0], hdr[3] = SWITCH, self.switch_to

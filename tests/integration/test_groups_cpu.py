@@ -10,7 +10,6 @@ import itertools
 import os
 import json
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path

@@ -21,7 +21,7 @@ import torch
 
 from rallypoint.rendezvous.records import Plan, RankSlot
 from rallypoint.testing.etcd_server import EtcdCluster
-from rallypoint.testing.model_agent import ModelRankPool
+from rallypoint.testing.ranks import RankPool
 from rallypoint.testing.ranks import RankProcess
 from rallypoint.worker.checkpoint import make_model
 from rallypoint.worker.sampling import generate
@@ -46,9 +46,9 @@ def reference(ckpt: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def pool(etcd: EtcdCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelRankPool]:
-    p = ModelRankPool(etcd.endpoints, f"model-{uuid.uuid4().hex[:8]}", tmp_path_factory.mktemp("ranks"),
-                      deadline_floor=5.0)
+def pool(etcd: EtcdCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RankPool]:
+    p = RankPool(etcd.endpoints, f"model-{uuid.uuid4().hex[:8]}", tmp_path_factory.mktemp("ranks"),
+                 deadline_floor=5.0, module="rallypoint.testing.model_agent")
     p.spawn(4)  # every case reuses these
     yield p
     p.close()
@@ -64,7 +64,7 @@ def run_all(procs: list[RankProcess], cmd: str, per_proc: list[dict] | None = No
 
 @pytest.mark.parametrize("tp,pp,rows", [(1, 1, None), (2, 1, None), (4, 1, None), (2, 2, None), (2, 2, [2, 0])],
                          ids=["tp1", "tp2", "tp4", "tp2xpp2", "tp2xpp2-rows"])
-def test_sharded_decode_matches_reference(pool: ModelRankPool, ckpt: Path, reference, tp: int, pp: int,
+def test_sharded_decode_matches_reference(pool: RankPool, ckpt: Path, reference, tp: int, pp: int,
                                           rows: list[int] | None) -> None:
     ref_tokens, ref_logits = reference
     n = tp * pp

@@ -13,7 +13,6 @@ from rallypoint.rendezvous.etcd import EtcdClient
 from rallypoint.rendezvous.records import ClusterKeys, Plan
 from rallypoint.testing.daemons import DaemonProcess, daemon_args
 from rallypoint.testing.etcd_server import EtcdCluster
-from tests.conftest import make_client
 
 TTL = 3.0
 
