@@ -14,6 +14,7 @@ and members that started k like us are victims, not suspects.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import time
@@ -35,6 +36,7 @@ class Suspect:
     seat: str
     kind: str  # dead | stuck | slow
     why: str
+    pid: int | None = None  # the process the verdict is about, when its record names one
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ class Diagnosis:
     def to_event(self) -> dict[str, Any]:
         return {"gen": self.gen, "group": self.group, "seq": self.seq, "op": self.op,
                 "trigger": self.trigger, "waited": round(self.waited, 4), "deadline": round(self.deadline, 4),
-                "suspects": [{"rank": s.rank, "seat": s.seat, "kind": s.kind, "why": s.why}
+                "suspects": [{"rank": s.rank, "seat": s.seat, "kind": s.kind, "why": s.why, "pid": s.pid}
                              for s in self.suspects]}
 
 
@@ -152,7 +154,8 @@ def diagnose(board: ProgressBoard | None, group: Any, seq: int, op: str, trigger
         seat = f"{node}/{local}"
         if seat == my_seat:
             continue
-        s = classify(seat, rank, records.get(seat), group.label, seq, now, stale_after, host, now - waited)
+        rec = records.get(seat)
+        s = classify(seat, rank, rec, group.label, seq, now, stale_after, host, now - waited)
         if s is not None:
-            suspects.append(s)
+            suspects.append(dataclasses.replace(s, pid=rec.pid) if rec is not None else s)
     return Diagnosis(group.gen, group.label, seq, op, tuple(suspects), trigger, waited, deadline)

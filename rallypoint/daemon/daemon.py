@@ -79,14 +79,18 @@ class Daemon:
         reason = f"rank {rank} ({self.cfg.node}/{worker.local_rank}, pid {worker.pid}) exited with code {code}"
         try:
             order_abort(self.client, self.rendezvous.keys, plan.gen, [rank] if rank >= 0 else [], reason)
-            self.rendezvous.request_replan(plan.gen, reason + "; restarted in place")
         except RallypointError as exc:
             self.log.error("rallyd.abort_order_failed", gen=plan.gen, error=str(exc))
+        # Start the replacement before asking for the next plan, so the plan finds it starting.
         if self.supervisor is not None and self.supervisor.may_restart():
-            self.supervisor.start(worker.local_rank, after_gen=plan.gen)
+            self.supervisor.ensure(worker.local_rank, after_gen=plan.gen)
         else:
             self.degraded = f"seat {self.cfg.node}/{worker.local_rank} left down: restart budget spent"
             self.log.error("rallyd.degraded", gen=plan.gen, why=self.degraded)
+        try:
+            self.rendezvous.request_replan(plan.gen, reason + "; restarted in place")
+        except RallypointError as exc:
+            self.log.error("rallyd.replan_request_failed", gen=plan.gen, error=str(exc))
 
     def join(self) -> None:
         """Join the rendezvous, retrying an unreachable etcd until ``etcd.retry_deadline``.
@@ -109,8 +113,8 @@ class Daemon:
         self.notify.send(READY=1, STATUS=f"joined cluster {self.cfg.cluster}")
 
     def _follow_diagnoses(self) -> None:
-        """A peer's watchdog named one of our workers stuck or dead: kill it, so the exit path
-        (abort order, re-plan, restart in place) takes over. ``slow`` suspects are only logged."""
+        """A peer's watchdog named one of our workers stuck: kill it, so the exit path (abort
+        order, re-plan, restart in place) takes over. ``dead`` and ``slow`` are only logged."""
         import json
 
         assert self._diagnoses is not None
@@ -128,7 +132,9 @@ class Daemon:
                 worker = self.supervisor.alive().get(local) if self.supervisor else None
                 self.log.warning("rallyd.suspect_named", gen=d.get("gen"), group=d.get("group"), seat=s["seat"],
                                  kind=s["kind"], why=s.get("why"), pid=worker.pid if worker else None)
-                if worker is not None and s["kind"] in ("stuck", "dead"):
+                # Only the process the verdict is about: a diagnosis may arrive after its seat was
+                # already restarted, and must not kill the replacement. Dead ones exit by themselves.
+                if worker is not None and s["kind"] == "stuck" and s.get("pid") == worker.pid:
                     try:
                         os.kill(worker.pid, signal.SIGKILL)  # reported by the watcher like any exit
                     except ProcessLookupError:
@@ -138,10 +144,9 @@ class Daemon:
         self.generation = plan
         mine = plan.ranks_on(self.cfg.node)
         if self.supervisor is not None:
-            alive = self.supervisor.alive()
             for slot in mine:
-                if slot.local_rank not in alive:
-                    self.supervisor.start(slot.local_rank, after_gen=plan.gen - 1)
+                self.supervisor.ensure(slot.local_rank, after_gen=plan.gen - 1)
+            alive = self.supervisor.alive()
             for lr in set(alive) - {s.local_rank for s in mine}:
                 self.supervisor.stop(lr)  # this seat has no rank in the new layout
         self.log.info("rallyd.generation_released", gen=plan.gen, world_size=plan.world_size,

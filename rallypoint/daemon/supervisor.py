@@ -72,6 +72,7 @@ class Supervisor:
         self.workers: dict[int, WorkerProcess] = {}
         self.restarts: deque[float] = deque()
         self._lock = threading.Lock()
+        self._start_lock = threading.Lock()
 
     def start(self, local_rank: int, after_gen: int = 0) -> WorkerProcess:
         """Start the worker of seat ``local_rank`` (it joins the first plan newer than ``after_gen``)."""
@@ -86,6 +87,15 @@ class Supervisor:
         threading.Thread(target=self._watch, args=(w,), name=f"watch-worker-{local_rank}", daemon=True).start()
         log.info("supervisor.started", local_rank=local_rank, pid=proc.pid, after_gen=after_gen)
         return w
+
+    def ensure(self, local_rank: int, after_gen: int = 0) -> WorkerProcess:
+        """The live worker of seat ``local_rank``, started if there is none (atomic: the exit
+        watcher and the daemon's loop may both ask at once, and a seat gets one process)."""
+        with self._start_lock:
+            w = self.workers.get(local_rank)
+            if w is not None and w.proc.poll() is None:
+                return w
+            return self.start(local_rank, after_gen)
 
     def may_restart(self) -> bool:
         """True (and counted) while the restart budget of the window is not spent."""
