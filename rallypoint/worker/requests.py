@@ -4,8 +4,8 @@ Every accepted request gets an id and a journal: the tokens generated so far. A 
 journal (and reaches the client) only once the step *after* the one that produced it finished in
 the same generation: NCCL can complete the collective in flight at a peer's death with that peer's
 share missing, and the next step is the one that hangs and gets aborted. On an abort the last,
-uncommitted tokens are dropped and the request resumes after the rebuild by prefilling prompt +
-committed tokens, so the client sees one uninterrupted completion, identical to a failure-free run.
+uncommitted tokens are dropped and the request resumes after the rebuild by prefilling its prompt
+and replaying its committed tokens, so the client sees one uninterrupted completion.
 """
 
 from __future__ import annotations
