@@ -53,9 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, when run as a script
 
 from rallypoint.errors import EtcdError  # noqa: E402
 from rallypoint.log import configure_logging  # noqa: E402
@@ -63,6 +61,7 @@ from rallypoint.rendezvous.etcd import EtcdClient, EtcdSettings  # noqa: E402
 from rallypoint.rendezvous.records import ClusterSpec  # noqa: E402
 from rallypoint.rendezvous.rendezvous import Rendezvous, RendezvousSettings, local_record  # noqa: E402
 from rallypoint.testing.etcd_server import INSTALL_HINT, EtcdCluster, etcd_binary  # noqa: E402
+
 
 @dataclass(frozen=True)
 class RunSpec:

@@ -32,14 +32,14 @@ class Watchdog(threading.Thread):
         self.interval = interval
         self.publish_every = publish_every
         self.trips = 0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self._last_publish = 0.0
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
 
     def run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._halt.wait(self.interval):
             try:
                 self.check()
             except Exception:  # the watchdog must outlive any one bad sweep

@@ -380,7 +380,7 @@ class LeaseKeeper(threading.Thread):
         self._client = client
         self._leases: dict[int, Lease] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self.start()
 
     def add(self, lease: Lease) -> None:
@@ -392,10 +392,10 @@ class LeaseKeeper(threading.Thread):
             self._leases.pop(lease.id, None)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
 
     def run(self) -> None:
-        while not self._stop.wait(0.05):
+        while not self._halt.wait(0.05):
             now = time.monotonic()
             with self._lock:
                 due = [l for l in self._leases.values() if now - l.last_refresh >= l.ttl / 3]
