@@ -74,19 +74,10 @@ def make_plan(gen: int, nodes: Iterable[NodeRecord], spec: ClusterSpec, reason: 
     return plan
 
 
-def same_layout(plan: Plan, other: Plan) -> bool:
-    """True when two plans place the same ranks on the same seats with the same members."""
-    return (plan.ranks, plan.members, plan.tp, plan.pp, plan.dp) == (
-        other.ranks, other.members, other.tp, other.pp, other.dp)
-
-
 def group_ranks(tp_size: int, pp_size: int, dp_size: int) -> dict[str, list[list[int]]]:
     """Every TP, PP and DP group of the grid, as lists of global ranks (vLLM's order)."""
-    grid = [(d, p, t) for d in range(dp_size) for p in range(pp_size) for t in range(tp_size)]
-    def r(d: int, p: int, t: int) -> int:
-        return rank_of(Coords(d, p, t), tp_size, pp_size)
-    return {
-        "tp": [[r(d, p, t) for t in range(tp_size)] for d in range(dp_size) for p in range(pp_size)],
-        "pp": [[r(d, p, t) for p in range(pp_size)] for d in range(dp_size) for t in range(tp_size)],
-        "dp": [[r(d, p, t) for d in range(dp_size)] for p in range(pp_size) for t in range(tp_size)],
-    } if grid else {"tp": [], "pp": [], "dp": []}
+    from rallypoint.groups.topology import members
+
+    world = tp_size * pp_size * dp_size
+    return {name: [list(g) for g in sorted({members(name, r, tp_size, pp_size, dp_size) for r in range(world)})]
+            for name in ("tp", "pp", "dp")}
