@@ -29,6 +29,21 @@ def wait_file(path: Path, timeout: float = 90) -> str:
     raise AssertionError(f"{path} never appeared")
 
 
+def start_streams(url: str, requests: list[dict]) -> tuple[dict[int, list[int]], list[threading.Thread]]:
+    """Stream every request from its own thread; ``got[i]`` fills with request i's tokens."""
+    got: dict[int, list[int]] = {}
+
+    def client_stream(i: int) -> None:
+        events = stream(url, requests[i])
+        got[i] = [t for e in events for t in e["choices"][0]["token_ids"]]
+
+    threads = [threading.Thread(target=client_stream, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)  # let them get going before the fault
+    return got, threads
+
+
 def worker_pid(daemon: DaemonProcess) -> int:
     kids = [p for p in psutil.Process(daemon.pid).children() if "rallypoint.worker" in " ".join(p.cmdline())]
     assert len(kids) == 1, kids
@@ -51,16 +66,7 @@ def test_request_stream_lives_through_a_failed_worker(etcd: EtcdCluster, client:
         url = wait_file(tmp_path / "a" / "api-0.url")
         requests = [{"prompt": f"request {i}: the quick brown fox", "max_tokens": 40} for i in range(6)]
         reference = [post(url, r)[1]["choices"][0]["token_ids"] for r in requests]
-        got: dict[int, list[int]] = {}
-
-        def client_stream(i: int) -> None:
-            events = stream(url, requests[i])
-            got[i] = [t for e in events for t in e["choices"][0]["token_ids"]]
-
-        threads = [threading.Thread(target=client_stream, args=(i,)) for i in range(len(requests))]
-        for t in threads:
-            t.start()
-        time.sleep(0.2)
+        got, threads = start_streams(url, requests)
         victim = worker_pid(daemons[1])
         t_kill = time.monotonic()
         psutil.Process(victim).send_signal(getattr(signal, fault))
@@ -113,16 +119,7 @@ def test_request_stream_lives_through_a_lost_node(etcd: EtcdCluster, client: Etc
         url = wait_file(tmp_path / "a" / "api-0.url")
         requests = [{"prompt": f"node loss {i}", "max_tokens": 40} for i in range(4)]
         reference = [post(url, r)[1]["choices"][0]["token_ids"] for r in requests]
-        got: dict[int, list[int]] = {}
-
-        def client_stream(i: int) -> None:
-            events = stream(url, requests[i])
-            got[i] = [t for e in events for t in e["choices"][0]["token_ids"]]
-
-        threads = [threading.Thread(target=client_stream, args=(i,)) for i in range(len(requests))]
-        for t in threads:
-            t.start()
-        time.sleep(0.2)
+        got, threads = start_streams(url, requests)
         lost = daemons["b" if victim == "rank-node" else "c"]
         procs = [psutil.Process(lost.pid), *psutil.Process(lost.pid).children(recursive=True)]
         for p in procs:
