@@ -182,7 +182,10 @@ class WorkerConfig:
         api_host, api_port: where a replica's driver serves HTTP; port 0 picks a free one.
         restart_budget: worker restarts allowed per ``restart_window``; past it the seat is left
             down (degraded) instead of restarting in a loop.
-        restart_window: the window of ``restart_budget``.
+        restart_window: the window of ``restart_budget``; a seat left down for it is tried again
+            after one window.
+        drain_timeout: on SIGTERM, how long this node's replicas get to finish the requests in
+            flight before it leaves anyway (keep under systemd's ``TimeoutStopSec``).
     """
 
     model: str | None = _opt(None, "str")
@@ -193,6 +196,7 @@ class WorkerConfig:
     api_port: int = _opt(0, "int", ge=0)
     restart_budget: int = _opt(5, "int", ge=0)
     restart_window: timedelta = _opt(_secs(60.0), "seconds", gt=0)
+    drain_timeout: timedelta = _opt(_secs(30.0), "seconds", ge=0)
 
 
 @dataclass(frozen=True)

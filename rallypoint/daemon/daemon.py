@@ -1,28 +1,40 @@
-"""rallyd's main loop: join the rendezvous, then cycle, saying what each cycle did.
+"""rallyd's main loop: join the rendezvous, run this node's workers, carry out recoveries.
 
-At this stage the daemon rendezvouses and reports every released plan; worker supervision and
-recovery plug into ``_on_release`` and ``run_cycle``. The loop is fail-static: an etcd outage is
-logged and waited out, never a reason to tear the current generation down.
+Each cycle says what it did (Patroni style). The loop is fail-static: an etcd outage is logged
+and waited out, never a reason to tear the current generation down. A failed worker is handled on
+its watcher thread, at once: the abort order goes out, the seat gets a replacement by the
+strategy ``recovery.strategy`` chooses (warm spare, cold restart, or left down so the leader
+shrinks), and the next plan is asked for. Every step is also written as a recovery event.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
 import time
+from dataclasses import replace
 from types import FrameType
 
+from rallypoint.daemon.channel import ChannelServer, Peer, channel_address
 from rallypoint.daemon.config import Config
+from rallypoint.daemon.gpu_health import GpuHealth, load_nvml
 from rallypoint.daemon.sd_notify import Notifier
-from rallypoint.daemon.supervisor import Supervisor, WorkerProcess, worker_argv
-from rallypoint.errors import EtcdError, EtcdUnavailable, RallypointError
+from rallypoint.daemon.supervisor import Supervisor, WorkerCommand, WorkerProcess
+from rallypoint.errors import EtcdError, EtcdUnavailable, MalformedRecord, RallypointError
 from rallypoint.log import get_logger
+from rallypoint.recovery import events as ev
+from rallypoint.recovery.events import Event, EventLog, events_prefix, prune_events
+from rallypoint.recovery.machine import RecoveryMachine
+from rallypoint.recovery.strategy import RESTART, SHRINK, SPARE, choose
 from rallypoint.rendezvous.etcd import EtcdClient
-from rallypoint.rendezvous.records import ClusterSpec, Plan
+from rallypoint.rendezvous.records import ClusterKeys, ClusterSpec, Plan
 from rallypoint.rendezvous.rendezvous import Rendezvous, RendezvousSettings, local_record
+from rallypoint.worker.control import order_abort
 
 BUG = "unexpected error in the loop, please report it as a BUG"
+KEEP_EVENT_GENS = 100
 
 
 def cluster_spec(cfg: Config) -> ClusterSpec:
@@ -50,47 +62,127 @@ class Daemon:
             lease_ttl=rv.lease_ttl.total_seconds(), last_call=rv.last_call.total_seconds(),
             idle_wait=min(0.2, rv.heartbeat.total_seconds()))
         record = local_record(cfg.node, cfg.address, cfg.layout.node_gpus(), cfg.layout.node_slots())
-        self.rendezvous = Rendezvous(self.client, settings, record, on_release=self._on_release)
+        self.events = EventLog(self.client, ClusterKeys(cfg.cluster), by=cfg.node)
+        self.rendezvous = Rendezvous(self.client, settings, record, on_release=self._on_release,
+                                     on_event=self.events.emit)
+        self.keys = self.rendezvous.keys
         self.stopping = threading.Event()
         self.generation: Plan | None = None
+        self.channel: ChannelServer | None = None
         self.supervisor = self._make_supervisor() if cfg.worker.model else None
-        self.degraded: str | None = None
-        self._diagnoses = None
+        self.bad_seats: dict[int, tuple[str, float | None]] = {}  # local rank -> (why, retry at)
+        self._seat_lock = threading.Lock()
+        self.machine = RecoveryMachine()
+        self.gpu_health: GpuHealth | None = None
+        self._watches: list = []
+
+    # -- workers ----------------------------------------------------------------------------
 
     def _make_supervisor(self) -> Supervisor:
-        cfg = self.cfg
-        w = cfg.worker
+        cfg, w = self.cfg, self.cfg.worker
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        address = channel_address(cfg.state_dir, cfg.node)
+        self.channel = ChannelServer(address, self._on_channel_message)
         device = "cuda" if cfg.layout.node_gpus() > 0 else "cpu"
-        argv = worker_argv(cfg.cluster, ",".join(cfg.etcd.endpoints), cfg.node, str(w.model), device, w.dtype,
-                           w.max_batch, w.max_seq, w.api_host, w.api_port,
-                           cfg.collectives.deadline_floor.total_seconds(), cfg.state_dir)
-        return Supervisor(argv, cfg.state_dir / "logs", self._on_worker_exit, w.restart_budget,
-                          w.restart_window.total_seconds())
+        command = WorkerCommand(cfg.cluster, ",".join(cfg.etcd.endpoints), cfg.node, str(w.model), device, w.dtype,
+                                w.max_batch, w.max_seq, w.api_host, w.api_port,
+                                cfg.collectives.deadline_floor.total_seconds(), cfg.state_dir, address)
+        return Supervisor(command, cfg.state_dir / "logs", self._on_worker_exit, w.restart_budget,
+                          w.restart_window.total_seconds(), spares=cfg.layout.spares, channel=self.channel,
+                          seat_params=command.seat_params)
+
+    def _on_channel_message(self, peer: Peer, msg: dict) -> None:
+        if msg.get("op") == "hello":
+            self.log.info("rallyd.worker_connected", pid=peer.pid, role=peer.role, local_rank=peer.local_rank)
+
+    def _seat_rank(self, plan: Plan, local_rank: int | None) -> int:
+        seat = [s for s in plan.ranks if s.node == self.cfg.node and s.local_rank == local_rank]
+        return seat[0].rank if seat else -1
 
     def _on_worker_exit(self, worker: WorkerProcess, code: int) -> None:
-        """A worker died (watcher thread): order the abort, ask for the next plan, restart it in place."""
-        from rallypoint.worker.control import order_abort
-
+        """A worker died (watcher thread): order the abort, replace the seat, ask for the next plan."""
         plan = self.generation
-        if plan is None:
+        if plan is None or worker.local_rank is None:
             return
-        seat = [s for s in plan.ranks if s.node == self.cfg.node and s.local_rank == worker.local_rank]
-        rank = seat[0].rank if seat else -1
-        reason = f"rank {rank} ({self.cfg.node}/{worker.local_rank}, pid {worker.pid}) exited with code {code}"
+        lr = worker.local_rank
+        rank = self._seat_rank(plan, lr)
+        reason = f"rank {rank} ({self.cfg.node}/{lr}, pid {worker.pid}) exited with code {code}"
+        self.events.emit(plan.gen, ev.RANK_FAILED, rank=rank, local_rank=lr, pid=worker.pid, code=code, reason=reason)
         try:
-            order_abort(self.client, self.rendezvous.keys, plan.gen, [rank] if rank >= 0 else [], reason)
+            order_abort(self.client, self.keys, plan.gen, [rank] if rank >= 0 else [], reason)
+            self.events.emit(plan.gen, ev.ABORT_ORDERED, ranks=[rank] if rank >= 0 else [], reason=reason)
         except RallypointError as exc:
             self.log.error("rallyd.abort_order_failed", gen=plan.gen, error=str(exc))
-        # Start the replacement before asking for the next plan, so the plan finds it starting.
-        if self.supervisor is not None and self.supervisor.may_restart():
-            self.supervisor.ensure(worker.local_rank, after_gen=plan.gen)
-        else:
-            self.degraded = f"seat {self.cfg.node}/{worker.local_rank} left down: restart budget spent"
-            self.log.error("rallyd.degraded", gen=plan.gen, why=self.degraded)
+        if self.stopping.is_set() or self.supervisor is None:
+            return
+        gpu_bad = self.gpu_health.bad.get(lr) if self.gpu_health else None
+        with self._seat_lock:
+            seat_bad = self.bad_seats.get(lr)
+        problem = gpu_bad or (seat_bad[0] if seat_bad else "")
+        decision = choose(gpu_healthy=not problem, gpu_problem=problem,
+                          budget_left=self.supervisor.may_restart(),
+                          spare_ready=self.supervisor.ready_spare() is not None)
+        strategy = decision.strategy
+        # The replacement starts before the re-plan request, so the plan finds it starting.
+        if strategy == SPARE and self.supervisor.adopt_spare(lr, after_gen=plan.gen) is None:
+            strategy = RESTART  # the spare went away between the choice and the hand-over
+        if strategy == RESTART:
+            self.supervisor.ensure(lr, after_gen=plan.gen)
+        self.log.warning("rallyd.recovering", gen=plan.gen, rank=rank, local_rank=lr, strategy=strategy,
+                         why=decision.reason)
+        if strategy == SHRINK:
+            # Left out of the placement; the leader re-plans on the record change (a shrink).
+            self._mark_bad(lr, decision.reason, retry_after=None if gpu_bad else
+                           self.cfg.worker.restart_window.total_seconds(), gen=plan.gen)
+            return
+        self.events.emit(plan.gen, ev.REPLACEMENT, rank=rank, local_rank=lr, strategy=strategy, why=decision.reason)
         try:
-            self.rendezvous.request_replan(plan.gen, reason + "; restarted in place")
+            self.rendezvous.request_replan(plan.gen, f"{reason}; {strategy}")
         except RallypointError as exc:
             self.log.error("rallyd.replan_request_failed", gen=plan.gen, error=str(exc))
+
+    def _mark_bad(self, local_rank: int, why: str, retry_after: float | None, gen: int) -> None:
+        """Take seat ``local_rank`` out of placement (for ``retry_after`` seconds, or until restart)."""
+        with self._seat_lock:
+            self.bad_seats[local_rank] = (why, None if retry_after is None else time.monotonic() + retry_after)
+        self.log.error("rallyd.seat_bad", local_rank=local_rank, why=why, retry_after=retry_after)
+        self.events.emit(gen, ev.SEAT_BAD, local_rank=local_rank, reason=why, retry_after=retry_after)
+        self._publish_seats()
+
+    def _publish_seats(self) -> None:
+        with self._seat_lock:
+            bad = tuple(sorted(self.bad_seats))
+        rec = self.rendezvous.record
+        if rec.bad_seats == bad:
+            return
+        try:
+            self.rendezvous.update_record(replace(rec, bad_seats=bad))
+        except RallypointError as exc:
+            self.log.error("rallyd.record_update_failed", error=str(exc))
+
+    def _retry_bad_seats(self) -> str:
+        now = time.monotonic()
+        with self._seat_lock:
+            due = [lr for lr, (_, at) in self.bad_seats.items() if at is not None and at <= now]
+            for lr in due:
+                del self.bad_seats[lr]
+        if not due:
+            return ""
+        self._publish_seats()
+        return f"seat(s) {due} back in placement after their window"
+
+    def _check_gpus(self) -> None:
+        """Poll NVML once a second; an unhealthy GPU's worker is killed and its seat left out."""
+        while not self.stopping.wait(1.0):
+            assert self.gpu_health is not None
+            for gpu, why in self.gpu_health.check().items():
+                gen = self.generation.gen if self.generation else 0
+                self._mark_bad(gpu, f"GPU {gpu}: {why}", retry_after=None, gen=gen)
+                w = self.supervisor.alive().get(gpu) if self.supervisor else None
+                if w is not None:
+                    os.kill(w.pid, signal.SIGKILL)  # the exit path follows, with SHRINK
+
+    # -- joining ----------------------------------------------------------------------------
 
     def join(self) -> None:
         """Join the rendezvous, retrying an unreachable etcd until ``etcd.retry_deadline``.
@@ -105,40 +197,70 @@ class Daemon:
             raise EtcdUnavailable(
                 f"etcd unreachable at {endpoints} for {self.cfg.etcd.retry_deadline.total_seconds():g}s "
                 f"({exc})") from None
+        self._follow(self.keys.root + "status/diagnosis/", self._on_diagnosis, "rallyd-diagnoses")
+        self._follow(events_prefix(self.keys), self._on_event, "rallyd-events")
         if self.supervisor is not None:
-            prefix = self.rendezvous.keys.root + "status/diagnosis/"
-            _, rev = self.client.get_prefix(prefix)
-            self._diagnoses = self.client.watch_prefix(prefix, rev + 1)
-            threading.Thread(target=self._follow_diagnoses, name="rallyd-diagnoses", daemon=True).start()
+            self.supervisor.fill_spares()
+            if self.cfg.layout.node_gpus() > 0 and (nvml := load_nvml()) is not None:
+                self.gpu_health = GpuHealth(self.cfg.layout.node_gpus(), nvml)
+                threading.Thread(target=self._check_gpus, name="rallyd-gpu-health", daemon=True).start()
+            elif self.cfg.layout.node_gpus() > 0:
+                self.log.warning("rallyd.no_gpu_health", why="nvidia-ml-py not installed or NVML failed")
         self.notify.send(READY=1, STATUS=f"joined cluster {self.cfg.cluster}")
 
-    def _follow_diagnoses(self) -> None:
-        """A peer's watchdog named one of our workers stuck: kill it, so the exit path (abort
-        order, re-plan, restart in place) takes over. ``dead`` and ``slow`` are only logged."""
-        import json
+    def _follow(self, prefix: str, handle, name: str) -> None:
+        _, rev = self.client.get_prefix(prefix)
+        watch = self.client.watch_prefix(prefix, rev + 1)
+        self._watches.append(watch)
 
-        assert self._diagnoses is not None
-        while (ev := self._diagnoses.get()) is not None:
-            if ev.kind != "put":
-                continue
-            try:
-                d = json.loads(ev.value)
-                suspects = [s for s in d["suspects"] if s["seat"].split("/")[0] == self.cfg.node]
-            except (ValueError, KeyError, TypeError):
-                self.log.error("rallyd.malformed_diagnosis", key=ev.key)
-                continue
-            for s in suspects:
-                local = int(s["seat"].split("/")[1])
-                worker = self.supervisor.alive().get(local) if self.supervisor else None
-                self.log.warning("rallyd.suspect_named", gen=d.get("gen"), group=d.get("group"), seat=s["seat"],
-                                 kind=s["kind"], why=s.get("why"), pid=worker.pid if worker else None)
-                # Only the process the verdict is about: a diagnosis may arrive after its seat was
-                # already restarted, and must not kill the replacement. Dead ones exit by themselves.
-                if worker is not None and s["kind"] == "stuck" and s.get("pid") == worker.pid:
+        def loop() -> None:
+            while (e := watch.get()) is not None:
+                if e.kind == "put":
                     try:
-                        os.kill(worker.pid, signal.SIGKILL)  # reported by the watcher like any exit
-                    except ProcessLookupError:
-                        pass
+                        handle(e.key, e.value)
+                    except Exception:
+                        self.log.exception("rallyd.bug", said=BUG, key=e.key)
+
+        threading.Thread(target=loop, name=name, daemon=True).start()
+
+    def _on_diagnosis(self, key: str, value: bytes) -> None:
+        """A peer's watchdog named one of our workers stuck: kill it, so the exit path (abort
+        order, replacement, re-plan) takes over. ``dead`` and ``slow`` are only logged."""
+        try:
+            d = json.loads(value)
+            suspects = [s for s in d["suspects"] if s["seat"].split("/")[0] == self.cfg.node]
+        except (ValueError, KeyError, TypeError):
+            self.log.error("rallyd.malformed_diagnosis", key=key)
+            return
+        for s in suspects:
+            local = int(s["seat"].split("/")[1])
+            worker = self.supervisor.alive().get(local) if self.supervisor else None
+            self.log.warning("rallyd.suspect_named", gen=d.get("gen"), group=d.get("group"), seat=s["seat"],
+                             kind=s["kind"], why=s.get("why"), pid=worker.pid if worker else None)
+            self.events.emit(int(d.get("gen", 0)), ev.SUSPECT_NAMED, seat=s["seat"], verdict=s["kind"],
+                             why=s.get("why"), group=d.get("group"))
+            # Only the process the verdict is about: a diagnosis may arrive after its seat was
+            # already restarted, and must not kill the replacement. Dead ones exit by themselves.
+            if worker is not None and s["kind"] == "stuck" and s.get("pid") == worker.pid:
+                try:
+                    os.kill(worker.pid, signal.SIGKILL)  # reported by the watcher like any exit
+                except ProcessLookupError:
+                    pass
+
+    def _on_event(self, key: str, value: bytes) -> None:
+        """Every daemon folds the events; the leader publishes the phase in ``status/recovery``."""
+        try:
+            t = self.machine.apply(Event.from_json(key, value))
+        except MalformedRecord as exc:
+            self.log.error("rallyd.malformed_event", key=key, error=str(exc))
+            return
+        if t is None or not self.rendezvous.is_leader:
+            return
+        self.log.info("rallyd.recovery_phase", phase=t.phase, previous=t.previous, gen=t.gen, cause=t.event.kind)
+        try:
+            self.client.put(self.keys.root + "status/recovery", json.dumps(self.machine.state()))
+        except EtcdError as exc:
+            self.log.warning("rallyd.recovery_unpublished", error=str(exc))
 
     def _on_release(self, plan: Plan) -> None:
         self.generation = plan
@@ -149,15 +271,21 @@ class Daemon:
             alive = self.supervisor.alive()
             for lr in set(alive) - {s.local_rank for s in mine}:
                 self.supervisor.stop(lr)  # this seat has no rank in the new layout
+        if self.rendezvous.is_leader and plan.gen > KEEP_EVENT_GENS and plan.gen % 10 == 0:
+            prune_events(self.client, self.keys, plan.gen - KEEP_EVENT_GENS)
         self.log.info("rallyd.generation_released", gen=plan.gen, world_size=plan.world_size,
                       tp=plan.tp, pp=plan.pp, dp=plan.dp, reason=plan.reason,
                       ranks=[r.rank for r in mine],
                       layout={r.rank: f"{r.node}/{r.local_rank}" for r in plan.ranks})
 
+    # -- the loop ---------------------------------------------------------------------------
+
     def run_cycle(self) -> str:
         """One loop step; returns what it did."""
         try:
             said = self.rendezvous.run_cycle()
+            retried = self._retry_bad_seats()
+            said = f"{said}; {retried}" if retried else said
         except EtcdUnavailable as exc:
             gen = self.generation.gen if self.generation else 0
             said = f"etcd unreachable, keeping gen {gen} ({exc})"
@@ -167,7 +295,7 @@ class Daemon:
             self.stopping.wait(0.2)
         role = "leader" if self.rendezvous.is_leader else "member"
         gen = self.generation.gen if self.generation else 0
-        self.notify.send(WATCHDOG=1, STATUS=f"gen {gen}, {role}")
+        self.notify.send(WATCHDOG=1, STATUS=f"gen {gen}, {role}, {self.machine.phase}")
         return said
 
     def run(self) -> int:
@@ -196,17 +324,67 @@ class Daemon:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.stopping.set()
 
+    # -- leaving ----------------------------------------------------------------------------
+
+    def drain(self) -> str:
+        """Stop admitting requests on this node's replicas and wait (up to ``drain_timeout``) until
+        the requests in flight have finished; returns what happened."""
+        plan = self.generation
+        mine = plan.ranks_on(self.cfg.node) if plan is not None else []
+        if plan is None or not mine or self.supervisor is None:
+            return "nothing to drain"
+        rs = plan.tp * plan.pp
+        replicas = sorted({s.rank // rs for s in mine})
+        timeout = self.cfg.worker.drain_timeout.total_seconds()
+        t0 = time.monotonic()
+        try:
+            lease = self.rendezvous.lease.id if self.rendezvous.lease else None
+            self.client.put(self.keys.draining + self.cfg.node, json.dumps({"deadline": time.time() + timeout}),
+                            lease=lease)  # goes with our lease when we leave
+        except RallypointError as exc:
+            return f"could not announce the drain ({exc}); leaving without it"
+        self.events.emit(plan.gen, ev.DRAINING, replicas=replicas, timeout=timeout)
+        self.log.info("rallyd.draining", gen=plan.gen, replicas=replicas, timeout=timeout)
+        done: set[int] = set()
+        prefix = f"{self.keys.root}status/drained/{plan.gen:010d}/"
+        while time.monotonic() - t0 < timeout:
+            self.notify.send(WATCHDOG=1)
+            try:
+                kvs, _ = self.client.get_prefix(prefix)
+                done = {int(kv.key.rsplit("/", 1)[1]) for kv in kvs}
+            except (RallypointError, ValueError):
+                pass
+            if set(replicas) <= done:
+                break
+            time.sleep(0.05)
+        took = time.monotonic() - t0
+        left = sorted(set(replicas) - done)
+        self.events.emit(plan.gen, ev.DRAINED, replicas=replicas, unfinished=left, seconds=round(took, 3))
+        self.log.info("rallyd.drained", gen=plan.gen, seconds=round(took, 3), unfinished=left)
+        return (f"drained replica(s) {replicas} in {took:.2f}s" if not left
+                else f"drain deadline {timeout:g}s passed with replica(s) {left} still busy")
+
     def shutdown(self) -> None:
-        """Leave the rendezvous cleanly so peers re-plan without waiting for the lease."""
-        self.notify.send(STOPPING=1, STATUS="leaving")
-        if self._diagnoses is not None:
-            self._diagnoses.close()
-            self._diagnoses.events.put(None)  # type: ignore[arg-type]
+        """Drain, stop the workers, and leave the rendezvous cleanly so peers re-plan at once."""
+        self.notify.send(STOPPING=1, STATUS="draining")
+        try:
+            said = self.drain()
+        except Exception:
+            self.log.exception("rallyd.bug", said=BUG)
+            said = BUG
+        self.log.info("rallyd.cycle", said=said)
+        for w in self._watches:
+            w.close()
+            w.events.put(None)
         if self.supervisor is not None:
             self.supervisor.stop_all()
         try:
             self.rendezvous.leave()
         except RallypointError as exc:
             self.log.warning("rallyd.leave_failed", error=str(exc))
+        self.events.close()
+        if self.channel is not None:
+            self.channel.close()
         self.client.close()
         self.log.info("rallyd.stopped")
+

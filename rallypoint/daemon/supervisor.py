@@ -4,6 +4,10 @@ One thread per child blocks in ``wait()``, so an exit is seen within millisecond
 interval to wait out) and reported through ``on_exit`` from that thread. Restarts are budgeted per
 window: past the budget a seat stays down and the daemon reports the cluster degraded, rather than
 restarting in a loop. Children run in their own session and are killed by PID, never orphaned.
+
+Warm spares are worker processes started with no seat (``local_rank`` None): they import torch,
+bring CUDA up and open their etcd session, then say hello on the local channel and wait.
+``adopt_spare`` hands one a failed worker's seat and starts the next spare behind it.
 """
 
 from __future__ import annotations
@@ -18,10 +22,14 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 
 from rallypoint.log import get_logger
+
+if TYPE_CHECKING:
+    from rallypoint.daemon.channel import ChannelServer
 
 log = get_logger("supervisor")
 
@@ -30,7 +38,7 @@ log = get_logger("supervisor")
 class WorkerProcess:
     """One rank process on a seat (``local_rank``)."""
 
-    local_rank: int
+    local_rank: int | None  # None while a spare
     proc: subprocess.Popen
     started: float = field(default_factory=time.monotonic)
     after_gen: int = 0
@@ -49,43 +57,110 @@ class WorkerProcess:
 
 
 ExitCallback = Callable[[WorkerProcess, int], None]
+Command = Callable[[int | None, int], list[str]]
 
 
 class Supervisor:
     """Starts, watches and stops this node's workers.
 
     Args:
-        command: builds the argv of a worker for ``(local_rank, after_gen)``.
+        command: builds the argv of a worker for ``(local_rank, after_gen)``; local_rank None
+            means a spare.
         log_dir: where each worker's stdout/stderr go.
         on_exit: called as ``on_exit(worker, returncode)`` from the watcher thread, for exits the
-            supervisor did not ask for.
+            supervisor did not ask for (seats only: a spare that dies is simply replaced).
         budget, window: at most ``budget`` restarts per ``window`` seconds.
+        spares: warm spares to keep.
+        channel: the local control channel the spares say hello on (needed for spares).
+        seat_params: extra fields of an ``adopt`` message for a seat (its API port, URL file).
     """
 
-    def __init__(self, command: Callable[[int, int], list[str]], log_dir: Path, on_exit: ExitCallback,
-                 budget: int = 5, window: float = 60.0, env: dict[str, str] | None = None) -> None:
+    def __init__(self, command: Command, log_dir: Path, on_exit: ExitCallback, budget: int = 5,
+                 window: float = 60.0, env: dict[str, str] | None = None, spares: int = 0,
+                 channel: "ChannelServer | None" = None,
+                 seat_params: Callable[[int], dict] | None = None) -> None:
         self.command = command
         self.log_dir = log_dir
         self.on_exit = on_exit
         self.budget, self.window = budget, window
         self.env = env or {}
         self.workers: dict[int, WorkerProcess] = {}
+        self.spares: list[WorkerProcess] = []
+        self.want_spares = spares if channel is not None else 0
+        self.channel = channel
+        self.seat_params = seat_params or (lambda lr: {})
         self.restarts: deque[float] = deque()
+        self.spare_starts: deque[float] = deque()
         self._lock = threading.Lock()
         self._start_lock = threading.Lock()
+        self._stopping = False
 
-    def start(self, local_rank: int, after_gen: int = 0) -> WorkerProcess:
-        """Start the worker of seat ``local_rank`` (it joins the first plan newer than ``after_gen``)."""
+    def start(self, local_rank: int | None, after_gen: int = 0) -> WorkerProcess:
+        """Start the worker of seat ``local_rank`` (it joins the first plan newer than ``after_gen``),
+        or a spare when ``local_rank`` is None."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        out = open(self.log_dir / f"worker-{local_rank}.log", "ab")
+        name = f"worker-{local_rank}" if local_rank is not None else f"spare-{time.time_ns()}"
+        out = open(self.log_dir / f"{name}.log", "ab")
         proc = subprocess.Popen(self.command(local_rank, after_gen), stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=out, start_new_session=True, env={**os.environ, **self.env})
         out.close()
         w = WorkerProcess(local_rank, proc, after_gen=after_gen)
         with self._lock:
-            self.workers[local_rank] = w
-        threading.Thread(target=self._watch, args=(w,), name=f"watch-worker-{local_rank}", daemon=True).start()
-        log.info("supervisor.started", local_rank=local_rank, pid=proc.pid, after_gen=after_gen)
+            if local_rank is None:
+                self.spares.append(w)
+            else:
+                self.workers[local_rank] = w
+        threading.Thread(target=self._watch, args=(w,), name=f"watch-{name}", daemon=True).start()
+        log.info("supervisor.started", local_rank=local_rank, pid=proc.pid, after_gen=after_gen,
+                 spare=local_rank is None)
+        return w
+
+    def fill_spares(self) -> int:
+        """Start spares up to the number wanted (at most ``want_spares`` starts per window, so a
+        spare that cannot start does not loop); returns how many were started."""
+        started = 0
+        with self._start_lock:
+            while not self._stopping and len(self.spares) < self.want_spares:
+                now = time.monotonic()
+                while self.spare_starts and now - self.spare_starts[0] > self.window:
+                    self.spare_starts.popleft()
+                if len(self.spare_starts) >= max(2 * self.want_spares, 2):
+                    log.error("supervisor.spares_failing", starts=len(self.spare_starts), window=self.window)
+                    break
+                self.spare_starts.append(now)
+                self.start(None)
+                started += 1
+        return started
+
+    def ready_spare(self) -> WorkerProcess | None:
+        """A live spare that has said hello (its warm-up is done), if any."""
+        if self.channel is None:
+            return None
+        with self._lock:
+            spares = list(self.spares)
+        for w in spares:
+            peer = self.channel.peers.get(w.pid)
+            if w.proc.poll() is None and peer is not None and peer.role == "spare":
+                return w
+        return None
+
+    def adopt_spare(self, local_rank: int, after_gen: int) -> WorkerProcess | None:
+        """Hand seat ``local_rank`` to a ready spare; None when there is none (the caller starts cold)."""
+        with self._start_lock:
+            w = self.ready_spare()
+            if w is None or self.channel is None:
+                return None
+            peer = self.channel.peers.get(w.pid)
+            msg = {"op": "adopt", "local_rank": local_rank, "after_gen": after_gen, **self.seat_params(local_rank)}
+            if peer is None or not peer.send(msg):
+                return None
+            peer.role = "seat"
+            with self._lock:
+                self.spares.remove(w)
+                w.local_rank, w.after_gen = local_rank, after_gen
+                self.workers[local_rank] = w
+        log.info("supervisor.spare_adopted", local_rank=local_rank, pid=w.pid, after_gen=after_gen)
+        threading.Thread(target=self.fill_spares, name="refill-spares", daemon=True).start()
         return w
 
     def ensure(self, local_rank: int, after_gen: int = 0) -> WorkerProcess:
@@ -112,6 +187,14 @@ class Supervisor:
         code = w.proc.wait()
         if w.expected_exit:
             return
+        if w.local_rank is None:  # a spare: nobody depended on it
+            with self._lock:
+                if w in self.spares:
+                    self.spares.remove(w)
+            log.warning("supervisor.spare_exited", pid=w.pid, code=code)
+            if not self._stopping:
+                self.fill_spares()
+            return
         log.warning("supervisor.worker_exited", local_rank=w.local_rank, pid=w.pid, code=code)
         self.on_exit(w, code)
 
@@ -135,20 +218,59 @@ class Supervisor:
             w.proc.wait(timeout=timeout)
 
     def stop_all(self, sig: int = signal.SIGKILL) -> None:
+        self._stopping = True
         for lr in list(self.workers):
             self.stop(lr, sig)
+        with self._lock:
+            spares, self.spares = self.spares, []
+        for w in spares:
+            self._kill(w, sig)
+
+    @staticmethod
+    def _kill(w: WorkerProcess, sig: int, timeout: float = 10.0) -> None:
+        if w.proc.poll() is not None:
+            return
+        w.expected_exit = True
+        try:
+            os.kill(w.pid, sig)
+            w.proc.wait(timeout=timeout)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.kill(w.pid, signal.SIGKILL)
+            w.proc.wait(timeout=timeout)
 
 
-def worker_argv(cluster: str, endpoints: str, node: str, model: str, device: str, dtype: str,
-                max_batch: int, max_seq: int, api_host: str, api_port: int, deadline_floor: float,
-                state_dir: Path) -> Callable[[int, int], list[str]]:
-    """The command line of a worker on seat ``local_rank`` of ``node``."""
+@dataclass(frozen=True)
+class WorkerCommand:
+    """How this node's workers are started: the argv of a seat or a spare, and a seat's API."""
 
-    def argv(local_rank: int, after_gen: int) -> list[str]:
-        return [sys.executable, "-m", "rallypoint.worker", "--cluster", cluster, "--endpoints", endpoints,
-                "--node", node, "--local-rank", str(local_rank), "--model", model, "--device", device,
-                "--dtype", dtype, "--max-batch", str(max_batch), "--max-seq", str(max_seq),
-                "--api-host", api_host, "--api-port", str(api_port + local_rank if api_port else 0),
-                "--deadline-floor", str(deadline_floor), "--after-gen", str(after_gen),
-                "--api-url-file", str(state_dir / f"api-{local_rank}.url"), "--die-with-parent"]
-    return argv
+    cluster: str
+    endpoints: str
+    node: str
+    model: str
+    device: str
+    dtype: str
+    max_batch: int
+    max_seq: int
+    api_host: str
+    api_port: int
+    deadline_floor: float
+    state_dir: Path
+    channel: str | None = None
+
+    def seat_params(self, local_rank: int) -> dict:
+        """The seat's API port (``api_port + local_rank``, or 0 for a free one) and URL file."""
+        return {"api_port": self.api_port + local_rank if self.api_port else 0,
+                "api_url_file": str(self.state_dir / f"api-{local_rank}.url")}
+
+    def __call__(self, local_rank: int | None, after_gen: int) -> list[str]:
+        argv = [sys.executable, "-m", "rallypoint.worker", "--cluster", self.cluster, "--endpoints", self.endpoints,
+                "--node", self.node, "--model", self.model, "--device", self.device, "--dtype", self.dtype,
+                "--max-batch", str(self.max_batch), "--max-seq", str(self.max_seq), "--api-host", self.api_host,
+                "--deadline-floor", str(self.deadline_floor), "--after-gen", str(after_gen), "--die-with-parent"]
+        if self.channel:
+            argv += ["--channel", self.channel]
+        if local_rank is None:
+            return argv + ["--spare"]
+        p = self.seat_params(local_rank)
+        return argv + ["--local-rank", str(local_rank), "--api-port", str(p["api_port"]),
+                       "--api-url-file", p["api_url_file"]]

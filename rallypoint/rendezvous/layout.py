@@ -41,7 +41,11 @@ def eligible(nodes: Iterable[NodeRecord], spec: ClusterSpec) -> list[NodeRecord]
 
 
 def place(nodes: Iterable[NodeRecord], spec: ClusterSpec) -> tuple[int, list[RankSlot]]:
-    """Place as many whole replicas as fit (or exactly ``spec.dp``) on ``nodes``.
+    """Place as many whole replicas as fit, up to ``spec.dp`` when it is set, on ``nodes``.
+
+    Fewer healthy seats than ``spec.dp`` replicas need is a *shrink*: whole DP replicas are
+    dropped (TP and PP never change); the plan grows back once the capacity returns.
+    Seats a node lists in ``bad_seats`` are never used.
 
     Returns:
         (dp, ranks): the data-parallel size chosen and one slot per rank, in rank order.
@@ -52,13 +56,12 @@ def place(nodes: Iterable[NodeRecord], spec: ClusterSpec) -> tuple[int, list[Ran
     usable = eligible(nodes, spec)
     if len(usable) < spec.min_nodes:
         raise LayoutError(f"{len(usable)} eligible node(s), min_nodes is {spec.min_nodes}")
-    seats = [(n.node, local) for n in usable for local in range(n.slots)]
+    seats = [(n.node, local) for n in usable for local in range(n.slots) if local not in n.bad_seats]
     fit = len(seats) // spec.replica_size
     if fit < 1:
-        raise LayoutError(f"{len(seats)} rank slot(s) cannot hold one replica of tp*pp = {spec.replica_size}")
-    if spec.dp and fit < spec.dp:
-        raise LayoutError(f"{len(seats)} rank slot(s) hold {fit} replica(s), spec asks for dp = {spec.dp}")
-    dp = spec.dp or fit
+        raise LayoutError(f"{len(seats)} healthy rank slot(s) cannot hold one replica of "
+                          f"tp*pp = {spec.replica_size}")
+    dp = min(spec.dp, fit) if spec.dp else fit
     ranks = [RankSlot(rank, node, local) for rank, (node, local) in enumerate(seats[: dp * spec.replica_size])]
     return dp, ranks
 

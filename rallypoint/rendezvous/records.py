@@ -14,6 +14,7 @@ Key layout under ``/rallypoint/<cluster>/``::
     control/released/<gen>       every member of plan <gen> acked: workers may build groups
     control/replan/<gen>         generation <gen> lost a rank: the leader writes the next plan
     control/left/<node>          <node> left cleanly: re-plan now, no grace period
+    control/draining/<node>      <node> is leaving: its replicas stop admitting and finish in flight
     control/abort/<gen>/<ranks>  abort order: workers abort the groups holding those ranks
     store/<gen>/<group>/...      torch.distributed.Store keys, fenced by generation
 """
@@ -92,6 +93,10 @@ class ClusterKeys:
         return self.control + "left/"
 
     @property
+    def draining(self) -> str:
+        return self.control + "draining/"
+
+    @property
     def replans(self) -> str:
         return self.control + "replan/"
 
@@ -143,6 +148,7 @@ class NodeRecord:
     Attributes:
         slots: how many ranks it can host (its GPUs, or its CPU rank slots when it has none).
         cordoned: an operator asked that no new ranks be placed here.
+        bad_seats: local ranks that must not be used (GPU unhealthy, restart budget spent).
     """
 
     node: str
@@ -154,6 +160,7 @@ class NodeRecord:
     pid: int
     started: float = field(default_factory=time.time)
     cordoned: bool = False
+    bad_seats: tuple[int, ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -167,6 +174,7 @@ class NodeRecord:
             slots=_field(key, d, "slots", int), version=_field(key, d, "version", str),
             pid=_field(key, d, "pid", int), started=float(_field(key, d, "started", (int, float))),
             cordoned=bool(d.get("cordoned", False)),
+            bad_seats=tuple(sorted(int(x) for x in d.get("bad_seats", []) if isinstance(x, int))),
         )
         if not key.endswith("/" + rec.node):
             raise MalformedRecord(key, f"node field {rec.node!r} does not match the key")

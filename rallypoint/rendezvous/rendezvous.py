@@ -52,8 +52,10 @@ class Rendezvous:
     """
 
     def __init__(self, client: EtcdClient, settings: RendezvousSettings, record: NodeRecord,
-                 on_release: Callable[[Plan], None] | None = None) -> None:
+                 on_release: Callable[[Plan], None] | None = None,
+                 on_event: Callable[..., object] | None = None) -> None:
         self.client = client
+        self.on_event = on_event  # on_event(gen, kind, **detail): recovery events (leader's steps)
         self.settings = settings
         self.record = record
         self.keys = ClusterKeys(settings.cluster)
@@ -78,6 +80,7 @@ class Rendezvous:
         self._replan: tuple[int, str] | None = None  # (gen, reason): that generation lost a rank
         self._grace_until = 0.0  # a new leader does not drop members before this (monotonic)
         self._left: set[str] = set()  # nodes that said they were leaving before their key went
+        self._capacity_changed = False  # a member's slots, bad seats or cordon changed
 
     # -- joining and leaving ------------------------------------------------------------------
 
@@ -92,6 +95,7 @@ class Rendezvous:
         self.lease = self.client.keep_alive(self.settings.lease_ttl)
         self._register()
         self.client.delete(self.keys.left + self.settings.node)  # back after a clean leave
+        self.client.delete(self.keys.draining + self.settings.node)
         self._check_spec()
         kvs, rev = self.client.get_prefix(self.keys.control)
         for kv in kvs:
@@ -138,6 +142,16 @@ class Rendezvous:
             raise ConfigError(
                 f"cluster {self.settings.cluster!r} runs {theirs} (key {self.keys.spec}); "
                 f"this node is configured with {mine}")
+
+    def update_record(self, record: NodeRecord) -> None:
+        """Publish a change of this node's record (a seat went bad or came back, a cordon)."""
+        assert self.lease is not None
+        self.record = record
+        self.client.put(self.keys.node(self.settings.node), record.to_json(), lease=self.lease.id)
+
+    def _emit(self, gen: int, kind: str, **detail: object) -> None:
+        if self.on_event is not None:
+            self.on_event(gen, kind, **detail)
 
     def leave(self) -> None:
         """Leave cleanly: revoke the lease so peers re-plan at once instead of waiting for the TTL."""
@@ -229,7 +243,12 @@ class Rendezvous:
                 if ev.kind == "delete":
                     self.nodes.pop(name, None)
                 else:
-                    self.nodes[name] = NodeRecord.from_json(ev.key, ev.value)
+                    rec = NodeRecord.from_json(ev.key, ev.value)
+                    old = self.nodes.get(name)
+                    if old is not None and (old.slots, old.bad_seats, old.cordoned) != (
+                            rec.slots, rec.bad_seats, rec.cordoned):
+                        self._capacity_changed = True
+                    self.nodes[name] = rec
             elif ev.key.startswith(k.acks):
                 gen, node = gen_from_key(ev.key.rsplit("/", 1)[0]), ev.key.rsplit("/", 1)[1]
                 acked = self.acks.setdefault(gen, set())
@@ -280,19 +299,26 @@ class Rendezvous:
 
         Returns False when someone already asked for that generation.
         """
-        return self.client.create(self.keys.replan_of(gen), reason)
+        asked = self.client.create(self.keys.replan_of(gen), reason)
+        if asked:
+            self._emit(gen, "replan_requested", reason=reason)
+        return asked
 
     def _maybe_plan(self) -> str:
         live = {n for n, rec in self.nodes.items()}
         current = self.plan
         replan = self._replan if current is not None and self._replan and self._replan[0] == current.gen else None
         if current is not None and set(current.members) == live and replan is None:
-            self._change_since = None
-            return ""
+            if not self._capacity_changed or self._same_placement(current):
+                self._change_since = None
+                self._capacity_changed = False
+                return ""
         if replan is not None and set(current.members) == live:
             try:
                 plan = make_plan(self.gen + 1, self.nodes.values(), self.settings.spec, replan[1], self.settings.node)
             except LayoutError as exc:
+                self._emit(current.gen, "cannot_plan", reason=str(exc))
+                self._replan = None
                 return f"cannot re-plan gen {current.gen}: {exc}"
             self._replan = None
             return self._write_plan(plan)
@@ -303,17 +329,29 @@ class Rendezvous:
             self._change_since = now
         if now - self._change_since < self.settings.last_call:
             return ""
-        reason = _reason(current, live)
+        reason = _reason(current, live) or "capacity changed"
         try:
             plan = make_plan(self.gen + 1, self.nodes.values(), self.settings.spec, reason, self.settings.node)
         except LayoutError as exc:
             if str(exc) != self._last_problem:
                 self._last_problem = str(exc)
                 self.log.warning("rendezvous.cannot_plan", why=str(exc), gen=self.gen)
+                self._emit(self.gen, "cannot_plan", reason=str(exc))
                 return f"cannot plan gen {self.gen + 1}: {exc}"
             return ""
         self._last_problem = ""
+        self._capacity_changed = False
         return self._write_plan(plan)
+
+    def _same_placement(self, current: Plan) -> bool:
+        """Would the live capacity be placed exactly as ``current`` is? (Then nothing to do.)"""
+        from rallypoint.rendezvous.layout import place
+
+        try:
+            dp, ranks = place(self.nodes.values(), self.settings.spec)
+        except LayoutError:
+            return False
+        return dp == current.dp and tuple(ranks) == tuple(current.ranks)
 
     def _write_plan(self, plan: Plan) -> str:
         """Write ``plan`` iff the generation counter is still ``plan.gen - 1`` and we still lead."""
@@ -332,6 +370,8 @@ class Rendezvous:
             self.client.delete(self.keys.left + name)
         self.log.info("rendezvous.plan_written", gen=plan.gen, world_size=plan.world_size,
                       tp=plan.tp, pp=plan.pp, dp=plan.dp, reason=plan.reason)
+        self._emit(plan.gen, "plan_written", dp=plan.dp, dp_wanted=self.settings.spec.dp, tp=plan.tp, pp=plan.pp,
+                   world_size=plan.world_size, reason=plan.reason)
         return f"wrote plan gen {plan.gen} ({plan.reason})"
 
     def _maybe_release(self) -> str:
@@ -343,6 +383,7 @@ class Rendezvous:
         if self.client.create(self.keys.released_of(plan.gen), json.dumps({"time": time.time()})):
             self.released_gen = plan.gen
             self.log.info("rendezvous.released", gen=plan.gen)
+            self._emit(plan.gen, "released")
             return f"released gen {plan.gen}"
         return ""
 

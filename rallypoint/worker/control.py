@@ -41,7 +41,7 @@ class Controller:
         on_abort: called as ``on_abort(gen, ranks, reason)`` from the watch thread.
     """
 
-    def __init__(self, client: EtcdClient, cluster: str, seat: tuple[str, int],
+    def __init__(self, client: EtcdClient, cluster: str, seat: tuple[str, int] | None,
                  on_abort: Callable[[int, tuple[int, ...], str], None]) -> None:
         self.client = client
         self.keys = ClusterKeys(cluster)
@@ -49,6 +49,7 @@ class Controller:
         self.on_abort = on_abort
         self.plans: dict[int, Plan] = {}
         self.released = 0
+        self.draining: set[str] = set()  # nodes leaving: their replicas stop admitting
         self._cond = threading.Condition()
         kvs, rev = client.get_prefix(self.keys.control)
         for kv in kvs:
@@ -61,9 +62,13 @@ class Controller:
             self._apply(ev)
 
     def _apply(self, ev: WatchEvent, replay: bool = False) -> None:
+        k = self.keys
+        if ev.key.startswith(k.draining):
+            node = ev.key[len(k.draining):]
+            self.draining.add(node) if ev.kind == "put" else self.draining.discard(node)
+            return
         if ev.kind != "put":
             return
-        k = self.keys
         try:
             if ev.key.startswith(k.plans):
                 plan = Plan.from_json(ev.key, ev.value)
@@ -80,6 +85,12 @@ class Controller:
                 self.on_abort(int(order["gen"]), ranks, str(order.get("reason", "abort order")))
         except (MalformedRecord, ValueError, TypeError, KeyError) as exc:
             log.error("control.malformed_record", key=ev.key, error=str(exc))
+
+    def set_seat(self, seat: tuple[str, int]) -> None:
+        """A spare took a seat: plans for it count from now on."""
+        with self._cond:
+            self.seat = seat
+            self._cond.notify_all()
 
     def latest(self) -> Plan | None:
         """The newest released plan that gives this seat a rank, if any."""

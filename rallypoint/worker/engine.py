@@ -120,6 +120,7 @@ class Driver:
         self.rows: dict[int, Request] = {}
         self.held: deque[Request] = deque()  # in flight at an abort; resumed first
         self.switch_to = 0  # a newer generation to move to at the next step boundary
+        self.first_commit_at = 0.0  # wall time the current generation first committed a token
 
     def plan(self) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[int, Request]]]:
         """Decide the next step: (header, tokens, [(row, request)] producing a token)."""
@@ -166,7 +167,10 @@ class Driver:
     def done(self, produced: list[tuple[int, Request]], nxt: torch.Tensor | None) -> None:
         """The step succeeded: confirm earlier tokens, then record this step's (uncommitted)."""
         for row, r in list(self.rows.items()):
+            had = len(r.committed)
             r.commit(self.settings.eos)
+            if not self.first_commit_at and len(r.committed) > had:
+                self.first_commit_at = time.time()
             if r.done:
                 del self.rows[row]
                 self.queue.finished(r)

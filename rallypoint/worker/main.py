@@ -21,10 +21,14 @@ from dataclasses import dataclass
 
 import torch
 
-from rallypoint.errors import CheckpointError, GenerationAborted, GroupError, RallypointError
+from rallypoint.daemon.channel import ChannelClient
+from rallypoint.errors import CheckpointError, EtcdError, GenerationAborted, GroupError, RallypointError
 from rallypoint.groups.group_set import GroupSet
 from rallypoint.log import configure_logging, get_logger
+from rallypoint.recovery import events as ev
+from rallypoint.recovery.events import EventLog
 from rallypoint.rendezvous.etcd import EtcdSettings, endpoints_from
+from rallypoint.rendezvous.records import Plan
 from rallypoint.worker.api import ApiServer, Frontend
 from rallypoint.worker.control import Controller
 from rallypoint.worker.engine import Driver, EngineSettings, serve_generation
@@ -67,14 +71,18 @@ class TPAdapter:
 
 
 class Worker:
-    """One rank process across generations."""
+    """One rank process across generations.
+
+    A warm spare builds one of these with ``args.local_rank`` None (etcd session, model config,
+    tokenizer: everything but the seat) and calls ``take_seat`` when rallyd hands it one.
+    """
 
     def __init__(self, args: argparse.Namespace) -> None:
         from rallypoint.worker.checkpoint import load_tokenizer
         from rallypoint.worker.llama_config import LlamaConfig
 
         self.args = args
-        self.seat = (args.node, args.local_rank)
+        self.seat: tuple[str, int] | None = None
         self.log = get_logger("worker", node=args.node, local_rank=args.local_rank)
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.runtime = RankRuntime(RuntimeSettings(
@@ -83,7 +91,8 @@ class Worker:
             group_names=("tp", "pp")))
         self.config = LlamaConfig.from_dir(args.model)
         self.tokenizer = load_tokenizer(args.model)
-        self.controller = Controller(self.runtime.client, args.cluster, self.seat, self._on_abort)
+        self.controller = Controller(self.runtime.client, args.cluster, None, self._on_abort)
+        self.events = EventLog(self.runtime.client, self.runtime.keys, by=args.node)
         self.settings = EngineSettings(max_batch=args.max_batch, max_seq=args.max_seq,
                                        eos=getattr(self.tokenizer, "eos_id", None))
         self.queue = RequestQueue(capacity=args.queue_capacity)
@@ -92,7 +101,27 @@ class Worker:
         self.driver: Driver | None = None
         self.api: ApiServer | None = None
         self.state, self.gen = "starting", args.after_gen
+        self.plan: Plan | None = None
+        self.replica = -1
         self.stopping = threading.Event()
+        self._first_token_gen = 0
+        self._drained_gen = 0
+        if args.local_rank is not None:
+            self.take_seat(args.local_rank, args.after_gen)
+
+    def take_seat(self, local_rank: int, after_gen: int, api_port: int | None = None,
+                  api_url_file: str | None = None) -> None:
+        """Become the process of seat ``node/local_rank`` (at start, or when a spare is adopted)."""
+        self.args.local_rank = local_rank
+        if api_port is not None:
+            self.args.api_port = api_port
+        if api_url_file:
+            self.args.api_url_file = api_url_file
+        self.seat = (self.args.node, local_rank)
+        self.gen = max(self.gen, after_gen)
+        self.events.by = f"{self.args.node}/{local_rank}"
+        self.log = get_logger("worker", node=self.args.node, local_rank=local_rank)
+        self.controller.set_seat(self.seat)
 
     def _on_abort(self, gen: int, ranks: tuple[int, ...], reason: str) -> None:
         labels = self.runtime.abort_generation(gen, reason, ranks)
@@ -139,6 +168,7 @@ class Worker:
                 f.write(self.api.url)
 
     def run(self) -> int:
+        assert self.seat is not None, "take_seat first"
         while not self.stopping.is_set():
             try:
                 plan = self.controller.wait_plan(self.gen, timeout=1.0)
@@ -150,13 +180,18 @@ class Worker:
                 self.log.error("worker.configure_failed", gen=plan.gen, error=str(exc))
                 self.gen = plan.gen
                 continue
-            self.gen = plan.gen
+            self.gen, self.plan = plan.gen, plan
+            self.replica = groups.rank // (plan.tp * plan.pp)
+            self.events.emit(plan.gen, ev.GROUPS_BUILT, rank=groups.rank, carried=list(groups.carried))
             try:
                 loaded = self._ensure_shard(groups)
             except CheckpointError as exc:
                 # A bad shard is fatal for this process; the daemon marks the seat and re-plans.
                 self.log.error("worker.shard_failed", gen=plan.gen, error=str(exc))
+                self.events.emit(plan.gen, ev.SHARD_LOADED, rank=groups.rank, error=str(exc))
+                self.events.flush()
                 return 3
+            self.events.emit(plan.gen, ev.SHARD_LOADED, rank=groups.rank, seconds=round(loaded, 4))
             is_driver = groups.is_first_stage and groups.tp_rank == 0
             if is_driver:
                 if self.driver is None:
@@ -164,9 +199,11 @@ class Worker:
                 self._start_api()
             if self.driver is not None:
                 self.driver.switch_to = 0  # any switch asked for is this very generation
+                self.driver.first_commit_at = 0.0
             self.state = "serving"
             self.log.info("worker.serving", gen=plan.gen, rank=groups.rank, driver=is_driver,
                           shard_seconds=round(loaded, 3))
+            self.events.emit(plan.gen, ev.SERVING, rank=groups.rank, driver=is_driver)
             try:
                 nxt = serve_generation(self.model, self.runtime.comm, groups, self.settings, self.runtime.device,
                                        self.driver if is_driver else None, self._should_switch)
@@ -182,10 +219,41 @@ class Worker:
         return 0
 
     def _should_switch(self) -> bool:
+        """Called by the driver after every step: generation switch, first token, drain."""
         latest = self.controller.latest()
         if latest is not None and latest.gen > self.gen and self.driver is not None:
             self.driver.switch_to = latest.gen
+        d = self.driver
+        if d is not None and d.first_commit_at and self._first_token_gen < self.gen:
+            self._first_token_gen = self.gen
+            self.events.emit(self.gen, ev.FIRST_TOKEN, at=d.first_commit_at, rank=0, replica=self.replica)
+        if d is not None:
+            self._follow_drain(d)
         return self.stopping.is_set()
+
+    def _follow_drain(self, d: Driver) -> None:
+        """A node of this replica is leaving: stop admitting, and say when nothing is in flight."""
+        plan = self.plan
+        if plan is None:
+            return
+        rs = plan.tp * plan.pp
+        mine = {s.node for s in plan.ranks if s.rank // rs == self.replica}
+        leaving = sorted(mine & self.controller.draining)
+        if not leaving:
+            if self.queue.closed:
+                self.queue.reopen()
+            return
+        if not self.queue.closed:
+            self.queue.close(f"replica {self.replica} is draining: node {','.join(leaving)} is leaving")
+            self.log.info("worker.draining", gen=self.gen, replica=self.replica, nodes=leaving)
+        if not d.busy and self._drained_gen < self.gen:
+            try:
+                self.runtime.client.put(f"{self.runtime.keys.root}status/drained/{self.gen:010d}/{self.replica}",
+                                        str(time.time()), lease=self.runtime.lease.id)
+                self._drained_gen = self.gen
+                self.log.info("worker.drained", gen=self.gen, replica=self.replica)
+            except EtcdError as exc:
+                self.log.warning("worker.drained_unpublished", error=str(exc))
 
 
 def die_with_parent() -> None:
@@ -200,12 +268,55 @@ def die_with_parent() -> None:
         pass  # not Linux: the daemon's stop path still kills by PID
 
 
+def warm_up(device: str) -> float:
+    """What a warm spare does ahead of time: CUDA contexts on this node's GPUs, and the imports a
+    seat needs. Returns the seconds spent."""
+    t0 = time.monotonic()
+    if device.startswith("cuda") and torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            torch.zeros(1, device=f"cuda:{i}")
+            torch.cuda.synchronize(i)
+    import rallypoint.worker.shards  # noqa: F401  (safetensors, the model classes)
+    return time.monotonic() - t0
+
+
+class SeatHandoff:
+    """A spare's wait for its seat: rallyd sends ``adopt`` over the channel."""
+
+    def __init__(self) -> None:
+        self.msg: dict | None = None
+        self.ready = threading.Event()
+
+    def adopt(self, msg: dict) -> None:
+        self.msg = msg
+        self.ready.set()
+
+
+def start_beats(channel: ChannelClient, worker: Worker, every: float = 0.5) -> None:
+    """Tell rallyd, every ``every`` seconds, what this process is doing."""
+
+    def beat() -> None:
+        while not worker.stopping.is_set():
+            q = worker.queue
+            if not channel.send({"op": "beat", "pid": os.getpid(), "state": worker.state, "gen": worker.gen,
+                                 "local_rank": worker.args.local_rank, "replica": worker.replica,
+                                 "driver": worker.driver is not None, "waiting": q.waiting,
+                                 "in_flight": len(q.in_flight)}):
+                return
+            worker.stopping.wait(every)
+
+    threading.Thread(target=beat, name="rallypoint-beats", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rallypoint-worker")
     ap.add_argument("--cluster", required=True)
     ap.add_argument("--endpoints", required=True)
     ap.add_argument("--node", required=True)
-    ap.add_argument("--local-rank", type=int, required=True)
+    ap.add_argument("--local-rank", type=int, help="the seat; omit with --spare")
+    ap.add_argument("--spare", action="store_true",
+                    help="start warm and wait for rallyd to hand over a seat (needs --channel)")
+    ap.add_argument("--channel", help="rallyd's local control socket (a path, or @name)")
     ap.add_argument("--model", required=True, help="Hugging Face-style checkpoint directory")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda (the seat's GPU)")
     ap.add_argument("--dtype", default="float32")
@@ -220,13 +331,40 @@ def main(argv: list[str] | None = None) -> int:
                     help="join only plans newer than this (a restarted rank must not rejoin the failed generation)")
     ap.add_argument("--die-with-parent", action="store_true", help="exit when the parent process dies")
     args = ap.parse_args(argv)
+    if args.spare == (args.local_rank is not None):
+        ap.error("give exactly one of --local-rank and --spare")
+    if args.spare and not args.channel:
+        ap.error("--spare needs --channel")
     if args.die_with_parent:
         die_with_parent()
         if os.getppid() == 1:
             return 4  # the parent died before we could ask
     configure_logging("info")
+    log = get_logger("worker", node=args.node, local_rank=args.local_rank)
+    handoff = SeatHandoff()
+    warm = warm_up(args.device) if args.spare else 0.0
     worker = Worker(args)
-    signal.signal(signal.SIGTERM, lambda *_: worker.stopping.set())
+    signal.signal(signal.SIGTERM, lambda *_: (worker.stopping.set(), handoff.ready.set()))
+    channel = None
+    if args.channel:
+        try:
+            channel = ChannelClient(args.channel, "spare" if args.spare else "seat", args.local_rank,
+                                    {"adopt": handoff.adopt})
+        except OSError as exc:
+            if args.spare:
+                log.error("worker.no_channel", channel=args.channel, error=str(exc))
+                return 5
+            log.warning("worker.no_channel", channel=args.channel, error=str(exc))
+    if args.spare:
+        log.info("worker.spare_ready", warm_up_seconds=round(warm, 3))
+        handoff.ready.wait()
+        if handoff.msg is None:
+            return 0  # stopped while waiting
+        m = handoff.msg
+        worker.take_seat(int(m["local_rank"]), int(m["after_gen"]), m.get("api_port"), m.get("api_url_file"))
+        log.info("worker.spare_adopted", local_rank=worker.args.local_rank, after_gen=worker.gen)
+    if channel is not None:
+        start_beats(channel, worker)
     return worker.run()
 
 

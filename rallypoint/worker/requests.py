@@ -33,6 +33,14 @@ class QueueFull(RallypointError):
         self.retry_after = retry_after
 
 
+class Draining(QueueFull):
+    """The replica is draining before a node leaves: retry against another replica, or later."""
+
+    def __init__(self, why: str, retry_after: float) -> None:
+        RallypointError.__init__(self, f"not accepting requests: {why}")
+        self.retry_after = retry_after
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
@@ -150,11 +158,15 @@ class RequestQueue:
         self.in_flight: dict[str, Request] = {}
         self.lock = threading.Lock()
         self.accepted = itertools.count()
+        self.closed: str | None = None  # why new requests are refused (draining), or None
         self.counts = {"accepted": 0, "completed": 0, "rejected": 0, "resumed": 0, "failed": 0, "replay_mismatch": 0}
 
     def submit(self, req: Request) -> Request:
-        """Accept ``req`` or raise ``QueueFull``."""
+        """Accept ``req`` or raise ``QueueFull`` (or ``Draining``)."""
         with self.lock:
+            if self.closed:
+                self.counts["rejected"] += 1
+                raise Draining(self.closed, self.retry_after)
             if self._waiting.qsize() + len(self.in_flight) >= self.capacity:
                 self.counts["rejected"] += 1
                 raise QueueFull(self.retry_after)
@@ -180,6 +192,15 @@ class RequestQueue:
         with self.lock:
             self.in_flight.pop(req.id, None)
             self.counts["failed" if req.error else "completed"] += 1
+
+    def close(self, why: str) -> None:
+        """Refuse new requests (the ones accepted still run to the end)."""
+        with self.lock:
+            self.closed = why
+
+    def reopen(self) -> None:
+        with self.lock:
+            self.closed = None
 
     @property
     def waiting(self) -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 from rallypoint.daemon.supervisor import Supervisor
 
 
-def sleeper(local_rank: int, after_gen: int) -> list[str]:
+def sleeper(local_rank: int | None, after_gen: int) -> list[str]:
     return [sys.executable, "-c", "import time; time.sleep(30)"]
 
 

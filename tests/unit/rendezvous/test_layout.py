@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from rallypoint.errors import LayoutError
@@ -42,10 +44,23 @@ def test_place_honours_dp_min_max_and_cordon() -> None:
     assert place(nodes, ClusterSpec(tp=2, max_nodes=1))[0] == 1
     with pytest.raises(LayoutError, match="min_nodes is 3"):
         place(nodes, ClusterSpec(tp=2, min_nodes=3))
-    with pytest.raises(LayoutError, match="dp = 3"):
-        place(nodes, ClusterSpec(tp=2, dp=3))
     with pytest.raises(LayoutError, match="cannot hold one replica"):
         place([node("a", 2)], ClusterSpec(tp=4))
+
+
+def test_place_shrinks_whole_replicas_and_skips_bad_seats() -> None:
+    """dp=3 asked, room for 2: a shrink drops a whole replica; TP never changes."""
+    nodes = [node("a", 2), node("b", 2), node("c", 2, cordoned=True)]
+    dp, ranks = place(nodes, ClusterSpec(tp=2, dp=3))
+    assert dp == 2 and len(ranks) == 4
+    hurt = [node("a", 2), replace(node("b", 2), bad_seats=(1,)), node("c", 2)]
+    dp, ranks = place(hurt, ClusterSpec(tp=2, dp=3))
+    assert dp == 2 and ("b", 1) not in {(r.node, r.local_rank) for r in ranks}
+    assert [(r.node, r.local_rank) for r in ranks] == [("a", 0), ("a", 1), ("b", 0), ("c", 0)]
+    # grows back once the seat is healthy again
+    assert place([node("a", 2), node("b", 2), node("c", 2)], ClusterSpec(tp=2, dp=3))[0] == 3
+    with pytest.raises(LayoutError, match="1 healthy rank slot"):
+        place([replace(node("a", 2), bad_seats=(0,))], ClusterSpec(tp=2))
 
 
 def test_make_plan_members_include_rankless_nodes() -> None:

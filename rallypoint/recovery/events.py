@@ -1,0 +1,176 @@
+"""Recovery events: what happened to a generation, when, and who saw it, kept in etcd.
+
+Every process that takes part in a recovery writes the step it took as one event under
+``events/<gen>/``: the daemon that saw a rank die (``rank_failed``, ``abort_ordered``), the leader
+(``plan_written``, ``released``), each worker (``groups_built``, ``shard_loaded``, ``serving``) and
+the replica's driver (``first_token``). Events carry a wall-clock timestamp from their writer, so one
+generation's events, read together, are the recovery's timeline (``rallyctl events``, the
+recovery benchmark) and the input of the state machine in ``machine.py``.
+
+Writes go through a background thread: a worker on the critical path of a recovery only queues
+the event. An etcd outage loses no serving time, only (after a bounded queue fills) old events.
+
+Key: ``events/<gen:010d>/<time_ns:020d>-<by>-<kind>``; value: JSON ``Event``.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from rallypoint.errors import EtcdError, MalformedRecord
+from rallypoint.log import get_logger
+from rallypoint.rendezvous.etcd import EtcdClient
+from rallypoint.rendezvous.records import GEN_WIDTH, ClusterKeys
+
+log = get_logger("recovery.events")
+
+# Event kinds, in the order a recovery produces them. Stable names: tools match on them.
+RANK_FAILED = "rank_failed"          # a daemon saw its worker exit (or killed a stuck one)
+SUSPECT_NAMED = "suspect_named"      # a watchdog's diagnosis named a rank stuck/dead
+ABORT_ORDERED = "abort_ordered"      # "abort generation N" was written
+REPLACEMENT = "replacement"          # the seat got a new process: warm spare or cold restart
+SEAT_BAD = "seat_bad"                # a seat will not be reused (GPU unhealthy, restart budget spent)
+REPLAN_REQUESTED = "replan_requested"
+PLAN_WRITTEN = "plan_written"        # the leader wrote generation N (event under gen N)
+CANNOT_PLAN = "cannot_plan"          # no valid layout fits the live capacity
+RELEASED = "released"                # every member acked: workers build groups
+GROUPS_BUILT = "groups_built"        # one rank's groups for the generation are up
+SHARD_LOADED = "shard_loaded"        # one rank holds its weights (seconds=0 when they stayed)
+SERVING = "serving"                  # one rank entered the serving loop
+FIRST_TOKEN = "first_token"          # a driver committed the generation's first token
+DRAINING = "draining"                # a node stopped admitting requests before leaving
+DRAINED = "drained"                  # its replicas finished (or the deadline passed)
+
+KINDS = (RANK_FAILED, SUSPECT_NAMED, ABORT_ORDERED, REPLACEMENT, SEAT_BAD, REPLAN_REQUESTED,
+         PLAN_WRITTEN, CANNOT_PLAN, RELEASED, GROUPS_BUILT, SHARD_LOADED, SERVING, FIRST_TOKEN,
+         DRAINING, DRAINED)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One step of a generation's life.
+
+    Attributes:
+        gen: the generation it belongs to (a failure belongs to the generation that failed).
+        kind: one of ``KINDS``.
+        at: wall-clock seconds (``time.time()``) on the writer's host.
+        by: who wrote it: a node id, or ``node/local_rank`` for a worker.
+        detail: kind-specific fields (``rank``, ``reason``, ``seconds``, ``strategy``...).
+    """
+
+    gen: int
+    kind: str
+    at: float
+    by: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, key: str, raw: bytes | str) -> "Event":
+        try:
+            d = json.loads(raw)
+            ev = cls(gen=int(d["gen"]), kind=str(d["kind"]), at=float(d["at"]), by=str(d["by"]),
+                     detail=dict(d.get("detail") or {}))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise MalformedRecord(key, f"not an event ({exc})") from None
+        return ev
+
+
+def events_prefix(keys: ClusterKeys, gen: int | None = None) -> str:
+    base = keys.root + "events/"
+    return base if gen is None else f"{base}{gen:0{GEN_WIDTH}d}/"
+
+
+def event_key(keys: ClusterKeys, ev: Event) -> str:
+    by = ev.by.replace("/", ":")
+    return f"{events_prefix(keys, ev.gen)}{int(ev.at * 1e9):020d}-{by}-{ev.kind}"
+
+
+class EventLog:
+    """Queue events and write them to etcd from one background thread.
+
+    Args:
+        client: an etcd client (shared with the caller; calls are thread-safe).
+        keys: the cluster's keys.
+        by: this writer's name.
+        capacity: events kept while etcd is unreachable; the oldest are dropped past it.
+    """
+
+    def __init__(self, client: EtcdClient, keys: ClusterKeys, by: str, capacity: int = 1000) -> None:
+        self.client, self.keys, self.by = client, keys, by
+        self._queue: queue.Queue[Event | None] = queue.Queue(maxsize=capacity)
+        self._thread = threading.Thread(target=self._write_loop, name="rallypoint-events", daemon=True)
+        self._thread.start()
+
+    def emit(self, gen: int, kind: str, by: str | None = None, at: float | None = None, **detail: Any) -> Event:
+        """Record ``kind`` for generation ``gen`` now (or at ``at``); returns the event queued."""
+        ev = Event(gen=gen, kind=kind, at=time.time() if at is None else at, by=by or self.by, detail=detail)
+        while True:
+            try:
+                self._queue.put_nowait(ev)
+                return ev
+            except queue.Full:
+                try:
+                    self._queue.get_nowait()  # drop the oldest: the newest say more
+                except queue.Empty:
+                    pass
+
+    def _write_loop(self) -> None:
+        while (ev := self._queue.get()) is not None:
+            for attempt in range(20):
+                try:
+                    self.client.put(event_key(self.keys, ev), ev.to_json())
+                    break
+                except EtcdError as exc:
+                    if attempt == 0:
+                        log.warning("events.write_retrying", kind=ev.kind, gen=ev.gen, error=str(exc))
+                    time.sleep(0.5)
+            else:
+                log.error("events.dropped", kind=ev.kind, gen=ev.gen)
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every queued event is written (tests, shutdown); True if it was."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            if self._queue.empty():
+                time.sleep(0.05)  # the last one is being written
+                if self._queue.empty():
+                    break
+            time.sleep(0.01)
+        return self._queue.empty()
+
+    def close(self, timeout: float = 2.0) -> None:
+        self.flush(timeout)
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+
+def read_events(client: EtcdClient, keys: ClusterKeys, gen: int | None = None) -> list[Event]:
+    """Every event (of ``gen``, or all), oldest first; malformed ones are logged and skipped."""
+    kvs, _ = client.get_prefix(events_prefix(keys, gen))
+    out = []
+    for kv in kvs:
+        try:
+            out.append(Event.from_json(kv.key, kv.value))
+        except MalformedRecord as exc:
+            log.error("events.malformed", key=kv.key, error=str(exc))
+    return sorted(out, key=lambda e: (e.at, e.gen))
+
+
+def prune_events(client: EtcdClient, keys: ClusterKeys, keep_from_gen: int) -> int:
+    """Delete the events of generations older than ``keep_from_gen``; returns generations dropped."""
+    base = events_prefix(keys)
+    kvs, _ = client.get_prefix(base)
+    old = sorted({kv.key[len(base):len(base) + GEN_WIDTH] for kv in kvs
+                  if kv.key[len(base):len(base) + GEN_WIDTH].isdigit()
+                  and int(kv.key[len(base):len(base) + GEN_WIDTH]) < keep_from_gen})
+    for g in old:
+        client.delete_prefix(f"{base}{g}/")
+    return len(old)
