@@ -1,18 +1,20 @@
-"""Recovery breakdown: SIGKILL a rank under a request stream and time every phase, from the logs.
+"""Recovery breakdown: SIGKILL a rank under a request stream, with a warm spare and with a cold
+restart, side by side in one run.
 
-One rallyd serves a TP=2 replica on two ranks (two GPUs, or two CPU ranks with ``--gpus 0``). A
-client streams a long greedy completion; the bench SIGKILLs the worker of rank 1 mid-stream and
-reads the phases off the processes' JSON logs (wall clock, one host):
+One rallyd serves TP=2 (``--gpus 2``), or TP=2 x DP=2 (``--gpus 4``), or two CPU ranks
+(``--gpus 0``). A client streams a long greedy completion from replica 0; the bench SIGKILLs the
+worker of rank 1 mid-stream and reads the recovery off the cluster's events in etcd (wall clock,
+one host) and the survivor's log:
 
-    kill -> detected (rallyd saw the exit) -> abort ordered -> survivor aborted its group
-         -> plan N+1 written -> groups rebuilt (survivor) -> shard loaded (replacement)
-         -> first token delivered to the client after the kill
+    kill -> detected (rallyd reaped the exit) -> abort ordered -> survivor's TP group aborted
+         -> replacement (spare adopted / process started) -> plan N+1 written -> released
+         -> groups built (last rank) -> shard loaded (last rank) -> first token at the client
 
-and checks that the stream's tokens equal a failure-free run. Repeats ``--runs`` times (cold
-restart: the replacement process imports torch and loads its shard).
+and checks the stream's tokens against a failure-free run. ``--modes cold,spare`` runs both
+strategies, each on a fresh daemon, ``--runs`` kills each.
 
-    python bench/recovery.py --gpus 2 --model /tmp/rp-1b       # GPU machine
-    python bench/recovery.py --gpus 0 --size tiny               # CPU smoke run
+    python bench/recovery.py --gpus 2 --model /tmp/rp-1b         # GPU machine
+    python bench/recovery.py --gpus 0 --size tiny --runs 2        # CPU smoke run
 """
 
 from __future__ import annotations
@@ -33,15 +35,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import psutil  # noqa: E402
 
+from rallypoint.recovery.events import read_events  # noqa: E402
+from rallypoint.recovery.machine import breakdown  # noqa: E402
+from rallypoint.rendezvous.etcd import EtcdClient, EtcdSettings  # noqa: E402
+from rallypoint.rendezvous.records import ClusterKeys  # noqa: E402
 from rallypoint.testing.daemons import DaemonProcess, daemon_args  # noqa: E402
 from rallypoint.testing.etcd_server import EtcdCluster  # noqa: E402
+
+COLUMNS = ("detected", "abort_ordered", "aborted", "replacement", "planned", "released", "groups_built",
+           "shard_loaded", "first_token", "client_token")
 
 
 def ts(line: dict) -> float:
     return datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00")).timestamp()
 
 
-def events(path: Path) -> list[dict]:
+def log_lines(path: Path) -> list[dict]:
     out = []
     for raw in path.read_text(errors="replace").splitlines() if path.exists() else []:
         if raw.startswith("{"):
@@ -63,54 +72,109 @@ def stream(url: str, body: dict, stamps: list[tuple[float, list[int]]]) -> None:
                     stamps.append((time.time(), ids))
 
 
-def one_run(url: str, state: Path, body: dict, reference: list[int], daemon: DaemonProcess, gen: int) -> dict:
+def seat_pid(daemon: DaemonProcess, local_rank: int) -> int:
+    """The process now on ``local_rank``: the last one rallyd started there or handed it to."""
+    pid = None
+    for e in log_lines(daemon.log_path):
+        if e.get("event") in ("supervisor.started", "supervisor.spare_adopted") and e.get("local_rank") == local_rank:
+            pid = e["pid"]
+    assert pid is not None and psutil.pid_exists(pid), f"no live worker on seat {local_rank}"
+    return pid
+
+
+def wait_spare(daemon: DaemonProcess, after: float, timeout: float = 120) -> None:
+    """Block until a spare said hello after ``after`` (it is warm)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(e.get("event") == "rallyd.worker_connected" and e.get("role") == "spare" and ts(e) > after
+               for e in log_lines(daemon.log_path)):
+            return
+        time.sleep(0.1)
+    raise SystemExit("no warm spare came up")
+
+
+def one_run(url: str, body: dict, reference: list[int], daemon: DaemonProcess, client: EtcdClient,
+            keys: ClusterKeys, gen: int, state: Path) -> dict:
     stamps: list[tuple[float, list[int]]] = []
     t = threading.Thread(target=stream, args=(url, body, stamps))
     t.start()
     while len(stamps) < 8:
         time.sleep(0.005)
-    victim = next(p for p in psutil.Process(daemon.pid).children()
-                  if "rallypoint.worker" in " ".join(p.cmdline()) and "--local-rank 1" in " ".join(p.cmdline()))
+    victim = seat_pid(daemon, 1)
     t_kill = time.time()
-    victim.send_signal(signal.SIGKILL)
+    psutil.Process(victim).send_signal(signal.SIGKILL)
     t.join(timeout=300)
+    time.sleep(0.5)  # the last events are written in the background
     tokens = [i for _, ids in stamps for i in ids]
-    logs = {p.name: events(p) for p in [daemon.log_path, *sorted((state / "logs").glob("worker-*.log"))]}
-
-    def first(name: str, event: str, after: float, **match: object) -> float | None:
-        for e in logs.get(name, []):
-            if e.get("event") == event and ts(e) >= after and all(e.get(k) == v for k, v in match.items()):
-                return ts(e)
-        return None
-
-    said = [e for e in logs[daemon.log_path.name] if e.get("event") == "rallyd.cycle" and ts(e) >= t_kill]
-    planned = next((ts(e) for e in said if f"wrote plan gen {gen + 1}" in e.get("said", "")), None)
-    phases = {
-        "detected": first(daemon.log_path.name, "supervisor.worker_exited", t_kill)
-        or first("worker-0.log", "comm.collective_tripped", t_kill),
-        "aborted": first("worker-0.log", "groups.aborted", t_kill),
-        "planned": planned,
-        "rebuilt": first("worker-0.log", "groups.built", t_kill, gen=gen + 1),
-        "loaded": first("worker-1.log", "worker.shard_loaded", t_kill),
-    }
-    # The first token the new generation produced (tokens committed before the kill may still be
-    # in flight to the client just after it).
-    rebuilt = phases["rebuilt"] or t_kill
-    phases["first_token"] = next((w for w, _ in stamps if w > rebuilt), None)
+    phases = breakdown(read_events(client, keys), gen, t0=t_kill)
+    # The survivor's own log says when its TP group was aborted.
+    aborted = [ts(e) for e in log_lines(state / "logs" / "worker-0.log")  # seat 0 is never the victim
+               if e.get("event") == "groups.aborted" and ts(e) >= t_kill]
+    phases["aborted"] = min(aborted) - t_kill if aborted else None
+    # The first token the client saw from the new generation (tokens committed before the kill may
+    # still be on their way just after it).
+    built = phases.get("groups_built")
+    after = t_kill + built if built is not None else t_kill
+    first = next((w for w, _ in stamps if w > after), None)
+    phases["client_token"] = first - t_kill if first else None
     same = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
-    before = sum(len(ids) for w, ids in stamps if w <= t_kill)
-    return {"phases": {k: (v - t_kill if v else None) for k, v in phases.items()},
-            "identical": tokens == reference, "tokens": len(tokens), "first_difference": same,
-            "delivered_before_kill": before}
+    events = read_events(client, keys, gen)
+    strategy = next((e.detail.get("strategy") for e in events if e.kind == "replacement"), None)
+    return {"phases": phases, "strategy": strategy, "identical": tokens == reference, "tokens": len(tokens),
+            "first_difference": same}
+
+
+def run_mode(mode: str, args: argparse.Namespace, model: Path, work: Path, etcd: EtcdCluster) -> list[dict]:
+    cluster = f"recovery-{mode}"
+    keys = ClusterKeys(cluster)
+    client = EtcdClient(EtcdSettings(endpoints=etcd.endpoints))
+    state = work / mode
+    node_args = ["--tp", "2", "--state-dir", str(state), "--worker-model", str(model), "--worker-max-seq", "512",
+                 "--worker-restart-budget", "100", "--worker-dtype", args.dtype,
+                 "--spares", "1" if mode == "spare" else "0"]
+    node_args += ["--gpus", str(args.gpus)] if args.gpus else ["--cpu-ranks", "2"]
+    daemon = DaemonProcess("n0", daemon_args(etcd.endpoints, cluster) + node_args, work / f"rallyd-{mode}.log").start()
+    body = {"prompt": "recovery under fire: " * 2, "max_tokens": args.tokens}
+    results = []
+    try:
+        url_file = state / "api-0.url"
+        deadline = time.monotonic() + 180
+        while not (url_file.exists() and url_file.read_text()):
+            if time.monotonic() > deadline or daemon.proc.poll() is not None:
+                raise SystemExit(f"no API; see {work}")
+            time.sleep(0.1)
+        url = url_file.read_text()
+        req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        reference = json.loads(urllib.request.urlopen(req, timeout=300).read())["choices"][0]["token_ids"]
+        for run in range(args.runs):
+            if mode == "spare":
+                wait_spare(daemon, after=0 if run == 0 else results[-1]["killed_at"])
+            t_before = time.time()
+            r = one_run(url, body, reference, daemon, client, keys, gen=run + 1, state=state)
+            r["killed_at"] = t_before
+            results.append(r)
+            print(f"{mode} run {run + 1} ({r['strategy']}): "
+                  + ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} -" for k, v in r["phases"].items())
+                  + f"; identical tokens: {r['identical']} (first difference at token {r['first_difference']})",
+                  flush=True)
+            time.sleep(1.0)
+    finally:
+        for p in psutil.Process(daemon.pid).children(recursive=True) if daemon.proc.poll() is None else []:
+            p.kill()
+        daemon.stop()
+        client.close()
+    return results
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gpus", type=int, default=2, help="0: two CPU ranks")
+    ap.add_argument("--gpus", type=int, default=2, help="2: TP=2; 4: TP=2 x DP=2; 0: two CPU ranks")
     ap.add_argument("--model", type=Path)
     ap.add_argument("--size", default="1b")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=200)
+    ap.add_argument("--modes", default="cold,spare")
     ap.add_argument("--dtype", default="auto", help="the workers' dtype (auto: bf16 on GPU)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -119,48 +183,26 @@ def main() -> int:
     if not (model / "config.json").exists():
         from rallypoint.worker.checkpoint import make_model
         make_model(model, args.size, seed=0)
-    body = {"prompt": "recovery under fire: " * 2, "max_tokens": args.tokens}
-    results = []
+    results: dict[str, list[dict]] = {}
     with EtcdCluster(1) as etcd:
-        node_args = ["--tp", "2", "--state-dir", str(work / "n0"), "--worker-model", str(model),
-                     "--worker-max-seq", "512", "--worker-restart-budget", "100", "--worker-dtype", args.dtype]
-        # daemon_args says --gpus 0; a later --gpus wins.
-        node_args += ["--gpus", str(args.gpus)] if args.gpus else ["--cpu-ranks", "2"]
-        daemon = DaemonProcess("n0", daemon_args(etcd.endpoints, "recovery") + node_args, work / "rallyd.log").start()
-        try:
-            url_file = work / "n0" / "api-0.url"
-            deadline = time.monotonic() + 180
-            while not (url_file.exists() and url_file.read_text()):
-                if time.monotonic() > deadline or daemon.proc.poll() is not None:
-                    raise SystemExit(f"no API; see {work}")
-                time.sleep(0.1)
-            url = url_file.read_text()
-            req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-            reference = json.loads(urllib.request.urlopen(req, timeout=300).read())["choices"][0]["token_ids"]
-            for run in range(args.runs):
-                r = one_run(url, work / "n0", body, reference, daemon, gen=run + 1)
-                results.append(r)
-                print(f"run {run + 1}: " + ", ".join(f"{k} {v:.3f}s" if v is not None else f"{k} -"
-                                                     for k, v in r["phases"].items())
-                      + f"; identical tokens: {r['identical']} (first difference at token "
-                      f"{r['first_difference']}, {r['delivered_before_kill']} delivered before the kill)", flush=True)
-                time.sleep(1.0)
-        finally:
-            for p in psutil.Process(daemon.pid).children(recursive=True) if daemon.proc.poll() is None else []:
-                p.kill()
-            daemon.stop()
-    names = list(results[0]["phases"]) if results else []
-    print(f"\nTP=2 on {'%d GPUs' % args.gpus if args.gpus else 'CPU'}, cold restart in place, {args.runs} runs "
-          f"(seconds after the SIGKILL; median [max])")
-    for n in names:
-        vals = [r["phases"][n] for r in results if r["phases"][n] is not None]
-        print(f"  {n:<12} " + (f"{statistics.median(vals):6.3f} [{max(vals):6.3f}]" if vals else "     -"))
-    print(f"  identical tokens in every run: {all(r['identical'] for r in results)}")
+        for mode in args.modes.split(","):
+            results[mode] = run_mode(mode, args, model, work, etcd)
+    layout = {2: "TP=2 on 2 GPUs", 4: "TP=2 x DP=2 on 4 GPUs", 0: "TP=2 on 2 CPU ranks"}.get(args.gpus, f"{args.gpus} GPUs")
+    print(f"\n{layout}, SIGKILL rank 1 under a {args.tokens}-token greedy stream; seconds after the kill, "
+          f"median [max] of {args.runs} runs")
+    print(f"{'milestone':<14}" + "".join(f"{m:>18}" for m in results))
+    for c in COLUMNS:
+        row = f"{c:<14}"
+        for mode, rs in results.items():
+            vals = [r["phases"].get(c) for r in rs if r["phases"].get(c) is not None]
+            row += f"{statistics.median(vals):>9.3f} [{max(vals):6.3f}]" if vals else f"{'-':>18}"
+        print(row)
+    print(f"{'identical':<14}" + "".join(f"{sum(r['identical'] for r in rs):>13d} of {len(rs)}"
+                                        for rs in results.values()))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     print(f"logs in {work}")
-    return 0 if results and all(r["identical"] for r in results) else 1
+    return 0
 
 
 if __name__ == "__main__":

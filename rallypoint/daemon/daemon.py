@@ -137,7 +137,8 @@ class Daemon:
             return
         self.events.emit(plan.gen, ev.REPLACEMENT, rank=rank, local_rank=lr, strategy=strategy, why=decision.reason)
         try:
-            self.rendezvous.request_replan(plan.gen, f"{reason}; {strategy}")
+            how = "a warm spare took the seat" if strategy == SPARE else "restarted in place"
+            self.rendezvous.request_replan(plan.gen, f"{reason}; {how}")
         except RallypointError as exc:
             self.log.error("rallyd.replan_request_failed", gen=plan.gen, error=str(exc))
 

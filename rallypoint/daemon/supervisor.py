@@ -99,6 +99,8 @@ class Supervisor:
         """Start the worker of seat ``local_rank`` (it joins the first plan newer than ``after_gen``),
         or a spare when ``local_rank`` is None."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if local_rank is not None:
+            self._forget_api(local_rank)
         name = f"worker-{local_rank}" if local_rank is not None else f"spare-{time.time_ns()}"
         out = open(self.log_dir / f"{name}.log", "ab")
         proc = subprocess.Popen(self.command(local_rank, after_gen), stdin=subprocess.DEVNULL, stdout=out,
@@ -114,6 +116,13 @@ class Supervisor:
         log.info("supervisor.started", local_rank=local_rank, pid=proc.pid, after_gen=after_gen,
                  spare=local_rank is None)
         return w
+
+    def _forget_api(self, local_rank: int) -> None:
+        """The seat's published API URL belongs to its previous process: remove it until the new
+        one listens (and writes its own)."""
+        url_file = self.seat_params(local_rank).get("api_url_file")
+        if url_file:
+            Path(url_file).unlink(missing_ok=True)
 
     def fill_spares(self) -> int:
         """Start spares up to the number wanted (at most ``want_spares`` starts per window, so a
@@ -150,6 +159,7 @@ class Supervisor:
             w = self.ready_spare()
             if w is None or self.channel is None:
                 return None
+            self._forget_api(local_rank)
             peer = self.channel.peers.get(w.pid)
             msg = {"op": "adopt", "local_rank": local_rank, "after_gen": after_gen, **self.seat_params(local_rank)}
             if peer is None or not peer.send(msg):

@@ -134,17 +134,18 @@ MILESTONES = ("detected", "abort_ordered", "replacement", "planned", "released",
               "shard_loaded", "serving", "first_token")
 
 
-def breakdown(events: list[Event], failed_gen: int) -> dict[str, float | None]:
+def breakdown(events: list[Event], failed_gen: int, t0: float | None = None) -> dict[str, float | None]:
     """Seconds from the failure of ``failed_gen`` to each milestone of its recovery.
 
     ``detected`` is the failure event itself, against the kill time when the event carries it
-    (``detail.killed_at``), else 0. Per-rank milestones (groups built, shard loaded, serving) are
+    (``detail.killed_at``) or the caller passes it as ``t0``, else 0. Per-rank milestones (groups built, shard loaded, serving) are
     the *last* rank's, since the replica serves only when all of its ranks do.
     """
     fail = [e for e in events if e.gen == failed_gen and e.kind == ev.RANK_FAILED]
     if not fail:
         return {m: None for m in MILESTONES}
-    t0 = float(fail[0].detail.get("killed_at", fail[0].at))
+    if t0 is None:
+        t0 = float(fail[0].detail.get("killed_at", fail[0].at))
     new_gen = min((e.gen for e in events if e.kind == ev.PLAN_WRITTEN and e.gen > failed_gen), default=None)
 
     def first(kind: str, gen: int | None) -> float | None:

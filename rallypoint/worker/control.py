@@ -39,14 +39,17 @@ class Controller:
         cluster: cluster name.
         seat: (node, local_rank) of this worker.
         on_abort: called as ``on_abort(gen, ranks, reason)`` from the watch thread.
+        on_drain: called as ``on_drain(nodes)`` from the watch thread when the draining set changes.
     """
 
     def __init__(self, client: EtcdClient, cluster: str, seat: tuple[str, int] | None,
-                 on_abort: Callable[[int, tuple[int, ...], str], None]) -> None:
+                 on_abort: Callable[[int, tuple[int, ...], str], None],
+                 on_drain: Callable[[set[str]], None] | None = None) -> None:
         self.client = client
         self.keys = ClusterKeys(cluster)
         self.seat = seat
         self.on_abort = on_abort
+        self.on_drain = on_drain  # called with the draining nodes whenever they change
         self.plans: dict[int, Plan] = {}
         self.released = 0
         self.draining: set[str] = set()  # nodes leaving: their replicas stop admitting
@@ -66,6 +69,8 @@ class Controller:
         if ev.key.startswith(k.draining):
             node = ev.key[len(k.draining):]
             self.draining.add(node) if ev.kind == "put" else self.draining.discard(node)
+            if self.on_drain is not None:
+                self.on_drain(set(self.draining))
             return
         if ev.kind != "put":
             return

@@ -91,7 +91,8 @@ class Worker:
             group_names=("tp", "pp")))
         self.config = LlamaConfig.from_dir(args.model)
         self.tokenizer = load_tokenizer(args.model)
-        self.controller = Controller(self.runtime.client, args.cluster, None, self._on_abort)
+        self.controller = Controller(self.runtime.client, args.cluster, None, self._on_abort,
+                                     lambda _: self._close_if_draining())
         self.events = EventLog(self.runtime.client, self.runtime.keys, by=args.node)
         self.settings = EngineSettings(max_batch=args.max_batch, max_seq=args.max_seq,
                                        eos=getattr(self.tokenizer, "eos_id", None))
@@ -231,21 +232,27 @@ class Worker:
             self._follow_drain(d)
         return self.stopping.is_set()
 
-    def _follow_drain(self, d: Driver) -> None:
-        """A node of this replica is leaving: stop admitting, and say when nothing is in flight."""
+    def _close_if_draining(self) -> list[str]:
+        """Stop admitting requests at once when a node of this replica is leaving (any thread);
+        returns the leaving nodes."""
         plan = self.plan
-        if plan is None:
-            return
+        if plan is None or self.driver is None:
+            return []
         rs = plan.tp * plan.pp
         mine = {s.node for s in plan.ranks if s.rank // rs == self.replica}
         leaving = sorted(mine & self.controller.draining)
         if not leaving:
             if self.queue.closed:
                 self.queue.reopen()
-            return
-        if not self.queue.closed:
+        elif not self.queue.closed:
             self.queue.close(f"replica {self.replica} is draining: node {','.join(leaving)} is leaving")
             self.log.info("worker.draining", gen=self.gen, replica=self.replica, nodes=leaving)
+        return leaving
+
+    def _follow_drain(self, d: Driver) -> None:
+        """A node of this replica is leaving: stop admitting, and say when nothing is in flight."""
+        if not self._close_if_draining():
+            return
         if not d.busy and self._drained_gen < self.gen:
             try:
                 self.runtime.client.put(f"{self.runtime.keys.root}status/drained/{self.gen:010d}/{self.replica}",

@@ -42,7 +42,7 @@ def test_sd_notify_messages(etcd: EtcdCluster, cluster_name: str, tmp_path: Path
     try:
         read_until(lambda: "READY=1" in got and any(m.startswith("STATUS=gen 1") for m in got))
         read_until(lambda: got.count("WATCHDOG=1") >= 3)
-        assert any(m == "STATUS=gen 1, leader" for m in got), got[-10:]
+        assert any(m.startswith("STATUS=gen 1, leader, ") for m in got), got[-10:]
         d.signal(signal.SIGTERM)
         read_until(lambda: "STOPPING=1" in got)
         assert d.proc.wait(timeout=15) == 0

@@ -1,0 +1,221 @@
+"""rallyd's recovery strategies and its clean exit, with real daemons, etcd, workers and signals:
+a warm spare takes a dead worker's seat; a seat past its restart budget is left out (shrink) and
+comes back (grow back); SIGTERM drains; the etcd leader dies in the middle of a recovery."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from rallypoint.recovery import events as ev
+from rallypoint.recovery.events import read_events
+from rallypoint.rendezvous.etcd import EtcdClient
+from rallypoint.rendezvous.records import ClusterKeys, Plan
+from rallypoint.testing.daemons import DaemonProcess, daemon_args
+from rallypoint.testing.etcd_server import EtcdCluster
+from rallypoint.worker.checkpoint import make_model
+from tests.conftest import make_client
+from tests.integration.test_rallyd_serving import start_streams, wait_file
+from tests.integration.test_serving import post
+
+
+def plans(client: EtcdClient, keys: ClusterKeys) -> list[Plan]:
+    kvs, _ = client.get_prefix(keys.plans)
+    return [Plan.from_json(kv.key, kv.value) for kv in kvs]
+
+
+def wait_for(what: str, check, timeout: float = 30.0, every: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def workers(daemon: DaemonProcess) -> list[psutil.Process]:
+    return [p for p in psutil.Process(daemon.pid).children() if "rallypoint.worker" in " ".join(p.cmdline())]
+
+
+def seat_pid(daemon: DaemonProcess, local_rank: int) -> int:
+    mine = [p for p in workers(daemon) if f"--local-rank {local_rank} " in " ".join(p.cmdline()) + " "]
+    assert len(mine) == 1, [p.cmdline() for p in workers(daemon)]
+    return mine[0].pid
+
+
+def spare_pids(daemon: DaemonProcess) -> list[int]:
+    return [p.pid for p in workers(daemon) if "--spare" in p.cmdline()]
+
+
+def kill_all(daemons: list[DaemonProcess]) -> None:
+    for d in daemons:
+        if d.proc is not None and d.proc.poll() is None:
+            for p in psutil.Process(d.pid).children(recursive=True):
+                p.kill()
+        d.stop()
+
+
+def test_warm_spare_takes_the_dead_workers_seat(etcd: EtcdCluster, client: EtcdClient, cluster_name: str,
+                                                tmp_path: Path) -> None:
+    """b keeps one warm spare; b's worker is SIGKILLed mid-stream: the spare (already past
+    ``import torch``) adopts the seat, the stream finishes with the failure-free tokens, every
+    phase is in etcd as an event, and a new spare is started behind the adopted one."""
+    model = make_model(tmp_path / "model", "tiny", seed=5)
+    keys = ClusterKeys(cluster_name)
+    daemons = []
+    for node, extra in (("a", []), ("b", ["--spares", "1"])):
+        args = daemon_args(etcd.endpoints, cluster_name, "--tp", "2", "--cpu-ranks", "1",
+                           "--state-dir", str(tmp_path / node), "--worker-model", str(model), *extra)
+        daemons.append(DaemonProcess(node, args, tmp_path / f"{node}.log").start())
+    try:
+        url = wait_file(tmp_path / "a" / "api-0.url")
+        daemons[1].wait_log('"role": "spare"', timeout=60)  # the spare is warm and said hello
+        spare = spare_pids(daemons[1])
+        assert len(spare) == 1
+        requests = [{"prompt": f"spare {i}: pack my box", "max_tokens": 40} for i in range(4)]
+        reference = [post(url, r)[1]["choices"][0]["token_ids"] for r in requests]
+        got, threads = start_streams(url, requests)
+        victim = seat_pid(daemons[1], 0)
+        psutil.Process(victim).kill()
+        for t in threads:
+            t.join(timeout=120)
+        assert [got.get(i) for i in range(len(requests))] == reference
+        adopted = daemons[1].wait_log('"supervisor.spare_adopted"')
+        assert adopted and f'"pid": {spare[0]}' in daemons[1].log_text()  # the spare holds the seat now
+        assert psutil.pid_exists(spare[0]) and not psutil.pid_exists(victim)
+        p = plans(client, keys)
+        assert [x.gen for x in p] == [1, 2] and "spare" in p[1].reason and p[1].ranks == p[0].ranks
+        new_spare = wait_for("a new spare", lambda: [s for s in spare_pids(daemons[1]) if s != spare[0]])
+        assert len(new_spare) == 1
+        kinds = {(e.gen, e.kind) for e in read_events(client, keys)}
+        for want in [(1, ev.RANK_FAILED), (1, ev.ABORT_ORDERED), (1, ev.REPLACEMENT), (1, ev.REPLAN_REQUESTED),
+                     (2, ev.PLAN_WRITTEN), (2, ev.RELEASED), (2, ev.GROUPS_BUILT), (2, ev.SHARD_LOADED),
+                     (2, ev.SERVING)]:
+            assert want in kinds, want
+        repl = [e for e in read_events(client, keys, 1) if e.kind == ev.REPLACEMENT]
+        assert repl[0].detail["strategy"] == "spare" and repl[0].by == "b"
+        status = wait_for("phase serving", lambda: (kv := client.get(keys.root + "status/recovery"))
+                          and json.loads(kv.value)["phase"] == "serving" and json.loads(kv.value))
+        assert status["gen"] == 2 and "exited with code -9" in status["why"]
+    finally:
+        kill_all(daemons)
+
+
+def test_spent_restart_budget_shrinks_then_grows_back(etcd: EtcdCluster, client: EtcdClient, cluster_name: str,
+                                                      tmp_path: Path) -> None:
+    """TP=1, DP=2 on one node, no restarts allowed: replica 1's worker dies, its seat is left out
+    and the leader shrinks to dp=1 while replica 0 keeps streaming on its carried-over groups;
+    after the restart window the seat is tried again and the layout grows back to dp=2."""
+    model = make_model(tmp_path / "model", "tiny", seed=6)
+    keys = ClusterKeys(cluster_name)
+    args = daemon_args(etcd.endpoints, cluster_name, "--tp", "1", "--dp", "2", "--cpu-ranks", "2",
+                       "--state-dir", str(tmp_path / "a"), "--worker-model", str(model),
+                       "--worker-restart-budget", "0", "--worker-restart-window", "4")
+    daemon = DaemonProcess("a", args, tmp_path / "a.log").start()
+    try:
+        url = wait_file(tmp_path / "a" / "api-0.url")
+        wait_file(tmp_path / "a" / "api-1.url")
+        requests = [{"prompt": f"shrink {i}", "max_tokens": 60} for i in range(3)]
+        reference = [post(url, r)[1]["choices"][0]["token_ids"] for r in requests]
+        got, threads = start_streams(url, requests)
+        psutil.Process(seat_pid(daemon, 1)).kill()
+        shrunk = wait_for("the shrunk plan", lambda: [x for x in plans(client, keys) if x.gen == 2])[0]
+        assert shrunk.dp == 1 and [(s.node, s.local_rank) for s in shrunk.ranks] == [("a", 0)]
+        for t in threads:
+            t.join(timeout=120)
+        assert [got.get(i) for i in range(len(requests))] == reference  # replica 0 never noticed
+        status = json.loads(wait_for("degraded", lambda: (kv := client.get(keys.root + "status/recovery"))
+                                     and "dp=1 of 2" in str(json.loads(kv.value)["degraded"]) and kv).value)
+        assert status["degraded"] == "serving dp=1 of 2 replicas"
+        bad = [e for e in read_events(client, keys, 1) if e.kind == ev.SEAT_BAD]
+        assert bad and bad[0].detail["local_rank"] == 1 and bad[0].detail["reason"] == "restart budget spent"
+        grown = wait_for("the grown-back plan", lambda: [x for x in plans(client, keys) if x.gen == 3], timeout=30)[0]
+        assert grown.dp == 2 and len(grown.ranks) == 2
+        assert "capacity" in grown.reason
+        wait_for("a worker on seat 1 again", lambda: len(workers(daemon)) == 2)
+        url1 = wait_file(tmp_path / "a" / "api-1.url")
+        assert post(url1, requests[0])[1]["choices"][0]["token_ids"] == reference[0]
+    finally:
+        kill_all([daemon])
+
+
+def test_sigterm_drains_then_leaves_and_peers_replan_at_once(etcd: EtcdCluster, client: EtcdClient,
+                                                             cluster_name: str, tmp_path: Path) -> None:
+    """a and b hold one TP=2 replica each. SIGTERM b mid-stream: b's replica refuses new requests
+    (503, draining) but finishes the ones in flight with the failure-free tokens; then b leaves
+    and a re-plans without waiting out b's lease."""
+    model = make_model(tmp_path / "model", "tiny", seed=7)
+    keys = ClusterKeys(cluster_name)
+    daemons = []
+    for node in ("a", "b"):
+        args = daemon_args(etcd.endpoints, cluster_name, "--tp", "2", "--cpu-ranks", "2", "--rendezvous-lease-ttl", "10",
+                           "--state-dir", str(tmp_path / node), "--worker-model", str(model))
+        daemons.append(DaemonProcess(node, args, tmp_path / f"{node}.log").start())
+    try:
+        url_a = wait_file(tmp_path / "a" / "api-0.url")
+        url_b = wait_file(tmp_path / "b" / "api-0.url")
+        requests = [{"prompt": f"drain {i}: sphinx of black quartz", "max_tokens": 300} for i in range(3)]
+        reference = [post(url_a, r)[1]["choices"][0]["token_ids"] for r in requests]
+        got, threads = start_streams(url_b, requests)
+        t_term = time.monotonic()
+        daemons[1].signal(signal.SIGTERM)
+        daemons[1].wait_log('"rallyd.draining"', timeout=10)
+        worker_log = tmp_path / "b" / "logs" / "worker-0.log"
+        wait_for("b's driver to close its queue", lambda: '"worker.draining"' in worker_log.read_text(), timeout=5)
+
+        code, body, headers = post(url_b, {"prompt": "too late", "max_tokens": 1})
+        assert code == 503 and "draining" in body["error"]["message"] and headers["Retry-After"]
+        for t in threads:
+            t.join(timeout=120)
+        assert [got.get(i) for i in range(len(requests))] == reference  # in flight: finished, unchanged
+        assert daemons[1].proc.wait(timeout=30) == 0
+        t_exit = time.monotonic()
+        after = wait_for("the plan without b", lambda: [x for x in plans(client, keys) if x.members == ("a",)])
+        t_plan = time.monotonic()
+        assert after[0].reason == "left b" and after[0].dp == 1
+        # b's lease is 10 s: the re-plan came from b's clean leave, not from the lease running out.
+        assert t_plan - t_exit < 3.0, f"re-plan {t_plan - t_exit:.2f}s after b exited"
+        assert t_exit - t_term < 60
+        drained = [e for e in read_events(client, keys) if e.kind == ev.DRAINED]
+        assert drained and drained[0].detail["unfinished"] == []
+        assert post(url_a, requests[1])[1]["choices"][0]["token_ids"] == reference[1]
+    finally:
+        kill_all(daemons)
+
+
+def test_etcd_leader_killed_in_the_middle_of_a_recovery(etcd3: EtcdCluster, cluster_name: str,
+                                                        tmp_path: Path) -> None:
+    """3-member etcd. b's worker is SIGKILLed and, as soon as the abort order is in etcd, the etcd
+    leader is SIGKILLed too: the recovery finishes on the surviving members, with the same tokens."""
+    model = make_model(tmp_path / "model", "tiny", seed=8)
+    keys = ClusterKeys(cluster_name)
+    client = make_client(etcd3.endpoints, retry_deadline=20.0)
+    daemons = []
+    for node in ("a", "b"):
+        args = daemon_args(etcd3.endpoints, cluster_name, "--tp", "2", "--cpu-ranks", "1",
+                           "--state-dir", str(tmp_path / node), "--worker-model", str(model))
+        daemons.append(DaemonProcess(node, args, tmp_path / f"{node}.log").start())
+    try:
+        url = wait_file(tmp_path / "a" / "api-0.url")
+        requests = [{"prompt": f"etcd leader {i}", "max_tokens": 40} for i in range(4)]
+        reference = [post(url, r)[1]["choices"][0]["token_ids"] for r in requests]
+        got, threads = start_streams(url, requests)
+        leader = etcd3.leader()
+        psutil.Process(seat_pid(daemons[1], 0)).kill()
+        wait_for("the abort order", lambda: client.get_prefix(keys.control + "abort/")[0], every=0.002)
+        etcd3.kill(leader)
+        for t in threads:
+            t.join(timeout=120)
+        assert [got.get(i) for i in range(len(requests))] == reference
+        p = wait_for("gen 2 released", lambda: client.get(keys.released_of(2)) and plans(client, keys))
+        assert [x.gen for x in p] == [1, 2] and p[1].ranks == p[0].ranks
+        assert etcd3.leader() is not leader
+    finally:
+        kill_all(daemons)
+        client.close()
