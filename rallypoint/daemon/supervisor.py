@@ -90,7 +90,7 @@ class Supervisor:
         self.channel = channel
         self.seat_params = seat_params or (lambda lr: {})
         self.restarts: deque[float] = deque()
-        self.spare_starts: deque[float] = deque()
+        self.spare_crashes: deque[float] = deque()
         self._lock = threading.Lock()
         self._start_lock = threading.Lock()
         self._stopping = False
@@ -125,18 +125,18 @@ class Supervisor:
             Path(url_file).unlink(missing_ok=True)
 
     def fill_spares(self) -> int:
-        """Start spares up to the number wanted (at most ``want_spares`` starts per window, so a
-        spare that cannot start does not loop); returns how many were started."""
+        """Start spares up to the number wanted; returns how many were started. Spares that died
+        on their own count against a budget (``budget`` per window), so a spare that cannot start
+        does not loop; spares adopted by a seat do not."""
         started = 0
         with self._start_lock:
+            now = time.monotonic()
+            while self.spare_crashes and now - self.spare_crashes[0] > self.window:
+                self.spare_crashes.popleft()
+            if len(self.spare_crashes) > self.budget:
+                log.error("supervisor.spares_failing", crashes=len(self.spare_crashes), window=self.window)
+                return 0
             while not self._stopping and len(self.spares) < self.want_spares:
-                now = time.monotonic()
-                while self.spare_starts and now - self.spare_starts[0] > self.window:
-                    self.spare_starts.popleft()
-                if len(self.spare_starts) >= max(2 * self.want_spares, 2):
-                    log.error("supervisor.spares_failing", starts=len(self.spare_starts), window=self.window)
-                    break
-                self.spare_starts.append(now)
                 self.start(None)
                 started += 1
         return started
@@ -202,6 +202,7 @@ class Supervisor:
                 if w in self.spares:
                     self.spares.remove(w)
             log.warning("supervisor.spare_exited", pid=w.pid, code=code)
+            self.spare_crashes.append(time.monotonic())
             if not self._stopping:
                 self.fill_spares()
             return

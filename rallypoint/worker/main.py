@@ -24,6 +24,7 @@ import torch
 from rallypoint.daemon.channel import ChannelClient
 from rallypoint.errors import CheckpointError, EtcdError, GenerationAborted, GroupError, RallypointError
 from rallypoint.groups.group_set import GroupSet
+from rallypoint.groups.topology import rank_at
 from rallypoint.log import configure_logging, get_logger
 from rallypoint.recovery import events as ev
 from rallypoint.recovery.events import EventLog
@@ -129,27 +130,71 @@ class Worker:
         if labels:
             self.log.warning("worker.abort_order", gen=gen, ranks=list(ranks), aborted=labels, reason=reason)
 
-    def _ensure_shard(self, groups: GroupSet) -> float:
-        """Load this rank's shard unless it is already in memory; return the seconds spent."""
+    def _shard_for(self, plan: Plan) -> ShardKey:
+        """The shard this seat holds in ``plan``: known from the plan alone, before any group exists."""
+        assert self.seat is not None
+        rank = rank_at(plan, *self.seat)
+        return ShardKey(rank % plan.tp, plan.tp, (rank // plan.tp) % plan.pp, plan.pp)
+
+    def _seat_device(self) -> torch.device:
+        dev = self.runtime.settings.device
+        if dev.startswith("cuda") and ":" not in dev:
+            assert self.seat is not None
+            return torch.device(f"cuda:{self.seat[1]}")
+        return torch.device(dev)
+
+    def _ensure_shard(self, key: ShardKey) -> float:
+        """Load this rank's shard unless it is already in memory; return the seconds spent.
+
+        Runs while the generation's groups are being built (it needs only the plan), so a
+        replacement loads its weights while it waits for its peers.
+        """
         from rallypoint.worker.shards import load_stage
 
-        key = ShardKey(groups.tp_rank, groups.tp_size, groups.pp_rank, groups.pp_size)
         if key == self.shard and self.model is not None:
             self.model.reset_cache()
             return 0.0
         t0 = time.monotonic()
         self.model = None
         layers = layers_for(self.config.num_hidden_layers, key.pp_rank, key.pp_size)
+        device = self._seat_device()
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # this thread's current device
         self.model = load_stage(self.args.model, self.config, key.tp_rank, key.tp_size, layers,
-                                first=groups.is_first_stage, last=groups.is_last_stage,
-                                device=self.runtime.device, dtype=self._dtype(),
-                                comm=TPAdapter(self.runtime))
+                                first=key.pp_rank == 0, last=key.pp_rank == key.pp_size - 1,
+                                device=device, dtype=self._dtype(), comm=TPAdapter(self.runtime))
         self.model.setup_cache(self.settings.max_batch, self.settings.max_seq)
         self.shard = key
         took = time.monotonic() - t0
         self.log.info("worker.shard_loaded", tp_rank=key.tp_rank, tp=key.tp_size, pp_rank=key.pp_rank,
                       pp=key.pp_size, layers=[layers.start, layers.stop], seconds=round(took, 3))
         return took
+
+    def _configure_and_load(self, plan: Plan) -> tuple[GroupSet, float]:
+        """Build the generation's groups and load the shard at the same time.
+
+        Raises:
+            GroupError: the groups could not be built (the shard, if loaded, is kept).
+            CheckpointError: the shard could not be loaded.
+        """
+        assert self.seat is not None
+        result: dict[str, object] = {}
+
+        def load() -> None:
+            try:
+                result["seconds"] = self._ensure_shard(self._shard_for(plan))
+            except Exception as exc:  # re-raised on the main thread
+                result["error"] = exc
+
+        loader = threading.Thread(target=load, name="rallypoint-shard-load", daemon=True)
+        loader.start()
+        try:
+            groups = self.runtime.configure(plan, *self.seat)
+        finally:
+            loader.join()
+        if "error" in result:
+            raise result["error"]  # type: ignore[misc]
+        return groups, float(result["seconds"])  # type: ignore[arg-type]
 
     def _dtype(self) -> torch.dtype:
         if self.args.dtype == "auto":
@@ -176,22 +221,20 @@ class Worker:
             except RallypointError:
                 continue
             try:
-                groups = self.runtime.configure(plan, *self.seat)
+                groups, loaded = self._configure_and_load(plan)
             except GroupError as exc:
                 self.log.error("worker.configure_failed", gen=plan.gen, error=str(exc))
                 self.gen = plan.gen
                 continue
-            self.gen, self.plan = plan.gen, plan
-            self.replica = groups.rank // (plan.tp * plan.pp)
-            self.events.emit(plan.gen, ev.GROUPS_BUILT, rank=groups.rank, carried=list(groups.carried))
-            try:
-                loaded = self._ensure_shard(groups)
             except CheckpointError as exc:
                 # A bad shard is fatal for this process; the daemon marks the seat and re-plans.
                 self.log.error("worker.shard_failed", gen=plan.gen, error=str(exc))
-                self.events.emit(plan.gen, ev.SHARD_LOADED, rank=groups.rank, error=str(exc))
+                self.events.emit(plan.gen, ev.SHARD_LOADED, error=str(exc))
                 self.events.flush()
                 return 3
+            self.gen, self.plan = plan.gen, plan
+            self.replica = groups.rank // (plan.tp * plan.pp)
+            self.events.emit(plan.gen, ev.GROUPS_BUILT, rank=groups.rank, carried=list(groups.carried))
             self.events.emit(plan.gen, ev.SHARD_LOADED, rank=groups.rank, seconds=round(loaded, 4))
             is_driver = groups.is_first_stage and groups.tp_rank == 0
             if is_driver:
