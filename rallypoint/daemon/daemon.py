@@ -204,6 +204,7 @@ class Daemon:
             self.supervisor.fill_spares()
             if self.cfg.layout.node_gpus() > 0 and (nvml := load_nvml()) is not None:
                 self.gpu_health = GpuHealth(self.cfg.layout.node_gpus(), nvml)
+                self.log.info("rallyd.gpu_health_on", gpus=self.cfg.layout.node_gpus())
                 threading.Thread(target=self._check_gpus, name="rallyd-gpu-health", daemon=True).start()
             elif self.cfg.layout.node_gpus() > 0:
                 self.log.warning("rallyd.no_gpu_health", why="nvidia-ml-py not installed or NVML failed")
