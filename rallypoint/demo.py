@@ -73,6 +73,25 @@ def worker_of(daemon: DaemonProcess) -> psutil.Process:
     return next(p for p in psutil.Process(daemon.pid).children() if "rallypoint.worker" in " ".join(p.cmdline()))
 
 
+def show_rallyctl(client: EtcdClient, keys: ClusterKeys, endpoints: tuple[str, ...]) -> None:
+    """Print what an operator would see: ``rallyctl status`` and ``rallyctl events``."""
+    from rallypoint.cli.main import _cluster_view
+    from rallypoint.cli.main import main as rallyctl
+
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:  # until every rank reports serving in the new generation
+        d = _cluster_view(client, keys, "demo")
+        if d["state"] == "serving" and d["ranks"] and all(r["state"] == "serving" for r in d["ranks"]):
+            break
+        time.sleep(0.3)
+    ep = ",".join(endpoints)
+    for cmd in ("status", "events"):
+        print(f"$ rallyctl --cluster demo {cmd}")
+        sys.stdout.flush()
+        rallyctl(["--endpoints", ep, "--cluster", "demo", cmd])
+        print()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rallypoint-demo", description=__doc__)
     ap.add_argument("--tokens", type=int, default=48, help="tokens per completion")
@@ -116,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"the stream finished {took:.2f} s after the kill: "
                   f"{'identical tokens' if ids2 == ids else 'DIFFERENT tokens'} ({len(ids2)} tokens)")
             print(f"\n{format_plan(latest_plan(client, keys))}\n")
+            show_rallyctl(client, keys, etcd.endpoints)
         finally:
             client.close()
             for d in daemons:

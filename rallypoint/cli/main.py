@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 
 from rallypoint.errors import EtcdUnavailable, RallypointError
@@ -57,6 +58,163 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cluster_view(client: EtcdClient, keys: ClusterKeys, cluster: str) -> dict:
+    from rallypoint.cli.views import status_data
+    from rallypoint.errors import MalformedRecord
+    from rallypoint.rendezvous.records import NodeRecord
+
+    plans = _plans(client, keys)
+    records: dict[str, NodeRecord] = {}
+    for kv in client.get_prefix(keys.nodes)[0]:
+        try:
+            rec = NodeRecord.from_json(kv.key, kv.value)
+            records[rec.node] = rec
+        except MalformedRecord as exc:
+            print(f"rallyctl: skipping {exc}", file=sys.stderr)
+    if not plans and not records:
+        raise RallypointError(f"cluster {cluster!r} does not exist (no nodes, no plan under {keys.root})")
+    statuses = {}
+    for kv in client.get_prefix(keys.node_status)[0]:
+        try:
+            statuses[kv.key[len(keys.node_status):]] = json.loads(kv.value)
+        except ValueError:
+            pass
+    leader = client.get(keys.leader)
+    rec = client.get(keys.root + "status/recovery")
+    cordoned = {kv.key[len(keys.cordoned):] for kv in client.get_prefix(keys.cordoned)[0]}
+    draining = {kv.key[len(keys.draining):] for kv in client.get_prefix(keys.draining)[0]}
+    return status_data(cluster, records, statuses, plans[-1] if plans else None,
+                       leader.value.decode() if leader else None, json.loads(rec.value) if rec else None,
+                       cordoned, draining)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """The cluster at a glance: state, leader, one row per node, who holds which rank, recovery."""
+    from rallypoint.cli.views import format_status
+
+    client = _client(args)
+    try:
+        d = _cluster_view(client, ClusterKeys(args.cluster), args.cluster)
+    finally:
+        client.close()
+    print(json.dumps(d, indent=1) if args.json else format_status(d))
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    """The recovery timeline: one line per event, then each recovery's phase durations."""
+    from rallypoint.cli.views import format_event, format_recovery, recoveries
+    from rallypoint.recovery.events import Event, events_prefix, read_events
+
+    keys = ClusterKeys(args.cluster)
+    client = _client(args)
+    try:
+        if client.get(keys.spec) is None:
+            raise RallypointError(f"cluster {args.cluster!r} does not exist (no {keys.spec})")
+        evs = [e for e in read_events(client, keys) if e.gen >= args.since]
+        if args.json:
+            print(json.dumps({"events": [json.loads(e.to_json()) for e in evs], "recoveries": recoveries(evs)},
+                             indent=1))
+        else:
+            for e in evs:
+                print(format_event(e))
+            for r in recoveries(evs):
+                print(format_recovery(r))
+        sys.stdout.flush()
+        if not args.follow:
+            return 0
+        _, rev = client.get_prefix(events_prefix(keys))
+        watch = client.watch_prefix(events_prefix(keys), rev + 1)
+        try:
+            while (w := watch.get()) is not None:
+                if w.kind == "put":
+                    e = Event.from_json(w.key, w.value)
+                    print(e.to_json() if args.json else format_event(e), flush=True)
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            watch.close()
+    finally:
+        client.close()
+    return 0
+
+
+def _known_node(client: EtcdClient, keys: ClusterKeys, node: str) -> None:
+    if client.get(keys.node(node)) is None and client.get(keys.node_status + node) is None:
+        kvs, _ = client.get_prefix(keys.nodes)
+        known = sorted(kv.key[len(keys.nodes):] for kv in kvs)
+        raise RallypointError(f"no node {node!r} in cluster (nodes: {', '.join(known) or 'none'})")
+
+
+def cmd_cordon(args: argparse.Namespace) -> int:
+    """Place no ranks on NODE (uncordon: allow them again); the leader re-plans."""
+    keys = ClusterKeys(args.cluster)
+    client = _client(args)
+    try:
+        _known_node(client, keys, args.node)
+        if args.command == "cordon":
+            client.put(keys.cordoned + args.node, json.dumps({"time": time.time()}))
+        else:
+            client.delete(keys.cordoned + args.node)
+    finally:
+        client.close()
+    said = f"{args.node} {'cordoned' if args.command == 'cordon' else 'uncordoned'}"
+    print(json.dumps({"node": args.node, "action": args.command}) if args.json else said)
+    return 0
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    """Stop admitting requests on NODE's replicas, wait for the ones in flight, then cordon it."""
+    keys = ClusterKeys(args.cluster)
+    client = _client(args)
+    try:
+        _known_node(client, keys, args.node)
+        plans = _plans(client, keys)
+        if not plans:
+            raise RallypointError(f"cluster {args.cluster!r} has no plan yet")
+        plan = plans[-1]
+        rs = plan.tp * plan.pp
+        replicas = sorted({s.rank // rs for s in plan.ranks if s.node == args.node})
+        client.put(keys.draining + args.node, json.dumps({"deadline": time.time() + args.timeout_drain}))
+        t0 = time.monotonic()
+        done: set[int] = set()
+        prefix = f"{keys.root}status/drained/{plan.gen:010d}/"
+        while time.monotonic() - t0 < args.timeout_drain and not set(replicas) <= done:
+            done = {int(kv.key.rsplit("/", 1)[1]) for kv in client.get_prefix(prefix)[0]}
+            time.sleep(0.05)
+        client.put(keys.cordoned + args.node, json.dumps({"time": time.time(), "drained": True}))
+        client.delete(keys.draining + args.node)
+    finally:
+        client.close()
+    left = sorted(set(replicas) - done)
+    out = {"node": args.node, "replicas": replicas, "unfinished": left, "seconds": round(time.monotonic() - t0, 3)}
+    print(json.dumps(out) if args.json else
+          f"{args.node}: replica(s) {replicas} drained in {out['seconds']:.2f}s; cordoned" if not left else
+          f"{args.node}: drain timed out with replica(s) {left} busy; cordoned anyway")
+    return 0 if not left else 1
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    """A drill: have RANK's rallyd send it a signal (from any host that reaches etcd)."""
+    keys = ClusterKeys(args.cluster)
+    client = _client(args)
+    try:
+        plans = _plans(client, keys)
+        if not plans:
+            raise RallypointError(f"cluster {args.cluster!r} has no plan")
+        seat = [s for s in plans[-1].ranks if s.rank == args.rank]
+        if not seat:
+            raise RallypointError(f"generation {plans[-1].gen} has no rank {args.rank} "
+                                  f"(ranks 0..{plans[-1].world_size - 1})")
+        s = seat[0]
+        client.put(f"{keys.kills}{s.node}/{s.local_rank}", args.signal)
+    finally:
+        client.close()
+    print(json.dumps({"rank": args.rank, "seat": f"{s.node}/{s.local_rank}", "signal": args.signal}) if args.json
+          else f"asked {s.node}'s rallyd to send SIG{args.signal} to rank {args.rank} ({s.node}/{s.local_rank})")
+    return 0
+
+
 def cmd_make_model(args: argparse.Namespace) -> int:
     """Write a seeded random Llama checkpoint in Hugging Face format."""
     from rallypoint.worker.checkpoint import make_model
@@ -83,6 +241,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="show a generation's plan")
     p.add_argument("gen", nargs="?", type=int)
     p.set_defaults(fn=cmd_plan)
+    p = sub.add_parser("status", help="the cluster at a glance")
+    p.set_defaults(fn=cmd_status)
+    p = sub.add_parser("events", help="the recovery timeline")
+    p.add_argument("--since", type=int, default=0, metavar="GEN", help="only generations >= GEN")
+    p.add_argument("--follow", action="store_true", help="keep printing new events")
+    p.set_defaults(fn=cmd_events)
+    for name in ("cordon", "uncordon"):
+        p = sub.add_parser(name, help=f"{name} a node (no new ranks placed there)" if name == "cordon"
+                           else "allow ranks on a node again")
+        p.add_argument("node")
+        p.set_defaults(fn=cmd_cordon)
+    p = sub.add_parser("drain", help="finish a node's in-flight requests, then cordon it")
+    p.add_argument("node")
+    p.add_argument("--timeout-drain", type=float, default=30.0, metavar="SECONDS")
+    p.set_defaults(fn=cmd_drain)
+    p = sub.add_parser("kill", help="drill: signal a rank's worker through its rallyd")
+    p.add_argument("rank", type=int)
+    p.add_argument("--signal", default="KILL", choices=("KILL", "STOP", "TERM", "CONT"))
+    p.set_defaults(fn=cmd_kill)
     p = sub.add_parser("make-model", help="write a seeded random Llama checkpoint")
     p.add_argument("dir")
     p.add_argument("--size", default="tiny", choices=("tiny", "small", "1b"))

@@ -75,6 +75,7 @@ class Daemon:
         self.machine = RecoveryMachine()
         self.gpu_health: GpuHealth | None = None
         self._watches: list = []
+        self._status_at = 0.0
 
     # -- workers ----------------------------------------------------------------------------
 
@@ -200,6 +201,7 @@ class Daemon:
                 f"({exc})") from None
         self._follow(self.keys.root + "status/diagnosis/", self._on_diagnosis, "rallyd-diagnoses")
         self._follow(events_prefix(self.keys), self._on_event, "rallyd-events")
+        self._follow(f"{self.keys.kills}{self.cfg.node}/", self._on_kill_order, "rallyd-drills")
         if self.supervisor is not None:
             self.supervisor.fill_spares()
             if self.cfg.layout.node_gpus() > 0 and (nvml := load_nvml()) is not None:
@@ -249,6 +251,57 @@ class Daemon:
                 except ProcessLookupError:
                     pass
 
+    def _on_kill_order(self, key: str, value: bytes) -> None:
+        """``rallyctl kill``: send a signal to one of our workers (a drill), then clear the order."""
+        try:
+            local = int(key.rsplit("/", 1)[1])
+            sig = signal.Signals[f"SIG{value.decode().upper().removeprefix('SIG')}"]
+        except (ValueError, KeyError):
+            self.log.error("rallyd.malformed_kill_order", key=key)
+            return
+        worker = self.supervisor.alive().get(local) if self.supervisor else None
+        self.log.warning("rallyd.drill_kill", local_rank=local, signal=sig.name, pid=worker.pid if worker else None)
+        if worker is not None:
+            os.kill(worker.pid, sig)
+        try:
+            self.client.delete(key)
+        except RallypointError:
+            pass
+
+    def node_status(self) -> dict:
+        """What this daemon knows of itself and its workers (``status/nodes/<node>``)."""
+        plan = self.generation
+        ranks = {s.local_rank: s.rank for s in plan.ranks_on(self.cfg.node)} if plan else {}
+        workers = []
+        if self.supervisor is not None:
+            now = time.monotonic()
+            for lr, w in sorted(self.supervisor.alive().items()):
+                peer = self.channel.peers.get(w.pid) if self.channel else None
+                beat = peer.last if peer else {}
+                workers.append({"local_rank": lr, "rank": ranks.get(lr), "pid": w.pid, "process": w.state(),
+                                "state": beat.get("state", "starting"), "gen": beat.get("gen"),
+                                "in_flight": beat.get("in_flight", 0), "driver": beat.get("driver", False),
+                                "beat_age": round(now - peer.last_seen, 3) if peer else None})
+        with self._seat_lock:
+            bad = {str(lr): why for lr, (why, _) in self.bad_seats.items()}
+        sup = self.supervisor
+        return {"node": self.cfg.node, "host": self.rendezvous.record.host, "pid": os.getpid(), "time": time.time(),
+                "role": "leader" if self.rendezvous.is_leader else "member", "gen": plan.gen if plan else 0,
+                "gpus": self.rendezvous.record.gpus, "slots": self.rendezvous.record.slots, "workers": workers,
+                "spares": len(sup.spares) if sup else 0, "spares_ready": 1 if sup and sup.ready_spare() else 0,
+                "restarts": len(sup.restarts) if sup else 0, "bad_seats": bad,
+                "gpu_health": "nvml" if self.gpu_health else "unchecked"}
+
+    def _publish_status(self) -> None:
+        if time.monotonic() - self._status_at < 1.0 or self.rendezvous.lease is None:
+            return
+        self._status_at = time.monotonic()
+        try:
+            self.client.put(self.keys.node_status + self.cfg.node, json.dumps(self.node_status()),
+                            lease=self.rendezvous.lease.id)
+        except RallypointError as exc:
+            self.log.debug("rallyd.status_unpublished", error=str(exc))
+
     def _on_event(self, key: str, value: bytes) -> None:
         """Every daemon folds the events; the leader publishes the phase in ``status/recovery``."""
         try:
@@ -286,6 +339,7 @@ class Daemon:
         """One loop step; returns what it did."""
         try:
             said = self.rendezvous.run_cycle()
+            self._publish_status()
             retried = self._retry_bad_seats()
             said = f"{said}; {retried}" if retried else said
         except EtcdUnavailable as exc:

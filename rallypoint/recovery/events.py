@@ -38,6 +38,7 @@ SEAT_BAD = "seat_bad"                # a seat will not be reused (GPU unhealthy,
 REPLAN_REQUESTED = "replan_requested"
 PLAN_WRITTEN = "plan_written"        # the leader wrote generation N (event under gen N)
 CANNOT_PLAN = "cannot_plan"          # no valid layout fits the live capacity
+LAYOUT_OK = "layout_ok"              # after cannot_plan: the current plan fits again, unchanged
 RELEASED = "released"                # every member acked: workers build groups
 GROUPS_BUILT = "groups_built"        # one rank's groups for the generation are up
 SHARD_LOADED = "shard_loaded"        # one rank holds its weights (seconds=0 when they stayed)
@@ -47,7 +48,7 @@ DRAINING = "draining"                # a node stopped admitting requests before 
 DRAINED = "drained"                  # its replicas finished (or the deadline passed)
 
 KINDS = (RANK_FAILED, SUSPECT_NAMED, ABORT_ORDERED, REPLACEMENT, SEAT_BAD, REPLAN_REQUESTED,
-         PLAN_WRITTEN, CANNOT_PLAN, RELEASED, GROUPS_BUILT, SHARD_LOADED, SERVING, FIRST_TOKEN,
+         PLAN_WRITTEN, CANNOT_PLAN, LAYOUT_OK, RELEASED, GROUPS_BUILT, SHARD_LOADED, SERVING, FIRST_TOKEN,
          DRAINING, DRAINED)
 
 

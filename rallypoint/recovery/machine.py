@@ -32,7 +32,7 @@ ALLOWED = {
     PLANNING: {ABORTING, REBUILDING, FAILED},
     REBUILDING: {ABORTING, PLANNING, LOADING, SERVING, FAILED},
     LOADING: {ABORTING, PLANNING, SERVING, FAILED},
-    FAILED: {ABORTING, PLANNING, REBUILDING},
+    FAILED: {ABORTING, PLANNING, REBUILDING, SERVING},
 }
 
 
@@ -102,6 +102,8 @@ class RecoveryMachine:
             return PLANNING if self.phase in (SERVING, ABORTING, FAILED) or e.gen > self.gen else None
         if e.kind == ev.CANNOT_PLAN:
             return FAILED
+        if e.kind == ev.LAYOUT_OK:
+            return SERVING if self.phase == FAILED else None
         if e.kind == ev.RELEASED:
             return REBUILDING if self.phase != SERVING or e.gen > self.gen else None
         if e.kind == ev.SHARD_LOADED:

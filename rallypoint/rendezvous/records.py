@@ -15,6 +15,11 @@ Key layout under ``/rallypoint/<cluster>/``::
     control/replan/<gen>         generation <gen> lost a rank: the leader writes the next plan
     control/left/<node>          <node> left cleanly: re-plan now, no grace period
     control/draining/<node>      <node> is leaving: its replicas stop admitting and finish in flight
+    control/cordoned/<node>      an operator cordoned <node>: no ranks are placed there
+    control/kill/<node>/<local>  a drill: <node>'s rallyd sends the signal named in the value
+    status/nodes/<node>          what <node>'s rallyd last saw of itself (workers, restarts), on its lease
+    status/recovery              the cluster's recovery phase, written by the leader
+    events/<gen>/...             recovery events (rallypoint.recovery.events)
     control/abort/<gen>/<ranks>  abort order: workers abort the groups holding those ranks
     store/<gen>/<group>/...      torch.distributed.Store keys, fenced by generation
 """
@@ -95,6 +100,18 @@ class ClusterKeys:
     @property
     def draining(self) -> str:
         return self.control + "draining/"
+
+    @property
+    def cordoned(self) -> str:
+        return self.control + "cordoned/"
+
+    @property
+    def kills(self) -> str:
+        return self.control + "kill/"
+
+    @property
+    def node_status(self) -> str:
+        return self.root + "status/nodes/"
 
     @property
     def replans(self) -> str:

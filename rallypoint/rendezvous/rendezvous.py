@@ -18,7 +18,7 @@ import queue
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import psutil
 
@@ -81,6 +81,7 @@ class Rendezvous:
         self._grace_until = 0.0  # a new leader does not drop members before this (monotonic)
         self._left: set[str] = set()  # nodes that said they were leaving before their key went
         self._capacity_changed = False  # a member's slots, bad seats or cordon changed
+        self._cordoned: set[str] = set()  # operator cordons (control/cordoned/<node>)
 
     # -- joining and leaving ------------------------------------------------------------------
 
@@ -231,6 +232,11 @@ class Rendezvous:
                 if self.plan is None or plan.gen > self.plan.gen:
                     self.plan = plan
                     self.gen = max(self.gen, plan.gen)
+            elif ev.key.startswith(k.cordoned):
+                name = ev.key[len(k.cordoned):]
+                before = set(self._cordoned)
+                self._cordoned.add(name) if ev.kind == "put" else self._cordoned.discard(name)
+                self._capacity_changed |= before != self._cordoned
             elif ev.key.startswith(k.left):
                 name = ev.key[len(k.left):]
                 self._left.add(name) if ev.kind == "put" else self._left.discard(name)
@@ -312,10 +318,14 @@ class Rendezvous:
             if not self._capacity_changed or self._same_placement(current):
                 self._change_since = None
                 self._capacity_changed = False
+                if self._last_problem:
+                    self._last_problem = ""
+                    self._emit(current.gen, "layout_ok")
+                    return f"gen {current.gen} fits again"
                 return ""
         if replan is not None and set(current.members) == live:
             try:
-                plan = make_plan(self.gen + 1, self.nodes.values(), self.settings.spec, replan[1], self.settings.node)
+                plan = make_plan(self.gen + 1, self._placeable(), self.settings.spec, replan[1], self.settings.node)
             except LayoutError as exc:
                 self._emit(current.gen, "cannot_plan", reason=str(exc))
                 self._replan = None
@@ -331,7 +341,7 @@ class Rendezvous:
             return ""
         reason = _reason(current, live) or "capacity changed"
         try:
-            plan = make_plan(self.gen + 1, self.nodes.values(), self.settings.spec, reason, self.settings.node)
+            plan = make_plan(self.gen + 1, self._placeable(), self.settings.spec, reason, self.settings.node)
         except LayoutError as exc:
             if str(exc) != self._last_problem:
                 self._last_problem = str(exc)
@@ -343,12 +353,16 @@ class Rendezvous:
         self._capacity_changed = False
         return self._write_plan(plan)
 
+    def _placeable(self) -> list[NodeRecord]:
+        """The live node records, with operator cordons applied."""
+        return [replace(n, cordoned=True) if n.node in self._cordoned else n for n in self.nodes.values()]
+
     def _same_placement(self, current: Plan) -> bool:
         """Would the live capacity be placed exactly as ``current`` is? (Then nothing to do.)"""
         from rallypoint.rendezvous.layout import place
 
         try:
-            dp, ranks = place(self.nodes.values(), self.settings.spec)
+            dp, ranks = place(self._placeable(), self.settings.spec)
         except LayoutError:
             return False
         return dp == current.dp and tuple(ranks) == tuple(current.ranks)
