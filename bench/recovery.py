@@ -160,8 +160,6 @@ def run_mode(mode: str, args: argparse.Namespace, model: Path, work: Path, etcd:
                   flush=True)
             time.sleep(1.0)
     finally:
-        for p in psutil.Process(daemon.pid).children(recursive=True) if daemon.proc.poll() is None else []:
-            p.kill()
         daemon.stop()
         client.close()
     return results

@@ -165,6 +165,8 @@ def cmd_cordon(args: argparse.Namespace) -> int:
 
 def cmd_drain(args: argparse.Namespace) -> int:
     """Stop admitting requests on NODE's replicas, wait for the ones in flight, then cordon it."""
+    from rallypoint.worker.control import wait_drained
+
     keys = ClusterKeys(args.cluster)
     client = _client(args)
     try:
@@ -173,15 +175,10 @@ def cmd_drain(args: argparse.Namespace) -> int:
         if not plans:
             raise RallypointError(f"cluster {args.cluster!r} has no plan yet")
         plan = plans[-1]
-        rs = plan.tp * plan.pp
-        replicas = sorted({s.rank // rs for s in plan.ranks if s.node == args.node})
+        replicas = plan.replicas_on(args.node)
         client.put(keys.draining + args.node, json.dumps({"deadline": time.time() + args.timeout_drain}))
         t0 = time.monotonic()
-        done: set[int] = set()
-        prefix = f"{keys.root}status/drained/{plan.gen:010d}/"
-        while time.monotonic() - t0 < args.timeout_drain and not set(replicas) <= done:
-            done = {int(kv.key.rsplit("/", 1)[1]) for kv in client.get_prefix(prefix)[0]}
-            time.sleep(0.05)
+        done = wait_drained(client, keys, plan.gen, replicas, args.timeout_drain)
         client.put(keys.cordoned + args.node, json.dumps({"time": time.time(), "drained": True}))
         client.delete(keys.draining + args.node)
     finally:

@@ -75,7 +75,6 @@ class ChannelServer:
         self.on_message = on_message
         self.peers: dict[int, Peer] = {}
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
         if not address.startswith("@") and os.path.exists(address):
             os.unlink(address)  # left by a daemon that crashed
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -113,9 +112,8 @@ class ChannelServer:
                     peer.pid, peer.role = int(msg["pid"]), str(msg.get("role", "seat"))
                     lr = msg.get("local_rank")
                     peer.local_rank = int(lr) if lr is not None else None
-                    with self._cond:
+                    with self._lock:
                         self.peers[peer.pid] = peer
-                        self._cond.notify_all()
                 elif op == "beat":
                     peer.last = msg
                 if self.on_message is not None:
@@ -123,16 +121,10 @@ class ChannelServer:
         except OSError:
             pass
         finally:
-            with self._cond:
+            with self._lock:
                 if self.peers.get(peer.pid) is peer:
                     del self.peers[peer.pid]
             peer.sock.close()
-
-    def peer(self, pid: int, timeout: float = 0.0) -> Peer | None:
-        """The connected worker ``pid`` (waiting up to ``timeout`` for it to say hello)."""
-        with self._cond:
-            self._cond.wait_for(lambda: pid in self.peers, timeout)
-            return self.peers.get(pid)
 
     def close(self) -> None:
         self._closed = True
@@ -185,7 +177,9 @@ class ChannelClient:
             pass
 
     def close(self) -> None:
+        """Hang up: shut the socket down first, as the reader thread's file still holds it."""
         try:
-            self.sock.close()
+            self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        self.sock.close()

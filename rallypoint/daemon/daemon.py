@@ -31,7 +31,7 @@ from rallypoint.recovery.strategy import RESTART, SHRINK, SPARE, choose
 from rallypoint.rendezvous.etcd import EtcdClient
 from rallypoint.rendezvous.records import ClusterKeys, ClusterSpec, Plan
 from rallypoint.rendezvous.rendezvous import Rendezvous, RendezvousSettings, local_record
-from rallypoint.worker.control import order_abort
+from rallypoint.worker.control import order_abort, wait_drained
 
 BUG = "unexpected error in the loop, please report it as a BUG"
 KEEP_EVENT_GENS = 100
@@ -289,7 +289,7 @@ class Daemon:
                 "role": "leader" if self.rendezvous.is_leader else "member", "gen": plan.gen if plan else 0,
                 "gpus": self.rendezvous.record.gpus, "slots": self.rendezvous.record.slots, "workers": workers,
                 "spares": len(sup.spares) if sup else 0, "spares_ready": 1 if sup and sup.ready_spare() else 0,
-                "restarts": len(sup.restarts) if sup else 0, "bad_seats": bad,
+                "restarts": sup.restarts.budget - sup.restarts.left() if sup else 0, "bad_seats": bad,
                 "gpu_health": "nvml" if self.gpu_health else "unchecked"}
 
     def _publish_status(self) -> None:
@@ -389,8 +389,7 @@ class Daemon:
         mine = plan.ranks_on(self.cfg.node) if plan is not None else []
         if plan is None or not mine or self.supervisor is None:
             return "nothing to drain"
-        rs = plan.tp * plan.pp
-        replicas = sorted({s.rank // rs for s in mine})
+        replicas = plan.replicas_on(self.cfg.node)
         timeout = self.cfg.worker.drain_timeout.total_seconds()
         t0 = time.monotonic()
         try:
@@ -401,18 +400,8 @@ class Daemon:
             return f"could not announce the drain ({exc}); leaving without it"
         self.events.emit(plan.gen, ev.DRAINING, replicas=replicas, timeout=timeout)
         self.log.info("rallyd.draining", gen=plan.gen, replicas=replicas, timeout=timeout)
-        done: set[int] = set()
-        prefix = f"{self.keys.root}status/drained/{plan.gen:010d}/"
-        while time.monotonic() - t0 < timeout:
-            self.notify.send(WATCHDOG=1)
-            try:
-                kvs, _ = self.client.get_prefix(prefix)
-                done = {int(kv.key.rsplit("/", 1)[1]) for kv in kvs}
-            except (RallypointError, ValueError):
-                pass
-            if set(replicas) <= done:
-                break
-            time.sleep(0.05)
+        done = wait_drained(self.client, self.keys, plan.gen, replicas, timeout,
+                            tick=lambda: self.notify.send(WATCHDOG=1))
         took = time.monotonic() - t0
         left = sorted(set(replicas) - done)
         self.events.emit(plan.gen, ev.DRAINED, replicas=replicas, unfinished=left, seconds=round(took, 3))

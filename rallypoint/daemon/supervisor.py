@@ -18,7 +18,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING
 import psutil
 
 from rallypoint.log import get_logger
+from rallypoint.recovery.strategy import RestartBudget
 
 if TYPE_CHECKING:
     from rallypoint.daemon.channel import ChannelServer
@@ -89,8 +89,8 @@ class Supervisor:
         self.want_spares = spares if channel is not None else 0
         self.channel = channel
         self.seat_params = seat_params or (lambda lr: {})
-        self.restarts: deque[float] = deque()
-        self.spare_crashes: deque[float] = deque()
+        self.restarts = RestartBudget(budget, window)
+        self.spare_crashes = RestartBudget(budget, window)  # spares that died on their own
         self._lock = threading.Lock()
         self._start_lock = threading.Lock()
         self._stopping = False
@@ -125,17 +125,9 @@ class Supervisor:
             Path(url_file).unlink(missing_ok=True)
 
     def fill_spares(self) -> int:
-        """Start spares up to the number wanted; returns how many were started. Spares that died
-        on their own count against a budget (``budget`` per window), so a spare that cannot start
-        does not loop; spares adopted by a seat do not."""
+        """Start spares up to the number wanted; returns how many were started."""
         started = 0
         with self._start_lock:
-            now = time.monotonic()
-            while self.spare_crashes and now - self.spare_crashes[0] > self.window:
-                self.spare_crashes.popleft()
-            if len(self.spare_crashes) > self.budget:
-                log.error("supervisor.spares_failing", crashes=len(self.spare_crashes), window=self.window)
-                return 0
             while not self._stopping and len(self.spares) < self.want_spares:
                 self.start(None)
                 started += 1
@@ -184,14 +176,8 @@ class Supervisor:
 
     def may_restart(self) -> bool:
         """True (and counted) while the restart budget of the window is not spent."""
-        now = time.monotonic()
         with self._lock:
-            while self.restarts and now - self.restarts[0] > self.window:
-                self.restarts.popleft()
-            if len(self.restarts) >= self.budget:
-                return False
-            self.restarts.append(now)
-            return True
+            return self.restarts.take()
 
     def _watch(self, w: WorkerProcess) -> None:
         code = w.proc.wait()
@@ -202,9 +188,13 @@ class Supervisor:
                 if w in self.spares:
                     self.spares.remove(w)
             log.warning("supervisor.spare_exited", pid=w.pid, code=code)
-            self.spare_crashes.append(time.monotonic())
-            if not self._stopping:
+            if self._stopping:
+                return
+            # Budgeted like restarts, so a spare that cannot start does not loop.
+            if self.spare_crashes.take():
                 self.fill_spares()
+            else:
+                log.error("supervisor.spares_failing", budget=self.budget, window=self.window)
             return
         log.warning("supervisor.worker_exited", local_rank=w.local_rank, pid=w.pid, code=code)
         self.on_exit(w, code)
@@ -217,16 +207,8 @@ class Supervisor:
         """Stop one worker on purpose (no exit report)."""
         with self._lock:
             w = self.workers.pop(local_rank, None)
-        if w is None or w.proc.poll() is not None:
-            return
-        w.expected_exit = True
-        try:
-            os.kill(w.pid, signal.SIGCONT)
-            os.kill(w.pid, sig)
-            w.proc.wait(timeout=timeout)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.kill(w.pid, signal.SIGKILL)
-            w.proc.wait(timeout=timeout)
+        if w is not None:
+            self._kill(w, sig, timeout)
 
     def stop_all(self, sig: int = signal.SIGKILL) -> None:
         self._stopping = True
@@ -239,10 +221,12 @@ class Supervisor:
 
     @staticmethod
     def _kill(w: WorkerProcess, sig: int, timeout: float = 10.0) -> None:
+        """Signal ``w`` (continued first, in case it is stopped) and reap it; SIGKILL if it lingers."""
         if w.proc.poll() is not None:
             return
         w.expected_exit = True
         try:
+            os.kill(w.pid, signal.SIGCONT)
             os.kill(w.pid, sig)
             w.proc.wait(timeout=timeout)
         except (ProcessLookupError, subprocess.TimeoutExpired):

@@ -120,6 +120,7 @@ class EventLog:
             except queue.Full:
                 try:
                     self._queue.get_nowait()  # drop the oldest: the newest say more
+                    self._queue.task_done()
                 except queue.Empty:
                     pass
 
@@ -135,17 +136,14 @@ class EventLog:
                     time.sleep(0.5)
             else:
                 log.error("events.dropped", kind=ev.kind, gen=ev.gen)
+            self._queue.task_done()
 
     def flush(self, timeout: float = 5.0) -> bool:
-        """Wait until every queued event is written (tests, shutdown); True if it was."""
+        """Wait until every queued event is written (or dropped); True if that happened in time."""
         deadline = time.monotonic() + timeout
         while self._queue.unfinished_tasks and time.monotonic() < deadline:
-            if self._queue.empty():
-                time.sleep(0.05)  # the last one is being written
-                if self._queue.empty():
-                    break
             time.sleep(0.01)
-        return self._queue.empty()
+        return not self._queue.unfinished_tasks
 
     def close(self, timeout: float = 2.0) -> None:
         self.flush(timeout)
@@ -169,9 +167,8 @@ def prune_events(client: EtcdClient, keys: ClusterKeys, keep_from_gen: int) -> i
     """Delete the events of generations older than ``keep_from_gen``; returns generations dropped."""
     base = events_prefix(keys)
     kvs, _ = client.get_prefix(base)
-    old = sorted({kv.key[len(base):len(base) + GEN_WIDTH] for kv in kvs
-                  if kv.key[len(base):len(base) + GEN_WIDTH].isdigit()
-                  and int(kv.key[len(base):len(base) + GEN_WIDTH]) < keep_from_gen})
+    gens = {kv.key[len(base):].split("/", 1)[0] for kv in kvs}
+    old = sorted(g for g in gens if g.isdigit() and int(g) < keep_from_gen)
     for g in old:
         client.delete_prefix(f"{base}{g}/")
     return len(old)

@@ -261,6 +261,14 @@ class Plan:
         """The ranks this plan places on ``node``, by local rank."""
         return sorted((r for r in self.ranks if r.node == node), key=lambda r: r.local_rank)
 
+    def replica_of(self, rank: int) -> int:
+        """The DP replica (index) that ``rank`` belongs to."""
+        return rank // (self.tp * self.pp)
+
+    def replicas_on(self, node: str) -> list[int]:
+        """The DP replicas with at least one rank on ``node``."""
+        return sorted({self.replica_of(r.rank) for r in self.ranks if r.node == node})
+
     def to_json(self) -> str:
         d = asdict(self)
         d["world_size"] = self.world_size

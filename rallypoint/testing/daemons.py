@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 
 @dataclass
 class DaemonProcess:
@@ -58,9 +60,15 @@ class DaemonProcess:
         raise AssertionError(f"{needle!r} not in rallyd {self.node}'s log after {timeout}s:\n{self.log_text()[-3000:]}")
 
     def stop(self) -> None:
-        """SIGKILL (after SIGCONT, in case it was stopped) and reap."""
+        """SIGKILL its workers and spares, then the daemon (after SIGCONT, in case it was
+        stopped), and reap it."""
         if self.proc is None or self.proc.poll() is not None:
             return
+        try:
+            for child in psutil.Process(self.pid).children(recursive=True):
+                child.kill()
+        except psutil.NoSuchProcess:
+            pass
         self.signal(signal.SIGCONT)
         self.signal(signal.SIGKILL)
         self.proc.wait(timeout=10)

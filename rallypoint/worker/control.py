@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable
 
-from rallypoint.errors import MalformedRecord, RendezvousTimeout
+from rallypoint.errors import MalformedRecord, RallypointError, RendezvousTimeout
 from rallypoint.log import get_logger
 from rallypoint.rendezvous.etcd import EtcdClient, WatchEvent
 from rallypoint.rendezvous.records import ClusterKeys, Plan, gen_from_key
@@ -24,6 +25,29 @@ log = get_logger("control")
 
 def abort_key(keys: ClusterKeys, gen: int, ranks: list[int]) -> str:
     return f"{keys.control}abort/{gen:010d}/{'-'.join(map(str, ranks)) or 'all'}"
+
+
+def drained_key(keys: ClusterKeys, gen: int, replica: int) -> str:
+    """Written by a replica's driver once a drain left it with nothing in flight."""
+    return f"{keys.root}status/drained/{gen:010d}/{replica}"
+
+
+def wait_drained(client: EtcdClient, keys: ClusterKeys, gen: int, replicas: list[int], timeout: float,
+                 tick: Callable[[], object] = lambda: None) -> set[int]:
+    """Poll until every replica in ``replicas`` of ``gen`` reported drained, or ``timeout``
+    seconds pass (an etcd blip is waited out); returns the replicas that did. ``tick`` runs
+    each round (rallyd pets the systemd watchdog there)."""
+    deadline = time.monotonic() + timeout
+    prefix = drained_key(keys, gen, 0)[:-1]
+    done: set[int] = set()
+    while not set(replicas) <= done and time.monotonic() < deadline:
+        tick()
+        try:
+            done = {int(kv.key.rsplit("/", 1)[1]) for kv in client.get_prefix(prefix)[0]}
+        except (RallypointError, ValueError):
+            pass
+        time.sleep(0.05)
+    return done
 
 
 def order_abort(client: EtcdClient, keys: ClusterKeys, gen: int, ranks: list[int], reason: str) -> None:

@@ -31,7 +31,7 @@ from rallypoint.recovery.events import EventLog
 from rallypoint.rendezvous.etcd import EtcdSettings, endpoints_from
 from rallypoint.rendezvous.records import Plan
 from rallypoint.worker.api import ApiServer, Frontend
-from rallypoint.worker.control import Controller
+from rallypoint.worker.control import Controller, drained_key
 from rallypoint.worker.engine import Driver, EngineSettings, serve_generation
 from rallypoint.worker.requests import RequestQueue
 from rallypoint.worker.runtime import RankRuntime, RuntimeSettings
@@ -233,7 +233,7 @@ class Worker:
                 self.events.flush()
                 return 3
             self.gen, self.plan = plan.gen, plan
-            self.replica = groups.rank // (plan.tp * plan.pp)
+            self.replica = plan.replica_of(groups.rank)
             self.events.emit(plan.gen, ev.GROUPS_BUILT, rank=groups.rank, carried=list(groups.carried))
             self.events.emit(plan.gen, ev.SHARD_LOADED, rank=groups.rank, seconds=round(loaded, 4))
             is_driver = groups.is_first_stage and groups.tp_rank == 0
@@ -281,8 +281,7 @@ class Worker:
         plan = self.plan
         if plan is None or self.driver is None:
             return []
-        rs = plan.tp * plan.pp
-        mine = {s.node for s in plan.ranks if s.rank // rs == self.replica}
+        mine = {s.node for s in plan.ranks if plan.replica_of(s.rank) == self.replica}
         leaving = sorted(mine & self.controller.draining)
         if not leaving:
             if self.queue.closed:
@@ -298,7 +297,7 @@ class Worker:
             return
         if not d.busy and self._drained_gen < self.gen:
             try:
-                self.runtime.client.put(f"{self.runtime.keys.root}status/drained/{self.gen:010d}/{self.replica}",
+                self.runtime.client.put(drained_key(self.runtime.keys, self.gen, self.replica),
                                         str(time.time()), lease=self.runtime.lease.id)
                 self._drained_gen = self.gen
                 self.log.info("worker.drained", gen=self.gen, replica=self.replica)

@@ -47,7 +47,7 @@ def test_status_events_kill_and_cordon_on_a_live_cluster(etcd: EtcdCluster, clie
 
     from rallypoint.testing.daemons import DaemonProcess, daemon_args
     from rallypoint.worker.checkpoint import make_model
-    from tests.integration.test_rallyd_recovery import kill_all, wait_for
+    from tests.integration.test_rallyd_recovery import wait_for
     from tests.integration.test_rallyd_serving import wait_file
 
     model = make_model(tmp_path / "model", "tiny", seed=9)
@@ -100,6 +100,21 @@ def test_status_events_kill_and_cordon_on_a_live_cluster(etcd: EtcdCluster, clie
         assert rallyctl(*ctl, "uncordon", "b").returncode == 0
         wait_for("serving again", lambda: status()["state"] == "serving", every=0.3)
 
+        # drain: nothing in flight, so the replica reports drained at once; then b is cordoned.
+        out = rallyctl(*ctl, "--json", "drain", "b", "--timeout-drain", "10")
+        assert out.returncode == 0, out.stderr
+        d = json.loads(out.stdout)
+        assert d["replicas"] == [0] and d["unfinished"] == [] and d["seconds"] < 10
+        wait_for("b cordoned by the drain", lambda: status()["nodes"][1]["health"] == "cordoned", every=0.3)
+        assert rallyctl(*ctl, "uncordon", "b").returncode == 0
+        wait_for("serving after the drain", lambda: status()["state"] == "serving", every=0.3)
+
+        # a malformed drill order is reported by b's rallyd and touches nothing
+        pid_b = status()["ranks"][1]["pid"]
+        client.put(keys.kills + "b/0", "NOPE")
+        daemons[1].wait_log('"rallyd.malformed_kill_order"')
+        assert psutil.pid_exists(pid_b) and psutil.Process(pid_b).status() != "zombie"
+
         for args, code, text in [(("kill", "7"), 1, "generation 2 has no rank 7 (ranks 0..1)"),
                                  (("cordon", "zz"), 1, "no node 'zz' in cluster (nodes: a, b)")]:
             out = rallyctl(*ctl, *args)
@@ -109,5 +124,6 @@ def test_status_events_kill_and_cordon_on_a_live_cluster(etcd: EtcdCluster, clie
         out = rallyctl("--endpoints", ",".join(etcd.endpoints), "--cluster", "nosuch", "events")
         assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1
     finally:
-        kill_all(daemons)
+        for d in daemons:
+            d.stop()
         client.delete_prefix(keys.root)

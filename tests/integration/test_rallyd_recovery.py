@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import psutil
-import pytest
 
 from rallypoint.recovery import events as ev
 from rallypoint.recovery.events import read_events
@@ -51,14 +50,6 @@ def seat_pid(daemon: DaemonProcess, local_rank: int) -> int:
 
 def spare_pids(daemon: DaemonProcess) -> list[int]:
     return [p.pid for p in workers(daemon) if "--spare" in p.cmdline()]
-
-
-def kill_all(daemons: list[DaemonProcess]) -> None:
-    for d in daemons:
-        if d.proc is not None and d.proc.poll() is None:
-            for p in psutil.Process(d.pid).children(recursive=True):
-                p.kill()
-        d.stop()
 
 
 def test_warm_spare_takes_the_dead_workers_seat(etcd: EtcdCluster, client: EtcdClient, cluster_name: str,
@@ -104,7 +95,8 @@ def test_warm_spare_takes_the_dead_workers_seat(etcd: EtcdCluster, client: EtcdC
                           and json.loads(kv.value)["phase"] == "serving" and json.loads(kv.value))
         assert status["gen"] == 2 and "exited with code -9" in status["why"]
     finally:
-        kill_all(daemons)
+        for d in daemons:
+            d.stop()
 
 
 def test_spent_restart_budget_shrinks_then_grows_back(etcd: EtcdCluster, client: EtcdClient, cluster_name: str,
@@ -142,7 +134,7 @@ def test_spent_restart_budget_shrinks_then_grows_back(etcd: EtcdCluster, client:
         url1 = wait_file(tmp_path / "a" / "api-1.url")
         assert post(url1, requests[0])[1]["choices"][0]["token_ids"] == reference[0]
     finally:
-        kill_all([daemon])
+        daemon.stop()
 
 
 def test_sigterm_drains_then_leaves_and_peers_replan_at_once(etcd: EtcdCluster, client: EtcdClient,
@@ -186,7 +178,8 @@ def test_sigterm_drains_then_leaves_and_peers_replan_at_once(etcd: EtcdCluster, 
         assert drained and drained[0].detail["unfinished"] == []
         assert post(url_a, requests[1])[1]["choices"][0]["token_ids"] == reference[1]
     finally:
-        kill_all(daemons)
+        for d in daemons:
+            d.stop()
 
 
 def test_etcd_leader_killed_in_the_middle_of_a_recovery(etcd3: EtcdCluster, cluster_name: str,
@@ -217,5 +210,6 @@ def test_etcd_leader_killed_in_the_middle_of_a_recovery(etcd3: EtcdCluster, clus
         assert [x.gen for x in p] == [1, 2] and p[1].ranks == p[0].ranks
         assert etcd3.leader() is not leader
     finally:
-        kill_all(daemons)
+        for d in daemons:
+            d.stop()
         client.close()

@@ -95,8 +95,6 @@ def test_request_stream_lives_through_a_failed_worker(etcd: EtcdCluster, client:
         assert replacement != victim
     finally:
         for d in daemons:
-            for p in psutil.Process(d.pid).children(recursive=True) if d.proc.poll() is None else []:
-                p.kill()
             d.stop()
 
 
@@ -141,7 +139,4 @@ def test_request_stream_lives_through_a_lost_node(etcd: EtcdCluster, client: Etc
         assert post(url, requests[0])[1]["choices"][0]["token_ids"] == reference[0]
     finally:
         for d in daemons.values():
-            if d.proc is not None and d.proc.poll() is None:
-                for p in psutil.Process(d.pid).children(recursive=True):
-                    p.kill()
             d.stop()
