@@ -92,6 +92,23 @@ def show_rallyctl(client: EtcdClient, keys: ClusterKeys, endpoints: tuple[str, .
         print()
 
 
+def show_metrics(state_dir: Path) -> None:
+    """Print a few of one rallyd's Prometheus series, the way an operator would curl them."""
+    import urllib.request
+
+    url = (state_dir / "metrics.url").read_text().strip()
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    wanted = ("rallypoint_generation", "rallypoint_cluster_state", "rallypoint_recoveries_total",
+              "rallypoint_recovery_seconds_sum", "rallypoint_recovery_seconds_count",
+              "rallypoint_worker_replacements_total", "rallypoint_ranks")
+    print(f"$ curl -s {url} | grep ...")
+    for line in text.splitlines():
+        name = line.split("{")[0].split(" ")[0]
+        if name in wanted and not line.endswith(" 0.0"):
+            print(line)
+    print()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rallypoint-demo", description=__doc__)
     ap.add_argument("--tokens", type=int, default=48, help="tokens per completion")
@@ -136,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{'identical tokens' if ids2 == ids else 'DIFFERENT tokens'} ({len(ids2)} tokens)")
             print(f"\n{format_plan(latest_plan(client, keys))}\n")
             show_rallyctl(client, keys, etcd.endpoints)
+            show_metrics(work / "node-b")
         finally:
             client.close()
             for d in daemons:

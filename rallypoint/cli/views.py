@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from rallypoint.recovery.events import Event
-from rallypoint.recovery.machine import MILESTONES, breakdown
+from rallypoint.recovery.machine import MILESTONES, SERVING, breakdown, operator_state
 from rallypoint.rendezvous.records import NodeRecord, Plan
 
 STALE_AFTER = 3.0  # seconds without a status write before a node's row says "stale"
@@ -31,12 +31,9 @@ def cluster_state(recovery: dict[str, Any] | None, plan: Plan | None) -> str:
     """serving / recovering (<phase>) / degraded / failed / forming."""
     if plan is None:
         return "forming"
-    phase = (recovery or {}).get("phase", "serving")
-    if phase == "failed":
-        return "failed"
-    if phase != "serving":
-        return f"recovering ({phase})"
-    return "degraded" if (recovery or {}).get("degraded") else "serving"
+    phase = str((recovery or {}).get("phase", SERVING))
+    state = operator_state(phase, (recovery or {}).get("degraded"))
+    return f"{state} ({phase})" if state == "recovering" else state
 
 
 def node_health(rec: NodeRecord | None, status: dict[str, Any] | None, cordoned: bool, draining: bool,

@@ -200,6 +200,22 @@ class WorkerConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """``[metrics]``: rallyd's Prometheus endpoint, ``http://<host>:<port>/metrics``.
+
+    Attributes:
+        enabled: serve it at all.
+        host: the address to listen on (all interfaces by default, so Prometheus can scrape).
+        port: the TCP port; 0 picks a free one (tests, several daemons on one host), written to
+            ``<state_dir>/metrics.url`` and to the node's status in etcd.
+    """
+
+    enabled: bool = _opt(True, "bool")
+    host: str = _opt("0.0.0.0", "str")
+    port: int = _opt(9437, "int", ge=0)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     """``[log]``: ``level`` (debug, info, warning, error); ``json`` None picks by terminal."""
 
@@ -228,13 +244,14 @@ class Config:
     layout: LayoutConfig = field(default_factory=LayoutConfig)
     collectives: CollectivesConfig = field(default_factory=CollectivesConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     path: Path | None = None
 
 
 _SECTIONS: dict[str, type] = {"etcd": EtcdConfig, "rendezvous": RendezvousConfig,
                               "layout": LayoutConfig, "collectives": CollectivesConfig,
-                              "worker": WorkerConfig, "log": LogConfig}
+                              "worker": WorkerConfig, "metrics": MetricsConfig, "log": LogConfig}
 _Item = tuple[str, str, Any, str, bool]  # section ("" = top level), key, raw, source, raw is text
 
 
@@ -470,6 +487,10 @@ def _check(c: Config, origin: Mapping[str, str], check_node: bool) -> None:
             section, name = key.split(".")
             _fail(f"[{section}] {name} = {_s(value)} must be < [rendezvous] lease_ttl{bound} = "
                   f"{_s(limit)}", origin, key, "rendezvous.lease_ttl")
+    for key, port in (("worker.api_port", c.worker.api_port), ("metrics.port", c.metrics.port)):
+        if port > 65535:
+            section, name = key.split(".")
+            _fail(f"[{section}] {name} = {port} is not a TCP port (0..65535)", origin, key)
     if c.collectives.backend == "nccl" and lay.gpus == 0:
         _fail('[collectives] backend = "nccl" needs GPUs, but [layout] gpus = 0 (a CPU node)',
               origin, "collectives.backend", "layout.gpus")

@@ -20,6 +20,7 @@ from types import FrameType
 from rallypoint.daemon.channel import ChannelServer, Peer, channel_address
 from rallypoint.daemon.config import Config
 from rallypoint.daemon.gpu_health import GpuHealth, load_nvml
+from rallypoint.daemon.metrics import DaemonMetrics
 from rallypoint.daemon.sd_notify import Notifier
 from rallypoint.daemon.supervisor import Supervisor, WorkerCommand, WorkerProcess
 from rallypoint.errors import EtcdError, EtcdUnavailable, MalformedRecord, RallypointError
@@ -73,6 +74,11 @@ class Daemon:
         self.bad_seats: dict[int, tuple[str, float | None]] = {}  # local rank -> (why, retry at)
         self._seat_lock = threading.Lock()
         self.machine = RecoveryMachine()
+        self.metrics = DaemonMetrics(cfg.cluster, cfg.node, self.machine,
+                                     lambda: {**self.node_status(), "etcd_ok": self._etcd_ok})
+        self.metrics_url: str | None = None
+        self._metrics_server = None
+        self._etcd_ok = False
         self.gpu_health: GpuHealth | None = None
         self._watches: list = []
         self._status_at = 0.0
@@ -95,6 +101,8 @@ class Daemon:
     def _on_channel_message(self, peer: Peer, msg: dict) -> None:
         if msg.get("op") == "hello":
             self.log.info("rallyd.worker_connected", pid=peer.pid, role=peer.role, local_rank=peer.local_rank)
+        elif msg.get("op") == "beat":
+            self.metrics.beat(peer, msg.get("counts"))
 
     def _seat_rank(self, plan: Plan, local_rank: int | None) -> int:
         seat = [s for s in plan.ranks if s.node == self.cfg.node and s.local_rank == local_rank]
@@ -131,6 +139,7 @@ class Daemon:
             self.supervisor.ensure(lr, after_gen=plan.gen)
         self.log.warning("rallyd.recovering", gen=plan.gen, rank=rank, local_rank=lr, strategy=strategy,
                          why=decision.reason)
+        self.metrics.replaced(strategy)
         if strategy == SHRINK:
             # Left out of the placement; the leader re-plans on the record change (a shrink).
             self._mark_bad(lr, decision.reason, retry_after=None if gpu_bad else
@@ -236,6 +245,8 @@ class Daemon:
         except (ValueError, KeyError, TypeError):
             self.log.error("rallyd.malformed_diagnosis", key=key)
             return
+        if key.rsplit("/", 1)[-1].split(":")[0] == self.cfg.node:  # .../<gen>/<node>:<local rank>
+            self.metrics.collective_tripped(str(d.get("group", "")), str(d.get("trigger", "")))
         for s in suspects:
             local = int(s["seat"].split("/")[1])
             worker = self.supervisor.alive().get(local) if self.supervisor else None
@@ -280,7 +291,8 @@ class Daemon:
                 beat = peer.last if peer else {}
                 workers.append({"local_rank": lr, "rank": ranks.get(lr), "pid": w.pid, "process": w.state(),
                                 "state": beat.get("state", "starting"), "gen": beat.get("gen"),
-                                "in_flight": beat.get("in_flight", 0), "driver": beat.get("driver", False),
+                                "in_flight": beat.get("in_flight", 0), "waiting": beat.get("waiting", 0),
+                                "driver": beat.get("driver", False),
                                 "beat_age": round(now - peer.last_seen, 3) if peer else None})
         with self._seat_lock:
             bad = {str(lr): why for lr, (why, _) in self.bad_seats.items()}
@@ -290,7 +302,7 @@ class Daemon:
                 "gpus": self.rendezvous.record.gpus, "slots": self.rendezvous.record.slots, "workers": workers,
                 "spares": len(sup.spares) if sup else 0, "spares_ready": 1 if sup and sup.ready_spare() else 0,
                 "restarts": sup.restarts.budget - sup.restarts.left() if sup else 0, "bad_seats": bad,
-                "gpu_health": "nvml" if self.gpu_health else "unchecked"}
+                "gpu_health": "nvml" if self.gpu_health else "unchecked", "metrics": self.metrics_url}
 
     def _publish_status(self) -> None:
         if time.monotonic() - self._status_at < 1.0 or self.rendezvous.lease is None:
@@ -309,6 +321,8 @@ class Daemon:
         except MalformedRecord as exc:
             self.log.error("rallyd.malformed_event", key=key, error=str(exc))
             return
+        if t is not None:
+            self.metrics.transition(t)
         if t is None or not self.rendezvous.is_leader:
             return
         self.log.info("rallyd.recovery_phase", phase=t.phase, previous=t.previous, gen=t.gen, cause=t.event.kind)
@@ -342,11 +356,14 @@ class Daemon:
             self._publish_status()
             retried = self._retry_bad_seats()
             said = f"{said}; {retried}" if retried else said
+            self._etcd_ok = True
         except EtcdUnavailable as exc:
+            self._etcd_ok = False
             gen = self.generation.gen if self.generation else 0
             said = f"etcd unreachable, keeping gen {gen} ({exc})"
             self.stopping.wait(0.2)
         except (EtcdError, RallypointError) as exc:
+            self._etcd_ok = isinstance(exc, RallypointError) and not isinstance(exc, EtcdError)
             said = f"cycle failed: {exc}"
             self.stopping.wait(0.2)
         role = "leader" if self.rendezvous.is_leader else "member"
@@ -358,6 +375,11 @@ class Daemon:
         """Join and loop until SIGTERM/SIGINT; return the process exit code."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+        try:
+            self.serve_metrics()
+        except RallypointError as exc:
+            self.log.error("rallyd.metrics_failed", error=str(exc))
+            return 1
         try:
             self.join()
         except RallypointError as exc:
@@ -376,6 +398,25 @@ class Daemon:
             last = said
         self.shutdown()
         return 0
+
+    def serve_metrics(self) -> None:
+        """Start ``/metrics`` (before joining, so an etcd outage at start shows there too).
+
+        Raises:
+            RallypointError: the address cannot be bound (port taken, no such interface).
+        """
+        m = self.cfg.metrics
+        if m.enabled is False:
+            return
+        try:
+            self._metrics_server = self.metrics.serve(m.host, m.port)
+        except OSError as exc:
+            raise RallypointError(f"[metrics] cannot listen on {m.host}:{m.port}: {exc.strerror or exc}") from None
+        host = self.cfg.address if m.host in ("0.0.0.0", "::") else m.host  # where peers reach us
+        self.metrics_url = f"http://{host}:{self._metrics_server.server_port}/metrics"
+        self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.cfg.state_dir / "metrics.url").write_text(self.metrics_url + "\n")
+        self.log.info("rallyd.metrics_serving", url=self.metrics_url)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.stopping.set()
@@ -430,6 +471,9 @@ class Daemon:
         self.events.close()
         if self.channel is not None:
             self.channel.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
         self.client.close()
         self.log.info("rallyd.stopped")
 

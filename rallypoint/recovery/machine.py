@@ -38,13 +38,40 @@ ALLOWED = {
 
 @dataclass(frozen=True)
 class Transition:
-    """One phase change, caused by ``event``."""
+    """One phase change, caused by ``event``.
+
+    Attributes:
+        took: seconds spent in ``previous`` (0 when unknown; clocks of different writers may
+            disagree by a little, so never negative).
+        cause: when the transition leaves ``serving``, why a recovery started (``cause_of``).
+        recovery_seconds: when it enters ``serving`` again, seconds since the recovery started.
+    """
 
     phase: str
     previous: str
     gen: int
     at: float
     event: Event
+    took: float = 0.0
+    cause: str | None = None
+    recovery_seconds: float | None = None
+
+
+# Why a recovery started: stable label values (``rallypoint_recoveries_total{cause=...}``).
+CAUSES = ("rank_exit", "rank_hung", "rank_dead", "abort", "replan", "membership", "formation")
+
+
+def cause_of(e: Event, gen: int) -> str:
+    """Name the cause of a recovery that ``e`` starts while the cluster serves generation ``gen``."""
+    if e.kind == ev.RANK_FAILED:
+        return "rank_exit"
+    if e.kind == ev.SUSPECT_NAMED:
+        return "rank_hung" if e.detail.get("verdict") == "stuck" else "rank_dead"
+    if e.kind == ev.ABORT_ORDERED:
+        return "abort"
+    if e.kind == ev.REPLAN_REQUESTED:
+        return "replan"
+    return "formation" if gen == 0 else "membership"  # a plan with no failure: nodes came or went
 
 
 @dataclass
@@ -67,6 +94,7 @@ class RecoveryMachine:
     why: str = ""
     degraded: str | None = None
     history: list[Transition] = field(default_factory=list)
+    started: float | None = None  # when the recovery under way left serving
     _world: dict[int, int] = field(default_factory=dict)  # gen -> world size, from its plan
     _serving: dict[int, set[str]] = field(default_factory=dict)  # gen -> ranks that said serving
 
@@ -83,7 +111,14 @@ class RecoveryMachine:
         if nxt not in ALLOWED[self.phase] or nxt == self.phase:
             self._note(e)
             return None
-        t = Transition(nxt, self.phase, e.gen, e.at, e)
+        took = max(0.0, e.at - self.since) if self.since else 0.0
+        cause = cause_of(e, self.gen) if self.phase == SERVING else None
+        if self.phase == SERVING:
+            self.started = e.at
+        done = max(0.0, e.at - self.started) if nxt == SERVING and self.started is not None else None
+        if nxt == SERVING:
+            self.started = None
+        t = Transition(nxt, self.phase, e.gen, e.at, e, took, cause, done)
         self.phase, self.since = nxt, e.at
         self.gen = max(self.gen, e.gen)
         self.history.append(t)
@@ -128,6 +163,15 @@ class RecoveryMachine:
         """What ``status/recovery`` holds."""
         return {"phase": self.phase, "gen": self.gen, "since": self.since, "why": self.why,
                 "degraded": self.degraded}
+
+
+def operator_state(phase: str, degraded: str | None) -> str:
+    """The one word an operator reads first: serving, recovering, degraded or failed."""
+    if phase == FAILED:
+        return "failed"
+    if phase != SERVING:
+        return "recovering"
+    return "degraded" if degraded else "serving"
 
 
 # -- one recovery's figures -------------------------------------------------------------------

@@ -77,4 +77,40 @@ class DaemonProcess:
 def daemon_args(endpoints: tuple[str, ...], cluster: str, *extra: str) -> list[str]:
     """Flags for a CPU-only test daemon on ``cluster``."""
     return ["--cluster", cluster, "--etcd-endpoints", ",".join(endpoints), "--gpus", "0",
-            "--config", os.devnull, *extra]
+            "--config", os.devnull, "--metrics-port", "0", *extra]
+
+
+def wait_for(what: str, check, timeout: float = 30.0, every: float = 0.05):
+    """Poll ``check`` until it returns something truthy, and return that; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape_metrics(state_dir: Path, timeout: float = 15.0) -> Samples:
+    """GET a test daemon's ``/metrics`` (its URL is in ``<state_dir>/metrics.url``) and parse it
+    with prometheus_client's parser: ``{(sample name, sorted labels but cluster/node): value}``."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url_file = state_dir / "metrics.url"
+    deadline = time.monotonic() + timeout
+    while not url_file.exists():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{url_file} never appeared")
+        time.sleep(0.05)
+    text = urllib.request.urlopen(url_file.read_text().strip(), timeout=5).read().decode()
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = {k: v for k, v in s.labels.items() if k not in ("cluster", "node")}
+            out[(s.name, tuple(sorted(labels.items())))] = s.value
+    return out

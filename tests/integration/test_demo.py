@@ -15,3 +15,5 @@ def test_demo_serves_and_survives_a_killed_worker(etcd: EtcdCluster) -> None:
     assert "generation 1: world 2 = TP 2 x PP 1 x DP 1" in out.stdout
     assert "identical tokens (24 tokens)" in out.stdout
     assert "restarted in place" in out.stdout
+    assert 'rallypoint_recoveries_total{cause="rank_exit",cluster="demo",node="node-b"} 1.0' in out.stdout
+    assert 'rallypoint_worker_replacements_total{cluster="demo",node="node-b",strategy="restart"} 1.0' in out.stdout

@@ -47,7 +47,7 @@ def test_status_events_kill_and_cordon_on_a_live_cluster(etcd: EtcdCluster, clie
 
     from rallypoint.testing.daemons import DaemonProcess, daemon_args
     from rallypoint.worker.checkpoint import make_model
-    from tests.integration.test_rallyd_recovery import wait_for
+    from rallypoint.testing.daemons import wait_for
     from tests.integration.test_rallyd_serving import wait_file
 
     model = make_model(tmp_path / "model", "tiny", seed=9)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 from rallypoint.rendezvous.etcd import EtcdClient
 from rallypoint.rendezvous.records import ClusterKeys, Plan
-from rallypoint.testing.daemons import DaemonProcess, daemon_args
+from rallypoint.testing.daemons import DaemonProcess, daemon_args, scrape_metrics
 from rallypoint.testing.etcd_server import EtcdCluster
 
 TTL = 3.0
@@ -96,13 +97,29 @@ def test_leader_failover_when_leader_is_killed(spawn, client: EtcdClient, cluste
 
 
 def test_unreachable_etcd_exits_nonzero_naming_endpoints(tmp_path: Path) -> None:
-    d = DaemonProcess("x", daemon_args(("127.0.0.1:9",), "c", "--etcd-retry-deadline", "1.5"),
-                      tmp_path / "x.log").start()
+    """While it retries, /metrics already answers and says etcd is unreachable."""
+    d = DaemonProcess("x", daemon_args(("127.0.0.1:9",), "c", "--etcd-retry-deadline", "4",
+                                       "--state-dir", str(tmp_path / "x")), tmp_path / "x.log").start()
     t0 = time.monotonic()
+    m = scrape_metrics(tmp_path / "x", timeout=3)
+    assert m[("rallypoint_etcd_reachable", ())] == 0 and m[("rallypoint_cluster_state", (("state", "forming"),))] == 1
     assert d.proc.wait(timeout=20) == 1
-    assert 1.4 <= time.monotonic() - t0 < 10
+    assert 3.9 <= time.monotonic() - t0 < 12
     log = d.log_text()
     assert "rallyd.join_failed" in log and "127.0.0.1:9" in log and "etcd.retrying" in log
+
+
+def test_a_taken_metrics_port_is_a_clear_startup_error(etcd: EtcdCluster, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        d = DaemonProcess("x", daemon_args(etcd.endpoints, "c", "--metrics-host", "127.0.0.1", "--metrics-port",
+                                           str(port), "--state-dir", str(tmp_path / "x")), tmp_path / "x.log").start()
+        assert d.proc.wait(timeout=20) == 1
+    log = d.log_text()
+    assert "rallyd.metrics_failed" in log and f"[metrics] cannot listen on 127.0.0.1:{port}: Address already in use" in log
+    assert "Traceback" not in log
 
 
 def test_duplicate_node_id_is_refused(spawn) -> None:

@@ -15,7 +15,7 @@ from rallypoint.recovery import events as ev
 from rallypoint.recovery.events import read_events
 from rallypoint.rendezvous.etcd import EtcdClient
 from rallypoint.rendezvous.records import ClusterKeys, Plan
-from rallypoint.testing.daemons import DaemonProcess, daemon_args
+from rallypoint.testing.daemons import DaemonProcess, daemon_args, wait_for
 from rallypoint.testing.etcd_server import EtcdCluster
 from rallypoint.worker.checkpoint import make_model
 from tests.conftest import make_client
@@ -26,16 +26,6 @@ from tests.integration.test_serving import post
 def plans(client: EtcdClient, keys: ClusterKeys) -> list[Plan]:
     kvs, _ = client.get_prefix(keys.plans)
     return [Plan.from_json(kv.key, kv.value) for kv in kvs]
-
-
-def wait_for(what: str, check, timeout: float = 30.0, every: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def workers(daemon: DaemonProcess) -> list[psutil.Process]:

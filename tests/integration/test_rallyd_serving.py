@@ -14,7 +14,7 @@ import pytest
 
 from rallypoint.rendezvous.etcd import EtcdClient
 from rallypoint.rendezvous.records import ClusterKeys, Plan
-from rallypoint.testing.daemons import DaemonProcess, daemon_args
+from rallypoint.testing.daemons import DaemonProcess, daemon_args, scrape_metrics, wait_for
 from rallypoint.testing.etcd_server import EtcdCluster
 from rallypoint.worker.checkpoint import make_model
 from tests.integration.test_serving import post, stream
@@ -48,6 +48,44 @@ def worker_pid(daemon: DaemonProcess) -> int:
     kids = [p for p in psutil.Process(daemon.pid).children() if "rallypoint.worker" in " ".join(p.cmdline())]
     assert len(kids) == 1, kids
     return kids[0].pid
+
+
+def check_metrics_after_recovery(tmp_path: Path, fault: str) -> None:
+    """Both daemons' /metrics, parsed by prometheus_client: the cluster back to serving gen 2 after
+    one recovery with the right cause, its phases timed; a's driver's requests counted."""
+    cause = "rank_exit" if fault == "SIGKILL" else "rank_hung"
+
+    last: dict = {}
+
+    def settled() -> dict | None:
+        m = last["m"] = {n: scrape_metrics(tmp_path / n) for n in ("a", "b")}
+        done = all(x[("rallypoint_generation", ())] == 2 and x[("rallypoint_ranks", (("state", "serving"),))] == 1
+                   and x.get(("rallypoint_recovery_seconds_count", ())) == 1 for x in m.values())
+        return m if done and m["a"][("rallypoint_requests_total", (("outcome", "completed"),))] == 12 else None
+
+    try:
+        m = wait_for("metrics of a finished recovery", settled, timeout=15, every=0.3)
+    except AssertionError:
+        brief = {n: {k: v for k, v in x.items() if not k[0].endswith(("_bucket", "_created"))}
+                 for n, x in last.get("m", {}).items()}
+        raise AssertionError(f"metrics never settled; last scrape: {brief}") from None
+    for node, x in m.items():
+        assert x[("rallypoint_cluster_state", (("state", "serving"),))] == 1, node
+        assert x[("rallypoint_recoveries_total", (("cause", cause),))] == 1, node
+        assert sum(v for (name, _), v in x.items() if name == "rallypoint_recoveries_total") == 1, node
+        assert 0 < x[("rallypoint_recovery_seconds_sum", ())] < 60, node
+        for phase in ("aborting", "planning", "rebuilding"):
+            assert x[("rallypoint_recovery_phase_seconds_count", (("phase", phase),))] >= 1, (node, phase)
+        assert x[("rallypoint_etcd_reachable", ())] == 1
+    a, b = m["a"], m["b"]
+    assert a[("rallypoint_requests_total", (("outcome", "accepted"),))] == 12  # 6 reference + 6 streamed
+    assert a[("rallypoint_requests_resumed_total", ())] >= 1  # the streams were held over the abort
+    assert a[("rallypoint_requests_in_flight", ())] == 0
+    assert b[("rallypoint_requests_total", (("outcome", "accepted"),))] == 0  # b holds no driver
+    assert b[("rallypoint_worker_replacements_total", (("strategy", "restart"),))] == 1
+    assert a[("rallypoint_leader", ())] + b[("rallypoint_leader", ())] == 1
+    if fault == "SIGSTOP":  # a's rank waited on the stopped one past its deadline
+        assert a[("rallypoint_collectives_tripped_total", (("group", "tp"), ("trigger", "deadline")))] >= 1
 
 
 @pytest.mark.parametrize("fault", ["SIGKILL", "SIGSTOP"])
@@ -93,6 +131,7 @@ def test_request_stream_lives_through_a_failed_worker(etcd: EtcdCluster, client:
         assert "restarted in place" in plans[1].reason and plans[1].ranks == plans[0].ranks
         replacement = worker_pid(daemons[1])
         assert replacement != victim
+        check_metrics_after_recovery(tmp_path, fault)
     finally:
         for d in daemons:
             d.stop()

@@ -225,6 +225,9 @@ def test_wrong_type_or_value_names_file_and_key(tmp_path, text, expected):
     ("[layout]\ngpus = -2\n", "[layout] gpus: must be >= -1, got -2"),
     ("[layout]\ncpu_ranks = 0\n", "[layout] cpu_ranks: must be >= 1, got 0"),
     ("[layout]\nspares = -1\n", "[layout] spares: must be >= 0, got -1"),
+    ("[metrics]\nport = -1\n", "[metrics] port: must be >= 0, got -1"),
+    ("[metrics]\nport = 70000\n", "[metrics] port = 70000 is not a TCP port (0..65535)"),
+    ("[worker]\napi_port = 65536\n", "[worker] api_port = 65536 is not a TCP port (0..65535)"),
     ("[rendezvous]\nlease_ttl = 0\n", "[rendezvous] lease_ttl: must be > 0, got 0.0"),
     ("[rendezvous]\nlast_call = -0.1\n", "[rendezvous] last_call: must be >= 0, got -0.1"),
     ("[rendezvous]\nmin_nodes = 0\n", "[rendezvous] min_nodes: must be >= 1, got 0"),
@@ -247,7 +250,8 @@ def test_unknown_key_suggests_the_nearest(tmp_path):
 
 def test_unknown_section_suggests_the_nearest(tmp_path):
     assert "unknown section [layot] (did you mean [layout]?)" in error(tmp_path, "[layot]\ntp = 2\n")
-    assert "unknown section [metrics]" in error(tmp_path, "[metrics]\nport = 1\n")
+    assert "unknown section [tracing]" in error(tmp_path, "[tracing]\nport = 1\n")
+    assert "unknown section [metric] (did you mean [metrics]?)" in error(tmp_path, "[metric]\nport = 1\n")
 
 
 def test_bad_toml_and_missing_named_file(tmp_path):
