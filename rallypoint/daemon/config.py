@@ -216,6 +216,26 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class GatewayConfig:
+    """``[gateway]``: rallyd's completions API, ``http://<host>:<port>/v1/completions``.
+
+    Clients send requests here rather than to a replica's driver: the gateway forwards each to a
+    serving driver and, when that driver dies mid-request, resumes it on the next one.
+
+    Attributes:
+        enabled: serve it at all.
+        host, port: where it listens; port 0 picks a free one (written to ``<state_dir>/gateway.url``).
+        resume_timeout: how long a request may go without a token while the gateway looks for a
+            serving driver (a recovery, a cold start) before it fails with 503.
+    """
+
+    enabled: bool = _opt(True, "bool")
+    host: str = _opt("0.0.0.0", "str")
+    port: int = _opt(8437, "int", ge=0)
+    resume_timeout: timedelta = _opt(_secs(120.0), "seconds", gt=0)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     """``[log]``: ``level`` (debug, info, warning, error); ``json`` None picks by terminal."""
 
@@ -245,13 +265,15 @@ class Config:
     collectives: CollectivesConfig = field(default_factory=CollectivesConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
     log: LogConfig = field(default_factory=LogConfig)
     path: Path | None = None
 
 
 _SECTIONS: dict[str, type] = {"etcd": EtcdConfig, "rendezvous": RendezvousConfig,
                               "layout": LayoutConfig, "collectives": CollectivesConfig,
-                              "worker": WorkerConfig, "metrics": MetricsConfig, "log": LogConfig}
+                              "worker": WorkerConfig, "metrics": MetricsConfig,
+                              "gateway": GatewayConfig, "log": LogConfig}
 _Item = tuple[str, str, Any, str, bool]  # section ("" = top level), key, raw, source, raw is text
 
 
@@ -487,7 +509,8 @@ def _check(c: Config, origin: Mapping[str, str], check_node: bool) -> None:
             section, name = key.split(".")
             _fail(f"[{section}] {name} = {_s(value)} must be < [rendezvous] lease_ttl{bound} = "
                   f"{_s(limit)}", origin, key, "rendezvous.lease_ttl")
-    for key, port in (("worker.api_port", c.worker.api_port), ("metrics.port", c.metrics.port)):
+    for key, port in (("worker.api_port", c.worker.api_port), ("metrics.port", c.metrics.port),
+                      ("gateway.port", c.gateway.port)):
         if port > 65535:
             section, name = key.split(".")
             _fail(f"[{section}] {name} = {port} is not a TCP port (0..65535)", origin, key)

@@ -23,6 +23,8 @@ from rallypoint.daemon.gpu_health import GpuHealth, load_nvml
 from rallypoint.daemon.metrics import DaemonMetrics
 from rallypoint.daemon.sd_notify import Notifier
 from rallypoint.daemon.supervisor import Supervisor, WorkerCommand, WorkerProcess
+from rallypoint.gateway.routes import DriverRoutes
+from rallypoint.gateway.server import Gateway
 from rallypoint.errors import EtcdError, EtcdUnavailable, MalformedRecord, RallypointError
 from rallypoint.log import get_logger
 from rallypoint.recovery import events as ev
@@ -77,7 +79,9 @@ class Daemon:
         self.metrics = DaemonMetrics(cfg.cluster, cfg.node, self.machine,
                                      lambda: {**self.node_status(), "etcd_ok": self._etcd_ok})
         self.metrics_url: str | None = None
+        self.gateway_url: str | None = None
         self._metrics_server = None
+        self.gateway: Gateway | None = None
         self._etcd_ok = False
         self.gpu_health: GpuHealth | None = None
         self._watches: list = []
@@ -289,10 +293,11 @@ class Daemon:
             for lr, w in sorted(self.supervisor.alive().items()):
                 peer = self.channel.peers.get(w.pid) if self.channel else None
                 beat = peer.last if peer else {}
+                api = self._api_url(lr) if beat.get("driver") else None
                 workers.append({"local_rank": lr, "rank": ranks.get(lr), "pid": w.pid, "process": w.state(),
                                 "state": beat.get("state", "starting"), "gen": beat.get("gen"),
                                 "in_flight": beat.get("in_flight", 0), "waiting": beat.get("waiting", 0),
-                                "driver": beat.get("driver", False),
+                                "driver": beat.get("driver", False), "api": api,
                                 "beat_age": round(now - peer.last_seen, 3) if peer else None})
         with self._seat_lock:
             bad = {str(lr): why for lr, (why, _) in self.bad_seats.items()}
@@ -302,7 +307,8 @@ class Daemon:
                 "gpus": self.rendezvous.record.gpus, "slots": self.rendezvous.record.slots, "workers": workers,
                 "spares": len(sup.spares) if sup else 0, "spares_ready": 1 if sup and sup.ready_spare() else 0,
                 "restarts": sup.restarts.budget - sup.restarts.left() if sup else 0, "bad_seats": bad,
-                "gpu_health": "nvml" if self.gpu_health else "unchecked", "metrics": self.metrics_url}
+                "gpu_health": "nvml" if self.gpu_health else "unchecked", "metrics": self.metrics_url,
+                "gateway": self.gateway_url}
 
     def _publish_status(self) -> None:
         if time.monotonic() - self._status_at < 1.0 or self.rendezvous.lease is None:
@@ -377,8 +383,9 @@ class Daemon:
             signal.signal(sig, self._on_signal)
         try:
             self.serve_metrics()
+            self.serve_gateway()
         except RallypointError as exc:
-            self.log.error("rallyd.metrics_failed", error=str(exc))
+            self.log.error("rallyd.listen_failed", error=str(exc))
             return 1
         try:
             self.join()
@@ -417,6 +424,33 @@ class Daemon:
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
         (self.cfg.state_dir / "metrics.url").write_text(self.metrics_url + "\n")
         self.log.info("rallyd.metrics_serving", url=self.metrics_url)
+
+    def _api_url(self, local_rank: int) -> str | None:
+        try:
+            return (self.cfg.state_dir / f"api-{local_rank}.url").read_text().strip() or None
+        except OSError:
+            return None
+
+    def serve_gateway(self) -> None:
+        """Start the completions gateway (``[gateway]``).
+
+        Raises:
+            RallypointError: the address cannot be bound.
+        """
+        g = self.cfg.gateway
+        if g.enabled is False:
+            return
+        routes = DriverRoutes(self.client, self.keys, self.cfg.node, self.node_status)
+        try:
+            self.gateway = Gateway(g.host, g.port, routes, g.resume_timeout.total_seconds(),
+                                   on_request=self.metrics.gateway_request, on_resume=self.metrics.gateway_resumed)
+        except OSError as exc:
+            raise RallypointError(f"[gateway] cannot listen on {g.host}:{g.port}: {exc.strerror or exc}") from None
+        self.gateway.serve_in_thread()
+        host = self.cfg.address if g.host in ("0.0.0.0", "::") else g.host
+        self.gateway_url = f"http://{host}:{self.gateway.port}"
+        (self.cfg.state_dir / "gateway.url").write_text(self.gateway_url + "\n")
+        self.log.info("rallyd.gateway_serving", url=self.gateway_url)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.stopping.set()
@@ -471,6 +505,9 @@ class Daemon:
         self.events.close()
         if self.channel is not None:
             self.channel.close()
+        if self.gateway is not None:
+            self.gateway.shutdown()
+            self.gateway.server_close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()

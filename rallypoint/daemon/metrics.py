@@ -71,6 +71,12 @@ class DaemonMetrics:
                                 (*names, "outcome"), registry=r)
         self.resumed = Counter("rallypoint_requests_resumed",
                                "Requests held over an abort and resumed on the rebuilt groups.", names, registry=r)
+        self.gateway = Counter("rallypoint_gateway_requests", "Requests through this node's gateway, by outcome "
+                               "(completed, rejected: malformed, unavailable: no driver in time, failed).",
+                               (*names, "outcome"), registry=r)
+        self.gateway_resumes = Counter("rallypoint_gateway_resumes",
+                                       "Requests this gateway re-sent to another driver after theirs failed.",
+                                       names, registry=r)
         r.register(_Gauges(self.labels, machine, snapshot))
         # connection -> its worker's counts at its last beat; an entry goes with its connection
         self._seen: weakref.WeakKeyDictionary[object, dict[str, int]] = weakref.WeakKeyDictionary()
@@ -100,6 +106,12 @@ class DaemonMetrics:
         counted by the group's kind (world, tp, pp, dp, ep), not by its members."""
         kind = group.split("[", 1)[0] or "unknown"
         self.tripped.labels(**self.labels, group=kind, trigger=trigger).inc()
+
+    def gateway_request(self, outcome: str) -> None:
+        self.gateway.labels(**self.labels, outcome=outcome).inc()
+
+    def gateway_resumed(self) -> None:
+        self.gateway_resumes.labels(**self.labels).inc()
 
     def replaced(self, strategy: str) -> None:
         self.replacements.labels(**self.labels, strategy=strategy).inc()

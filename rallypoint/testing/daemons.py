@@ -77,7 +77,8 @@ class DaemonProcess:
 def daemon_args(endpoints: tuple[str, ...], cluster: str, *extra: str) -> list[str]:
     """Flags for a CPU-only test daemon on ``cluster``."""
     return ["--cluster", cluster, "--etcd-endpoints", ",".join(endpoints), "--gpus", "0",
-            "--config", os.devnull, "--metrics-port", "0", *extra]
+            "--config", os.devnull, "--metrics-port", "0",
+            "--gateway-port", "0", *extra]
 
 
 def wait_for(what: str, check, timeout: float = 30.0, every: float = 0.05):

@@ -75,12 +75,24 @@ class Frontend:
         if len(ids) + max_tokens > self.max_context:
             raise BadRequest(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
                              f"context of {self.max_context}")
-        unknown = set(data) - {"prompt", "max_tokens", "temperature", "seed", "stream", "model", "n", "user"}
+        resume = data.get("resume_tokens", [])
+        if not (isinstance(resume, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in resume)):
+            raise BadRequest("resume_tokens: expected a list of token ids")
+        if len(resume) >= max_tokens:
+            raise BadRequest(f"resume_tokens: {len(resume)} token(s) leave nothing to generate "
+                             f"(max_tokens {max_tokens})")
+        if bad := [t for t in resume if not 0 <= t < self.vocab_size]:
+            raise BadRequest(f"resume_tokens: token id {bad[0]} outside the vocabulary (0..{self.vocab_size - 1})")
+        unknown = set(data) - {"prompt", "max_tokens", "temperature", "seed", "stream", "model", "n", "user",
+                               "resume_tokens"}
         if unknown:
             raise BadRequest(f"unsupported field(s): {', '.join(sorted(unknown))}")
         if data.get("n", 1) != 1:
             raise BadRequest("n: only 1 is supported")
-        return Request(ids, SamplingParams(max_tokens, temperature, seed)), stream
+        req = Request(ids, SamplingParams(max_tokens, temperature, seed))
+        if resume:
+            req.resume_from(resume)
+        return req, stream
 
     def completion(self, req: Request, text: str, tokens: list[int], finish: str | None) -> dict[str, Any]:
         return {"id": req.id, "object": "text_completion", "created": int(req.created), "model": self.model,
@@ -176,8 +188,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        text_sent = ""
-        for new in req.stream(fe.request_timeout):
+        text_sent = fe.decode(req.committed) if req.committed else ""  # a resumed request's earlier tokens
+        for new in req.stream(fe.request_timeout, start=len(req.committed)):
             text = fe.decode(req.committed)
             delta, text_sent = text[len(text_sent):], text
             self._chunk(fe.completion(req, delta, new, None))

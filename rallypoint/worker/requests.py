@@ -122,6 +122,13 @@ class Request:
             self.resumed += 1
             self.fed = 0 if self.committed else None
 
+    def resume_from(self, delivered: list[int]) -> None:
+        """Continue a request another replica began (its driver died after ``delivered`` reached
+        the client): the tokens are replayed like a rollback's, then generation goes on."""
+        self.committed = list(delivered)
+        self.fed = 0 if delivered else None
+        self.resumed += 1
+
     def fail(self, why: str) -> None:
         with self._cond:
             self.error, self.finish_reason = why, "error"
@@ -132,9 +139,10 @@ class Request:
         with self._cond:
             return self._cond.wait_for(lambda: self.done, timeout)
 
-    def stream(self, timeout: float = 600.0) -> Iterator[list[int]]:
-        """Yield committed tokens as they arrive (each yield a list of new ones) until finished."""
-        sent = 0
+    def stream(self, timeout: float = 600.0, start: int = 0) -> Iterator[list[int]]:
+        """Yield committed tokens past ``start`` as they arrive (each yield a list of new ones)
+        until finished."""
+        sent = start
         deadline = time.monotonic() + timeout
         while True:
             with self._cond:
@@ -171,6 +179,8 @@ class RequestQueue:
                 self.counts["rejected"] += 1
                 raise QueueFull(self.retry_after)
             self.counts["accepted"] += 1
+            if req.resumed:
+                self.counts["resumed"] += 1  # a request another replica's driver began
         self._waiting.put(req)
         return req
 

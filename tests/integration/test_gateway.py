@@ -1,0 +1,113 @@
+"""The gateway with real daemons, workers and signals: a request whose driver dies mid-stream is
+resumed on the rebuilt replica; a client whose gateway (its whole node) dies goes on at another
+node's gateway; both with the failure-free tokens."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+from rallypoint.gateway.client import CompletionClient
+from rallypoint.gateway.resume import Progress, RequestRejected
+from rallypoint.rendezvous.etcd import EtcdClient
+from rallypoint.testing.daemons import DaemonProcess, daemon_args, scrape_metrics, wait_for
+from rallypoint.testing.etcd_server import EtcdCluster
+from rallypoint.worker.checkpoint import make_model
+from tests.integration.test_rallyd_recovery import seat_pid
+from tests.integration.test_rallyd_serving import wait_file
+
+
+def drivers(gateway: str) -> list[str]:
+    """The serving drivers a gateway's /health lists (503 and an empty list while there are none)."""
+    try:
+        with urllib.request.urlopen(gateway + "/health", timeout=5) as resp:
+            return json.loads(resp.read())["drivers"]
+    except urllib.error.HTTPError as err:
+        assert err.code == 503
+        return json.loads(err.read())["drivers"]
+
+
+def run_streams(client: CompletionClient, requests: list[dict]) -> tuple[dict[int, Progress], list[threading.Thread]]:
+    got: dict[int, Progress] = {}
+
+    def one(i: int) -> None:
+        p = got[i] = Progress()
+        for _ in client.stream(requests[i], p):
+            pass
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    wait_for("every stream under way", lambda: len(got) == len(requests) and all(p.tokens for p in got.values()),
+             timeout=30, every=0.01)
+    return got, threads
+
+
+def test_driver_death_and_gateway_death_lose_nothing(etcd: EtcdCluster, client: EtcdClient, cluster_name: str,
+                                                     tmp_path: Path) -> None:
+    """c (leader, no rank), a (rank 0: the driver), b (rank 1). SIGKILL a's worker mid-stream: a's
+    own gateway resumes the requests on the restarted driver. Then SIGKILL node a whole (daemon,
+    worker, gateway) mid-stream: the client goes on at b's gateway once the replica has moved."""
+    model = make_model(tmp_path / "model", "tiny", seed=11)
+    daemons: dict[str, DaemonProcess] = {}
+    try:
+        for node in ("c", "a", "b"):
+            args = daemon_args(etcd.endpoints, cluster_name, "--tp", "2", "--cpu-ranks", "1",
+                               "--state-dir", str(tmp_path / node), "--worker-model", str(model))
+            daemons[node] = DaemonProcess(node, args, tmp_path / f"{node}.log").start()
+            if node == "c":
+                daemons[node].wait_log("became leader", timeout=30)
+        wait_file(tmp_path / "a" / "api-0.url")
+        gw = {n: wait_file(tmp_path / n / "gateway.url").strip() for n in ("a", "b", "c")}
+        wait_for("a's gateway sees the driver", lambda: drivers(gw["a"]), timeout=30, every=0.2)
+
+        requests = [{"prompt": f"gateway {i}: how vexingly quick", "max_tokens": 60} for i in range(3)]
+        direct = CompletionClient([gw["c"]])  # through a gateway with no rank of its own
+        reference = [direct.complete(r).tokens for r in requests]
+        assert all(len(t) == 60 for t in reference)
+
+        # 1. the driver dies; the client's gateway (a, same node) survives and resumes.
+        on_a = CompletionClient([gw["a"]])
+        got, threads = run_streams(on_a, requests)
+        psutil.Process(seat_pid(daemons["a"], 0)).kill()
+        for t in threads:
+            t.join(timeout=120)
+        assert [got[i].tokens for i in range(len(requests))] == reference
+        assert all(got[i].resumes == 0 for i in got)  # the client saw one unbroken stream
+        m = scrape_metrics(tmp_path / "a")
+        assert m[("rallypoint_gateway_resumes_total", ())] >= 1
+        assert m[("rallypoint_gateway_requests_total", (("outcome", "completed"),))] == len(requests)
+
+        # 2. the whole node a dies (the driver and the client's gateway with it).
+        failover = CompletionClient([gw["a"], gw["b"], gw["c"]])
+        wait_for("a serves again", lambda: drivers(gw["a"]), timeout=60, every=0.2)
+        got, threads = run_streams(failover, requests)
+        lost = daemons["a"]
+        for p in [psutil.Process(lost.pid), *psutil.Process(lost.pid).children(recursive=True)]:
+            p.kill()
+        for t in threads:
+            t.join(timeout=120)
+        assert [got[i].tokens for i in range(len(requests))] == reference
+        assert all(got[i].resumes >= 1 and got[i].upstreams[-1] != gw["a"] for i in got)
+
+        # bad input through the gateway: the driver's 400 comes back, nothing retried
+        try:
+            failover.complete({"prompt": "", "max_tokens": 4})
+            raise AssertionError("an empty prompt was accepted")
+        except RequestRejected as exc:
+            assert exc.status == 400 and "prompt: must not be empty" in str(exc)
+        req = urllib.request.Request(gw["b"] + "/v1/completions", data=b"{not json",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            urllib.request.urlopen(req, timeout=10)
+            raise AssertionError("malformed JSON was accepted")
+        except urllib.error.HTTPError as err:
+            assert err.code == 400 and "body is not JSON" in json.loads(err.read())["error"]["message"]
+    finally:
+        for d in daemons.values():
+            d.stop()

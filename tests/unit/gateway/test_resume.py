@@ -1,0 +1,143 @@
+"""The resume loop against stand-in upstreams that break mid-stream, refuse, or reject; and the
+choice of drivers from node statuses (pure logic)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from rallypoint.gateway.resume import NoUpstream, Progress, RequestRejected, stream_completion
+from rallypoint.gateway.routes import serving_drivers
+
+ANSWER = list(range(100, 112))  # the "model": token i of every completion is 100 + i
+
+
+class Upstream(ThreadingHTTPServer):
+    """Streams ANSWER from where ``resume_tokens`` left off; ``die_after`` tokens, then drops the
+    connection; ``status`` answers every request with that code instead."""
+
+    daemon_threads = True
+
+    def __init__(self, die_after: int | None = None, status: int | None = None) -> None:
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.die_after, self.status, self.bodies = die_after, status, []
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: Upstream
+
+    def log_message(self, *a: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.bodies.append(body)
+        if self.server.status:
+            raw = json.dumps({"error": {"message": f"said {self.server.status}"}}).encode()
+            self.send_response(self.server.status)
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+            return
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        start = len(body.get("resume_tokens", []))
+        assert body.get("resume_tokens", []) == ANSWER[:start]
+        for i in range(start, body["max_tokens"]):
+            if self.server.die_after is not None and i >= self.server.die_after:
+                self.wfile.flush()
+                self.connection.shutdown(2)  # a dead driver: the stream stops mid-way
+                return
+            finish = "length" if i == body["max_tokens"] - 1 else None
+            self._chunk({"choices": [{"text": f"<{ANSWER[i]}>", "token_ids": [ANSWER[i]], "finish_reason": finish}]})
+        self._chunk("[DONE]")
+        self.wfile.write(b"0\r\n\r\n")
+
+    def _chunk(self, payload: Any) -> None:
+        data = f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n".encode()
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+
+
+@pytest.fixture
+def servers():
+    made: list[Upstream] = []
+
+    def make(**kw: Any) -> Upstream:
+        made.append(Upstream(**kw))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.shutdown()
+        s.server_close()
+
+
+def test_a_stream_that_breaks_goes_on_at_the_next_upstream(servers) -> None:
+    dying, healthy = servers(die_after=5), servers()
+    p = Progress()
+    chunks = list(stream_completion({"prompt": "x", "max_tokens": 12}, lambda: [dying.url, healthy.url], 5, progress=p))
+    assert p.tokens == ANSWER and [t for c in chunks for t in c["choices"][0]["token_ids"]] == ANSWER
+    assert p.text == "".join(f"<{t}>" for t in ANSWER) and p.finish_reason == "length"
+    assert p.resumes == 1 and p.upstreams == [dying.url, healthy.url]
+    assert healthy.bodies[0]["resume_tokens"] == ANSWER[:5] and healthy.bodies[0]["stream"] is True
+
+
+def test_refusals_are_waited_out_and_a_rejection_is_final(servers) -> None:
+    busy, healthy = servers(status=503), servers()
+    calls = []
+
+    def upstreams() -> list[str]:
+        calls.append(1)
+        return [busy.url] if len(calls) < 3 else [busy.url, healthy.url]  # a driver appears later
+
+    p = Progress()
+    list(stream_completion({"prompt": "x", "max_tokens": 4}, upstreams, 5, progress=p))
+    assert p.tokens == ANSWER[:4] and len(busy.bodies) >= 2 and "resume_tokens" not in healthy.bodies[0]
+    bad = servers(status=400)
+    with pytest.raises(RequestRejected, match="said 400") as info:
+        list(stream_completion({"prompt": "x", "max_tokens": 4}, lambda: [bad.url, healthy.url], 5))
+    assert info.value.status == 400 and len(bad.bodies) == 1
+
+
+def test_no_upstream_in_time_says_what_was_delivered(servers) -> None:
+    dying = servers(die_after=3)
+    p = Progress()
+    with pytest.raises(NoUpstream, match=r"within 0.5s \(3 token\(s\) delivered; last error: .*127.0.0.1"):
+        list(stream_completion({"prompt": "x", "max_tokens": 8}, lambda: [dying.url], 0.5, progress=p))
+    assert p.tokens == ANSWER[:3]
+    with pytest.raises(NoUpstream, match="no upstream known"):
+        list(stream_completion({"prompt": "x", "max_tokens": 8}, lambda: [], 0.3))
+
+
+def test_resume_tokens_from_the_caller_are_not_delivered_again(servers) -> None:
+    healthy = servers()
+    p = Progress()
+    chunks = list(stream_completion({"prompt": "x", "max_tokens": 6, "resume_tokens": ANSWER[:4]},
+                                    lambda: [healthy.url], 5, progress=p))
+    assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == ANSWER[4:6] and p.tokens == ANSWER[:6]
+
+
+def test_serving_drivers_newest_generation_local_first_then_least_busy() -> None:
+    def w(gen, state="serving", driver=True, api="u", in_flight=0, process="running"):
+        return {"gen": gen, "state": state, "driver": driver, "api": api, "in_flight": in_flight, "process": process}
+
+    statuses = {
+        "a": {"workers": [w(2, api="http://a", in_flight=5), w(2, driver=False, api=None)]},
+        "b": {"workers": [w(2, api="http://b", in_flight=1)]},
+        "c": {"workers": [w(2, api="http://c", in_flight=0), w(1, api="http://old")]},
+        "d": {"workers": [w(2, state="recovering", api="http://d"), w(2, api="http://stopped", process="stopped")]},
+    }
+    assert serving_drivers(statuses, "b") == ["http://b", "http://c", "http://a"]
+    assert serving_drivers(statuses, "z") == ["http://c", "http://b", "http://a"]
+    assert serving_drivers({"x": {"workers": [w(1, state="recovering")]}}, "x") == []
