@@ -25,7 +25,7 @@ from rallypoint.log import get_logger
 
 log = get_logger("gateway.resume")
 
-BROKEN = (OSError, http.client.HTTPException, ValueError)  # refused, reset, timed out, truncated, garbled
+BROKEN = (OSError, http.client.HTTPException, ValueError, KeyError, IndexError, TypeError)  # refused, reset, timed out, truncated, garbled
 
 
 class RequestRejected(RallypointError):

@@ -35,7 +35,8 @@ def serving_drivers(statuses: dict[str, NodeStatus], local: str) -> list[str]:
 
 
 class DriverRoutes:
-    """The current list of serving drivers, re-read at most every ``refresh`` seconds.
+    """The current list of serving drivers. The other nodes' statuses are re-read from etcd in the
+    background (at most every ``refresh`` seconds), so a request never waits on etcd.
 
     Args:
         client, keys: the cluster's etcd.
@@ -49,17 +50,21 @@ class DriverRoutes:
         self.local_status, self.refresh = local_status, refresh
         self._statuses: dict[str, NodeStatus] = {}
         self._read_at = 0.0
-        self._lock = threading.Lock()
+        self._reading = threading.Lock()
+
+    def _read(self) -> None:
+        try:
+            kvs, _ = self.client.get_prefix(self.keys.node_status)
+            self._statuses = {kv.key.rsplit("/", 1)[-1]: json.loads(kv.value) for kv in kvs}
+        except (RallypointError, ValueError):
+            pass  # keep routing on what we knew (fail-static)
+        finally:
+            self._read_at = time.monotonic()
+            self._reading.release()
 
     def __call__(self) -> list[str]:
-        with self._lock:
-            if time.monotonic() - self._read_at >= self.refresh:
-                self._read_at = time.monotonic()
-                try:
-                    kvs, _ = self.client.get_prefix(self.keys.node_status)
-                    self._statuses = {kv.key.rsplit("/", 1)[-1]: json.loads(kv.value) for kv in kvs}
-                except (RallypointError, ValueError):
-                    pass  # keep routing on what we knew
-            statuses = dict(self._statuses)
+        if time.monotonic() - self._read_at >= self.refresh and self._reading.acquire(blocking=False):
+            threading.Thread(target=self._read, name="gateway-routes", daemon=True).start()
+        statuses = dict(self._statuses)
         statuses[self.node] = self.local_status()
         return serving_drivers(statuses, self.node)

@@ -16,6 +16,7 @@ Key: ``events/<gen:010d>/<time_ns:020d>-<by>-<kind>``; value: JSON ``Event``.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import threading
 import time
@@ -62,6 +63,8 @@ class Event:
         at: wall-clock seconds (``time.time()``) on the writer's host.
         by: who wrote it: a node id, or ``node/local_rank`` for a worker.
         detail: kind-specific fields (``rank``, ``reason``, ``seconds``, ``strategy``...).
+        pid: the writing process (0 when unknown): lets a check prove that no process of an
+            older generation wrote into a newer one.
     """
 
     gen: int
@@ -69,6 +72,7 @@ class Event:
     at: float
     by: str
     detail: dict[str, Any] = field(default_factory=dict)
+    pid: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -78,7 +82,7 @@ class Event:
         try:
             d = json.loads(raw)
             ev = cls(gen=int(d["gen"]), kind=str(d["kind"]), at=float(d["at"]), by=str(d["by"]),
-                     detail=dict(d.get("detail") or {}))
+                     detail=dict(d.get("detail") or {}), pid=int(d.get("pid") or 0))
         except (ValueError, KeyError, TypeError) as exc:
             raise MalformedRecord(key, f"not an event ({exc})") from None
         return ev
@@ -112,7 +116,8 @@ class EventLog:
 
     def emit(self, gen: int, kind: str, by: str | None = None, at: float | None = None, **detail: Any) -> Event:
         """Record ``kind`` for generation ``gen`` now (or at ``at``); returns the event queued."""
-        ev = Event(gen=gen, kind=kind, at=time.time() if at is None else at, by=by or self.by, detail=detail)
+        ev = Event(gen=gen, kind=kind, at=time.time() if at is None else at, by=by or self.by, detail=detail,
+                   pid=os.getpid())
         while True:
             try:
                 self._queue.put_nowait(ev)

@@ -40,8 +40,13 @@ def eligible(nodes: Iterable[NodeRecord], spec: ClusterSpec) -> list[NodeRecord]
     return usable[: spec.max_nodes] if spec.max_nodes else usable
 
 
-def place(nodes: Iterable[NodeRecord], spec: ClusterSpec) -> tuple[int, list[RankSlot]]:
+def place(nodes: Iterable[NodeRecord], spec: ClusterSpec,
+          previous: Plan | None = None) -> tuple[int, list[RankSlot]]:
     """Place as many whole replicas as fit, up to ``spec.dp`` when it is set, on ``nodes``.
+
+    Placement is sticky: a rank of ``previous`` whose seat is still usable stays on it, and only
+    the ranks that lost their seat move (to the first free seats). A node that joins, or comes
+    back, therefore moves no rank, and after a failure only the dead ranks' shards are loaded anew.
 
     Fewer healthy seats than ``spec.dp`` replicas need is a *shrink*: whole DP replicas are
     dropped (TP and PP never change); the plan grows back once the capacity returns.
@@ -62,14 +67,20 @@ def place(nodes: Iterable[NodeRecord], spec: ClusterSpec) -> tuple[int, list[Ran
         raise LayoutError(f"{len(seats)} healthy rank slot(s) cannot hold one replica of "
                           f"tp*pp = {spec.replica_size}")
     dp = min(spec.dp, fit) if spec.dp else fit
-    ranks = [RankSlot(rank, node, local) for rank, (node, local) in enumerate(seats[: dp * spec.replica_size])]
-    return dp, ranks
+    world = dp * spec.replica_size
+    usable_seats = set(seats)
+    kept = {s.rank: (s.node, s.local_rank) for s in (previous.ranks if previous else ())
+            if s.rank < world and (s.node, s.local_rank) in usable_seats}
+    free = [seat for seat in seats if seat not in set(kept.values())]
+    chosen = [kept[rank] if rank in kept else free.pop(0) for rank in range(world)]
+    return dp, [RankSlot(rank, node, local) for rank, (node, local) in enumerate(chosen)]
 
 
-def make_plan(gen: int, nodes: Iterable[NodeRecord], spec: ClusterSpec, reason: str, leader: str) -> Plan:
+def make_plan(gen: int, nodes: Iterable[NodeRecord], spec: ClusterSpec, reason: str, leader: str,
+              previous: Plan | None = None) -> Plan:
     """The plan for generation ``gen`` over the live ``nodes``; every live node is a member."""
     nodes = list(nodes)
-    dp, ranks = place(nodes, spec)
+    dp, ranks = place(nodes, spec, previous)
     members = tuple(sorted(n.node for n in nodes))
     plan = Plan(gen=gen, tp=spec.tp, pp=spec.pp, dp=dp, ranks=tuple(ranks), members=members,
                 reason=reason, leader=leader)

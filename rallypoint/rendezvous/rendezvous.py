@@ -325,7 +325,8 @@ class Rendezvous:
                 return ""
         if replan is not None and set(current.members) == live:
             try:
-                plan = make_plan(self.gen + 1, self._placeable(), self.settings.spec, replan[1], self.settings.node)
+                plan = make_plan(self.gen + 1, self._placeable(), self.settings.spec, replan[1], self.settings.node,
+                                 previous=current)
             except LayoutError as exc:
                 self._emit(current.gen, "cannot_plan", reason=str(exc))
                 self._replan = None
@@ -341,7 +342,8 @@ class Rendezvous:
             return ""
         reason = _reason(current, live) or "capacity changed"
         try:
-            plan = make_plan(self.gen + 1, self._placeable(), self.settings.spec, reason, self.settings.node)
+            plan = make_plan(self.gen + 1, self._placeable(), self.settings.spec, reason, self.settings.node,
+                             previous=self.plan)
         except LayoutError as exc:
             if str(exc) != self._last_problem:
                 self._last_problem = str(exc)
@@ -362,7 +364,7 @@ class Rendezvous:
         from rallypoint.rendezvous.layout import place
 
         try:
-            dp, ranks = place(self._placeable(), self.settings.spec)
+            dp, ranks = place(self._placeable(), self.settings.spec, current)
         except LayoutError:
             return False
         return dp == current.dp and tuple(ranks) == tuple(current.ranks)

@@ -118,7 +118,7 @@ def test_a_taken_metrics_port_is_a_clear_startup_error(etcd: EtcdCluster, tmp_pa
                                            str(port), "--state-dir", str(tmp_path / "x")), tmp_path / "x.log").start()
         assert d.proc.wait(timeout=20) == 1
     log = d.log_text()
-    assert "rallyd.metrics_failed" in log and f"[metrics] cannot listen on 127.0.0.1:{port}: Address already in use" in log
+    assert "rallyd.listen_failed" in log and f"[metrics] cannot listen on 127.0.0.1:{port}: Address already in use" in log
     assert "Traceback" not in log
 
 

@@ -67,3 +67,21 @@ def test_make_plan_members_include_rankless_nodes() -> None:
     plan = make_plan(3, [node("a", 2), node("z", 0)], ClusterSpec(tp=2), "why", "a")
     assert plan.members == ("a", "z") and plan.world_size == 2 and plan.gen == 3
     assert plan.ranks_on("a")[1].rank == 1 and plan.ranks_on("z") == []
+
+
+def test_placement_is_sticky_only_ranks_that_lost_their_seat_move() -> None:
+    spec = ClusterSpec(tp=2)
+    first = make_plan(1, [node("n1", 1), node("n2", 1), node("n3", 1)], spec, "formed", "n1")
+    assert [(r.node, r.local_rank) for r in first.ranks] == [("n1", 0), ("n2", 0)]
+    # n1 dies: rank 1 stays on n2, only rank 0 moves (to n3)
+    after_loss = make_plan(2, [node("n2", 1), node("n3", 1)], spec, "left n1", "n2", previous=first)
+    assert [(r.node, r.local_rank) for r in after_loss.ranks] == [("n3", 0), ("n2", 0)]
+    # n1 comes back: nothing moves (without the previous plan it would take rank 0 back)
+    back = make_plan(3, [node("n1", 1), node("n2", 1), node("n3", 1)], spec, "joined n1", "n2", previous=after_loss)
+    assert back.ranks == after_loss.ranks and back.members == ("n1", "n2", "n3")
+    assert make_plan(3, [node("n1", 1), node("n2", 1), node("n3", 1)], spec, "x", "n2").ranks != after_loss.ranks
+    # room for a second replica: the first stays put, the new one takes the free seats
+    grown = make_plan(4, [node("n1", 1), node("n2", 1), node("n3", 1), node("n4", 1)], spec, "joined n4", "n2",
+                      previous=back)
+    assert grown.dp == 2 and grown.ranks[:2] == back.ranks
+    assert [(r.node, r.local_rank) for r in grown.ranks[2:]] == [("n1", 0), ("n4", 0)]

@@ -1,0 +1,181 @@
+"""A real rallypoint deployment on one machine, for the chaos suite: a 3-member etcd cluster, N
+rallyd daemons (one CPU rank slot each, every node with its own copy of the tiny model, as nodes
+with local disks have), and a watch that records every plan ever written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from rallypoint.errors import RallypointError
+from rallypoint.recovery.events import Event, read_events
+from rallypoint.rendezvous.etcd import EtcdClient, EtcdSettings
+from rallypoint.rendezvous.records import ClusterKeys, Plan
+from rallypoint.testing.daemons import DaemonProcess, daemon_args
+from rallypoint.testing.etcd_server import EtcdCluster
+from rallypoint.worker.checkpoint import make_model
+
+
+@dataclass
+class PlanWrite:
+    key: str
+    value: bytes
+    revision: int
+
+
+@dataclass
+class Deployment:
+    """Args: root: a scratch directory; nodes: how many rallyd; tp: ranks per replica."""
+
+    root: Path
+    nodes: int = 3
+    tp: int = 2
+    cluster: str = "chaos"
+    device: str = "cpu"
+    extra: tuple[str, ...] = ()
+    etcd: EtcdCluster | None = None
+    daemons: dict[str, DaemonProcess] = field(default_factory=dict)
+    plan_writes: list[PlanWrite] = field(default_factory=list)
+    client: EtcdClient | None = None
+
+    @property
+    def keys(self) -> ClusterKeys:
+        return ClusterKeys(self.cluster)
+
+    def names(self) -> list[str]:
+        return [f"n{i}" for i in range(1, self.nodes + 1)]
+
+    def start(self) -> "Deployment":
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.etcd = EtcdCluster(3, root=self.root / "etcd").start()
+        self.client = EtcdClient(EtcdSettings(endpoints=self.etcd.endpoints, request_timeout=2.0, retry_deadline=30.0))
+        make_model(self.root / "model", "tiny", seed=0)
+        self._watch_plans()
+        for name in self.names():
+            self.start_node(name)
+            if name == "n1":
+                self.daemons[name].wait_log("became leader", timeout=30)
+        return self
+
+    def model_of(self, node: str) -> Path:
+        path = self.root / node / "model"
+        if not path.exists():
+            shutil.copytree(self.root / "model", path)
+        return path
+
+    def start_node(self, name: str) -> DaemonProcess:
+        """Start (or restart) node ``name``'s rallyd; its log is appended to."""
+        args = daemon_args(self.etcd.endpoints, self.cluster, "--tp", str(self.tp), "--cpu-ranks", "1",
+                           "--state-dir", str(self.root / name), "--worker-model", str(self.model_of(name)),
+                           "--worker-restart-budget", "2", "--worker-restart-window", "20", *self.extra)
+        for stale in ("gateway.url", "metrics.url"):
+            (self.root / name / stale).unlink(missing_ok=True)
+        d = DaemonProcess(name, args, self.root / f"{name}.log").start()
+        self.daemons[name] = d
+        return d
+
+    def alive(self, name: str) -> bool:
+        d = self.daemons.get(name)
+        return d is not None and d.proc is not None and d.proc.poll() is None
+
+    def gateways(self) -> list[str]:
+        urls = []
+        for name in self.names():
+            f = self.root / name / "gateway.url"
+            if f.exists() and f.read_text().strip():
+                urls.append(f.read_text().strip())
+        return urls
+
+    def _watch_plans(self) -> None:
+        _, rev = self.client.get_prefix(self.keys.plans)
+        watch = self.client.watch_prefix(self.keys.plans, rev + 1)
+
+        def loop() -> None:
+            while (e := watch.get()) is not None:
+                if e.kind == "put":
+                    self.plan_writes.append(PlanWrite(e.key, e.value, getattr(e, "revision", 0)))
+
+        threading.Thread(target=loop, name="chaos-plans", daemon=True).start()
+        self._plan_watch = watch
+
+    # -- what the cluster says ------------------------------------------------------------------
+
+    def latest_plan(self) -> Plan | None:
+        try:
+            kvs, _ = self.client.get_prefix(self.keys.plans)
+        except RallypointError:
+            return None
+        return Plan.from_json(kvs[-1].key, kvs[-1].value) if kvs else None
+
+    def statuses(self) -> dict[str, dict]:
+        kvs, _ = self.client.get_prefix(self.keys.node_status)
+        return {kv.key.rsplit("/", 1)[-1]: json.loads(kv.value) for kv in kvs}
+
+    def rank_pids(self) -> dict[int, tuple[str, int]]:
+        """rank -> (node, pid) of the newest plan, from the daemons' own views of their workers."""
+        plan = self.latest_plan()
+        out = {}
+        for node, st in self.statuses().items():
+            for w in st.get("workers", []):
+                if plan is not None and w.get("rank") is not None and st.get("gen") == plan.gen:
+                    out[int(w["rank"])] = (node, int(w["pid"]))
+        return out
+
+    def serving(self) -> bool:
+        """The newest plan's every rank serves it, the leader says serving, a gateway has a driver."""
+        try:
+            plan = self.latest_plan()
+            kv = self.client.get(self.keys.root + "status/recovery")
+            phase = json.loads(kv.value)["phase"] if kv else "serving"
+            statuses = self.statuses()
+        except (RallypointError, ValueError):
+            return False
+        if plan is None or phase != "serving":
+            return False
+        states = {}
+        for st in statuses.values():
+            for w in st.get("workers", []):
+                if w.get("rank") is not None:
+                    states[int(w["rank"])] = (w.get("state"), w.get("gen"))
+        return all(states.get(s.rank) == ("serving", plan.gen) for s in plan.ranks)
+
+    def wait_serving(self, timeout: float = 90.0, after_gen: int = 0) -> float | None:
+        """Block until serving (a generation newer than ``after_gen``); the time it was, or None."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            plan = self.latest_plan()
+            if plan is not None and plan.gen > after_gen and self.serving():
+                return time.time()
+            time.sleep(0.1)
+        return None
+
+    def events(self) -> list[Event]:
+        return read_events(self.client, self.keys)
+
+    def processes(self) -> list[psutil.Process]:
+        """Every process of this deployment's cluster (daemons, workers, spares)."""
+        out = []
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = " ".join(p.info["cmdline"] or [])
+            if "rallypoint" in cmd and f"--cluster {self.cluster}" in cmd:
+                out.append(p)
+        return out
+
+    def stop(self) -> None:
+        for d in self.daemons.values():
+            d.stop()
+        if getattr(self, "_plan_watch", None) is not None:
+            self._plan_watch.close()
+            self._plan_watch.events.put(None)
+        if self.client is not None:
+            self.client.close()
+        if self.etcd is not None:
+            self.etcd.stop()
+        for p in self.processes():  # anything the daemons left behind
+            p.kill()

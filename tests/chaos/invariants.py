@@ -1,0 +1,85 @@
+"""What must hold after every fault, checked against the real deployment's records.
+
+Each check returns a list of violations (empty: it held), each a sentence naming what broke."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import psutil
+
+from rallypoint.rendezvous.records import Plan
+from tests.chaos.deployment import Deployment
+from tests.chaos.load import Load, Outcome
+from tests.chaos.scenarios import Fault
+
+WORKER_KINDS = ("groups_built", "shard_loaded", "serving", "first_token")
+
+
+def requests_intact(load: Load, outcomes: list[Outcome]) -> list[str]:
+    """Every accepted request completed, with the failure-free run's tokens."""
+    out = []
+    for o in load.lost(outcomes):
+        why = o.error or f"tokens differ from the reference after {len(o.tokens)} token(s)"
+        out.append(f"request for prompt {o.prompt} lost: {why}")
+    return out
+
+
+def one_plan_per_generation(d: Deployment) -> list[str]:
+    """No generation's plan was written twice with different content; generations only grow."""
+    out = []
+    seen: dict[str, bytes] = {}
+    last_gen = 0
+    for w in sorted(d.plan_writes, key=lambda w: w.revision):
+        gen = Plan.from_json(w.key, w.value).gen
+        if w.key in seen:
+            if seen[w.key] != w.value:
+                out.append(f"two different plans written for generation {gen}")
+        elif gen <= last_gen:
+            out.append(f"generation {gen} written after generation {last_gen}")
+        seen[w.key] = w.value
+        last_gen = max(last_gen, gen)
+    return out
+
+
+def no_orphans(d: Deployment, grace: float = 5.0) -> list[str]:
+    """Every worker process belongs to a live rallyd of the deployment (dead daemons' workers
+    died with them)."""
+    deadline = time.monotonic() + grace
+    while True:
+        daemons = {dp.pid for n, dp in d.daemons.items() if d.alive(n)}
+        orphans = []
+        for p in d.processes():
+            try:
+                if "rallypoint.worker" in " ".join(p.cmdline()) and p.ppid() not in daemons:
+                    orphans.append(p.pid)
+            except psutil.NoSuchProcess:
+                pass
+        if not orphans or time.monotonic() > deadline:
+            return [f"worker pid {pid} has no live rallyd" for pid in orphans]
+        time.sleep(0.2)
+
+
+def no_stale_writer(d: Deployment, fault: Fault) -> list[str]:
+    """None of the processes the fault hit wrote an event into a later generation; and each
+    later generation's per-rank events come from one process per seat."""
+    out = []
+    writers: dict[tuple[int, str], set[int]] = defaultdict(set)
+    for e in d.events():
+        if e.gen > fault.gen_before and e.pid in fault.victims:
+            out.append(f"pid {e.pid}, hit in generation {fault.gen_before}, wrote {e.kind} into generation {e.gen}")
+        if e.gen > fault.gen_before and e.kind in WORKER_KINDS and e.pid:
+            writers[(e.gen, e.by)].add(e.pid)
+    for (gen, seat), pids in writers.items():
+        if len(pids) > 1:
+            out.append(f"generation {gen} seat {seat} written by {len(pids)} processes {sorted(pids)}")
+    return out
+
+
+def check_all(d: Deployment, load: Load, fault: Fault, outcomes: list[Outcome], serving: bool) -> list[str]:
+    problems = requests_intact(load, outcomes) + one_plan_per_generation(d) + no_orphans(d)
+    problems += no_stale_writer(d, fault)
+    if not serving:
+        problems.append("the cluster did not end serving")
+    return problems

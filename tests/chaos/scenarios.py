@@ -1,0 +1,210 @@
+"""The faults: each injects one into a running deployment and says what to expect afterwards.
+
+A scenario returns a ``Fault``: when it struck, the generation it struck, the processes it hit (none
+of them may write into a later generation), whether a new generation must follow, and how to put
+the deployment back (restart a node, an etcd member, a shard) once the recovery has been measured.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import psutil
+
+from rallypoint.recovery import events as ev
+from tests.chaos.deployment import Deployment
+
+
+@dataclass
+class Fault:
+    name: str
+    at: float  # wall clock
+    gen_before: int
+    victims: list[int] = field(default_factory=list)  # pids hit
+    replan: bool = True  # a newer generation must serve afterwards
+    restore: Callable[[], None] = lambda: None
+    note: str = ""
+
+
+def _gen(d: Deployment) -> int:
+    plan = d.latest_plan()
+    return plan.gen if plan else 0
+
+
+def _pick_rank(d: Deployment, rng: random.Random) -> tuple[int, str, int]:
+    ranks = d.rank_pids()
+    rank = rng.choice(sorted(ranks))
+    node, pid = ranks[rank]
+    return rank, node, pid
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _restart_node(d: Deployment, node: str) -> Callable[[], None]:
+    def restore() -> None:
+        if not d.alive(node):
+            d.daemons[node].stop()
+            d.start_node(node)
+    return restore
+
+
+def _wait_event(d: Deployment, kinds: tuple[str, ...], after: float, min_gen: int = 0, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(e.kind in kinds and e.at >= after and e.gen >= min_gen for e in d.events()):
+            return
+        time.sleep(0.02)
+
+
+def kill_rank(d: Deployment, rng: random.Random) -> Fault:
+    rank, node, pid = _pick_rank(d, rng)
+    gen, t = _gen(d), time.time()
+    _signal(pid, signal.SIGKILL)
+    return Fault("kill_rank", t, gen, [pid], note=f"rank {rank} ({node}, pid {pid})")
+
+
+def stop_rank(d: Deployment, rng: random.Random) -> Fault:
+    rank, node, pid = _pick_rank(d, rng)
+    gen, t = _gen(d), time.time()
+    _signal(pid, signal.SIGSTOP)
+    threading.Timer(5.0, _signal, (pid, signal.SIGCONT)).start()  # if it still exists, it wakes up
+    return Fault("stop_rank", t, gen, [pid], note=f"rank {rank} ({node}, pid {pid}) stopped for 5 s")
+
+
+def kill_daemon(d: Deployment, rng: random.Random) -> Fault:
+    _, node, pid = _pick_rank(d, rng)
+    workers = [p.pid for p in psutil.Process(d.daemons[node].pid).children(recursive=True)]
+    gen, t = _gen(d), time.time()
+    _signal(d.daemons[node].pid, signal.SIGKILL)  # its workers follow it (parent-death signal)
+    return Fault("kill_daemon", t, gen, workers, restore=_restart_node(d, node), note=f"rallyd of {node}")
+
+
+def kill_node(d: Deployment, rng: random.Random) -> Fault:
+    _, node, _ = _pick_rank(d, rng)
+    procs = [psutil.Process(d.daemons[node].pid), *psutil.Process(d.daemons[node].pid).children(recursive=True)]
+    gen, t = _gen(d), time.time()
+    for p in procs:
+        _signal(p.pid, signal.SIGKILL)
+    return Fault("kill_node", t, gen, [p.pid for p in procs[1:]], restore=_restart_node(d, node),
+                 note=f"{node}: rallyd and its workers")
+
+
+def _etcd_kill(d: Deployment, leader: bool) -> Fault:
+    lead = d.etcd.leader()
+    member = lead if leader else next(m for m in d.etcd.members if m is not lead and m.alive)
+    gen, t = _gen(d), time.time()
+    d.etcd.kill(member)
+
+    def restore() -> None:
+        d.etcd.restart(member)
+
+    return Fault("etcd_leader" if leader else "etcd_follower", t, gen, replan=False, restore=restore,
+                 note=f"etcd member {member.name}")
+
+
+def etcd_leader(d: Deployment, rng: random.Random) -> Fault:
+    return _etcd_kill(d, True)
+
+
+def etcd_follower(d: Deployment, rng: random.Random) -> Fault:
+    return _etcd_kill(d, False)
+
+
+def etcd_all_stop(d: Deployment, rng: random.Random) -> Fault:
+    gen, t = _gen(d), time.time()
+    for m in d.etcd.members:
+        _signal(m.pid, signal.SIGSTOP)
+    time.sleep(10.0)
+    for m in d.etcd.members:
+        _signal(m.pid, signal.SIGCONT)
+    return Fault("etcd_all_stop", t, gen, replan=False, note="every etcd member stopped for 10 s")
+
+
+def slow_rank(d: Deployment, rng: random.Random) -> Fault:
+    rank, node, pid = _pick_rank(d, rng)
+    gen, t = _gen(d), time.time()
+    for _ in range(5):
+        _signal(pid, signal.SIGSTOP)
+        time.sleep(0.3)
+        _signal(pid, signal.SIGCONT)
+        time.sleep(0.7)
+    return Fault("slow_rank", t, gen, replan=False, note=f"rank {rank} ({node}) stopped 0.3 s in every second, 5 times")
+
+
+def corrupt_shard(d: Deployment, rng: random.Random) -> Fault:
+    """The rank's node's copy of the weights is truncated, then the rank dies: its restarts fail
+    to load (a clear error each time), the seat is marked bad, and the replica moves."""
+    rank, node, pid = _pick_rank(d, rng)
+    weights = d.model_of(node) / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])
+    gen, t = _gen(d), time.time()
+    _signal(pid, signal.SIGKILL)
+
+    def restore() -> None:
+        weights.write_bytes(good)
+
+    return Fault("corrupt_shard", t, gen, [pid], restore=restore, note=f"{node}'s weights truncated; rank {rank} killed")
+
+
+def second_failure(d: Deployment, rng: random.Random) -> Fault:
+    """A second rank dies while the first one's recovery is under way."""
+    rank, node, pid = _pick_rank(d, rng)
+    others = {r: v for r, v in d.rank_pids().items() if r != rank}
+    gen, t = _gen(d), time.time()
+    _signal(pid, signal.SIGKILL)
+    _wait_event(d, (ev.ABORT_ORDERED,), t)
+    time.sleep(0.3)
+    victims = [pid]
+    for _, (_, other) in others.items():
+        _signal(other, signal.SIGKILL)
+        victims.append(other)
+    return Fault("second_failure", t, gen, victims, note=f"rank {rank}, then {sorted(others)} 0.3 s after the abort order")
+
+
+def kill_in_rendezvous(d: Deployment, rng: random.Random) -> Fault:
+    """A rank dies, and another dies the moment the next plan is written (mid-rendezvous)."""
+    rank, node, pid = _pick_rank(d, rng)
+    others = {r: v for r, v in d.rank_pids().items() if r != rank}
+    gen, t = _gen(d), time.time()
+    _signal(pid, signal.SIGKILL)
+    _wait_event(d, (ev.PLAN_WRITTEN,), t, min_gen=gen + 1)
+    victims = [pid]
+    for _, (_, other) in others.items():
+        _signal(other, signal.SIGKILL)
+        victims.append(other)
+    return Fault("kill_in_rendezvous", t, gen, victims, note="second kill as generation gen+1 was written")
+
+
+def join_leave(d: Deployment, rng: random.Random) -> Fault:
+    """A node joins while serving (room for a second replica: the layout grows), then leaves
+    with SIGTERM (drain: its replica finishes its requests; the layout shrinks back)."""
+    name = f"n{d.nodes + 1}"
+    gen, t = _gen(d), time.time()
+    joined = d.start_node(name)
+    d.wait_serving(90, after_gen=gen)
+    joined.signal(signal.SIGTERM)
+    try:
+        joined.proc.wait(timeout=60)
+    except Exception:
+        joined.stop()
+    del d.daemons[name]
+    return Fault("join_leave", t, gen, note=f"{name} joined, then left with SIGTERM")
+
+
+SCENARIOS: dict[str, Callable[[Deployment, random.Random], Fault]] = {
+    f.__name__: f for f in (kill_rank, stop_rank, kill_daemon, kill_node, etcd_leader, etcd_follower, etcd_all_stop,
+                            slow_rank, corrupt_shard, second_failure, kill_in_rendezvous, join_leave)}
+CI_SUBSET = ("kill_rank", "stop_rank", "kill_node", "etcd_leader")
+SOAK = ("kill_rank", "stop_rank", "kill_daemon", "kill_node", "etcd_leader", "etcd_follower", "slow_rank")
