@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"deployment in {root}: 3 etcd members, {args.nodes} rallyd, TP=2 on CPU, seed {args.seed}")
     chaos = Chaos.start(root, nodes=args.nodes, seed=args.seed, log=say)
     leftovers: list[str] = []
+    aborted = None
     try:
         for _ in range(args.runs):
             for name in names:
@@ -54,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.soak > 0:
             say(f"soak: {args.soak:g}s, faults every {args.mtbf:g}s on average from {', '.join(SOAK)}")
             chaos.soak(args.soak, args.mtbf, rng, SOAK)
+    except Exception as exc:  # the runner itself broke: still report what ran
+        aborted = f"{type(exc).__name__}: {exc}"
+        say(f"ABORTED: {aborted}")
     finally:
         leftovers = chaos.stop()
     table, rows = report(chaos.results)
@@ -61,10 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     for line in leftovers:
         print(f"after teardown: {line}")
     meta = {"seed": args.seed, "runs": args.runs, "soak_s": args.soak, "mtbf_s": args.mtbf, "nodes": args.nodes,
-            "host": platform.node(), "python": platform.python_version(), "wall_s": round(time.time() - t0, 1)}
+            "host": platform.node(), "python": platform.python_version(), "wall_s": round(time.time() - t0, 1),
+            "aborted": aborted}
     write_json(args.json, chaos.results, rows, meta)
     print(f"\nJSON: {args.json}; logs: {root}")
-    return 0 if all(r.survived for r in chaos.results) and not leftovers else 1
+    return 0 if all(r.survived for r in chaos.results) and not leftovers and aborted is None else 1
 
 
 if __name__ == "__main__":

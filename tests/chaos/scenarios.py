@@ -37,8 +37,12 @@ def _gen(d: Deployment) -> int:
     return plan.gen if plan else 0
 
 
-def _pick_rank(d: Deployment, rng: random.Random) -> tuple[int, str, int]:
-    ranks = d.rank_pids()
+def _pick_rank(d: Deployment, rng: random.Random, timeout: float = 60.0) -> tuple[int, str, int]:
+    deadline = time.monotonic() + timeout
+    while not (ranks := d.rank_pids()) and time.monotonic() < deadline:
+        time.sleep(0.1)  # the daemons' statuses lag the newest plan by up to a second
+    if not ranks:
+        raise RuntimeError(f"no rank of the newest plan reported by any daemon in {timeout:g}s")
     rank = rng.choice(sorted(ranks))
     node, pid = ranks[rank]
     return rank, node, pid
