@@ -24,7 +24,7 @@ import psutil
 
 from rallypoint.rendezvous.etcd import EtcdClient, EtcdSettings
 from rallypoint.rendezvous.records import ClusterKeys, Plan
-from rallypoint.testing.daemons import DaemonProcess, daemon_args
+from rallypoint.testing.daemons import DaemonProcess, daemon_args, wait_file
 from rallypoint.testing.etcd_server import INSTALL_HINT, EtcdCluster, etcd_binary
 
 
@@ -58,15 +58,6 @@ def complete(url: str, prompt: str, max_tokens: int, stream: bool = False) -> tu
                 choice = json.loads(line[6:])["choices"][0]
                 text, ids = text + choice["text"], ids + choice["token_ids"]
         return text, ids
-
-
-def wait_file(path: Path, timeout: float = 120) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_text():
-            return path.read_text()
-        time.sleep(0.05)
-    raise TimeoutError(f"{path} did not appear in {timeout:g}s")
 
 
 def worker_of(daemon: DaemonProcess) -> psutil.Process:

@@ -4,7 +4,7 @@ etcd carries what the whole cluster must agree on (plans, abort orders); this ch
 only this node's daemon and its own processes need, and keeps working when etcd is away:
 
     worker -> daemon   {"op": "hello", "pid": P, "role": "spare"|"seat", "local_rank": L|null}
-                       {"op": "beat", "pid": P, "state": "serving", "gen": G, "rank": R, ...}
+                       {"op": "beat", "pid": P, "state": "serving", "gen": G, "in_flight": N, "counts": {...}, "api": URL, ...}
     daemon -> worker   {"op": "adopt", "local_rank": L, "after_gen": G, "api_port": N, "api_url_file": F}
                        {"op": "drain"}
 

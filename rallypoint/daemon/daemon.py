@@ -293,11 +293,10 @@ class Daemon:
             for lr, w in sorted(self.supervisor.alive().items()):
                 peer = self.channel.peers.get(w.pid) if self.channel else None
                 beat = peer.last if peer else {}
-                api = self._api_url(lr) if beat.get("driver") else None
                 workers.append({"local_rank": lr, "rank": ranks.get(lr), "pid": w.pid, "process": w.state(),
                                 "state": beat.get("state", "starting"), "gen": beat.get("gen"),
                                 "in_flight": beat.get("in_flight", 0), "waiting": beat.get("waiting", 0),
-                                "driver": beat.get("driver", False), "api": api,
+                                "driver": beat.get("driver", False), "api": beat.get("api"),
                                 "beat_age": round(now - peer.last_seen, 3) if peer else None})
         with self._seat_lock:
             bad = {str(lr): why for lr, (why, _) in self.bad_seats.items()}
@@ -369,7 +368,7 @@ class Daemon:
             said = f"etcd unreachable, keeping gen {gen} ({exc})"
             self.stopping.wait(0.2)
         except (EtcdError, RallypointError) as exc:
-            self._etcd_ok = isinstance(exc, RallypointError) and not isinstance(exc, EtcdError)
+            self._etcd_ok = not isinstance(exc, EtcdError)
             said = f"cycle failed: {exc}"
             self.stopping.wait(0.2)
         role = "leader" if self.rendezvous.is_leader else "member"
@@ -419,17 +418,16 @@ class Daemon:
             self._metrics_server = self.metrics.serve(m.host, m.port)
         except OSError as exc:
             raise RallypointError(f"[metrics] cannot listen on {m.host}:{m.port}: {exc.strerror or exc}") from None
-        host = self.cfg.address if m.host in ("0.0.0.0", "::") else m.host  # where peers reach us
-        self.metrics_url = f"http://{host}:{self._metrics_server.server_port}/metrics"
-        self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        (self.cfg.state_dir / "metrics.url").write_text(self.metrics_url + "\n")
-        self.log.info("rallyd.metrics_serving", url=self.metrics_url)
+        self.metrics_url = self._advertise("metrics", m.host, self._metrics_server.server_port, "/metrics")
 
-    def _api_url(self, local_rank: int) -> str | None:
-        try:
-            return (self.cfg.state_dir / f"api-{local_rank}.url").read_text().strip() or None
-        except OSError:
-            return None
+    def _advertise(self, name: str, host: str, port: int, path: str = "") -> str:
+        """The URL peers reach a listener at; written to ``<state_dir>/<name>.url`` and logged."""
+        shown = self.cfg.address if host in ("0.0.0.0", "::") else host
+        url = f"http://{shown}:{port}{path}"
+        self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.cfg.state_dir / f"{name}.url").write_text(url + "\n")
+        self.log.info(f"rallyd.{name}_serving", url=url)
+        return url
 
     def serve_gateway(self) -> None:
         """Start the completions gateway (``[gateway]``).
@@ -447,10 +445,7 @@ class Daemon:
         except OSError as exc:
             raise RallypointError(f"[gateway] cannot listen on {g.host}:{g.port}: {exc.strerror or exc}") from None
         self.gateway.serve_in_thread()
-        host = self.cfg.address if g.host in ("0.0.0.0", "::") else g.host
-        self.gateway_url = f"http://{host}:{self.gateway.port}"
-        (self.cfg.state_dir / "gateway.url").write_text(self.gateway_url + "\n")
-        self.log.info("rallyd.gateway_serving", url=self.gateway_url)
+        self.gateway_url = self._advertise("gateway", g.host, self.gateway.port)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.stopping.set()

@@ -13,15 +13,14 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 
 from rallypoint.gateway.resume import NoUpstream, Progress, RequestRejected, stream_completion
+from rallypoint.http_json import JsonHandler
 from rallypoint.log import get_logger
 
 log = get_logger("gateway")
-
-MAX_BODY = 1 << 20
 
 
 class Gateway(ThreadingHTTPServer):
@@ -59,47 +58,29 @@ def _chunk_of(gid: str, created: int, model: str, text: str, tokens: list[int], 
             "choices": [{"index": 0, "text": text, "token_ids": tokens, "finish_reason": finish}], **extra}
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(JsonHandler):
     server: Gateway
-
-    def log_message(self, fmt: str, *args: Any) -> None:
-        pass
-
-    def _send(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-        raw = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(raw)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(raw)
-
-    def _error(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        kind = "invalid_request_error" if status < 500 else "unavailable"
-        self._send(status, {"error": {"message": message, "type": kind, "code": status}}, headers)
 
     def do_GET(self) -> None:
         if self.path == "/health":
             drivers = self.server.upstreams()
-            self._send(200 if drivers else 503, {"status": "serving" if drivers else "unavailable",
+            self.send_body(200 if drivers else 503, {"status": "serving" if drivers else "unavailable",
                                                  "drivers": drivers})
         else:
-            self._error(404, f"no such endpoint: GET {self.path}")
+            self.send_error_body(404, f"no such endpoint: GET {self.path}")
 
     def do_POST(self) -> None:
         if self.path != "/v1/completions":
-            return self._error(404, f"no such endpoint: POST {self.path}")
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
-            return self._error(413, "request body over 1 MiB")
+            return self.send_error_body(404, f"no such endpoint: POST {self.path}")
+        raw = self.read_body()
+        if raw is None:
+            return
         try:
-            body = json.loads(self.rfile.read(length) or b"null")
+            body = json.loads(raw or b"null")
         except ValueError as exc:
-            return self._error(400, f"body is not JSON: {exc}")
+            return self.send_error_body(400, f"body is not JSON: {exc}")
         if not isinstance(body, dict):
-            return self._error(400, "body must be a JSON object")
+            return self.send_error_body(400, "body must be a JSON object")
         stream = body.get("stream", False)
         gid = "cmpl-" + uuid.uuid4().hex[:16]
         p = Progress()
@@ -113,21 +94,21 @@ class _Handler(BaseHTTPRequestHandler):
                 model, usage = chunk.get("model", model), chunk.get("usage") or usage
                 if stream:
                     if not started:
-                        self._start_stream()
+                        self.start_events()
                         started = True
                     c = chunk["choices"][0]
-                    self._chunk(_chunk_of(gid, created, model, c.get("text", ""), c.get("token_ids", []),
+                    self.send_event(_chunk_of(gid, created, model, c.get("text", ""), c.get("token_ids", []),
                                           c.get("finish_reason"), usage=chunk.get("usage")))
         except RequestRejected as exc:
             self.server.on_request("rejected")
-            return self._send(exc.status, exc.body or {"error": {"message": str(exc), "code": exc.status}})
+            return self.send_body(exc.status, exc.body or {"error": {"message": str(exc), "code": exc.status}})
         except NoUpstream as exc:
             self.server.on_request("unavailable" if not p.tokens else "failed")
             log.error("gateway.request_failed", request=gid, delivered=len(p.tokens), error=str(exc))
             if not started:
-                return self._error(503, str(exc), {"Retry-After": "1"})
-            self._chunk(_chunk_of(gid, created, model, "", [], "error", error={"message": str(exc)}))
-            return self._end_stream()
+                return self.send_error_body(503, str(exc), {"Retry-After": "1"})
+            self.send_event(_chunk_of(gid, created, model, "", [], "error", error={"message": str(exc)}))
+            return self.end_events()
         except OSError:
             self.server.on_request("failed")  # the client went away
             return
@@ -135,25 +116,9 @@ class _Handler(BaseHTTPRequestHandler):
         log.info("gateway.completed", request=gid, tokens=len(p.tokens), resumes=p.resumes)
         if stream:
             if not started:
-                self._start_stream()
-            return self._end_stream()
+                self.start_events()
+            return self.end_events()
         prompt = usage.get("prompt_tokens")
-        self._send(200, _chunk_of(gid, created, model, p.text, p.tokens, p.finish_reason, resumes=p.resumes,
+        self.send_body(200, _chunk_of(gid, created, model, p.text, p.tokens, p.finish_reason, resumes=p.resumes,
                                   usage={"prompt_tokens": prompt, "completion_tokens": len(p.tokens),
                                          "total_tokens": (prompt or 0) + len(p.tokens)}))
-
-    def _start_stream(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-
-    def _chunk(self, payload: dict[str, Any] | str) -> None:
-        data = f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n".encode()
-        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-        self.wfile.flush()
-
-    def _end_stream(self) -> None:
-        self._chunk("[DONE]")
-        self.wfile.write(b"0\r\n\r\n")
-        self.wfile.flush()

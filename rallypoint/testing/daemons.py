@@ -59,6 +59,17 @@ class DaemonProcess:
             time.sleep(0.02)
         raise AssertionError(f"{needle!r} not in rallyd {self.node}'s log after {timeout}s:\n{self.log_text()[-3000:]}")
 
+    def kill_node(self) -> list[int]:
+        """A whole node's death: SIGKILL the daemon and every process under it at once; returns
+        the pids of those processes (not the daemon's)."""
+        procs = [psutil.Process(self.pid), *psutil.Process(self.pid).children(recursive=True)]
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        return [p.pid for p in procs[1:]]
+
     def stop(self) -> None:
         """SIGKILL its workers and spares, then the daemon (after SIGCONT, in case it was
         stopped), and reap it."""
@@ -79,6 +90,16 @@ def daemon_args(endpoints: tuple[str, ...], cluster: str, *extra: str) -> list[s
     return ["--cluster", cluster, "--etcd-endpoints", ",".join(endpoints), "--gpus", "0",
             "--config", os.devnull, "--metrics-port", "0",
             "--gateway-port", "0", *extra]
+
+
+def wait_file(path: Path, timeout: float = 90) -> str:
+    """Block until ``path`` exists with some content (a daemon or worker wrote its URL); return it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text():
+            return path.read_text()
+        time.sleep(0.05)
+    raise TimeoutError(f"{path} did not appear in {timeout:g}s")
 
 
 def wait_for(what: str, check, timeout: float = 30.0, every: float = 0.05):

@@ -13,9 +13,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 
+from rallypoint.http_json import JsonHandler
 from rallypoint.log import get_logger
 from rallypoint.worker.requests import BadRequest, QueueFull, Request, RequestQueue, SamplingParams
 
@@ -127,80 +128,53 @@ def _num(data: dict[str, Any], name: str, default: float, lo: float, hi: float) 
     return float(v)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(JsonHandler):
     server: "ApiServer"
-
-    def log_message(self, fmt: str, *args: Any) -> None:  # structlog, not stderr lines
-        pass
-
-    def _send(self, status: int, body: dict[str, Any] | str, headers: dict[str, str] | None = None) -> None:
-        raw = (body if isinstance(body, str) else json.dumps(body)).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "text/plain; version=0.0.4" if isinstance(body, str) else "application/json")
-        self.send_header("Content-Length", str(len(raw)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(raw)
-
-    def _error(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        self._send(status, {"error": {"message": message, "type": "invalid_request_error" if status < 500
-                                      else "unavailable", "code": status}}, headers)
 
     def do_GET(self) -> None:
         fe = self.server.frontend
         if self.path == "/health":
             state, gen = fe.state()
-            self._send(200 if state == "serving" else 503, {"status": state, "generation": gen,
+            self.send_body(200 if state == "serving" else 503, {"status": state, "generation": gen,
                                                             "waiting": fe.queue.waiting,
                                                             "in_flight": len(fe.queue.in_flight)})
         elif self.path == "/metrics":
-            self._send(200, fe.metrics())
+            self.send_body(200, fe.metrics())
         else:
-            self._error(404, f"no such endpoint: GET {self.path}")
+            self.send_error_body(404, f"no such endpoint: GET {self.path}")
 
     def do_POST(self) -> None:
         fe = self.server.frontend
         if self.path != "/v1/completions":
-            return self._error(404, f"no such endpoint: POST {self.path}")
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > 1 << 20:
-            return self._error(413, "request body over 1 MiB")
+            return self.send_error_body(404, f"no such endpoint: POST {self.path}")
+        body = self.read_body()
+        if body is None:
+            return
         try:
-            req, stream = fe.parse(self.rfile.read(length))
+            req, stream = fe.parse(body)
             fe.queue.submit(req)
         except BadRequest as exc:
-            return self._error(400, str(exc))
+            return self.send_error_body(400, str(exc))
         except QueueFull as exc:
-            return self._error(503, str(exc), {"Retry-After": f"{max(1, round(exc.retry_after))}"})
+            return self.send_error_body(503, str(exc), {"Retry-After": f"{max(1, round(exc.retry_after))}"})
         log.info("api.accepted", request=req.id, prompt_tokens=len(req.prompt), stream=stream)
         if stream:
             return self._stream(fe, req)
         if not req.wait(fe.request_timeout):
-            return self._error(504, f"request {req.id} did not finish in {fe.request_timeout:g}s")
+            return self.send_error_body(504, f"request {req.id} did not finish in {fe.request_timeout:g}s")
         if req.error:
-            return self._error(500, f"request {req.id} failed: {req.error}")
-        self._send(200, fe.completion(req, fe.decode(req.committed), req.committed, req.finish_reason))
+            return self.send_error_body(500, f"request {req.id} failed: {req.error}")
+        self.send_body(200, fe.completion(req, fe.decode(req.committed), req.committed, req.finish_reason))
 
     def _stream(self, fe: Frontend, req: Request) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
+        self.start_events()
         text_sent = fe.decode(req.committed) if req.committed else ""  # a resumed request's earlier tokens
         for new in req.stream(fe.request_timeout, start=len(req.committed)):
             text = fe.decode(req.committed)
             delta, text_sent = text[len(text_sent):], text
-            self._chunk(fe.completion(req, delta, new, None))
-        self._chunk(fe.completion(req, "", [], req.finish_reason or "timeout"))
-        self._chunk("[DONE]")
-        self.wfile.write(b"0\r\n\r\n")
-
-    def _chunk(self, payload: dict[str, Any] | str) -> None:
-        data = f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n".encode()
-        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-        self.wfile.flush()
+            self.send_event(fe.completion(req, delta, new, None))
+        self.send_event(fe.completion(req, "", [], req.finish_reason or "timeout"))
+        self.end_events()
 
 
 class ApiServer(ThreadingHTTPServer):

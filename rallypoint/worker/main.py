@@ -350,7 +350,8 @@ def start_beats(channel: ChannelClient, worker: Worker, every: float = 0.5) -> N
             if not channel.send({"op": "beat", "pid": os.getpid(), "state": worker.state, "gen": worker.gen,
                                  "local_rank": worker.args.local_rank, "replica": worker.replica,
                                  "driver": worker.driver is not None, "waiting": q.waiting,
-                                 "in_flight": len(q.in_flight), "counts": dict(q.counts)}):
+                                 "in_flight": len(q.in_flight), "counts": dict(q.counts),
+                                 "api": worker.api.url if worker.api is not None else None}):
                 return
             worker.stopping.wait(every)
 

@@ -96,11 +96,9 @@ def kill_daemon(d: Deployment, rng: random.Random) -> Fault:
 
 def kill_node(d: Deployment, rng: random.Random) -> Fault:
     _, node, _ = _pick_rank(d, rng)
-    procs = [psutil.Process(d.daemons[node].pid), *psutil.Process(d.daemons[node].pid).children(recursive=True)]
     gen, t = _gen(d), time.time()
-    for p in procs:
-        _signal(p.pid, signal.SIGKILL)
-    return Fault("kill_node", t, gen, [p.pid for p in procs[1:]], restore=_restart_node(d, node),
+    victims = d.daemons[node].kill_node()
+    return Fault("kill_node", t, gen, victims, restore=_restart_node(d, node),
                  note=f"{node}: rallyd and its workers")
 
 

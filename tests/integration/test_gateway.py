@@ -5,6 +5,7 @@ node's gateway; both with the failure-free tokens."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import urllib.error
 import urllib.request
@@ -15,11 +16,10 @@ import psutil
 from rallypoint.gateway.client import CompletionClient
 from rallypoint.gateway.resume import Progress, RequestRejected
 from rallypoint.rendezvous.etcd import EtcdClient
-from rallypoint.testing.daemons import DaemonProcess, daemon_args, scrape_metrics, wait_for
+from rallypoint.testing.daemons import DaemonProcess, daemon_args, scrape_metrics, wait_file, wait_for
 from rallypoint.testing.etcd_server import EtcdCluster
 from rallypoint.worker.checkpoint import make_model
 from tests.integration.test_rallyd_recovery import seat_pid
-from tests.integration.test_rallyd_serving import wait_file
 
 
 def drivers(gateway: str) -> list[str]:
@@ -58,6 +58,7 @@ def test_driver_death_and_gateway_death_lose_nothing(etcd: EtcdCluster, client: 
     try:
         for node in ("c", "a", "b"):
             args = daemon_args(etcd.endpoints, cluster_name, "--tp", "2", "--cpu-ranks", "1",
+                               "--rendezvous-last-call", "2",  # a and b join before the first plan: a/0, b/0
                                "--state-dir", str(tmp_path / node), "--worker-model", str(model))
             daemons[node] = DaemonProcess(node, args, tmp_path / f"{node}.log").start()
             if node == "c":
@@ -87,9 +88,7 @@ def test_driver_death_and_gateway_death_lose_nothing(etcd: EtcdCluster, client: 
         failover = CompletionClient([gw["a"], gw["b"], gw["c"]])
         wait_for("a serves again", lambda: drivers(gw["a"]), timeout=60, every=0.2)
         got, threads = run_streams(failover, requests)
-        lost = daemons["a"]
-        for p in [psutil.Process(lost.pid), *psutil.Process(lost.pid).children(recursive=True)]:
-            p.kill()
+        daemons["a"].kill_node()
         for t in threads:
             t.join(timeout=120)
         assert [got[i].tokens for i in range(len(requests))] == reference
@@ -111,3 +110,34 @@ def test_driver_death_and_gateway_death_lose_nothing(etcd: EtcdCluster, client: 
     finally:
         for d in daemons.values():
             d.stop()
+
+
+def test_routes_keep_the_last_drivers_read_while_etcd_is_stopped(tmp_path: Path) -> None:
+    """The gateway reads the other nodes' drivers from etcd in the background: with etcd stopped
+    a routing call neither waits for it nor forgets the drivers it already knew."""
+    import signal
+    import time
+
+    from rallypoint.gateway.routes import DriverRoutes
+    from rallypoint.rendezvous.records import ClusterKeys
+    from tests.conftest import make_client
+
+    def driver(url: str) -> dict:
+        return {"workers": [{"driver": True, "state": "serving", "gen": 3, "api": url, "in_flight": 0}]}
+
+    keys = ClusterKeys("routes")
+    with EtcdCluster(1, root=tmp_path / "etcd").start() as etcd:
+        c = make_client(etcd.endpoints, request_timeout=0.5, retry_deadline=2.0)
+        c.put(keys.node_status + "b", json.dumps(driver("http://b")))
+        routes = DriverRoutes(c, keys, "a", lambda: driver("http://a"), refresh=0.05)
+        assert wait_for("b's driver read", lambda: routes() == ["http://a", "http://b"], timeout=10)
+        os.kill(etcd.members[0].pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            for _ in range(20):  # a background read is stuck on etcd through all of these
+                assert routes() == ["http://a", "http://b"]
+                time.sleep(0.05)
+            assert time.monotonic() - t0 < 1.9  # never waited out the 2 s retry deadline
+        finally:
+            os.kill(etcd.members[0].pid, signal.SIGCONT)
+        c.close()

@@ -45,10 +45,8 @@ def test_status_events_kill_and_cordon_on_a_live_cluster(etcd: EtcdCluster, clie
     recovery, a cordon that leaves no valid layout (failed, still serving) and the uncordon."""
     import psutil
 
-    from rallypoint.testing.daemons import DaemonProcess, daemon_args
+    from rallypoint.testing.daemons import DaemonProcess, daemon_args, wait_file, wait_for
     from rallypoint.worker.checkpoint import make_model
-    from rallypoint.testing.daemons import wait_for
-    from tests.integration.test_rallyd_serving import wait_file
 
     model = make_model(tmp_path / "model", "tiny", seed=9)
     keys = ClusterKeys(cluster_name)

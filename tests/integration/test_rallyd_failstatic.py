@@ -11,11 +11,11 @@ from pathlib import Path
 
 from rallypoint.rendezvous.etcd import EtcdClient
 from rallypoint.rendezvous.records import ClusterKeys, Plan
-from rallypoint.testing.daemons import DaemonProcess, daemon_args
+from rallypoint.testing.daemons import DaemonProcess, daemon_args, wait_file
 from rallypoint.testing.etcd_server import EtcdCluster
 from rallypoint.worker.checkpoint import make_model
 from tests.conftest import make_client
-from tests.integration.test_rallyd_serving import wait_file, worker_pid
+from tests.integration.test_rallyd_serving import worker_pid
 from tests.integration.test_serving import get, post
 
 

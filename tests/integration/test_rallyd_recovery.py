@@ -15,11 +15,11 @@ from rallypoint.recovery import events as ev
 from rallypoint.recovery.events import read_events
 from rallypoint.rendezvous.etcd import EtcdClient
 from rallypoint.rendezvous.records import ClusterKeys, Plan
-from rallypoint.testing.daemons import DaemonProcess, daemon_args, wait_for
+from rallypoint.testing.daemons import DaemonProcess, daemon_args, wait_file, wait_for
 from rallypoint.testing.etcd_server import EtcdCluster
 from rallypoint.worker.checkpoint import make_model
 from tests.conftest import make_client
-from tests.integration.test_rallyd_serving import start_streams, wait_file
+from tests.integration.test_rallyd_serving import start_streams
 from tests.integration.test_serving import post
 
 

@@ -14,19 +14,10 @@ import pytest
 
 from rallypoint.rendezvous.etcd import EtcdClient
 from rallypoint.rendezvous.records import ClusterKeys, Plan
-from rallypoint.testing.daemons import DaemonProcess, daemon_args, scrape_metrics, wait_for
+from rallypoint.testing.daemons import DaemonProcess, daemon_args, scrape_metrics, wait_file, wait_for
 from rallypoint.testing.etcd_server import EtcdCluster
 from rallypoint.worker.checkpoint import make_model
 from tests.integration.test_serving import post, stream
-
-
-def wait_file(path: Path, timeout: float = 90) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_text():
-            return path.read_text()
-        time.sleep(0.05)
-    raise AssertionError(f"{path} never appeared")
 
 
 def start_streams(url: str, requests: list[dict]) -> tuple[dict[int, list[int]], list[threading.Thread]]:
@@ -149,6 +140,7 @@ def test_request_stream_lives_through_a_lost_node(etcd: EtcdCluster, client: Etc
     try:
         for node in ("c", "a", "b"):
             args = daemon_args(etcd.endpoints, cluster_name, "--tp", "2", "--cpu-ranks", "1",
+                               "--rendezvous-last-call", "2",  # a and b join before the first plan: a/0, b/0
                                "--state-dir", str(tmp_path / node), "--worker-model", str(model))
             daemons[node] = DaemonProcess(node, args, tmp_path / f"{node}.log").start()
             if node == "c":
@@ -157,10 +149,7 @@ def test_request_stream_lives_through_a_lost_node(etcd: EtcdCluster, client: Etc
         requests = [{"prompt": f"node loss {i}", "max_tokens": 40} for i in range(4)]
         reference = [post(url, r)[1]["choices"][0]["token_ids"] for r in requests]
         got, threads = start_streams(url, requests)
-        lost = daemons["b" if victim == "rank-node" else "c"]
-        procs = [psutil.Process(lost.pid), *psutil.Process(lost.pid).children(recursive=True)]
-        for p in procs:
-            p.kill()
+        daemons["b" if victim == "rank-node" else "c"].kill_node()
         for t in threads:
             t.join(timeout=120)
         assert [got.get(i) for i in range(len(requests))] == reference
