@@ -212,6 +212,8 @@ class Daemon:
             raise EtcdUnavailable(
                 f"etcd unreachable at {endpoints} for {self.cfg.etcd.retry_deadline.total_seconds():g}s "
                 f"({exc})") from None
+        if self.rendezvous.inherited is not None:
+            self._predecessor_lost(self.rendezvous.inherited)
         self._follow(self.keys.root + "status/diagnosis/", self._on_diagnosis, "rallyd-diagnoses")
         self._follow(events_prefix(self.keys), self._on_event, "rallyd-events")
         self._follow(f"{self.keys.kills}{self.cfg.node}/", self._on_kill_order, "rallyd-drills")
@@ -224,6 +226,26 @@ class Daemon:
             elif self.cfg.layout.node_gpus() > 0:
                 self.log.warning("rallyd.no_gpu_health", why="nvidia-ml-py not installed or NVML failed")
         self.notify.send(READY=1, STATUS=f"joined cluster {self.cfg.cluster}")
+
+    def _predecessor_lost(self, plan: Plan) -> None:
+        """This daemon restarted (a crash, a reboot) before the cluster noticed it was gone: the
+        ranks its predecessor ran in ``plan`` are dead. Say so as a rank failure would: abort
+        their groups, start their replacements, and ask for the next plan."""
+        mine = plan.ranks_on(self.cfg.node)
+        ranks = [s.rank for s in mine]
+        reason = f"rallyd on {self.cfg.node} restarted: its rank(s) {ranks} of gen {plan.gen} died with its predecessor"
+        self.log.warning("rallyd.predecessor_lost", gen=plan.gen, ranks=ranks)
+        for s in mine:
+            self.events.emit(plan.gen, ev.RANK_FAILED, rank=s.rank, local_rank=s.local_rank, reason=reason)
+        try:
+            order_abort(self.client, self.keys, plan.gen, ranks, reason)
+            self.events.emit(plan.gen, ev.ABORT_ORDERED, ranks=ranks, reason=reason)
+            if self.supervisor is not None:
+                for s in mine:  # booting while the leader re-plans
+                    self.supervisor.ensure(s.local_rank, after_gen=plan.gen)
+            self.rendezvous.request_replan(plan.gen, reason)
+        except RallypointError as exc:
+            self.log.error("rallyd.replan_request_failed", gen=plan.gen, error=str(exc))
 
     def _follow(self, prefix: str, handle, name: str) -> None:
         _, rev = self.client.get_prefix(prefix)

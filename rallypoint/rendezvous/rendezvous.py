@@ -82,6 +82,7 @@ class Rendezvous:
         self._left: set[str] = set()  # nodes that said they were leaving before their key went
         self._capacity_changed = False  # a member's slots, bad seats or cordon changed
         self._cordoned: set[str] = set()  # operator cordons (control/cordoned/<node>)
+        self.inherited: Plan | None = None  # a released plan naming this node, found at join
 
     # -- joining and leaving ------------------------------------------------------------------
 
@@ -102,7 +103,15 @@ class Rendezvous:
         for kv in kvs:
             self._apply(WatchEvent("put", kv.key, kv.value, kv.mod_revision))
         self._watches.append(self.client.watch_prefix(self.keys.control, rev + 1, self.events))
-        self.log.info("rendezvous.joined", lease=hex(self.lease.id), leader=self.leader, gen=self.gen)
+        plan = self.plan
+        if plan is not None and self.released_gen >= plan.gen and self.settings.node in plan.members:
+            # A daemon that has just started has no process in any generation: this node's ranks
+            # in the released plan were its predecessor's, and died with it. That generation is
+            # not ours to join (its groups are half gone); the daemon asks for the next one.
+            self.inherited = plan
+            self.acked_gen = self.delivered_gen = plan.gen
+        self.log.info("rendezvous.joined", lease=hex(self.lease.id), leader=self.leader, gen=self.gen,
+                      inherited=self.inherited.gen if self.inherited else None)
 
     def _register(self) -> None:
         assert self.lease is not None

@@ -1,10 +1,12 @@
 """A real rallypoint deployment on one machine, for the chaos suite: a 3-member etcd cluster, N
-rallyd daemons (one CPU rank slot each, every node with its own copy of the tiny model, as nodes
-with local disks have), and a watch that records every plan ever written."""
+rallyd daemons (one rank slot each: a CPU rank, or one GPU of the host per node; every node with its
+own copy of the tiny model, as nodes with local disks have), and a watch that records every plan
+ever written."""
 
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 import threading
 import time
@@ -31,13 +33,15 @@ class PlanWrite:
 
 @dataclass
 class Deployment:
-    """Args: root: a scratch directory; nodes: how many rallyd; tp: ranks per replica."""
+    """Args: root: a scratch directory; nodes: how many rallyd; tp: ranks per replica; gpus: 0 for
+    CPU ranks (gloo), else the host's GPUs: node ``n<i>`` sees GPU ``(i-1) % gpus`` alone (NCCL,
+    float32 weights, so a resumed request draws the reference's tokens)."""
 
     root: Path
     nodes: int = 3
     tp: int = 2
-    cluster: str = "chaos"
-    device: str = "cpu"
+    cluster: str = field(default_factory=lambda: f"chaos-{secrets.token_hex(3)}")  # two runs never mix
+    gpus: int = 0
     extra: tuple[str, ...] = ()
     etcd: EtcdCluster | None = None
     daemons: dict[str, DaemonProcess] = field(default_factory=dict)
@@ -71,14 +75,20 @@ class Deployment:
 
     def start_node(self, name: str) -> DaemonProcess:
         """Start (or restart) node ``name``'s rallyd; its log is appended to."""
-        args = daemon_args(self.etcd.endpoints, self.cluster, "--tp", str(self.tp), "--cpu-ranks", "1",
+        slots = ["--gpus", "1", "--worker-dtype", "float32"] if self.gpus else ["--cpu-ranks", "1"]
+        args = daemon_args(self.etcd.endpoints, self.cluster, "--tp", str(self.tp), *slots,
                            "--state-dir", str(self.root / name), "--worker-model", str(self.model_of(name)),
                            "--worker-restart-budget", "2", "--worker-restart-window", "20", *self.extra)
         for stale in ("gateway.url", "metrics.url"):
             (self.root / name / stale).unlink(missing_ok=True)
-        d = DaemonProcess(name, args, self.root / f"{name}.log").start()
+        env = {"CUDA_VISIBLE_DEVICES": str((int(name[1:]) - 1) % self.gpus)} if self.gpus else {}
+        d = DaemonProcess(name, args, self.root / f"{name}.log", env=env).start()
         self.daemons[name] = d
         return d
+
+    def room_without_a_node(self) -> bool:
+        """Whether a replica still fits when one node is gone (else a node fault waits for it to return)."""
+        return sum(self.alive(n) for n in self.daemons) - 1 >= self.tp
 
     def alive(self, name: str) -> bool:
         d = self.daemons.get(name)
@@ -163,7 +173,7 @@ class Deployment:
         out = []
         for p in psutil.process_iter(["cmdline"]):
             cmd = " ".join(p.info["cmdline"] or [])
-            if "rallypoint" in cmd and f"--cluster {self.cluster}" in cmd:
+            if "rallypoint" in cmd and f"--cluster {self.cluster} " in cmd + " ":
                 out.append(p)
         return out
 

@@ -3,6 +3,11 @@
     python -m tests.chaos.run                                  # all scenarios x 3, then a 15-minute soak
     python -m tests.chaos.run --scenarios kill_rank,kill_node --runs 5 --soak 0
     python -m tests.chaos.run --runs 0 --soak 900 --mtbf 20 --seed 7   # replay a soak exactly
+    python -m tests.chaos.run --gpus 2 --runs 2 --soak 0 --budget 520  # NCCL: a node per GPU
+
+With ``--gpus N`` each of N nodes gets one GPU of the host. With 2 nodes no replica fits when one
+is gone: node faults restart the node at once, and the scenarios that move a replica to another
+node (corrupt_shard, join_leave) are left out unless named.
 
 Prints each fault as it is checked, then the table; writes the table and every run as JSON.
 Exit status 1 if any invariant broke or any process was left behind.
@@ -16,25 +21,30 @@ import random
 import sys
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 from tests.chaos.runner import Chaos, report, write_json
-from tests.chaos.scenarios import SCENARIOS, SOAK
+from tests.chaos.scenarios import NEED_ROOM, SCENARIOS, SOAK
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.chaos.run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated (default: all)")
+    ap.add_argument("--scenarios", default="", help="comma-separated (default: all that fit the nodes)")
     ap.add_argument("--runs", type=int, default=3, help="runs of each scenario")
     ap.add_argument("--soak", type=float, default=900.0, help="soak seconds after the scenarios (0: none)")
     ap.add_argument("--mtbf", type=float, default=20.0, help="mean seconds between soak faults")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--nodes", type=int, default=3)
+    ap.add_argument("--nodes", type=int, default=0, help="rallyd daemons (default: 3 on CPU, one per GPU)")
+    ap.add_argument("--gpus", type=int, default=0, help="GPUs of this host to use (0: CPU ranks, gloo)")
+    ap.add_argument("--budget", type=float, default=0.0,
+                    help="start no new fault after this many seconds, then report (0: no limit)")
     ap.add_argument("--json", type=Path, default=Path("chaos-report.json"))
     ap.add_argument("--root", type=Path, default=None, help="scratch directory (default: a new temp dir)")
     args = ap.parse_args(argv)
-    names = [n for n in args.scenarios.split(",") if n]
+    nodes = args.nodes or args.gpus or 3
+    names = [n for n in args.scenarios.split(",") if n] or [n for n in SCENARIOS if nodes > 2 or n not in NEED_ROOM]
     if unknown := [n for n in names if n not in SCENARIOS]:
         ap.error(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
     root = args.root or Path(tempfile.mkdtemp(prefix="rallypoint-chaos-"))
@@ -44,17 +54,22 @@ def main(argv: list[str] | None = None) -> int:
     def say(line: str) -> None:
         print(f"[{time.time() - t0:7.1f}s] {line}", flush=True)
 
-    say(f"deployment in {root}: 3 etcd members, {args.nodes} rallyd, TP=2 on CPU, seed {args.seed}")
-    chaos = Chaos.start(root, nodes=args.nodes, seed=args.seed, log=say)
+    ranks = f"one GPU each (of {args.gpus}), NCCL" if args.gpus else "one CPU rank each, gloo"
+    say(f"deployment in {root}: 3 etcd members, {nodes} rallyd ({ranks}), TP=2, seed {args.seed}")
+    chaos = Chaos.start(root, nodes=nodes, seed=args.seed, gpus=args.gpus, log=say)
+    stop_by = time.monotonic() + args.budget if args.budget > 0 else float("inf")
     leftovers: list[str] = []
     aborted = None
     try:
         for _ in range(args.runs):
             for name in names:
-                chaos.run(name, rng)
-        if args.soak > 0:
+                if time.monotonic() < stop_by:
+                    chaos.run(name, rng)
+        if args.soak > 0 and time.monotonic() < stop_by:
             say(f"soak: {args.soak:g}s, faults every {args.mtbf:g}s on average from {', '.join(SOAK)}")
-            chaos.soak(args.soak, args.mtbf, rng, SOAK)
+            chaos.soak(args.soak, args.mtbf, rng, SOAK, stop_by)
+        if time.monotonic() >= stop_by:
+            say(f"budget of {args.budget:g}s spent: no more faults")
     except Exception as exc:  # the runner itself broke: still report what ran
         aborted = f"{type(exc).__name__}: {exc}"
         say(f"ABORTED: {aborted}")
@@ -64,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + table)
     for line in leftovers:
         print(f"after teardown: {line}")
-    meta = {"seed": args.seed, "runs": args.runs, "soak_s": args.soak, "mtbf_s": args.mtbf, "nodes": args.nodes,
+    meta = {"seed": args.seed, "runs": args.runs, "soak_s": args.soak, "mtbf_s": args.mtbf, "nodes": nodes,
+            "gpus": args.gpus, "torch": version("torch"), "scenarios": names,
             "host": platform.node(), "python": platform.python_version(), "wall_s": round(time.time() - t0, 1),
             "aborted": aborted}
     write_json(args.json, chaos.results, rows, meta)

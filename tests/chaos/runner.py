@@ -44,8 +44,9 @@ class Chaos:
     log: Callable[[str], None] = print
 
     @classmethod
-    def start(cls, root: Path, nodes: int = 3, clients: int = 3, seed: int = 0, log=print) -> "Chaos":
-        d = Deployment(root, nodes=nodes).start()
+    def start(cls, root: Path, nodes: int = 3, clients: int = 3, seed: int = 0, gpus: int = 0,
+              log=print) -> "Chaos":
+        d = Deployment(root, nodes=nodes, gpus=gpus).start()
         if d.wait_serving(120) is None:
             raise RuntimeError(f"the deployment never served; logs in {root}")
         load = Load(d.gateways, clients=clients, seed=seed)
@@ -58,6 +59,8 @@ class Chaos:
         time.sleep(settle)  # some requests in flight before the fault
         t_window = time.time()
         fault: Fault = SCENARIOS[name](d, rng)
+        if fault.restore_first:
+            fault.restore()
         back = d.wait_serving(120, after_gen=fault.gen_before if fault.replan else 0)
         fault.restore()
         serving_end = d.wait_serving(120) is not None
@@ -78,9 +81,11 @@ class Chaos:
                  + "".join(f"\n    - {p}" for p in problems))
         return r
 
-    def soak(self, seconds: float, mtbf: float, rng: random.Random, names: tuple[str, ...]) -> None:
-        """Random faults from ``names``, exponentially spaced with mean ``mtbf``, for ``seconds``."""
-        end = time.monotonic() + seconds
+    def soak(self, seconds: float, mtbf: float, rng: random.Random, names: tuple[str, ...],
+             stop_by: float = float("inf")) -> None:
+        """Random faults from ``names``, exponentially spaced with mean ``mtbf``, for ``seconds``
+        (no new fault after the monotonic time ``stop_by``)."""
+        end = min(time.monotonic() + seconds, stop_by)
         while time.monotonic() < end:
             time.sleep(min(rng.expovariate(1.0 / mtbf), max(0.0, end - time.monotonic())))
             if time.monotonic() >= end:

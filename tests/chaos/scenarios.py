@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ class Fault:
     victims: list[int] = field(default_factory=list)  # pids hit
     replan: bool = True  # a newer generation must serve afterwards
     restore: Callable[[], None] = lambda: None
+    restore_first: bool = False  # no replica fits without what was hit: serving waits for the restore
     note: str = ""
 
 
@@ -56,10 +58,17 @@ def _signal(pid: int, sig: int) -> None:
 
 
 def _restart_node(d: Deployment, node: str) -> Callable[[], None]:
+    """Start ``node`` again once its killed rallyd is gone (once, however often it is called)."""
+    old = d.daemons[node]
+
     def restore() -> None:
-        if not d.alive(node):
-            d.daemons[node].stop()
-            d.start_node(node)
+        if d.daemons.get(node) is not old:
+            return  # restarted already
+        try:
+            old.proc.wait(timeout=10)  # SIGKILL is not instant: do not mistake it for alive
+        except subprocess.TimeoutExpired:
+            old.stop()
+        d.start_node(node)
     return restore
 
 
@@ -89,17 +98,20 @@ def stop_rank(d: Deployment, rng: random.Random) -> Fault:
 def kill_daemon(d: Deployment, rng: random.Random) -> Fault:
     _, node, pid = _pick_rank(d, rng)
     workers = [p.pid for p in psutil.Process(d.daemons[node].pid).children(recursive=True)]
+    room = d.room_without_a_node()
     gen, t = _gen(d), time.time()
     _signal(d.daemons[node].pid, signal.SIGKILL)  # its workers follow it (parent-death signal)
-    return Fault("kill_daemon", t, gen, workers, restore=_restart_node(d, node), note=f"rallyd of {node}")
+    return Fault("kill_daemon", t, gen, workers, restore=_restart_node(d, node), restore_first=not room,
+                 note=f"rallyd of {node}" + ("" if room else "; restarted at once (no room without it)"))
 
 
 def kill_node(d: Deployment, rng: random.Random) -> Fault:
     _, node, _ = _pick_rank(d, rng)
+    room = d.room_without_a_node()
     gen, t = _gen(d), time.time()
     victims = d.daemons[node].kill_node()
-    return Fault("kill_node", t, gen, victims, restore=_restart_node(d, node),
-                 note=f"{node}: rallyd and its workers")
+    return Fault("kill_node", t, gen, victims, restore=_restart_node(d, node), restore_first=not room,
+                 note=f"{node}: rallyd and its workers" + ("" if room else "; restarted at once (no room without it)"))
 
 
 def _etcd_kill(d: Deployment, leader: bool) -> Fault:
@@ -208,5 +220,6 @@ def join_leave(d: Deployment, rng: random.Random) -> Fault:
 SCENARIOS: dict[str, Callable[[Deployment, random.Random], Fault]] = {
     f.__name__: f for f in (kill_rank, stop_rank, kill_daemon, kill_node, etcd_leader, etcd_follower, etcd_all_stop,
                             slow_rank, corrupt_shard, second_failure, kill_in_rendezvous, join_leave)}
+NEED_ROOM = ("corrupt_shard", "join_leave")  # a replica must move to (or grow onto) another node
 CI_SUBSET = ("kill_rank", "stop_rank", "kill_node", "etcd_leader")
 SOAK = ("kill_rank", "stop_rank", "kill_daemon", "kill_node", "etcd_leader", "etcd_follower", "slow_rank")

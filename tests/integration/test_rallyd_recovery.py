@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from rallypoint.recovery import events as ev
 from rallypoint.recovery.events import read_events
@@ -87,6 +88,51 @@ def test_warm_spare_takes_the_dead_workers_seat(etcd: EtcdCluster, client: EtcdC
     finally:
         for d in daemons:
             d.stop()
+
+
+@pytest.mark.parametrize("down", [0.0, 4.5], ids=["before-its-lease-ran-out", "after-its-lease-ran-out"])
+def test_a_node_restarted_at_once_does_not_rejoin_the_dead_generation(
+        etcd: EtcdCluster, client: EtcdClient, cluster_name: str, tmp_path: Path, down: float) -> None:
+    """b's rallyd and worker are SIGKILLed together and b comes back (at once: it takes over its
+    own node key while the old lease still runs; or after the 3 s lease, when the layout could not
+    be re-planned without it). b's rank in gen 1 died with its predecessor: the new rallyd reports
+    it failed and asks for gen 2, rather than start a worker into gen 1's half-dead groups."""
+    model = make_model(tmp_path / "model", "tiny", seed=8)
+    keys = ClusterKeys(cluster_name)
+
+    def start(node: str) -> DaemonProcess:
+        args = daemon_args(etcd.endpoints, cluster_name, "--tp", "2", "--cpu-ranks", "1",
+                           "--state-dir", str(tmp_path / node), "--worker-model", str(model))
+        return DaemonProcess(node, args, tmp_path / f"{node}.log").start()
+
+    a, b = start("a"), start("b")
+    try:
+        url = wait_file(tmp_path / "a" / "api-0.url")
+        request = {"prompt": "restart at once", "max_tokens": 12}
+        reference = post(url, request)[1]["choices"][0]["token_ids"]
+        killed = b.kill_node()
+        b.proc.wait(timeout=10)
+        time.sleep(down)
+        b2 = start("b")
+        b2.wait_log('"rallyd.predecessor_lost"', timeout=30)
+        plan = wait_for("gen 2", lambda: [x for x in plans(client, keys) if x.gen == 2], timeout=30)[0]
+        assert plan.members == ("a", "b") and "restarted" in plan.reason
+        failed = [e for e in read_events(client, keys, 1) if e.kind == ev.RANK_FAILED]
+        assert [(e.by, e.detail["rank"]) for e in failed] == [("b", 1)]
+        assert "died with its predecessor" in failed[0].detail["reason"]
+        started = [json.loads(x) for x in b2.log_text().splitlines() if '"supervisor.started"' in x]
+        assert started and started[-1]["after_gen"] >= 1  # never a worker for gen 1
+        status = wait_for("serving gen 2", lambda: (kv := client.get(keys.root + "status/recovery"))
+                          and json.loads(kv.value)["phase"] == "serving" and json.loads(kv.value)["gen"] == 2,
+                          timeout=60)
+        assert status
+        assert post(url, request)[1]["choices"][0]["token_ids"] == reference
+        assert not [pid for pid in killed if psutil.pid_exists(pid)]
+    finally:
+        a.stop()
+        b.stop()
+        if "b2" in locals():
+            b2.stop()
 
 
 def test_spent_restart_budget_shrinks_then_grows_back(etcd: EtcdCluster, client: EtcdClient, cluster_name: str,
