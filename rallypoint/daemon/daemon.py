@@ -145,13 +145,16 @@ class Daemon:
                          why=decision.reason)
         self.metrics.replaced(strategy)
         if strategy == SHRINK:
-            # Left out of the placement; the leader re-plans on the record change (a shrink).
+            # Left out of the placement (the record changes first, so the re-plan sees it). The
+            # generation lost a rank either way: the request stands until a plan fits, so a layout
+            # that cannot shrink is re-planned when the seat comes back.
             self._mark_bad(lr, decision.reason, retry_after=None if gpu_bad else
                            self.cfg.worker.restart_window.total_seconds(), gen=plan.gen)
-            return
-        self.events.emit(plan.gen, ev.REPLACEMENT, rank=rank, local_rank=lr, strategy=strategy, why=decision.reason)
+        else:
+            self.events.emit(plan.gen, ev.REPLACEMENT, rank=rank, local_rank=lr, strategy=strategy,
+                             why=decision.reason)
         try:
-            how = "a warm spare took the seat" if strategy == SPARE else "restarted in place"
+            how = {SPARE: "a warm spare took the seat", RESTART: "restarted in place"}.get(strategy, "seat left out")
             self.rendezvous.request_replan(plan.gen, f"{reason}; {how}")
         except RallypointError as exc:
             self.log.error("rallyd.replan_request_failed", gen=plan.gen, error=str(exc))

@@ -337,10 +337,16 @@ class Rendezvous:
                 plan = make_plan(self.gen + 1, self._placeable(), self.settings.spec, replan[1], self.settings.node,
                                  previous=current)
             except LayoutError as exc:
+                # The request stands: the generation is still broken, and is re-planned as soon
+                # as capacity allows (a seat back from its restart window, a node joining).
+                if str(exc) == self._last_problem:
+                    return ""
+                self._last_problem = str(exc)
+                self.log.warning("rendezvous.cannot_plan", why=str(exc), gen=self.gen)
                 self._emit(current.gen, "cannot_plan", reason=str(exc))
-                self._replan = None
                 return f"cannot re-plan gen {current.gen}: {exc}"
             self._replan = None
+            self._last_problem = ""
             return self._write_plan(plan)
         now = time.monotonic()
         if current is not None and set(current.members) - live - self._left and now < self._grace_until:

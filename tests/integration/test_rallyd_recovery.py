@@ -173,6 +173,35 @@ def test_spent_restart_budget_shrinks_then_grows_back(etcd: EtcdCluster, client:
         daemon.stop()
 
 
+def test_spent_budget_where_no_shrink_fits_replans_when_the_seat_is_back(
+        etcd: EtcdCluster, client: EtcdClient, cluster_name: str, tmp_path: Path) -> None:
+    """TP=2 on one node's two seats, no restarts allowed: seat 1's worker dies, it is left out,
+    and one seat cannot hold a replica, so the cluster is down (failed, not serving a broken
+    generation). When the seat's window ends, the broken generation is re-planned: gen 2 serves."""
+    model = make_model(tmp_path / "model", "tiny", seed=9)
+    keys = ClusterKeys(cluster_name)
+    args = daemon_args(etcd.endpoints, cluster_name, "--tp", "2", "--cpu-ranks", "2",
+                       "--state-dir", str(tmp_path / "a"), "--worker-model", str(model),
+                       "--worker-restart-budget", "0", "--worker-restart-window", "4")
+    daemon = DaemonProcess("a", args, tmp_path / "a.log").start()
+    try:
+        url = wait_file(tmp_path / "a" / "api-0.url")
+        request = {"prompt": "no room to shrink", "max_tokens": 10}
+        reference = post(url, request)[1]["choices"][0]["token_ids"]
+        psutil.Process(seat_pid(daemon, 1)).kill()
+        failed = wait_for("phase failed", lambda: (kv := client.get(keys.root + "status/recovery"))
+                          and json.loads(kv.value)["phase"] == "failed" and json.loads(kv.value))
+        assert failed["gen"] == 1
+        plan = wait_for("gen 2", lambda: [x for x in plans(client, keys) if x.gen == 2], timeout=30)[0]
+        assert len(plan.ranks) == 2 and "seat left out" in plan.reason
+        wait_for("serving gen 2", lambda: (kv := client.get(keys.root + "status/recovery"))
+                 and json.loads(kv.value)["phase"] == "serving" and json.loads(kv.value)["gen"] == 2, timeout=60)
+        assert post(url, request)[1]["choices"][0]["token_ids"] == reference
+        assert len(workers(daemon)) == 2
+    finally:
+        daemon.stop()
+
+
 def test_sigterm_drains_then_leaves_and_peers_replan_at_once(etcd: EtcdCluster, client: EtcdClient,
                                                              cluster_name: str, tmp_path: Path) -> None:
     """a and b hold one TP=2 replica each. SIGTERM b mid-stream: b's replica refuses new requests
