@@ -17,6 +17,7 @@ from typing import Any
 from rallypoint.groups.group import Group
 
 _HISTORY = 256
+_WARMUP = 4  # a group's first collectives set up its connections (NCCL: lazily, 0.1-1 s): not learned
 
 
 class Op:
@@ -79,6 +80,8 @@ class Tracker:
         key = id(rec.group)
         if rec.seq > self.completed.get(key, 0):
             self.completed[key] = rec.seq
+        if rec.seq <= _WARMUP:
+            return  # one warm-up outlier would raise the deadline to k times it for ~100 calls
         hist = self._history.get((rec.op, rec.nbytes.bit_length()))
         if hist is None:
             hist = self._history.setdefault((rec.op, rec.nbytes.bit_length()), deque(maxlen=_HISTORY))
