@@ -176,6 +176,8 @@ class WorkerConfig:
 
     Attributes:
         model: checkpoint directory (Hugging Face layout); unset: rendezvous only, no workers.
+        workload: ``serve`` the model; or ``allreduce-probe``: no model, every replica all-reduces
+            on its TP group in a loop (fabric burn-in, and recovery timed without model loading).
         dtype: weights' dtype; ``auto`` is bfloat16 on GPUs, float32 on CPU.
         max_batch: KV-cache rows per replica (requests decoded together).
         max_seq: positions per row (prompt + completion).
@@ -189,6 +191,7 @@ class WorkerConfig:
     """
 
     model: str | None = _opt(None, "str")
+    workload: str = _opt("serve", "choice", choices=("serve", "allreduce-probe"))
     dtype: str = _opt("auto", "choice", choices=("auto", "float32", "bfloat16", "float16"))
     max_batch: int = _opt(8, "int", ge=1)
     max_seq: int = _opt(512, "int", ge=16)

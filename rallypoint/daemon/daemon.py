@@ -72,7 +72,7 @@ class Daemon:
         self.stopping = threading.Event()
         self.generation: Plan | None = None
         self.channel: ChannelServer | None = None
-        self.supervisor = self._make_supervisor() if cfg.worker.model else None
+        self.supervisor = self._make_supervisor() if cfg.worker.model or cfg.worker.workload != "serve" else None
         self.bad_seats: dict[int, tuple[str, float | None]] = {}  # local rank -> (why, retry at)
         self._seat_lock = threading.Lock()
         self.machine = RecoveryMachine()
@@ -95,9 +95,9 @@ class Daemon:
         address = channel_address(cfg.state_dir, cfg.node)
         self.channel = ChannelServer(address, self._on_channel_message)
         device = "cuda" if cfg.layout.node_gpus() > 0 else "cpu"
-        command = WorkerCommand(cfg.cluster, ",".join(cfg.etcd.endpoints), cfg.node, str(w.model), device, w.dtype,
+        command = WorkerCommand(cfg.cluster, ",".join(cfg.etcd.endpoints), cfg.node, w.model or "", device, w.dtype,
                                 w.max_batch, w.max_seq, w.api_host, w.api_port,
-                                cfg.collectives.deadline_floor.total_seconds(), cfg.state_dir, address)
+                                cfg.collectives.deadline_floor.total_seconds(), cfg.state_dir, address, w.workload)
         return Supervisor(command, cfg.state_dir / "logs", self._on_worker_exit, w.restart_budget,
                           w.restart_window.total_seconds(), spares=cfg.layout.spares, channel=self.channel,
                           seat_params=command.seat_params)

@@ -251,6 +251,7 @@ class WorkerCommand:
     deadline_floor: float
     state_dir: Path
     channel: str | None = None
+    workload: str = "serve"
 
     def seat_params(self, local_rank: int) -> dict:
         """The seat's API port (``api_port + local_rank``, or 0 for a free one) and URL file."""
@@ -261,7 +262,8 @@ class WorkerCommand:
         argv = [sys.executable, "-m", "rallypoint.worker", "--cluster", self.cluster, "--endpoints", self.endpoints,
                 "--node", self.node, "--model", self.model, "--device", self.device, "--dtype", self.dtype,
                 "--max-batch", str(self.max_batch), "--max-seq", str(self.max_seq), "--api-host", self.api_host,
-                "--deadline-floor", str(self.deadline_floor), "--after-gen", str(after_gen), "--die-with-parent"]
+                "--deadline-floor", str(self.deadline_floor), "--after-gen", str(after_gen), "--die-with-parent",
+                "--workload", self.workload]
         if self.channel:
             argv += ["--channel", self.channel]
         if local_rank is None:

@@ -45,12 +45,13 @@ GROUPS_BUILT = "groups_built"        # one rank's groups for the generation are 
 SHARD_LOADED = "shard_loaded"        # one rank holds its weights (seconds=0 when they stayed)
 SERVING = "serving"                  # one rank entered the serving loop
 FIRST_TOKEN = "first_token"          # a driver committed the generation's first token
+FIRST_STEP = "first_step"            # the all-reduce probe's first call of the generation completed
 DRAINING = "draining"                # a node stopped admitting requests before leaving
 DRAINED = "drained"                  # its replicas finished (or the deadline passed)
 
 KINDS = (RANK_FAILED, SUSPECT_NAMED, ABORT_ORDERED, REPLACEMENT, SEAT_BAD, REPLAN_REQUESTED,
          PLAN_WRITTEN, CANNOT_PLAN, LAYOUT_OK, RELEASED, GROUPS_BUILT, SHARD_LOADED, SERVING, FIRST_TOKEN,
-         DRAINING, DRAINED)
+         FIRST_STEP, DRAINING, DRAINED)
 
 
 @dataclass(frozen=True)

@@ -90,8 +90,9 @@ class Worker:
             cluster=args.cluster, device=device, deadline_floor=args.deadline_floor,
             etcd=EtcdSettings(endpoints=endpoints_from(args.endpoints), request_timeout=2.0, retry_deadline=10.0),
             group_names=("tp", "pp")))
-        self.config = LlamaConfig.from_dir(args.model)
-        self.tokenizer = load_tokenizer(args.model)
+        self.probe = args.workload == "allreduce-probe"
+        self.config = None if self.probe else LlamaConfig.from_dir(args.model)
+        self.tokenizer = None if self.probe else load_tokenizer(args.model)
         self.controller = Controller(self.runtime.client, args.cluster, None, self._on_abort,
                                      lambda _: self._close_if_draining())
         self.events = EventLog(self.runtime.client, self.runtime.keys, by=args.node)
@@ -221,7 +222,8 @@ class Worker:
             except RallypointError:
                 continue
             try:
-                groups, loaded = self._configure_and_load(plan)
+                groups, loaded = (self.runtime.configure(plan, *self.seat), 0.0) if self.probe \
+                    else self._configure_and_load(plan)
             except GroupError as exc:
                 self.log.error("worker.configure_failed", gen=plan.gen, error=str(exc))
                 self.gen = plan.gen
@@ -236,6 +238,9 @@ class Worker:
             self.replica = plan.replica_of(groups.rank)
             self.events.emit(plan.gen, ev.GROUPS_BUILT, rank=groups.rank, carried=list(groups.carried))
             self.events.emit(plan.gen, ev.SHARD_LOADED, rank=groups.rank, seconds=round(loaded, 4))
+            if self.probe:
+                self._run_probe(plan, groups)
+                continue
             is_driver = groups.is_first_stage and groups.tp_rank == 0
             if is_driver:
                 if self.driver is None:
@@ -261,6 +266,29 @@ class Worker:
                 self.log.warning("worker.generation_aborted", gen=plan.gen, reason=str(exc),
                                  held=[r.id for r in held])
         return 0
+
+    def _run_probe(self, plan: Plan, groups: GroupSet) -> None:
+        """``allreduce-probe``: all-reduce on the TP group until the next plan or an abort."""
+        from rallypoint.worker.probe import probe_generation
+
+        self.state = "serving"
+        self.events.emit(plan.gen, ev.SERVING, rank=groups.rank, driver=False)
+
+        def first(at: float) -> None:
+            if groups.tp_rank == 0:
+                self.events.emit(plan.gen, ev.FIRST_STEP, at=at, rank=groups.rank, replica=self.replica)
+
+        def newer() -> bool:
+            latest = self.controller.latest()
+            return latest is not None and latest.gen > plan.gen
+
+        try:
+            res = probe_generation(self.runtime.comm, groups, self.runtime.device, newer, self.stopping.is_set, first)
+            self.log.info("worker.probe_switch", gen=plan.gen, calls=res.calls, wrong=res.wrong)
+        except GenerationAborted as exc:
+            self.state = "recovering"
+            self.runtime.abort_generation(plan.gen, f"probe abandoned: {exc.reason}")
+            self.log.warning("worker.generation_aborted", gen=plan.gen, reason=str(exc))
 
     def _should_switch(self) -> bool:
         """Called by the driver after every step: generation switch, first token, drain."""
@@ -367,7 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spare", action="store_true",
                     help="start warm and wait for rallyd to hand over a seat (needs --channel)")
     ap.add_argument("--channel", help="rallyd's local control socket (a path, or @name)")
-    ap.add_argument("--model", required=True, help="Hugging Face-style checkpoint directory")
+    ap.add_argument("--model", default="", help="Hugging Face-style checkpoint directory (serve)")
+    ap.add_argument("--workload", default="serve", choices=("serve", "allreduce-probe"),
+                    help="serve the model, or all-reduce on the TP group in a loop (no model)")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda (the seat's GPU)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--deadline-floor", type=float, default=1.0)
@@ -385,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give exactly one of --local-rank and --spare")
     if args.spare and not args.channel:
         ap.error("--spare needs --channel")
+    if args.workload == "serve" and not args.model:
+        ap.error("--model is needed to serve (or give --workload allreduce-probe)")
     if args.die_with_parent:
         die_with_parent()
         if os.getppid() == 1:
