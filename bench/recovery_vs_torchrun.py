@@ -39,6 +39,8 @@ from datetime import date
 from importlib.metadata import version
 from pathlib import Path
 
+import psutil
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -52,7 +54,7 @@ from rallypoint.testing.daemons import DaemonProcess, daemon_args, wait_file  # 
 from rallypoint.testing.etcd_server import EtcdCluster  # noqa: E402
 from rallypoint.worker.checkpoint import make_model  # noqa: E402
 
-RESUME_TIMEOUT = 60.0
+RESUME_TIMEOUT = 120.0
 PROMPT = "the quick brown fox jumps over the lazy dog"
 
 
@@ -60,6 +62,7 @@ PROMPT = "the quick brown fox jumps over the lazy dog"
 class Kill:
     at: float
     resumed_after: float | None  # seconds; None: not resumed within RESUME_TIMEOUT
+    attempts: int = 1  # torchrun: restarts it took (failed ones included); rallypoint: generations
 
 
 @dataclass
@@ -76,6 +79,7 @@ class Run:
         return {"system": self.system, "workload": self.workload, "kills": len(self.kills),
                 "resumed": len(got), "median_s": round(statistics.median(got), 3) if got else None,
                 "p95_s": round(pct(got, 95), 3) if got else None, "max_s": round(got[-1], 3) if got else None,
+                "attempts": sum(k.attempts for k in self.kills),
                 "requests": self.requests, "identical": self.identical, "in_flight_kept": self.in_flight_kept}
 
 
@@ -91,6 +95,21 @@ def kill_pid(pid: int) -> float:
     return t
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and every worker it started (they run in sessions of their own)."""
+    try:
+        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    psutil.wait_procs(procs, timeout=10)
+
+
 def wait(what: str, check, timeout: float = RESUME_TIMEOUT, every: float = 0.005):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -103,11 +122,12 @@ def wait(what: str, check, timeout: float = RESUME_TIMEOUT, every: float = 0.005
 
 # -- torchrun -----------------------------------------------------------------------------------
 
-def run_torchrun(workload: str, kills: int, root: Path, model: Path, rng: random.Random, say) -> Run:
+def run_torchrun(workload: str, kills: int, root: Path, model: Path, rng: random.Random, say,
+                 stock: bool = False) -> Run:
     notes = root / f"torchrun-{workload}.jsonl"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "--max-restarts", str(kills * 5), str(ROOT / "bench" / "workloads" / "torchrun_rank.py"),
-           "--workload", workload, "--notes", str(notes), "--model", str(model)]
+           "--workload", workload, "--notes", str(notes), "--model", str(model), *(["--stock"] if stock else [])]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with open(root / f"torchrun-{workload}.log", "ab") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
@@ -116,7 +136,7 @@ def run_torchrun(workload: str, kills: int, root: Path, model: Path, rng: random
     def read() -> list[dict]:
         return [json.loads(x) for x in notes.read_text().splitlines() if x.strip()] if notes.exists() else []
 
-    run = Run("torchrun", workload, in_flight_kept="no (program restarted)" if workload == "serve" else "-")
+    run = Run("torchrun (stock init)" if stock else "torchrun", workload, in_flight_kept="no (program restarted)" if workload == "serve" else "-")
     try:
         wait("torchrun's first step", lambda: any(n["kind"] == "first_step" for n in read()), 120)
         restart = 0
@@ -128,15 +148,15 @@ def run_torchrun(workload: str, kills: int, root: Path, model: Path, rng: random
             try:
                 nxt = wait("torchrun resumed", lambda: next((n for n in read() if n["kind"] == "first_step"
                                                             and n["restart"] > restart), None))
-                run.kills.append(Kill(at, nxt["at"] - at))
+                run.kills.append(Kill(at, nxt["at"] - at, nxt["restart"] - restart))
                 restart = nxt["restart"]
             except TimeoutError:
                 run.kills.append(Kill(at, None))
                 break
-            say(f"torchrun {workload} kill {i + 1}: resumed after {run.kills[-1].resumed_after:.3f}s")
+            say(f"torchrun {workload} kill {i + 1}: resumed after {run.kills[-1].resumed_after:.3f}s "
+                f"(restart {restart}: {run.kills[-1].attempts} attempt(s))")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_tree(proc)
     return run
 
 
@@ -214,7 +234,7 @@ def run_rallypoint(workload: str, kills: int, root: Path, model: Path, etcd: Etc
             at = kill_pid(pid)
             try:
                 resumed = wait("rallypoint resumed", lambda: first_after(g), every=0.02)
-                run.kills.append(Kill(at, resumed - at))
+                run.kills.append(Kill(at, resumed - at, gen() - g))
             except TimeoutError:
                 run.kills.append(Kill(at, None))
                 break
@@ -237,12 +257,13 @@ def run_rallypoint(workload: str, kills: int, root: Path, model: Path, etcd: Etc
 # -- report -------------------------------------------------------------------------------------
 
 def table(rows: list[dict]) -> str:
-    head = ["workload", "system", "kills", "resumed", "kill->resumed median", "p95", "max", "in-flight request"]
+    head = ["workload", "system", "kills", "resumed", "kill->resumed median", "p95", "max", "restarts / generations",
+            "in-flight request"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         f = (lambda v: "-" if v is None else f"{v:.3f} s")
         out.append(f"| {r['workload']} | {r['system']} | {r['kills']} | {r['resumed']} | {f(r['median_s'])} | "
-                   f"{f(r['p95_s'])} | {f(r['max_s'])} | {r['in_flight_kept']} |")
+                   f"{f(r['p95_s'])} | {f(r['max_s'])} | {r['attempts']} | {r['in_flight_kept']} |")
     return "\n".join(out)
 
 
@@ -252,6 +273,8 @@ def main() -> int:
     ap.add_argument("--workloads", default="loop,serve")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--stock", action="store_true",
+                    help="torchrun programs call plain init_process_group('gloo') (no store prefix per restart)")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # both systems: one thread per rank on a small host
     root = Path(tempfile.mkdtemp(prefix="rallypoint-vs-torchrun-"))
@@ -266,7 +289,7 @@ def main() -> int:
     runs: list[Run] = []
     try:
         for workload in args.workloads.split(","):
-            runs.append(run_torchrun(workload, args.kills, root, model, rng, say))
+            runs.append(run_torchrun(workload, args.kills, root, model, rng, say, args.stock))
             runs.append(run_rallypoint(workload, args.kills, root, model, etcd, rng, say))
     finally:
         etcd.stop()

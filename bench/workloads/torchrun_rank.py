@@ -7,7 +7,9 @@
 Two CPU ranks on gloo, one ``init_process_group``. ``loop``: all-reduce a 4 KiB tensor over
 and over, checking the sum, as rallypoint's ``allreduce-probe`` does. ``serve``: the tiny model at
 TP=2 (rallypoint's own model code, so the compute is the same), greedy 64-token completions one
-after another. Each process appends JSON lines to ``--notes``: when it started (pid, torchrun's
+after another. The group is built over torchrun's store with a key prefix per restart (the
+stock ``init_process_group("gloo")`` is ``--stock``: its restarts often fail, see RESULTS.md), so
+torchrun is measured at its best. Each process appends JSON lines to ``--notes``: when it started (pid, torchrun's
 restart count) and when its first all-reduce, or its first token, of that start completed. A
 request in flight when a rank dies is lost: torchrun restarts every worker and the program
 starts over.
@@ -19,6 +21,7 @@ import argparse
 import json
 import os
 import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -43,10 +46,20 @@ def main() -> int:
     ap.add_argument("--notes", required=True)
     ap.add_argument("--model", default="")
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--stock", action="store_true", help="plain init_process_group('gloo') (see below)")
     args = ap.parse_args()
-    dist.init_process_group("gloo")
-    rank, size = dist.get_rank(), dist.get_world_size()
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if args.stock:
+        dist.init_process_group("gloo")
+    else:
+        # The group's keys under a prefix of their own per restart: with the stock call, a
+        # restarted worker can read the previous attempt's gloo addresses from torchrun's store
+        # (connection refused, another restart) or wait for them until the group's timeout.
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size, is_master=False,
+                              timeout=timedelta(seconds=60))
+        dist.init_process_group("gloo", store=dist.PrefixStore(f"restart-{restart}", store), rank=rank,
+                                world_size=size)
     notes = open(args.notes, "a")
 
     def note(kind: str, **kw: object) -> None:

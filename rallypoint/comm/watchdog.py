@@ -2,7 +2,8 @@
 
 It sweeps the tracker every ``interval`` (polling completion handles, learning durations), trips the
 oldest pending collective of any group once it is older than ``max(floor, k * p99)``, and publishes
-this rank's progress and heartbeat to the board every ``publish_every`` seconds.
+this rank's progress and heartbeat to the board every ``publish_every`` seconds, from a thread
+of its own so that a slow etcd never delays a sweep.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from rallypoint.errors import RallypointError
 from rallypoint.log import get_logger
 
 log = get_logger("watchdog")
+LONG_WAIT = 3.0  # seconds: a pending collective this old, not yet past its deadline, is logged
 
 
 class Watchdog(threading.Thread):
@@ -34,28 +36,42 @@ class Watchdog(threading.Thread):
         self.trips = 0
         self._halt = threading.Event()
         self._last_publish = 0.0
+        self._told: object | None = None
 
     def stop(self) -> None:
         self._halt.set()
 
     def run(self) -> None:
+        if self.publish_every:
+            # Publishing waits on etcd (retries included, seconds in an outage); sweeping must not.
+            threading.Thread(target=self._publish_loop, name="rallypoint-progress", daemon=True).start()
         while not self._halt.wait(self.interval):
             try:
                 self.check()
             except Exception:  # the watchdog must outlive any one bad sweep
                 log.exception("watchdog.sweep_failed")
 
+    def _publish_loop(self) -> None:
+        while not self._halt.wait(self.publish_every):
+            try:
+                self.publish()
+            except Exception:
+                log.exception("watchdog.publish_failed")
+
     def check(self) -> None:
-        """One sweep: trip what is overdue, publish progress when due."""
+        """One sweep: trip what is overdue."""
         tracker = self.comm.tracker
         now = time.monotonic()
         for op in tracker.sweep():
             waited = now - op.start
-            if waited > tracker.deadline(op):
+            deadline = tracker.deadline(op)
+            if waited > deadline:
                 self.trips += 1
                 self.comm.trip(op, waited)
-        if self.publish_every and now - self._last_publish >= self.publish_every:
-            self.publish()
+            elif waited > LONG_WAIT and op is not self._told:
+                self._told = op  # once per op: a wait this long under its deadline is worth a look
+                log.warning("watchdog.long_wait", group=op.group.label, seq=op.seq, op=op.op,
+                            waited=round(waited, 3), deadline=round(deadline, 3))
 
     def publish(self) -> None:
         """Publish this rank's progress and heartbeat now (also called when a generation starts)."""

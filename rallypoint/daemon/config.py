@@ -188,6 +188,9 @@ class WorkerConfig:
             after one window.
         drain_timeout: on SIGTERM, how long this node's replicas get to finish the requests in
             flight before it leaves anyway (keep under systemd's ``TimeoutStopSec``).
+        stall_timeout: a seat's worker that sends no heartbeat (every 0.5 s) for this long is
+            frozen (stopped, stuck in the kernel, its interpreter wedged) and is replaced, even
+            when no collective of its peers is waiting on it; 0 turns the check off.
     """
 
     model: str | None = _opt(None, "str")
@@ -200,6 +203,7 @@ class WorkerConfig:
     restart_budget: int = _opt(5, "int", ge=0)
     restart_window: timedelta = _opt(_secs(60.0), "seconds", gt=0)
     drain_timeout: timedelta = _opt(_secs(30.0), "seconds", ge=0)
+    stall_timeout: timedelta = _opt(_secs(3.0), "seconds", ge=0)
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ class Daemon:
         record = local_record(cfg.node, cfg.address, cfg.layout.node_gpus(), cfg.layout.node_slots())
         self.events = EventLog(self.client, ClusterKeys(cfg.cluster), by=cfg.node)
         self.rendezvous = Rendezvous(self.client, settings, record, on_release=self._on_release,
-                                     on_event=self.events.emit)
+                                     on_event=self.events.emit, on_lost=self._nodes_lost)
         self.keys = self.rendezvous.keys
         self.stopping = threading.Event()
         self.generation: Plan | None = None
@@ -86,6 +86,8 @@ class Daemon:
         self.gpu_health: GpuHealth | None = None
         self._watches: list = []
         self._status_at = 0.0
+        self._beats: dict[int, float] = {}  # worker pid -> when its last heartbeat came (monotonic)
+        self._last_cycle = time.monotonic()
 
     # -- workers ----------------------------------------------------------------------------
 
@@ -106,6 +108,7 @@ class Daemon:
         if msg.get("op") == "hello":
             self.log.info("rallyd.worker_connected", pid=peer.pid, role=peer.role, local_rank=peer.local_rank)
         elif msg.get("op") == "beat":
+            self._beats[peer.pid] = time.monotonic()
             self.metrics.beat(peer, msg.get("counts"))
 
     def _seat_rank(self, plan: Plan, local_rank: int | None) -> int:
@@ -159,6 +162,18 @@ class Daemon:
         except RallypointError as exc:
             self.log.error("rallyd.replan_request_failed", gen=plan.gen, error=str(exc))
 
+    def _nodes_lost(self, plan: Plan, nodes: list[str]) -> None:
+        """(Leader) ``nodes`` of ``plan`` are gone: abort the groups that contain their ranks."""
+        ranks = [s.rank for s in plan.ranks if s.node in nodes]
+        if not ranks:
+            return
+        reason = f"node(s) {','.join(nodes)} left: rank(s) {ranks} of gen {plan.gen} gone"
+        try:
+            order_abort(self.client, self.keys, plan.gen, ranks, reason)
+            self.events.emit(plan.gen, ev.ABORT_ORDERED, ranks=ranks, reason=reason)
+        except RallypointError as exc:
+            self.log.error("rallyd.abort_order_failed", gen=plan.gen, error=str(exc))
+
     def _mark_bad(self, local_rank: int, why: str, retry_after: float | None, gen: int) -> None:
         """Take seat ``local_rank`` out of placement (for ``retry_after`` seconds, or until restart)."""
         with self._seat_lock:
@@ -188,6 +203,37 @@ class Daemon:
             return ""
         self._publish_seats()
         return f"seat(s) {due} back in placement after their window"
+
+    def _check_stalls(self) -> str:
+        """Kill a seat's worker whose heartbeats stopped (the exit path replaces it): a frozen
+        process between two collectives trips no peer's deadline."""
+        limit = self.cfg.worker.stall_timeout.total_seconds()
+        now = time.monotonic()
+        gap, self._last_cycle = now - self._last_cycle, now
+        if not limit or self.supervisor is None or gap > limit / 2:
+            return ""  # off, or this daemon was not running itself: its view of the beats is stale
+        alive = self.supervisor.alive()
+        for pid in set(self._beats) - {w.pid for w in alive.values()}:
+            del self._beats[pid]  # gone, or a spare not yet adopted
+        for lr, w in alive.items():
+            last = self._beats.get(w.pid)
+            if last is None or now - last <= limit:
+                continue
+            silent = now - last
+            plan = self.generation
+            why = f"no heartbeat for {silent:.1f}s (process {w.state()})"
+            self.log.warning("rallyd.worker_stalled", local_rank=lr, pid=w.pid, silent=round(silent, 2),
+                             process=w.state())
+            if plan is not None:
+                self.events.emit(plan.gen, ev.SUSPECT_NAMED, seat=f"{self.cfg.node}/{lr}", verdict="stuck",
+                                 why=why, group="heartbeat")
+            del self._beats[w.pid]
+            try:
+                os.kill(w.pid, signal.SIGKILL)  # reported by the watcher like any exit
+            except ProcessLookupError:
+                pass
+            return f"killed worker {lr} (pid {w.pid}): {why}"
+        return ""
 
     def _check_gpus(self) -> None:
         """Poll NVML once a second; an unhealthy GPU's worker is killed and its seat left out."""
@@ -382,10 +428,11 @@ class Daemon:
     def run_cycle(self) -> str:
         """One loop step; returns what it did."""
         try:
+            stalled = self._check_stalls()
             said = self.rendezvous.run_cycle()
             self._publish_status()
             retried = self._retry_bad_seats()
-            said = f"{said}; {retried}" if retried else said
+            said = "; ".join(x for x in (stalled, said, retried) if x)
             self._etcd_ok = True
         except EtcdUnavailable as exc:
             self._etcd_ok = False

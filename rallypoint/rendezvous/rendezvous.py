@@ -53,8 +53,10 @@ class Rendezvous:
 
     def __init__(self, client: EtcdClient, settings: RendezvousSettings, record: NodeRecord,
                  on_release: Callable[[Plan], None] | None = None,
-                 on_event: Callable[..., object] | None = None) -> None:
+                 on_event: Callable[..., object] | None = None,
+                 on_lost: Callable[[Plan, list[str]], None] | None = None) -> None:
         self.client = client
+        self.on_lost = on_lost  # on_lost(plan, nodes): the leader re-plans without nodes of ``plan``
         self.on_event = on_event  # on_event(gen, kind, **detail): recovery events (leader's steps)
         self.settings = settings
         self.record = record
@@ -368,6 +370,11 @@ class Rendezvous:
             return ""
         self._last_problem = ""
         self._capacity_changed = False
+        lost = sorted(set(current.members) - live) if current is not None else []
+        if lost and self.on_lost is not None:
+            # Their ranks' peers may be blocked on them in a collective that no error will end
+            # (NCCL does not see a dead peer): have the groups that contain them aborted now.
+            self.on_lost(current, lost)
         return self._write_plan(plan)
 
     def _placeable(self) -> list[NodeRecord]:

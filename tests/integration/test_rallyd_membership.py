@@ -10,8 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from rallypoint.recovery import events as ev
+from rallypoint.recovery.events import read_events
 from rallypoint.rendezvous.etcd import EtcdClient
 from rallypoint.rendezvous.records import ClusterKeys, Plan
+from rallypoint.worker.control import abort_key
 from rallypoint.testing.daemons import DaemonProcess, daemon_args, scrape_metrics
 from rallypoint.testing.etcd_server import EtcdCluster
 
@@ -58,6 +61,12 @@ def test_failed_node_leaves_within_ttl(spawn, client: EtcdClient, cluster_name: 
     assert gone <= TTL + 0.5, f"node b left {gone:.2f}s after the signal"
     a.wait_log("left b", timeout=5)
     assert latest_plan(client, keys).members == ("a",)
+    # b's ranks of gen 1 are ordered aborted (peers blocked on them in NCCL would never error out)
+    gen1 = Plan.from_json(keys.plan(1), client.get(keys.plan(1)).value)
+    b_ranks = [s.rank for s in gen1.ranks if s.node == "b"]
+    aborts = [e for e in read_events(client, keys, 1) if e.kind == ev.ABORT_ORDERED]
+    assert [e.detail["ranks"] for e in aborts] == [b_ranks] and "node(s) b left" in aborts[0].detail["reason"]
+    assert client.get(abort_key(keys, 1, b_ranks)) is not None
 
 
 def test_clean_leave_on_sigterm_replans_at_once(spawn, client: EtcdClient, cluster_name: str) -> None:

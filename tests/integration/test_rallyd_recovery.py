@@ -5,6 +5,7 @@ comes back (grow back); SIGTERM drains; the etcd leader dies in the middle of a 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -198,6 +199,40 @@ def test_spent_budget_where_no_shrink_fits_replans_when_the_seat_is_back(
                  and json.loads(kv.value)["phase"] == "serving" and json.loads(kv.value)["gen"] == 2, timeout=60)
         assert post(url, request)[1]["choices"][0]["token_ids"] == reference
         assert len(workers(daemon)) == 2
+    finally:
+        daemon.stop()
+
+
+def test_a_frozen_replica_is_replaced_when_its_heartbeats_stop(etcd: EtcdCluster, client: EtcdClient,
+                                                              cluster_name: str, tmp_path: Path) -> None:
+    """Both ranks of the replica are SIGSTOPped: no collective is left to trip a deadline, but
+    the workers' heartbeats to rallyd stop, and after ``stall_timeout`` (2 s here) rallyd kills
+    and replaces them; the next generation serves the failure-free tokens."""
+    model = make_model(tmp_path / "model", "tiny", seed=10)
+    keys = ClusterKeys(cluster_name)
+    args = daemon_args(etcd.endpoints, cluster_name, "--tp", "2", "--cpu-ranks", "2",
+                       "--state-dir", str(tmp_path / "a"), "--worker-model", str(model),
+                       "--worker-stall-timeout", "2")
+    daemon = DaemonProcess("a", args, tmp_path / "a.log").start()
+    try:
+        url = wait_file(tmp_path / "a" / "api-0.url")
+        request = {"prompt": "frozen replica", "max_tokens": 10}
+        reference = post(url, request)[1]["choices"][0]["token_ids"]
+        frozen = [seat_pid(daemon, 0), seat_pid(daemon, 1)]
+        t0 = time.monotonic()
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        daemon.wait_log('"rallyd.worker_stalled"', timeout=15)
+        took = time.monotonic() - t0
+        assert 2.0 <= took < 8.0, took
+        wait_for("gen 2", lambda: [x for x in plans(client, keys) if x.gen == 2], timeout=30)
+        named = [e for e in read_events(client, keys, 1) if e.kind == ev.SUSPECT_NAMED]
+        assert named and all(e.detail["group"] == "heartbeat" and "no heartbeat" in e.detail["why"] for e in named)
+        wait_for("the frozen workers gone", lambda: not any(psutil.pid_exists(p) for p in frozen), timeout=10)
+        wait_for("serving", lambda: (kv := client.get(keys.root + "status/recovery"))
+                 and json.loads(kv.value)["phase"] == "serving" and json.loads(kv.value)["gen"] >= 2, timeout=60)
+        url = wait_file(tmp_path / "a" / "api-0.url")
+        assert post(url, request)[1]["choices"][0]["token_ids"] == reference
     finally:
         daemon.stop()
 
