@@ -224,7 +224,7 @@ def test_a_frozen_replica_is_replaced_when_its_heartbeats_stop(etcd: EtcdCluster
             os.kill(pid, signal.SIGSTOP)
         daemon.wait_log('"rallyd.worker_stalled"', timeout=15)
         took = time.monotonic() - t0
-        assert 2.0 <= took < 8.0, took
+        assert 1.5 <= took < 8.0, took  # the last beat came up to 0.5 s before the stop
         wait_for("gen 2", lambda: [x for x in plans(client, keys) if x.gen == 2], timeout=30)
         named = [e for e in read_events(client, keys, 1) if e.kind == ev.SUSPECT_NAMED]
         assert named and all(e.detail["group"] == "heartbeat" and "no heartbeat" in e.detail["why"] for e in named)
