@@ -144,7 +144,7 @@ class RecoveryMachine:
         if e.kind == ev.SHARD_LOADED:
             return LOADING if self.phase == REBUILDING else None
         all_serving = e.kind == ev.SERVING and len(self._serving.get(e.gen, ())) >= self._world.get(e.gen, 1 << 30)
-        if e.kind == ev.FIRST_TOKEN or all_serving:
+        if e.kind in (ev.FIRST_TOKEN, ev.FIRST_STEP) or all_serving:
             return SERVING if self.phase in (REBUILDING, LOADING) else None
         return None
 
@@ -211,5 +211,6 @@ def breakdown(events: list[Event], failed_gen: int, t0: float | None = None) -> 
         "groups_built": last(ev.GROUPS_BUILT, new_gen),
         "shard_loaded": last(ev.SHARD_LOADED, new_gen),
         "serving": last(ev.SERVING, new_gen),
-        "first_token": first(ev.FIRST_TOKEN, new_gen),
+        "first_token": first(ev.FIRST_TOKEN, new_gen) if any(x.kind == ev.FIRST_TOKEN for x in events)
+        else first(ev.FIRST_STEP, new_gen),  # the all-reduce probe's first call
     }
