@@ -34,6 +34,7 @@ class Frontend:
         state: returns ("serving" | "recovering" | "starting" | ..., generation).
         max_tokens_limit: the largest ``max_tokens`` accepted (context permitting).
         max_context: prompt + max_tokens must fit.
+        eos: the end-of-sequence token id, if the tokenizer has one.
     """
 
     queue: RequestQueue
@@ -45,6 +46,7 @@ class Frontend:
     max_tokens_limit: int = 4096
     max_context: int = 2048
     request_timeout: float = 600.0
+    eos: int | None = None
     started: float = field(default_factory=time.time)
 
     def parse(self, body: bytes) -> tuple[Request, bool]:
@@ -79,9 +81,8 @@ class Frontend:
         resume = data.get("resume_tokens", [])
         if not (isinstance(resume, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in resume)):
             raise BadRequest("resume_tokens: expected a list of token ids")
-        if len(resume) >= max_tokens:
-            raise BadRequest(f"resume_tokens: {len(resume)} token(s) leave nothing to generate "
-                             f"(max_tokens {max_tokens})")
+        if len(resume) > max_tokens:
+            raise BadRequest(f"resume_tokens: {len(resume)} token(s) are more than max_tokens ({max_tokens})")
         if bad := [t for t in resume if not 0 <= t < self.vocab_size]:
             raise BadRequest(f"resume_tokens: token id {bad[0]} outside the vocabulary (0..{self.vocab_size - 1})")
         unknown = set(data) - {"prompt", "max_tokens", "temperature", "seed", "stream", "model", "n", "user",
@@ -92,7 +93,7 @@ class Frontend:
             raise BadRequest("n: only 1 is supported")
         req = Request(ids, SamplingParams(max_tokens, temperature, seed))
         if resume:
-            req.resume_from(resume)
+            req.resume_from(resume, self.eos)  # already complete (its driver died before [DONE]): done
         return req, stream
 
     def completion(self, req: Request, text: str, tokens: list[int], finish: str | None) -> dict[str, Any]:
@@ -152,7 +153,8 @@ class _Handler(JsonHandler):
             return
         try:
             req, stream = fe.parse(body)
-            fe.queue.submit(req)
+            if not req.done:
+                fe.queue.submit(req)
         except BadRequest as exc:
             return self.send_error_body(400, str(exc))
         except QueueFull as exc:

@@ -207,7 +207,7 @@ class Worker:
             return
         fe = Frontend(queue=self.queue, encode=self.tokenizer.encode, decode=self.tokenizer.decode,
                       vocab_size=self.config.vocab_size, state=lambda: (self.state, self.gen),
-                      max_context=self.settings.max_seq)
+                      max_context=self.settings.max_seq, eos=self.settings.eos)
         self.api = ApiServer(fe, self.args.api_host, self.args.api_port)
         self.api.serve_in_thread()
         if self.args.api_url_file:

@@ -122,12 +122,18 @@ class Request:
             self.resumed += 1
             self.fed = 0 if self.committed else None
 
-    def resume_from(self, delivered: list[int]) -> None:
+    def resume_from(self, delivered: list[int], eos: int | None = None) -> None:
         """Continue a request another replica began (its driver died after ``delivered`` reached
-        the client): the tokens are replayed like a rollback's, then generation goes on."""
+        the client): the tokens are replayed like a rollback's, then generation goes on. When
+        ``delivered`` already completes it (its last token, or an end of sequence, reached the
+        client but the end of the stream did not), it is finished as it is."""
         self.committed = list(delivered)
         self.fed = 0 if delivered else None
         self.resumed += 1
+        if delivered and self.params.stop_at_eos and eos is not None and delivered[-1] == eos:
+            self.finish_reason = "stop"
+        elif len(delivered) >= self.params.max_tokens:
+            self.finish_reason = "length"
 
     def fail(self, why: str) -> None:
         with self._cond:

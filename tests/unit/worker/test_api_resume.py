@@ -1,0 +1,68 @@
+"""A resumed request whose tokens already complete it: the replica's API finishes it at once.
+
+A driver can die after the last token reached the client but before the end of the stream; the
+gateway then re-sends the request with every token as ``resume_tokens``. That is a finished
+request, not a bad one. (In-process HTTP server, no model: nothing may reach the queue.)"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+
+from rallypoint.worker.api import ApiServer, Frontend
+from rallypoint.worker.checkpoint import ByteTokenizer
+from rallypoint.worker.requests import RequestQueue
+
+
+@pytest.fixture
+def api():
+    tok = ByteTokenizer()
+    fe = Frontend(queue=RequestQueue(), encode=tok.encode, decode=tok.decode, vocab_size=tok.vocab_size,
+                  state=lambda: ("serving", 3), eos=tok.eos_id)
+    server = ApiServer(fe)
+    server.serve_in_thread()
+    yield server, fe, tok
+    server.shutdown()
+    server.server_close()
+
+
+def post(url: str, body: dict) -> tuple[int, list[dict]]:
+    req = urllib.request.Request(url + "/v1/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            text = r.read().decode()
+            if body.get("stream"):
+                return r.status, [json.loads(x[6:]) for x in text.split("\n\n") if x.startswith("data: {")]
+            return r.status, [json.loads(text)]
+    except urllib.error.HTTPError as exc:
+        return exc.code, [json.loads(exc.read())]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_all_max_tokens_delivered_finishes_with_length(api, stream: bool) -> None:
+    server, fe, tok = api
+    status, chunks = post(server.url, {"prompt": "hi", "max_tokens": 4, "resume_tokens": [104, 105, 33, 33],
+                                       "stream": stream})
+    assert status == 200 and chunks[-1]["choices"][0]["finish_reason"] == "length"
+    if stream:
+        assert all(c["choices"][0]["token_ids"] == [] for c in chunks)  # nothing generated again
+    assert fe.queue.waiting == 0 and fe.queue.counts.get("accepted", 0) == 0
+
+
+def test_an_end_of_sequence_delivered_finishes_with_stop(api) -> None:
+    server, fe, tok = api
+    status, chunks = post(server.url, {"prompt": "hi", "max_tokens": 8, "resume_tokens": [104, tok.eos_id],
+                                       "stream": True})
+    assert status == 200 and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert fe.queue.waiting == 0
+
+
+def test_more_resume_tokens_than_max_tokens_is_a_clear_400(api) -> None:
+    server, fe, _ = api
+    status, body = post(server.url, {"prompt": "hi", "max_tokens": 2, "resume_tokens": [1, 2, 3]})
+    assert status == 400 and "3 token(s) are more than max_tokens (2)" in body[0]["error"]["message"]
+    assert fe.queue.waiting == 0
