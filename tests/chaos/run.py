@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             chaos.soak(args.soak, args.mtbf, rng, SOAK, stop_by)
         if time.monotonic() >= stop_by:
             say(f"budget of {args.budget:g}s spent: no more faults")
-    except Exception as exc:  # the runner itself broke: still report what ran
+    except (Exception, KeyboardInterrupt) as exc:  # the runner broke, or Ctrl-C: still report what ran
         aborted = f"{type(exc).__name__}: {exc}"
         say(f"ABORTED: {aborted}")
     finally:
