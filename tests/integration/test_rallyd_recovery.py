@@ -237,6 +237,30 @@ def test_a_frozen_replica_is_replaced_when_its_heartbeats_stop(etcd: EtcdCluster
         daemon.stop()
 
 
+def test_the_allreduce_probe_runs_without_a_model_and_resumes_after_a_kill(
+        etcd: EtcdCluster, client: EtcdClient, cluster_name: str, tmp_path: Path) -> None:
+    """``[worker] workload = "allreduce-probe"``: no model; the TP group all-reduces in a loop.
+    A SIGKILLed rank's seat is restarted and the next generation's first all-reduce completes."""
+    keys = ClusterKeys(cluster_name)
+    args = daemon_args(etcd.endpoints, cluster_name, "--tp", "2", "--cpu-ranks", "2",
+                       "--state-dir", str(tmp_path / "a"), "--worker-workload", "allreduce-probe")
+    daemon = DaemonProcess("a", args, tmp_path / "a.log").start()
+
+    def first_steps() -> list:
+        return [e for e in read_events(client, keys) if e.kind == ev.FIRST_STEP]
+
+    try:
+        wait_for("gen 1's first all-reduce", lambda: [x for x in first_steps() if x.gen == 1], timeout=60)
+        victim = seat_pid(daemon, 1)
+        psutil.Process(victim).kill()
+        resumed = wait_for("gen 2's first all-reduce", lambda: [x for x in first_steps() if x.gen == 2], timeout=60)
+        assert resumed[0].detail["rank"] == 0
+        assert any(x.gen == 1 and x.kind == ev.RANK_FAILED for x in read_events(client, keys, 1))
+        assert not (tmp_path / "a" / "api-0.url").exists()  # no model, no API
+    finally:
+        daemon.stop()
+
+
 def test_sigterm_drains_then_leaves_and_peers_replan_at_once(etcd: EtcdCluster, client: EtcdClient,
                                                              cluster_name: str, tmp_path: Path) -> None:
     """a and b hold one TP=2 replica each. SIGTERM b mid-stream: b's replica refuses new requests
