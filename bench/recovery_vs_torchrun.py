@@ -39,8 +39,6 @@ from datetime import date
 from importlib.metadata import version
 from pathlib import Path
 
-import psutil
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -50,11 +48,12 @@ from rallypoint.recovery import events as ev  # noqa: E402
 from rallypoint.recovery.events import read_events  # noqa: E402
 from rallypoint.rendezvous.etcd import EtcdClient, EtcdSettings  # noqa: E402
 from rallypoint.rendezvous.records import ClusterKeys, Plan  # noqa: E402
-from rallypoint.testing.daemons import DaemonProcess, daemon_args, wait_file  # noqa: E402
+from rallypoint.testing.daemons import DaemonProcess, daemon_args, kill_tree, wait_file, wait_for  # noqa: E402
 from rallypoint.testing.etcd_server import EtcdCluster  # noqa: E402
 from rallypoint.worker.checkpoint import make_model  # noqa: E402
 
 RESUME_TIMEOUT = 120.0
+POLL = 0.005  # seconds between looks at the notes / events
 PROMPT = "the quick brown fox jumps over the lazy dog"
 
 
@@ -95,31 +94,6 @@ def kill_pid(pid: int) -> float:
     return t
 
 
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL torchrun and every worker it started (they run in sessions of their own)."""
-    try:
-        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        procs = []
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait()
-    psutil.wait_procs(procs, timeout=10)
-
-
-def wait(what: str, check, timeout: float = RESUME_TIMEOUT, every: float = 0.005):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(every)
-    raise TimeoutError(f"{what}: not within {timeout:g}s")
-
-
 # -- torchrun -----------------------------------------------------------------------------------
 
 def run_torchrun(workload: str, kills: int, root: Path, model: Path, rng: random.Random, say,
@@ -138,25 +112,28 @@ def run_torchrun(workload: str, kills: int, root: Path, model: Path, rng: random
 
     run = Run("torchrun (stock init)" if stock else "torchrun", workload, in_flight_kept="no (program restarted)" if workload == "serve" else "-")
     try:
-        wait("torchrun's first step", lambda: any(n["kind"] == "first_step" for n in read()), 120)
+        wait_for("torchrun's first step", lambda: any(n["kind"] == "first_step" for n in read()), 120, POLL)
         restart = 0
         for i in range(kills):
             time.sleep(rng.uniform(0.5, 1.0))
-            pid = wait("rank 1's pid", lambda: next((n["pid"] for n in read() if n["kind"] == "start"
-                                                     and n["rank"] == 1 and n["restart"] == restart), None))
+            pid = wait_for("rank 1's pid", lambda: next((n["pid"] for n in read() if n["kind"] == "start"
+                                                         and n["rank"] == 1 and n["restart"] == restart), None),
+                           RESUME_TIMEOUT, POLL)
             at = kill_pid(pid)
             try:
-                nxt = wait("torchrun resumed", lambda: next((n for n in read() if n["kind"] == "first_step"
-                                                            and n["restart"] > restart), None))
+                nxt = wait_for("torchrun resumed", lambda: next((n for n in read() if n["kind"] == "first_step"
+                                                                and n["restart"] > restart), None),
+                               RESUME_TIMEOUT, POLL)
                 run.kills.append(Kill(at, nxt["at"] - at, nxt["restart"] - restart))
                 restart = nxt["restart"]
-            except TimeoutError:
+            except AssertionError:  # wait_for's timeout
                 run.kills.append(Kill(at, None))
                 break
             say(f"torchrun {workload} kill {i + 1}: resumed after {run.kills[-1].resumed_after:.3f}s "
                 f"(restart {restart}: {run.kills[-1].attempts} attempt(s))")
     finally:
-        kill_tree(proc)
+        kill_tree(proc.pid)  # torchrun and the workers it started (in sessions of their own)
+        proc.wait()
     return run
 
 
@@ -226,16 +203,16 @@ def run_rallypoint(workload: str, kills: int, root: Path, model: Path, etcd: Etc
             url = wait_file(state / "gateway.url", 120).strip()
             reference = CompletionClient([url], timeout=120).complete({"prompt": PROMPT, "max_tokens": 64}).tokens
             stream = Stream(url, reference)
-        wait("rallypoint's first step", lambda: first_after(0), 120)
+        wait_for("rallypoint's first step", lambda: first_after(0), 120, POLL)
         for i in range(kills):
             g = gen()
-            pid = wait("rank 1 serving and a warm spare", lambda: ready(g), 120)
+            pid = wait_for("rank 1 serving and a warm spare", lambda: ready(g), 120, POLL)
             time.sleep(rng.uniform(0.5, 1.0))
             at = kill_pid(pid)
             try:
-                resumed = wait("rallypoint resumed", lambda: first_after(g), every=0.02)
+                resumed = wait_for("rallypoint resumed", lambda: first_after(g), RESUME_TIMEOUT, 0.02)
                 run.kills.append(Kill(at, resumed - at, gen() - g))
-            except TimeoutError:
+            except AssertionError:  # wait_for's timeout
                 run.kills.append(Kill(at, None))
                 break
             say(f"rallypoint {workload} kill {i + 1}: resumed after {run.kills[-1].resumed_after:.3f}s (gen {g} -> {gen()})")

@@ -35,7 +35,6 @@ class Watchdog(threading.Thread):
         self.publish_every = publish_every
         self.trips = 0
         self._halt = threading.Event()
-        self._last_publish = 0.0
         self._told: object | None = None
 
     def stop(self) -> None:
@@ -75,7 +74,6 @@ class Watchdog(threading.Thread):
 
     def publish(self) -> None:
         """Publish this rank's progress and heartbeat now (also called when a generation starts)."""
-        self._last_publish = time.monotonic()
         if self.comm.board is None:
             return
         try:

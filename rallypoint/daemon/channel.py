@@ -48,8 +48,9 @@ class Peer:
         self.pid = 0
         self.role = ""
         self.local_rank: int | None = None
-        self.last: dict[str, Any] = {}
+        self.last: dict[str, Any] = {}  # its last heartbeat
         self.last_seen = time.monotonic()
+        self.beat_at: float | None = None  # when that heartbeat came (monotonic); None before the first
         self._lock = threading.Lock()
 
     def send(self, msg: dict[str, Any]) -> bool:
@@ -115,7 +116,7 @@ class ChannelServer:
                     with self._lock:
                         self.peers[peer.pid] = peer
                 elif op == "beat":
-                    peer.last = msg
+                    peer.last, peer.beat_at = msg, peer.last_seen
                 if self.on_message is not None:
                     self.on_message(peer, msg)
         except OSError:

@@ -86,7 +86,6 @@ class Daemon:
         self.gpu_health: GpuHealth | None = None
         self._watches: list = []
         self._status_at = 0.0
-        self._beats: dict[int, float] = {}  # worker pid -> when its last heartbeat came (monotonic)
         self._last_cycle = time.monotonic()
 
     # -- workers ----------------------------------------------------------------------------
@@ -108,7 +107,6 @@ class Daemon:
         if msg.get("op") == "hello":
             self.log.info("rallyd.worker_connected", pid=peer.pid, role=peer.role, local_rank=peer.local_rank)
         elif msg.get("op") == "beat":
-            self._beats[peer.pid] = time.monotonic()
             self.metrics.beat(peer, msg.get("counts"))
 
     def _seat_rank(self, plan: Plan, local_rank: int | None) -> int:
@@ -124,11 +122,7 @@ class Daemon:
         rank = self._seat_rank(plan, lr)
         reason = f"rank {rank} ({self.cfg.node}/{lr}, pid {worker.pid}) exited with code {code}"
         self.events.emit(plan.gen, ev.RANK_FAILED, rank=rank, local_rank=lr, pid=worker.pid, code=code, reason=reason)
-        try:
-            order_abort(self.client, self.keys, plan.gen, [rank] if rank >= 0 else [], reason)
-            self.events.emit(plan.gen, ev.ABORT_ORDERED, ranks=[rank] if rank >= 0 else [], reason=reason)
-        except RallypointError as exc:
-            self.log.error("rallyd.abort_order_failed", gen=plan.gen, error=str(exc))
+        self._order_abort(plan.gen, [rank] if rank >= 0 else [], reason)
         if self.stopping.is_set() or self.supervisor is None:
             return
         gpu_bad = self.gpu_health.bad.get(lr) if self.gpu_health else None
@@ -167,12 +161,15 @@ class Daemon:
         ranks = [s.rank for s in plan.ranks if s.node in nodes]
         if not ranks:
             return
-        reason = f"node(s) {','.join(nodes)} left: rank(s) {ranks} of gen {plan.gen} gone"
+        self._order_abort(plan.gen, ranks, f"node(s) {','.join(nodes)} left: rank(s) {ranks} of gen {plan.gen} gone")
+
+    def _order_abort(self, gen: int, ranks: list[int], reason: str) -> None:
+        """Tell generation ``gen``'s workers to abort the groups holding ``ranks``, and record it."""
         try:
-            order_abort(self.client, self.keys, plan.gen, ranks, reason)
-            self.events.emit(plan.gen, ev.ABORT_ORDERED, ranks=ranks, reason=reason)
+            order_abort(self.client, self.keys, gen, ranks, reason)
+            self.events.emit(gen, ev.ABORT_ORDERED, ranks=ranks, reason=reason)
         except RallypointError as exc:
-            self.log.error("rallyd.abort_order_failed", gen=plan.gen, error=str(exc))
+            self.log.error("rallyd.abort_order_failed", gen=gen, error=str(exc))
 
     def _mark_bad(self, local_rank: int, why: str, retry_after: float | None, gen: int) -> None:
         """Take seat ``local_rank`` out of placement (for ``retry_after`` seconds, or until restart)."""
@@ -212,22 +209,21 @@ class Daemon:
         gap, self._last_cycle = now - self._last_cycle, now
         if not limit or self.supervisor is None or gap > limit / 2:
             return ""  # off, or this daemon was not running itself: its view of the beats is stale
-        alive = self.supervisor.alive()
-        for pid in set(self._beats) - {w.pid for w in alive.values()}:
-            del self._beats[pid]  # gone, or a spare not yet adopted
-        for lr, w in alive.items():
-            last = self._beats.get(w.pid)
-            if last is None or now - last <= limit:
-                continue
-            silent = now - last
+        for lr, w in self.supervisor.alive().items():
+            peer = self.channel.peers.get(w.pid) if self.channel else None
+            if peer is None or peer.beat_at is None or now - peer.beat_at <= limit:
+                continue  # not beating yet (starting, or a spare just adopted), or beating
+            state = w.state()
+            if state in ("zombie", "gone"):
+                continue  # already killed (a diagnosis got there first): the exit path has it
+            silent = now - peer.beat_at
             plan = self.generation
-            why = f"no heartbeat for {silent:.1f}s (process {w.state()})"
+            why = f"no heartbeat for {silent:.1f}s (process {state})"
             self.log.warning("rallyd.worker_stalled", local_rank=lr, pid=w.pid, silent=round(silent, 2),
-                             process=w.state())
+                             process=state)
             if plan is not None:
                 self.events.emit(plan.gen, ev.SUSPECT_NAMED, seat=f"{self.cfg.node}/{lr}", verdict="stuck",
                                  why=why, group="heartbeat")
-            del self._beats[w.pid]
             try:
                 os.kill(w.pid, signal.SIGKILL)  # reported by the watcher like any exit
             except ProcessLookupError:
@@ -286,12 +282,11 @@ class Daemon:
         self.log.warning("rallyd.predecessor_lost", gen=plan.gen, ranks=ranks)
         for s in mine:
             self.events.emit(plan.gen, ev.RANK_FAILED, rank=s.rank, local_rank=s.local_rank, reason=reason)
+        self._order_abort(plan.gen, ranks, reason)
+        if self.supervisor is not None:
+            for s in mine:  # booting while the leader re-plans
+                self.supervisor.ensure(s.local_rank, after_gen=plan.gen)
         try:
-            order_abort(self.client, self.keys, plan.gen, ranks, reason)
-            self.events.emit(plan.gen, ev.ABORT_ORDERED, ranks=ranks, reason=reason)
-            if self.supervisor is not None:
-                for s in mine:  # booting while the leader re-plans
-                    self.supervisor.ensure(s.local_rank, after_gen=plan.gen)
             self.rendezvous.request_replan(plan.gen, reason)
         except RallypointError as exc:
             self.log.error("rallyd.replan_request_failed", gen=plan.gen, error=str(exc))

@@ -341,12 +341,7 @@ class Rendezvous:
             except LayoutError as exc:
                 # The request stands: the generation is still broken, and is re-planned as soon
                 # as capacity allows (a seat back from its restart window, a node joining).
-                if str(exc) == self._last_problem:
-                    return ""
-                self._last_problem = str(exc)
-                self.log.warning("rendezvous.cannot_plan", why=str(exc), gen=self.gen)
-                self._emit(current.gen, "cannot_plan", reason=str(exc))
-                return f"cannot re-plan gen {current.gen}: {exc}"
+                return self._cannot_plan(exc)
             self._replan = None
             self._last_problem = ""
             return self._write_plan(plan)
@@ -362,12 +357,7 @@ class Rendezvous:
             plan = make_plan(self.gen + 1, self._placeable(), self.settings.spec, reason, self.settings.node,
                              previous=self.plan)
         except LayoutError as exc:
-            if str(exc) != self._last_problem:
-                self._last_problem = str(exc)
-                self.log.warning("rendezvous.cannot_plan", why=str(exc), gen=self.gen)
-                self._emit(self.gen, "cannot_plan", reason=str(exc))
-                return f"cannot plan gen {self.gen + 1}: {exc}"
-            return ""
+            return self._cannot_plan(exc)
         self._last_problem = ""
         self._capacity_changed = False
         lost = sorted(set(current.members) - live) if current is not None else []
@@ -376,6 +366,15 @@ class Rendezvous:
             # (NCCL does not see a dead peer): have the groups that contain them aborted now.
             self.on_lost(current, lost)
         return self._write_plan(plan)
+
+    def _cannot_plan(self, exc: LayoutError) -> str:
+        """Report that no layout fits, once per distinct problem; returns what to say."""
+        if str(exc) == self._last_problem:
+            return ""
+        self._last_problem = str(exc)
+        self.log.warning("rendezvous.cannot_plan", why=str(exc), gen=self.gen)
+        self._emit(self.gen, "cannot_plan", reason=str(exc))
+        return f"cannot plan gen {self.gen + 1}: {exc}"
 
     def _placeable(self) -> list[NodeRecord]:
         """The live node records, with operator cordons applied."""

@@ -62,13 +62,7 @@ class DaemonProcess:
     def kill_node(self) -> list[int]:
         """A whole node's death: SIGKILL the daemon and every process under it at once; returns
         the pids of those processes (not the daemon's)."""
-        procs = [psutil.Process(self.pid), *psutil.Process(self.pid).children(recursive=True)]
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        return [p.pid for p in procs[1:]]
+        return kill_tree(self.pid)[1:]
 
     def stop(self) -> None:
         """SIGKILL its workers and spares, then the daemon (after SIGCONT, in case it was
@@ -83,6 +77,21 @@ class DaemonProcess:
         self.signal(signal.SIGCONT)
         self.signal(signal.SIGKILL)
         self.proc.wait(timeout=10)
+
+
+def kill_tree(pid: int) -> list[int]:
+    """SIGKILL ``pid`` and every process under it (in sessions of their own too); returns their
+    pids, ``pid`` first."""
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return [p.pid for p in procs]
 
 
 def daemon_args(endpoints: tuple[str, ...], cluster: str, *extra: str) -> list[str]:

@@ -16,10 +16,11 @@ import psutil
 from rallypoint.gateway.client import CompletionClient
 from rallypoint.gateway.resume import Progress, RequestRejected
 from rallypoint.rendezvous.etcd import EtcdClient
-from rallypoint.testing.daemons import DaemonProcess, daemon_args, scrape_metrics, wait_file, wait_for
+from rallypoint.testing.daemons import DaemonProcess, scrape_metrics, wait_file, wait_for
 from rallypoint.testing.etcd_server import EtcdCluster
 from rallypoint.worker.checkpoint import make_model
 from tests.integration.test_rallyd_recovery import seat_pid
+from tests.integration.test_rallyd_serving import start_leader_then_pair
 
 
 def drivers(gateway: str) -> list[str]:
@@ -56,13 +57,7 @@ def test_driver_death_and_gateway_death_lose_nothing(etcd: EtcdCluster, client: 
     model = make_model(tmp_path / "model", "tiny", seed=11)
     daemons: dict[str, DaemonProcess] = {}
     try:
-        for node in ("c", "a", "b"):
-            args = daemon_args(etcd.endpoints, cluster_name, "--tp", "2", "--cpu-ranks", "1",
-                               "--rendezvous-last-call", "2",  # a and b join before the first plan: a/0, b/0
-                               "--state-dir", str(tmp_path / node), "--worker-model", str(model))
-            daemons[node] = DaemonProcess(node, args, tmp_path / f"{node}.log").start()
-            if node == "c":
-                daemons[node].wait_log("became leader", timeout=30)
+        start_leader_then_pair(daemons, etcd, cluster_name, tmp_path, model)
         wait_file(tmp_path / "a" / "api-0.url")
         gw = {n: wait_file(tmp_path / n / "gateway.url").strip() for n in ("a", "b", "c")}
         wait_for("a's gateway sees the driver", lambda: drivers(gw["a"]), timeout=30, every=0.2)
@@ -126,7 +121,7 @@ def test_routes_keep_the_last_drivers_read_while_etcd_is_stopped(tmp_path: Path)
         return {"workers": [{"driver": True, "state": "serving", "gen": 3, "api": url, "in_flight": 0}]}
 
     keys = ClusterKeys("routes")
-    with EtcdCluster(1, root=tmp_path / "etcd").start() as etcd:
+    with EtcdCluster(1, root=tmp_path / "etcd") as etcd:  # __enter__ starts it
         c = make_client(etcd.endpoints, request_timeout=0.5, retry_deadline=2.0)
         c.put(keys.node_status + "b", json.dumps(driver("http://b")))
         routes = DriverRoutes(c, keys, "a", lambda: driver("http://a"), refresh=0.05)

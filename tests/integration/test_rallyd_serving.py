@@ -35,6 +35,20 @@ def start_streams(url: str, requests: list[dict]) -> tuple[dict[int, list[int]],
     return got, threads
 
 
+def start_leader_then_pair(daemons: dict[str, DaemonProcess], etcd: EtcdCluster, cluster_name: str,
+                           tmp_path: Path, model: Path) -> None:
+    """Three nodes, one rank slot each, TP=2: c first (the leader, left without a rank), then a
+    and b, which join inside the 2 s last call: a/0 is rank 0 (the driver), b/0 rank 1. Each is
+    put in ``daemons`` as it starts, so the caller's cleanup stops whatever did start."""
+    for node in ("c", "a", "b"):
+        args = daemon_args(etcd.endpoints, cluster_name, "--tp", "2", "--cpu-ranks", "1",
+                           "--rendezvous-last-call", "2",
+                           "--state-dir", str(tmp_path / node), "--worker-model", str(model))
+        daemons[node] = DaemonProcess(node, args, tmp_path / f"{node}.log").start()
+        if node == "c":
+            daemons[node].wait_log("became leader", timeout=30)
+
+
 def worker_pid(daemon: DaemonProcess) -> int:
     kids = [p for p in psutil.Process(daemon.pid).children() if "rallypoint.worker" in " ".join(p.cmdline())]
     assert len(kids) == 1, kids
@@ -138,13 +152,7 @@ def test_request_stream_lives_through_a_lost_node(etcd: EtcdCluster, client: Etc
     keys = ClusterKeys(cluster_name)
     daemons: dict[str, DaemonProcess] = {}
     try:
-        for node in ("c", "a", "b"):
-            args = daemon_args(etcd.endpoints, cluster_name, "--tp", "2", "--cpu-ranks", "1",
-                               "--rendezvous-last-call", "2",  # a and b join before the first plan: a/0, b/0
-                               "--state-dir", str(tmp_path / node), "--worker-model", str(model))
-            daemons[node] = DaemonProcess(node, args, tmp_path / f"{node}.log").start()
-            if node == "c":
-                daemons[node].wait_log("became leader", timeout=30)
+        start_leader_then_pair(daemons, etcd, cluster_name, tmp_path, model)
         url = wait_file(tmp_path / "a" / "api-0.url")
         requests = [{"prompt": f"node loss {i}", "max_tokens": 40} for i in range(4)]
         reference = [post(url, r)[1]["choices"][0]["token_ids"] for r in requests]
