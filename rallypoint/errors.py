@@ -56,6 +56,10 @@ class StoreTimeout(RallypointError):
     """A key awaited in the etcd-backed store did not appear before the deadline."""
 
 
+class WaitCancelled(RallypointError):
+    """A wait in the etcd-backed store was given up because its purpose went away (a newer generation)."""
+
+
 class GroupError(RallypointError):
     """A process group cannot be built or used as asked (bad plan, bad sizes, bad tensor)."""
 

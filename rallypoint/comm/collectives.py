@@ -13,7 +13,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -74,7 +74,7 @@ class Comm:
         g = self._group(group, t, reduce=True)
         if g.backend is None:
             return t
-        self._run(g, "all_reduce", t.numel() * t.element_size(), g.backend.allreduce([t], _SUM))
+        self._run(g, "all_reduce", t.numel() * t.element_size(), lambda: g.backend.allreduce([t], _SUM))
         return t
 
     def all_gather(self, t: torch.Tensor, dim: int = -1, group: str = "tp",
@@ -93,7 +93,7 @@ class Comm:
         elif tuple(out.shape) != shape or out.dtype != t.dtype or out.device != t.device:
             raise GroupError(f"all_gather on {g.label}: out is {tuple(out.shape)} {out.dtype} on {out.device}, "
                              f"need {shape} {t.dtype} on {t.device}")
-        self._run(g, "all_gather", out.numel() * out.element_size(), g.backend._allgather_base(out, t))
+        self._run(g, "all_gather", out.numel() * out.element_size(), lambda: g.backend._allgather_base(out, t))
         dim = dim % t.dim()
         return out if dim == 0 else torch.cat(out.chunk(g.world_size, 0), dim=dim)
 
@@ -109,11 +109,11 @@ class Comm:
         chunks = t.chunk(g.world_size, dim)
         flat = t.contiguous().reshape(-1) if dim == 0 else torch.cat([c.contiguous().reshape(-1) for c in chunks])
         if g.device.type != "cuda":  # gloo's reduce-scatter work never reports completion: sum, then slice
-            self._run(g, "reduce_scatter", t.numel() * t.element_size(), g.backend.allreduce([flat], _SUM))
+            self._run(g, "reduce_scatter", t.numel() * t.element_size(), lambda: g.backend.allreduce([flat], _SUM))
             return flat.chunk(g.world_size)[g.rank_in_group].reshape(chunks[0].shape)
         out = torch.empty(chunks[0].shape, dtype=t.dtype, device=t.device)
         self._run(g, "reduce_scatter", t.numel() * t.element_size(),
-                  g.backend._reduce_scatter_base(out.view(-1), flat, _RS_SUM))
+                  lambda: g.backend._reduce_scatter_base(out.view(-1), flat, _RS_SUM))
         return out
 
     def broadcast(self, t: torch.Tensor, src: int = 0, group: str = "tp") -> torch.Tensor:
@@ -123,7 +123,7 @@ class Comm:
             return t
         opts = dist.BroadcastOptions()
         opts.rootRank, opts.rootTensor = src, 0
-        self._run(g, "broadcast", t.numel() * t.element_size(), g.backend.broadcast([t], opts))
+        self._run(g, "broadcast", t.numel() * t.element_size(), lambda: g.backend.broadcast([t], opts))
         return t
 
     def all_to_all(self, t: torch.Tensor, in_splits: Sequence[int], out_splits: Sequence[int],
@@ -140,7 +140,7 @@ class Comm:
         if g.backend is None:
             return out.copy_(t)
         self._run(g, "all_to_all", (t.numel() + out.numel()) * t.element_size(),
-                  g.backend.alltoall_base(out, t.contiguous(), list(out_splits), list(in_splits), _A2A))
+                  lambda: g.backend.alltoall_base(out, t.contiguous(), list(out_splits), list(in_splits), _A2A))
         return out
 
     def send_dict(self, tensors: Mapping[str, torch.Tensor], dst: int, group: str = "pp") -> None:
@@ -152,20 +152,20 @@ class Comm:
         for t in (size, header, *tensors.values()):
             if t.device != g.device:
                 raise GroupError(f"send_dict on {g.label}: tensor on {t.device}, group runs on {g.device}")
-            self._run(g, "send", t.numel() * t.element_size(), g.backend.send([t.contiguous()], dst, 0))
+            self._run(g, "send", t.numel() * t.element_size(), lambda: g.backend.send([t.contiguous()], dst, 0))
 
     def recv_dict(self, src: int, group: str = "pp") -> dict[str, torch.Tensor]:
         """Receive the named tensors ``send_dict`` sent from rank-in-group ``src``."""
         g = self._group(group, None)
         size = torch.empty(1, dtype=torch.int64, device=g.device)
-        self._run(g, "recv", 8, g.backend.recv([size], src, 0))
+        self._run(g, "recv", 8, lambda: g.backend.recv([size], src, 0))
         header = torch.empty(int(self._host(g, size)[0]), dtype=torch.uint8, device=g.device)
-        self._run(g, "recv", header.numel(), g.backend.recv([header], src, 0))
+        self._run(g, "recv", header.numel(), lambda: g.backend.recv([header], src, 0))
         meta = json.loads(bytes(self._host(g, header).tolist()).decode())
         out = {}
         for name, (shape, dtype) in meta.items():
             t = torch.empty(shape, dtype=getattr(torch, dtype), device=g.device)
-            self._run(g, "recv", t.numel() * t.element_size(), g.backend.recv([t], src, 0))
+            self._run(g, "recv", t.numel() * t.element_size(), lambda: g.backend.recv([t], src, 0))
             out[name] = t
         return out
 
@@ -199,7 +199,11 @@ class Comm:
             self._raise_if_aborted(exc)
             raise
 
-    def _run(self, g: Group, op: str, nbytes: int, work: Any) -> None:
+    def _run(self, g: Group, op: str, nbytes: int, launch: Callable[[], Any]) -> None:
+        try:
+            work = launch()
+        except Exception as exc:  # NCCL reports a peer lost mid-step here too (an error comm state)
+            self._launch_failed(g, op, exc)
         rec = self.tracker.issue(g, op, nbytes, work)
         if g.device.type == "cuda":
             work.wait()  # orders the current stream after the collective; does not block the CPU
@@ -232,6 +236,15 @@ class Comm:
         for g in self.groups.groups.values():
             if g.aborted_reason is not None:
                 raise GenerationAborted(g.gen, g.label, g.aborted_reason) from exc
+
+    def _launch_failed(self, g: Group, op: str, exc: BaseException) -> NoReturn:
+        """A collective failed as it was issued: abort its group, so the step ends like any abort
+        and the process waits for the next plan (an exception out of the step would end it)."""
+        if g.aborted_reason is None:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            log.error("comm.launch_failed", group=g.label, gen=g.gen, op=op, seq=g.seq + 1, error=first)
+            g.abort(f"{op} failed at launch: {first}")
+        raise GenerationAborted(g.gen, g.label, g.aborted_reason or "failed") from exc
 
     def _failed(self, rec: Op, exc: BaseException) -> None:
         g = rec.group

@@ -22,6 +22,7 @@ from rallypoint.daemon.config import Config
 from rallypoint.daemon.gpu_health import GpuHealth, load_nvml
 from rallypoint.daemon.metrics import DaemonMetrics
 from rallypoint.daemon.sd_notify import Notifier
+from rallypoint.daemon.seats import OutSeats
 from rallypoint.daemon.supervisor import Supervisor, WorkerCommand, WorkerProcess
 from rallypoint.gateway.routes import DriverRoutes
 from rallypoint.gateway.server import Gateway
@@ -34,6 +35,7 @@ from rallypoint.recovery.strategy import RESTART, SHRINK, SPARE, choose
 from rallypoint.rendezvous.etcd import EtcdClient
 from rallypoint.rendezvous.records import ClusterKeys, ClusterSpec, Plan
 from rallypoint.rendezvous.rendezvous import Rendezvous, RendezvousSettings, local_record
+from rallypoint.worker import exit_codes
 from rallypoint.worker.control import order_abort, wait_drained
 
 BUG = "unexpected error in the loop, please report it as a BUG"
@@ -73,8 +75,7 @@ class Daemon:
         self.generation: Plan | None = None
         self.channel: ChannelServer | None = None
         self.supervisor = self._make_supervisor() if cfg.worker.model or cfg.worker.workload != "serve" else None
-        self.bad_seats: dict[int, tuple[str, float | None]] = {}  # local rank -> (why, retry at)
-        self._seat_lock = threading.Lock()
+        self.out_seats = OutSeats(cfg.worker.model)
         self.machine = RecoveryMachine()
         self.metrics = DaemonMetrics(cfg.cluster, cfg.node, self.machine,
                                      lambda: {**self.node_status(), "etcd_ok": self._etcd_ok})
@@ -120,18 +121,17 @@ class Daemon:
             return
         lr = worker.local_rank
         rank = self._seat_rank(plan, lr)
-        reason = f"rank {rank} ({self.cfg.node}/{lr}, pid {worker.pid}) exited with code {code}"
+        reason = f"rank {rank} ({self.cfg.node}/{lr}, pid {worker.pid}) exited with code {exit_codes.describe(code)}"
         self.events.emit(plan.gen, ev.RANK_FAILED, rank=rank, local_rank=lr, pid=worker.pid, code=code, reason=reason)
         self._order_abort(plan.gen, [rank] if rank >= 0 else [], reason)
         if self.stopping.is_set() or self.supervisor is None:
             return
         gpu_bad = self.gpu_health.bad.get(lr) if self.gpu_health else None
-        with self._seat_lock:
-            seat_bad = self.bad_seats.get(lr)
-        problem = gpu_bad or (seat_bad[0] if seat_bad else "")
+        problem = gpu_bad or self.out_seats.why(lr)
+        bad_checkpoint = "exit code 3" if code == exit_codes.BAD_CHECKPOINT and not problem else ""
         decision = choose(gpu_healthy=not problem, gpu_problem=problem,
-                          budget_left=self.supervisor.may_restart(),
-                          spare_ready=self.supervisor.ready_spare() is not None)
+                          budget_left=bad_checkpoint != "" or self.supervisor.may_restart(),
+                          spare_ready=self.supervisor.ready_spare() is not None, checkpoint_error=bad_checkpoint)
         strategy = decision.strategy
         # The replacement starts before the re-plan request, so the plan finds it starting.
         if strategy == SPARE and self.supervisor.adopt_spare(lr, after_gen=plan.gen) is None:
@@ -145,8 +145,9 @@ class Daemon:
             # Left out of the placement (the record changes first, so the re-plan sees it). The
             # generation lost a rank either way: the request stands until a plan fits, so a layout
             # that cannot shrink is re-planned when the seat comes back.
-            self._mark_bad(lr, decision.reason, retry_after=None if gpu_bad else
-                           self.cfg.worker.restart_window.total_seconds(), gen=plan.gen)
+            window = None if gpu_bad or bad_checkpoint else self.cfg.worker.restart_window.total_seconds()
+            self._mark_bad(lr, decision.reason, gen=plan.gen, retry_after=window,
+                           until_checkpoint_changes=bad_checkpoint != "")
         else:
             self.events.emit(plan.gen, ev.REPLACEMENT, rank=rank, local_rank=lr, strategy=strategy,
                              why=decision.reason)
@@ -171,17 +172,18 @@ class Daemon:
         except RallypointError as exc:
             self.log.error("rallyd.abort_order_failed", gen=gen, error=str(exc))
 
-    def _mark_bad(self, local_rank: int, why: str, retry_after: float | None, gen: int) -> None:
-        """Take seat ``local_rank`` out of placement (for ``retry_after`` seconds, or until restart)."""
-        with self._seat_lock:
-            self.bad_seats[local_rank] = (why, None if retry_after is None else time.monotonic() + retry_after)
-        self.log.error("rallyd.seat_bad", local_rank=local_rank, why=why, retry_after=retry_after)
+    def _mark_bad(self, local_rank: int, why: str, retry_after: float | None, gen: int,
+                  until_checkpoint_changes: bool = False) -> None:
+        """Take seat ``local_rank`` out of placement: for ``retry_after`` seconds, until the
+        checkpoint's files change, or (neither) until rallyd restarts."""
+        self.out_seats.take_out(local_rank, why, retry_after, until_checkpoint_changes)
+        self.log.error("rallyd.seat_bad", local_rank=local_rank, why=why, retry_after=retry_after,
+                       until_checkpoint_changes=until_checkpoint_changes)
         self.events.emit(gen, ev.SEAT_BAD, local_rank=local_rank, reason=why, retry_after=retry_after)
         self._publish_seats()
 
     def _publish_seats(self) -> None:
-        with self._seat_lock:
-            bad = tuple(sorted(self.bad_seats))
+        bad = self.out_seats.local_ranks()
         rec = self.rendezvous.record
         if rec.bad_seats == bad:
             return
@@ -191,15 +193,13 @@ class Daemon:
             self.log.error("rallyd.record_update_failed", error=str(exc))
 
     def _retry_bad_seats(self) -> str:
-        now = time.monotonic()
-        with self._seat_lock:
-            due = [lr for lr, (_, at) in self.bad_seats.items() if at is not None and at <= now]
-            for lr in due:
-                del self.bad_seats[lr]
-        if not due:
+        back = self.out_seats.bring_back_due()
+        if not back:
             return ""
+        for lr, what in back:
+            self.log.info("rallyd.seat_back", local_rank=lr, because=what)
         self._publish_seats()
-        return f"seat(s) {due} back in placement after their window"
+        return "; ".join(f"seat {lr} back in placement: {what}" for lr, what in back)
 
     def _check_stalls(self) -> str:
         """Kill a seat's worker whose heartbeats stopped (the exit path replaces it): a frozen
@@ -364,8 +364,7 @@ class Daemon:
                                 "in_flight": beat.get("in_flight", 0), "waiting": beat.get("waiting", 0),
                                 "driver": beat.get("driver", False), "api": beat.get("api"),
                                 "beat_age": round(now - peer.last_seen, 3) if peer else None})
-        with self._seat_lock:
-            bad = {str(lr): why for lr, (why, _) in self.bad_seats.items()}
+        bad = self.out_seats.reasons()
         sup = self.supervisor
         return {"node": self.cfg.node, "host": self.rendezvous.record.host, "pid": os.getpid(), "time": time.time(),
                 "role": "leader" if self.rendezvous.is_leader else "member", "gen": plan.gen if plan else 0,

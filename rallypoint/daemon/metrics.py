@@ -191,7 +191,8 @@ class _Gauges(Collector):
         for s, n in by_state.items():
             g.add_metric([*base, s], n)
         yield g
-        g = self._gauge("rallypoint_bad_seats", "This node's seats left down (unhealthy GPU, restart budget spent).")
+        g = self._gauge("rallypoint_bad_seats",
+                        "This node's seats left down (unhealthy GPU, restart budget spent, checkpoint failed to load).")
         g.add_metric(base, len(status.get("bad_seats", {})))
         yield g
         g = self._gauge("rallypoint_restart_budget_used", "Worker restarts used in the current restart window.")

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from rallypoint.errors import GenerationAborted, GroupError
+from rallypoint.errors import GenerationAborted, GroupError, StoreTimeout, WaitCancelled
 from rallypoint.groups.topology import GroupSpec
 from rallypoint.log import get_logger
 
@@ -29,6 +29,8 @@ os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
 
 StoreFactory = Callable[[GroupSpec], dist.Store]
 """Returns the store a group bootstraps over (an ``EtcdStore`` under the group's generation prefix)."""
+Cancelled = Callable[[], "str | None"]
+"""Returns why a build in progress is no longer wanted (a newer generation), else None."""
 
 
 @dataclass
@@ -101,16 +103,22 @@ class Group:
 
 
 def build_group(spec: GroupSpec, store_factory: StoreFactory, device: torch.device,
-                timeout: timedelta) -> Group:
+                timeout: timedelta, cancelled: Cancelled | None = None) -> Group:
     """Build the backend for ``spec`` over a fresh store; a group of one needs none.
 
+    With ``cancelled`` (and a store that can wait on it), every member first waits for all the
+    others to arrive, and gives up when ``cancelled()`` returns a reason.
+
     Raises:
-        GroupError: the peers did not all arrive within ``timeout``, or the backend failed.
+        GroupError: the peers did not all arrive within ``timeout``, the build was abandoned,
+            or the backend failed.
     """
     if spec.world_size == 1:
         return Group(spec, None, None, device)
     t0 = time.monotonic()
     store = store_factory(spec)
+    if cancelled is not None and hasattr(store, "wait_unless"):
+        _all_arrive(store, spec, timeout, cancelled)
     try:
         if device.type == "cuda":
             backend = _nccl(store, spec, device, timeout)
@@ -122,6 +130,26 @@ def build_group(spec: GroupSpec, store_factory: StoreFactory, device: torch.devi
     took = time.monotonic() - t0
     log.info("groups.built", group=spec.label, gen=spec.gen, backend=device.type, seconds=round(took, 4))
     return Group(spec, backend, store, device, build_seconds=took)
+
+
+def _all_arrive(store: Any, spec: GroupSpec, timeout: timedelta, cancelled: Cancelled) -> None:
+    """Wait until every member reached this build, before any communicator is created.
+
+    A blocking NCCL init waits for a missing peer forever, and no abort reaches a communicator
+    still being created; this wait is ours, so a dead peer or a newer generation ends it.
+    """
+    mine = f"arrived/{spec.rank_in_group}"
+    store.set(mine, b"1")
+    keys = [f"arrived/{r}" for r in range(spec.world_size)]
+    try:
+        store.wait_unless(keys, timeout, cancelled)
+    except WaitCancelled as exc:
+        log.info("groups.build_abandoned", group=spec.label, gen=spec.gen, why=str(exc))
+        raise GroupError(f"build of {spec.label} abandoned: {exc}") from None
+    except StoreTimeout:
+        missing = [spec.ranks[r] for r in range(spec.world_size) if not store.check([f"arrived/{r}"])]
+        raise GroupError(f"building {spec.label}: rank(s) {missing} never arrived within "
+                         f"{timeout.total_seconds():g}s") from None
 
 
 def _nccl(store: dist.Store, spec: GroupSpec, device: torch.device, timeout: timedelta) -> Any:

@@ -15,7 +15,7 @@ from datetime import timedelta
 import torch
 
 from rallypoint.errors import GroupError
-from rallypoint.groups.group import Group, StoreFactory, build_group
+from rallypoint.groups.group import Cancelled, Group, StoreFactory, build_group
 from rallypoint.groups.topology import PlanLike, specs_for
 from rallypoint.log import get_logger
 
@@ -46,7 +46,8 @@ class GroupSet:
     def configure(cls, plan: PlanLike, rank: int, store_factory: StoreFactory, device: torch.device,
                   timeout: timedelta = timedelta(seconds=30), previous: "GroupSet | None" = None,
                   names: Sequence[str] = ("tp", "pp", "dp"),
-                  is_tainted: Callable[[Group], bool] = lambda g: False) -> "GroupSet":
+                  is_tainted: Callable[[Group], bool] = lambda g: False,
+                  cancelled: Cancelled | None = None) -> "GroupSet":
         """Build (or carry over) this rank's groups for ``plan``.
 
         Args:
@@ -58,6 +59,8 @@ class GroupSet:
             previous: the groups of the previous generation, for carry-over.
             names: which groups to build.
             is_tainted: True when some member aborted the group (so it must be rebuilt).
+            cancelled: why the generation is no longer wanted (a newer one was released), else
+                None; a build waiting for its peers gives up on it.
 
         Raises:
             GroupError: the plan does not contain ``rank``, its sizes are inconsistent, or a peer
@@ -75,7 +78,7 @@ class GroupSet:
                     groups[name] = prior
                     carried.append(name)
                     continue
-                groups[name] = build_group(spec, store_factory, device, timeout)
+                groups[name] = build_group(spec, store_factory, device, timeout, cancelled)
         except GroupError:
             for name, g in groups.items():
                 if name not in carried:

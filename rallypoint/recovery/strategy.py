@@ -5,7 +5,8 @@ In order of preference:
 1. ``spare``: the seat's GPU is healthy and a warm spare process (torch imported, CUDA up,
    etcd session open) is waiting: it adopts the seat at once;
 2. ``restart``: the GPU is healthy, no spare is ready: a new process is started on the seat (cold);
-3. ``shrink``: the GPU is unhealthy, or the seat's restart budget is spent: the seat is marked bad
+3. ``shrink``: the GPU is unhealthy, the seat's checkpoint failed to load (a spare or a restart
+   would load the same files), or the seat's restart budget is spent: the seat is marked bad
    and left out of the next plan; the leader places the largest layout that still fits (it drops
    whole DP replicas, never changes TP or PP) and grows back when capacity returns.
 
@@ -30,10 +31,13 @@ class Decision:
     reason: str
 
 
-def choose(gpu_healthy: bool, gpu_problem: str, budget_left: bool, spare_ready: bool) -> Decision:
-    """The strategy for a seat whose process just failed."""
+def choose(gpu_healthy: bool, gpu_problem: str, budget_left: bool, spare_ready: bool,
+           checkpoint_error: str = "") -> Decision:
+    """The strategy for a seat whose process just failed (``checkpoint_error``: its shard did not load)."""
     if not gpu_healthy:
         return Decision(SHRINK, f"GPU unhealthy: {gpu_problem}")
+    if checkpoint_error:
+        return Decision(SHRINK, f"checkpoint failed to load ({checkpoint_error}): out until its files change")
     if not budget_left:
         return Decision(SHRINK, "restart budget spent")
     if spare_ready:

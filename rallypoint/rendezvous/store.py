@@ -26,7 +26,7 @@ from typing import NoReturn, TypeVar
 
 import torch.distributed as dist
 
-from rallypoint.errors import EtcdUnavailable, MalformedRecord, StoreTimeout
+from rallypoint.errors import EtcdUnavailable, MalformedRecord, StoreTimeout, WaitCancelled
 from rallypoint.log import get_logger
 from rallypoint.rendezvous.etcd import RESYNC, EtcdClient, Get, Mod, Put
 
@@ -130,8 +130,10 @@ class EtcdStore(dist.Store):
     def _span(self, wanted: set[str]) -> str:
         return os.path.commonprefix(sorted(wanted)) if wanted else self._prefix
 
-    def _await(self, keys: Sequence[str], timeout: timedelta | None) -> dict[str, bytes]:
-        """Block until every key exists; return {full key: value}. Watches, never polls."""
+    def _await(self, keys: Sequence[str], timeout: timedelta | None,
+               cancelled: Callable[[], str | None] | None = None) -> dict[str, bytes]:
+        """Block until every key exists; return {full key: value}. Watches, never polls (but asks
+        ``cancelled`` every 0.1 s)."""
         deadline = self._deadline(timeout)
         wanted = {self._key(k) for k in keys}
         have, revision = self._read(wanted)
@@ -140,9 +142,13 @@ class EtcdStore(dist.Store):
         watch = self._call(lambda: self._client.watch_prefix(self._span(wanted), revision + 1))
         try:
             while len(have) < len(wanted):
+                if cancelled is not None and (why := cancelled()):
+                    raise WaitCancelled(why)
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     self._timed_out(wanted - have.keys(), timeout)
+                if cancelled is not None:
+                    left = 0.1 if left is None else min(left, 0.1)
                 event = watch.get(timeout=left)
                 if event is RESYNC:  # history compacted under the watch: re-list
                     have, _ = self._read(wanted)
@@ -213,6 +219,15 @@ class EtcdStore(dist.Store):
             StoreWaitTimeout: (a ``DistStoreError``) naming the missing keys and the prefix.
         """
         self._await(keys, timeout)
+
+    def wait_unless(self, keys: Sequence[str], timeout: timedelta, cancelled: Callable[[], str | None]) -> None:
+        """``wait``, given up as soon as ``cancelled()`` returns a reason.
+
+        Raises:
+            StoreWaitTimeout: naming the missing keys and the prefix.
+            WaitCancelled: with the reason ``cancelled`` gave.
+        """
+        self._await(keys, timeout, cancelled)
 
     def check(self, keys: Sequence[str]) -> bool:
         """True if every key is set now."""

@@ -30,7 +30,9 @@ from rallypoint.recovery import events as ev
 from rallypoint.recovery.events import EventLog
 from rallypoint.rendezvous.etcd import EtcdSettings, endpoints_from
 from rallypoint.rendezvous.records import Plan
+from rallypoint.worker import exit_codes
 from rallypoint.worker.api import ApiServer, Frontend
+from rallypoint.worker.build_guard import BuildGuard
 from rallypoint.worker.control import Controller, drained_key
 from rallypoint.worker.engine import Driver, EngineSettings, serve_generation
 from rallypoint.worker.requests import RequestQueue
@@ -96,6 +98,9 @@ class Worker:
         self.controller = Controller(self.runtime.client, args.cluster, None, self._on_abort,
                                      lambda _: self._close_if_draining())
         self.events = EventLog(self.runtime.client, self.runtime.keys, by=args.node)
+        self.build_guard = BuildGuard(lambda gen: self._newer_than(gen) is not None,
+                                      limit=self.runtime.settings.build_timeout + 10.0, grace=5.0,
+                                      on_stuck=self._build_stuck)
         self.settings = EngineSettings(max_batch=args.max_batch, max_seq=args.max_seq,
                                        eos=getattr(self.tokenizer, "eos_id", None))
         self.queue = RequestQueue(capacity=args.queue_capacity)
@@ -125,6 +130,24 @@ class Worker:
         self.events.by = f"{self.args.node}/{local_rank}"
         self.log = get_logger("worker", node=self.args.node, local_rank=local_rank)
         self.controller.set_seat(self.seat)
+
+    def _newer_than(self, gen: int) -> str | None:
+        """Why generation ``gen`` is no longer wanted (a newer one was released), else None."""
+        released = self.controller.released
+        return f"generation {released} was released" if released > gen else None
+
+    def _build(self, plan: Plan) -> GroupSet:
+        """Build ``plan``'s groups: given up when a newer generation comes, guarded against a hang."""
+        assert self.seat is not None
+        with self.build_guard.watching(plan.gen):
+            return self.runtime.configure(plan, *self.seat, cancelled=lambda: self._newer_than(plan.gen))
+
+    def _build_stuck(self, why: str) -> None:
+        """A communicator init hangs beyond any abort: end the process, rallyd starts the seat again."""
+        self.log.error("worker.build_stuck", gen=self.gen, why=why, exit_code=exit_codes.BUILD_STUCK)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_codes.BUILD_STUCK)
 
     def _on_abort(self, gen: int, ranks: tuple[int, ...], reason: str) -> None:
         labels = self.runtime.abort_generation(gen, reason, ranks)
@@ -190,7 +213,7 @@ class Worker:
         loader = threading.Thread(target=load, name="rallypoint-shard-load", daemon=True)
         loader.start()
         try:
-            groups = self.runtime.configure(plan, *self.seat)
+            groups = self._build(plan)
         finally:
             loader.join()
         if "error" in result:
@@ -222,18 +245,18 @@ class Worker:
             except RallypointError:
                 continue
             try:
-                groups, loaded = (self.runtime.configure(plan, *self.seat), 0.0) if self.probe \
-                    else self._configure_and_load(plan)
+                groups, loaded = (self._build(plan), 0.0) if self.probe else self._configure_and_load(plan)
             except GroupError as exc:
                 self.log.error("worker.configure_failed", gen=plan.gen, error=str(exc))
                 self.gen = plan.gen
                 continue
             except CheckpointError as exc:
-                # A bad shard is fatal for this process; the daemon marks the seat and re-plans.
+                # A bad shard is fatal for this process; rallyd keeps the seat out until the
+                # checkpoint's files change, and re-plans without it.
                 self.log.error("worker.shard_failed", gen=plan.gen, error=str(exc))
                 self.events.emit(plan.gen, ev.SHARD_LOADED, error=str(exc))
                 self.events.flush()
-                return 3
+                return exit_codes.BAD_CHECKPOINT
             self.gen, self.plan = plan.gen, plan
             self.replica = plan.replica_of(groups.rank)
             self.events.emit(plan.gen, ev.GROUPS_BUILT, rank=groups.rank, carried=list(groups.carried))

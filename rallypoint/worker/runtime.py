@@ -21,7 +21,7 @@ from rallypoint.comm.diagnosis import Diagnosis, ProgressBoard
 from rallypoint.comm.tracker import Deadlines, Tracker
 from rallypoint.comm.watchdog import Watchdog
 from rallypoint.errors import EtcdError
-from rallypoint.groups.group import Group
+from rallypoint.groups.group import Cancelled, Group
 from rallypoint.groups.group_set import GroupSet
 from rallypoint.groups.topology import GroupSpec, PlanLike, rank_at
 from rallypoint.log import get_logger
@@ -87,11 +87,13 @@ class RankRuntime:
             self.comm.board.lease = self.lease.id
         self.log.warning("runtime.lease_renewed", old=hex(lost), lease=hex(self.lease.id))
 
-    def configure(self, plan: PlanLike, node: str, local_rank: int) -> GroupSet:
-        """Build generation ``plan.gen``'s groups for the seat ``node/local_rank``.
+    def configure(self, plan: PlanLike, node: str, local_rank: int, cancelled: Cancelled | None = None) -> GroupSet:
+        """Build generation ``plan.gen``'s groups for the seat ``node/local_rank``; a build waiting
+        for its peers gives up as soon as ``cancelled()`` gives a reason.
 
         Raises:
-            GroupError: the plan has no rank on this seat, or a peer never arrived.
+            GroupError: the plan has no rank on this seat, a peer never arrived, or the build
+                was abandoned.
         """
         rank = rank_at(plan, node, local_rank)
         self.seat = f"{node}/{local_rank}"
@@ -102,7 +104,7 @@ class RankRuntime:
         groups = GroupSet.configure(
             plan, rank, self._store_for, self.device,
             timeout=timedelta(seconds=self.settings.build_timeout), previous=self.groups,
-            names=self.settings.group_names, is_tainted=self._tainted)
+            names=self.settings.group_names, is_tainted=self._tainted, cancelled=cancelled)
         self.groups = groups
         if self.comm is None:
             board = ProgressBoard(self.client, self.settings.cluster, self.seat, self.lease.id)

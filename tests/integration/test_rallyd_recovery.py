@@ -174,6 +174,54 @@ def test_spent_restart_budget_shrinks_then_grows_back(etcd: EtcdCluster, client:
         daemon.stop()
 
 
+def test_a_seat_whose_checkpoint_fails_stays_out_until_the_files_change(
+        etcd: EtcdCluster, client: EtcdClient, cluster_name: str, tmp_path: Path) -> None:
+    """TP=1, DP=2 on one node: the node's weights file is truncated, then replica 1's worker is
+    killed. Its restart fails to load (exit 3), and the seat is left out at once, with budget to
+    spare: a retry would read the same bytes. Past the restart window it is still out (no plan
+    flaps back to dp=2 to fail again); once the file is put back, the layout grows back."""
+    model = make_model(tmp_path / "model", "tiny", seed=12)
+    weights = model / "model.safetensors"
+    keys = ClusterKeys(cluster_name)
+    args = daemon_args(etcd.endpoints, cluster_name, "--tp", "1", "--dp", "2", "--cpu-ranks", "2",
+                       "--state-dir", str(tmp_path / "a"), "--worker-model", str(model),
+                       "--worker-restart-budget", "5", "--worker-restart-window", "2")
+    daemon = DaemonProcess("a", args, tmp_path / "a.log").start()
+    try:
+        url = wait_file(tmp_path / "a" / "api-0.url")
+        wait_file(tmp_path / "a" / "api-1.url")
+        request = {"prompt": "a bad checkpoint", "max_tokens": 10}
+        reference = post(url, request)[1]["choices"][0]["token_ids"]
+        good = weights.read_bytes()
+
+        def replace_weights(data: bytes) -> None:
+            """A new file, as a copy would make it (replica 0 keeps its map of the old one: a file
+            truncated in place would SIGBUS it)."""
+            (model / "incoming").write_bytes(data)
+            os.replace(model / "incoming", weights)
+
+        replace_weights(good[: len(good) // 2])
+        psutil.Process(seat_pid(daemon, 1)).kill()
+        shrunk = wait_for("the plan without seat 1", lambda: [x for x in plans(client, keys) if x.dp == 1], timeout=60)[0]
+        assert [(s.node, s.local_rank) for s in shrunk.ranks] == [("a", 0)]
+        assert "code 3 (its shard failed to load)" in shrunk.reason and "seat left out" in shrunk.reason
+        bad = [e for e in read_events(client, keys) if e.kind == ev.SEAT_BAD]
+        assert len(bad) == 1 and "checkpoint failed to load" in bad[0].detail["reason"]
+        assert post(url, request)[1]["choices"][0]["token_ids"] == reference  # replica 0 serves on
+        time.sleep(4)  # twice the restart window
+        assert max(x.gen for x in plans(client, keys)) == shrunk.gen  # still out: nothing flapped
+        assert len(workers(daemon)) == 1
+        replace_weights(good)
+        grown = wait_for("the grown-back plan", lambda: [x for x in plans(client, keys) if x.gen > shrunk.gen],
+                         timeout=30)[0]
+        assert grown.dp == 2 and "capacity" in grown.reason
+        assert "checkpoint files changed" in daemon.log_text()
+        url1 = wait_file(tmp_path / "a" / "api-1.url")
+        assert post(url1, request)[1]["choices"][0]["token_ids"] == reference
+    finally:
+        daemon.stop()
+
+
 def test_spent_budget_where_no_shrink_fits_replans_when_the_seat_is_back(
         etcd: EtcdCluster, client: EtcdClient, cluster_name: str, tmp_path: Path) -> None:
     """TP=2 on one node's two seats, no restarts allowed: seat 1's worker dies, it is left out,

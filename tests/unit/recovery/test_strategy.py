@@ -13,6 +13,11 @@ def test_preference_order_spare_then_restart_then_shrink() -> None:
     assert choose(True, "", False, spare_ready=True).strategy == SHRINK
 
 
+def test_a_checkpoint_that_failed_to_load_is_never_retried_on_the_same_files() -> None:
+    d = choose(True, "", True, spare_ready=True, checkpoint_error="truncated")
+    assert d.strategy == SHRINK and "truncated" in d.reason and "files change" in d.reason
+
+
 def test_budget_per_window() -> None:
     b = RestartBudget(budget=2, window=10.0)
     assert b.take(0.0) and b.take(1.0)

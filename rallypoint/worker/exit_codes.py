@@ -1,0 +1,11 @@
+"""The exit codes a worker ends with on purpose, so rallyd can tell them from a crash."""
+
+BAD_CHECKPOINT = 3  # its shard failed to load: a restart onto the same files would fail the same way
+BUILD_STUCK = 4     # a group build hung where no abort reaches it (a blocking NCCL init): start afresh
+
+MEANING = {BAD_CHECKPOINT: "its shard failed to load", BUILD_STUCK: "a group build hung"}
+
+
+def describe(code: int) -> str:
+    """``code``, and what it means when the worker chose it."""
+    return f"{code} ({MEANING[code]})" if code in MEANING else str(code)

@@ -1,0 +1,73 @@
+"""A group build first waits for every member in etcd (real etcd, real EtcdStore, real gloo):
+it gives up as soon as a newer generation is released, and a timeout names who never came."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+
+from rallypoint.errors import GroupError
+from rallypoint.groups.group import build_group
+from rallypoint.groups.topology import GroupSpec
+from rallypoint.rendezvous.etcd import EtcdClient
+from rallypoint.rendezvous.store import EtcdStore, store_prefix
+
+
+def spec(gen: int, rank_in_group: int) -> GroupSpec:
+    return GroupSpec("tp", gen, (4, 5), (("a", 0), ("b", 0)), rank_in_group)
+
+
+def stores(client: EtcdClient, cluster: str):
+    return lambda s: EtcdStore(client, f"{store_prefix(cluster, s.gen, s.key)}", timeout=timedelta(seconds=30))
+
+
+def test_a_build_waiting_for_a_dead_peer_gives_up_on_a_newer_generation(client: EtcdClient, cluster_name: str) -> None:
+    newer = threading.Event()
+    threading.Timer(0.5, newer.set).start()
+    t0 = time.monotonic()
+    with pytest.raises(GroupError, match=r"build of tp\[4,5\]@g3 abandoned: generation 4 was released"):
+        build_group(spec(3, 0), stores(client, cluster_name), torch.device("cpu"), timedelta(seconds=30),
+                    cancelled=lambda: "generation 4 was released" if newer.is_set() else None)
+    took = time.monotonic() - t0
+    assert 0.5 <= took < 2.0, took  # not the 30 s build timeout
+
+
+def test_a_peer_that_never_arrives_is_named(client: EtcdClient, cluster_name: str) -> None:
+    with pytest.raises(GroupError, match=r"tp\[4,5\]@g7: rank\(s\) \[5\] never arrived within 1s"):
+        build_group(spec(7, 0), stores(client, cluster_name), torch.device("cpu"), timedelta(seconds=1),
+                    cancelled=lambda: None)
+
+
+def test_both_members_arrive_and_the_group_works(client: EtcdClient, cluster_name: str) -> None:
+    """Two threads stand in for the two processes: the wait passes and gloo connects."""
+    built: dict[int, object] = {}
+
+    def member(r: int) -> None:
+        built[r] = build_group(spec(9, r), stores(client, cluster_name), torch.device("cpu"),
+                               timedelta(seconds=30), cancelled=lambda: None)
+
+    threads = [threading.Thread(target=member, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(built) == [0, 1]
+    sums = {}
+
+    def reduce(r: int) -> None:
+        x = torch.tensor([float(r + 1)])
+        built[r].backend.allreduce([x]).wait()  # type: ignore[attr-defined]
+        sums[r] = x.item()
+
+    threads = [threading.Thread(target=reduce, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert sums == {0: 3.0, 1: 3.0}
+    for g in built.values():
+        g.abort("test over")  # type: ignore[attr-defined]
