@@ -67,8 +67,9 @@ def no_stale_writer(d: Deployment, fault: Fault) -> list[str]:
     out = []
     writers: dict[tuple[int, str], set[int]] = defaultdict(set)
     for e in d.events():
-        if e.gen > fault.gen_before and e.pid in fault.victims:
-            out.append(f"pid {e.pid}, hit in generation {fault.gen_before}, wrote {e.kind} into generation {e.gen}")
+        hit_in = fault.hit_in.get(e.pid, fault.gen_before)
+        if e.pid in fault.victims and e.gen > hit_in:
+            out.append(f"pid {e.pid}, hit in generation {hit_in}, wrote {e.kind} into generation {e.gen}")
         if e.gen > fault.gen_before and e.kind in WORKER_KINDS and e.pid:
             writers[(e.gen, e.by)].add(e.pid)
     for (gen, seat), pids in writers.items():

@@ -28,6 +28,7 @@ class Fault:
     at: float  # wall clock
     gen_before: int
     victims: list[int] = field(default_factory=list)  # pids hit
+    hit_in: dict[int, int] = field(default_factory=dict)  # pid -> newest generation when hit (else gen_before)
     replan: bool = True  # a newer generation must serve afterwards
     restore: Callable[[], None] = lambda: None
     restore_first: bool = False  # no replica fits without what was hit: serving waits for the restore
@@ -180,11 +181,12 @@ def second_failure(d: Deployment, rng: random.Random) -> Fault:
     _signal(pid, signal.SIGKILL)
     _wait_event(d, (ev.ABORT_ORDERED,), t)
     time.sleep(0.3)
-    victims = [pid]
+    victims, now = [pid], _gen(d)  # the survivors may be in the next generation already
     for _, (_, other) in others.items():
         _signal(other, signal.SIGKILL)
         victims.append(other)
-    return Fault("second_failure", t, gen, victims, note=f"rank {rank}, then {sorted(others)} 0.3 s after the abort order")
+    return Fault("second_failure", t, gen, victims, hit_in={v: now for v in victims[1:]},
+                 note=f"rank {rank}, then {sorted(others)} 0.3 s after the abort order")
 
 
 def kill_in_rendezvous(d: Deployment, rng: random.Random) -> Fault:
@@ -194,11 +196,12 @@ def kill_in_rendezvous(d: Deployment, rng: random.Random) -> Fault:
     gen, t = _gen(d), time.time()
     _signal(pid, signal.SIGKILL)
     _wait_event(d, (ev.PLAN_WRITTEN,), t, min_gen=gen + 1)
-    victims = [pid]
+    victims, now = [pid], _gen(d)  # the others are members of gen+1 (and may have written into it)
     for _, (_, other) in others.items():
         _signal(other, signal.SIGKILL)
         victims.append(other)
-    return Fault("kill_in_rendezvous", t, gen, victims, note="second kill as generation gen+1 was written")
+    return Fault("kill_in_rendezvous", t, gen, victims, hit_in={v: now for v in victims[1:]},
+                 note="second kill as generation gen+1 was written")
 
 
 def join_leave(d: Deployment, rng: random.Random) -> Fault:
