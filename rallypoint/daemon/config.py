@@ -163,11 +163,14 @@ class CollectivesConfig:
         deadline_floor: the shortest deadline any collective gets.
         deadline_k: the multiple of a collective's typical duration it may take.
         backend: ``auto`` (NCCL on GPUs, gloo on CPU), ``nccl`` or ``gloo``.
+        build_timeout: how long a group build waits for its members; past it the worker asks
+            for the next plan (a build still blocked in NCCL's init 10 s later ends the process).
     """
 
     deadline_floor: timedelta = _opt(_secs(1.0), "seconds", gt=0)
     deadline_k: float = _opt(20.0, "float", gt=0)
     backend: str = _opt("auto", "choice", choices=("auto", "nccl", "gloo"))
+    build_timeout: timedelta = _opt(_secs(30.0), "seconds", gt=0)
 
 
 @dataclass(frozen=True)

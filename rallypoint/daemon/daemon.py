@@ -99,7 +99,8 @@ class Daemon:
         device = "cuda" if cfg.layout.node_gpus() > 0 else "cpu"
         command = WorkerCommand(cfg.cluster, ",".join(cfg.etcd.endpoints), cfg.node, w.model or "", device, w.dtype,
                                 w.max_batch, w.max_seq, w.api_host, w.api_port,
-                                cfg.collectives.deadline_floor.total_seconds(), cfg.state_dir, address, w.workload)
+                                cfg.collectives.deadline_floor.total_seconds(), cfg.state_dir, address, w.workload,
+                                build_timeout=cfg.collectives.build_timeout.total_seconds())
         return Supervisor(command, cfg.state_dir / "logs", self._on_worker_exit, w.restart_budget,
                           w.restart_window.total_seconds(), spares=cfg.layout.spares, channel=self.channel,
                           seat_params=command.seat_params)

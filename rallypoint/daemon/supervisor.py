@@ -252,6 +252,7 @@ class WorkerCommand:
     state_dir: Path
     channel: str | None = None
     workload: str = "serve"
+    build_timeout: float = 30.0
 
     def seat_params(self, local_rank: int) -> dict:
         """The seat's API port (``api_port + local_rank``, or 0 for a free one) and URL file."""
@@ -263,7 +264,7 @@ class WorkerCommand:
                 "--node", self.node, "--model", self.model, "--device", self.device, "--dtype", self.dtype,
                 "--max-batch", str(self.max_batch), "--max-seq", str(self.max_seq), "--api-host", self.api_host,
                 "--deadline-floor", str(self.deadline_floor), "--after-gen", str(after_gen), "--die-with-parent",
-                "--workload", self.workload]
+                "--workload", self.workload, "--build-timeout", str(self.build_timeout)]
         if self.channel:
             argv += ["--channel", self.channel]
         if local_rank is None:

@@ -117,14 +117,16 @@ def build_group(spec: GroupSpec, store_factory: StoreFactory, device: torch.devi
         return Group(spec, None, None, device)
     t0 = time.monotonic()
     store = store_factory(spec)
-    if cancelled is not None and hasattr(store, "wait_unless"):
-        _all_arrive(store, spec, timeout, cancelled)
     try:
+        if cancelled is not None and hasattr(store, "wait_unless"):
+            _all_arrive(store, spec, timeout, cancelled)
         if device.type == "cuda":
             backend = _nccl(store, spec, device, timeout)
         else:
             backend = dist.ProcessGroupGloo(store, spec.rank_in_group, spec.world_size, timeout)
-    except Exception as exc:
+    except GroupError:
+        raise
+    except Exception as exc:  # the store's etcd (a lost lease), or the backend
         raise GroupError(f"building {spec.label} (rank {spec.rank_in_group} of {spec.world_size}) "
                          f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
     took = time.monotonic() - t0

@@ -89,7 +89,7 @@ class Worker:
         self.log = get_logger("worker", node=args.node, local_rank=args.local_rank)
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.runtime = RankRuntime(RuntimeSettings(
-            cluster=args.cluster, device=device, deadline_floor=args.deadline_floor,
+            cluster=args.cluster, device=device, deadline_floor=args.deadline_floor, build_timeout=args.build_timeout,
             etcd=EtcdSettings(endpoints=endpoints_from(args.endpoints), request_timeout=2.0, retry_deadline=10.0),
             group_names=("tp", "pp")))
         self.probe = args.workload == "allreduce-probe"
@@ -141,6 +141,15 @@ class Worker:
         assert self.seat is not None
         with self.build_guard.watching(plan.gen):
             return self.runtime.configure(plan, *self.seat, cancelled=lambda: self._newer_than(plan.gen))
+
+    def _ask_replan(self, gen: int, reason: str) -> None:
+        """Ask the leader for the next plan: a build that failed here (a member that never came,
+        a lease lost in an etcd blip) leaves generation ``gen`` unable to serve."""
+        try:
+            if self.runtime.client.create(self.runtime.keys.replan_of(gen), reason):
+                self.events.emit(gen, ev.REPLAN_REQUESTED, reason=reason)
+        except RallypointError as exc:
+            self.log.error("worker.replan_request_failed", gen=gen, error=str(exc))
 
     def _build_stuck(self, why: str) -> None:
         """A communicator init hangs beyond any abort: end the process, rallyd starts the seat again."""
@@ -249,6 +258,9 @@ class Worker:
             except GroupError as exc:
                 self.log.error("worker.configure_failed", gen=plan.gen, error=str(exc))
                 self.gen = plan.gen
+                if self._newer_than(plan.gen) is None:  # not superseded: nobody else will move on
+                    self._ask_replan(plan.gen, f"{self.seat[0]}/{self.seat[1]} could not build generation "
+                                               f"{plan.gen}'s groups: {exc}")
                 continue
             except CheckpointError as exc:
                 # A bad shard is fatal for this process; rallyd keeps the seat out until the
@@ -424,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu, or cuda (the seat's GPU)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--deadline-floor", type=float, default=1.0)
+    ap.add_argument("--build-timeout", type=float, default=30.0, help="seconds a group build waits for its members")
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--max-seq", type=int, default=512)
     ap.add_argument("--queue-capacity", type=int, default=256)

@@ -245,3 +245,24 @@ def test_corrupt_shard_is_named(deploy, model_dir: Path, tmp_path: Path) -> None
     assert w.wait(timeout=60) == 3
     log = Path(w.log_path).read_text()  # type: ignore[attr-defined]
     assert "worker.shard_failed" in log and weights.name in log
+
+
+def test_a_build_whose_peer_never_comes_asks_for_the_next_plan(deploy) -> None:
+    """The plan names a second rank that never starts: the worker's build waits for it (``--build-
+    timeout 2``), names it, and asks the leader (here the test) for the next plan, instead of
+    waiting for a plan nobody would write. Given one that fits, it serves."""
+    d = deploy(build_timeout="2")
+    w = d.start_worker("n0", 0)
+    d.publish(2, [("n0", 0), ("ghost", 0)])
+    t0 = time.monotonic()
+    while (kv := d.client.get(d.keys.replan_of(1))) is None and time.monotonic() - t0 < 30:
+        assert w.poll() is None, Path(w.log_path).read_text()[-3000:]  # type: ignore[attr-defined]
+        time.sleep(0.1)
+    assert kv is not None, "no re-plan request"
+    took = time.monotonic() - t0
+    reason = kv.value.decode()
+    assert "n0/0 could not build generation 1's groups" in reason and "rank(s) [1] never arrived within 2s" in reason
+    assert 2.0 <= took < 10.0, took
+    d.publish(1, [("n0", 0)])
+    status, body, _ = post(d.url(w), {"prompt": "after a failed build", "max_tokens": 4})
+    assert status == 200 and len(body["choices"][0]["token_ids"]) == 4
