@@ -128,11 +128,12 @@ class Daemon:
         if self.stopping.is_set() or self.supervisor is None:
             return
         gpu_bad = self.gpu_health.bad.get(lr) if self.gpu_health else None
-        problem = gpu_bad or self.out_seats.why(lr)
-        bad_checkpoint = "exit code 3" if code == exit_codes.BAD_CHECKPOINT and not problem else ""
-        decision = choose(gpu_healthy=not problem, gpu_problem=problem,
-                          budget_left=bad_checkpoint != "" or self.supervisor.may_restart(),
-                          spare_ready=self.supervisor.ready_spare() is not None, checkpoint_error=bad_checkpoint)
+        out_already = self.out_seats.why(lr)  # a plan raced the seat's removal: it keeps its way back
+        bad_checkpoint = "exit code 3" if code == exit_codes.BAD_CHECKPOINT else ""
+        decision = choose(gpu_healthy=not gpu_bad, gpu_problem=gpu_bad or "",
+                          budget_left=bool(bad_checkpoint or out_already) or self.supervisor.may_restart(),
+                          spare_ready=self.supervisor.ready_spare() is not None, checkpoint_error=bad_checkpoint,
+                          seat_out=out_already)
         strategy = decision.strategy
         # The replacement starts before the re-plan request, so the plan finds it starting.
         if strategy == SPARE and self.supervisor.adopt_spare(lr, after_gen=plan.gen) is None:
@@ -146,9 +147,10 @@ class Daemon:
             # Left out of the placement (the record changes first, so the re-plan sees it). The
             # generation lost a rank either way: the request stands until a plan fits, so a layout
             # that cannot shrink is re-planned when the seat comes back.
-            window = None if gpu_bad or bad_checkpoint else self.cfg.worker.restart_window.total_seconds()
-            self._mark_bad(lr, decision.reason, gen=plan.gen, retry_after=window,
-                           until_checkpoint_changes=bad_checkpoint != "")
+            if gpu_bad or bad_checkpoint or not out_already:
+                window = None if gpu_bad or bad_checkpoint else self.cfg.worker.restart_window.total_seconds()
+                self._mark_bad(lr, decision.reason, gen=plan.gen, retry_after=window,
+                               until_checkpoint_changes=bad_checkpoint != "")
         else:
             self.events.emit(plan.gen, ev.REPLACEMENT, rank=rank, local_rank=lr, strategy=strategy,
                              why=decision.reason)

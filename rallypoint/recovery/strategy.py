@@ -32,12 +32,15 @@ class Decision:
 
 
 def choose(gpu_healthy: bool, gpu_problem: str, budget_left: bool, spare_ready: bool,
-           checkpoint_error: str = "") -> Decision:
-    """The strategy for a seat whose process just failed (``checkpoint_error``: its shard did not load)."""
+           checkpoint_error: str = "", seat_out: str = "") -> Decision:
+    """The strategy for a seat whose process just failed (``checkpoint_error``: its shard did not
+    load; ``seat_out``: why the seat was already out of placement, if it was)."""
     if not gpu_healthy:
         return Decision(SHRINK, f"GPU unhealthy: {gpu_problem}")
     if checkpoint_error:
         return Decision(SHRINK, f"checkpoint failed to load ({checkpoint_error}): out until its files change")
+    if seat_out:
+        return Decision(SHRINK, f"seat already out: {seat_out}")
     if not budget_left:
         return Decision(SHRINK, "restart budget spent")
     if spare_ready:

@@ -73,6 +73,8 @@ class Rendezvous:
         self.plan: Plan | None = None
         self.released_gen = 0
         self.nodes: dict[str, NodeRecord] = {}
+        self._node_revision: dict[str, int] = {}  # newest revision applied per member record
+        self._past_leases: set[int] = set()  # leases this rendezvous held and lost
         self.acks: dict[int, set[str]] = {}
         self.acked_gen = 0
         self.delivered_gen = 0
@@ -129,8 +131,10 @@ class Rendezvous:
             other = NodeRecord.from_json(key, held.value)
         except MalformedRecord as exc:
             raise NodeIdConflict(f"{exc}; refusing to take over node id {self.settings.node!r}") from None
-        if other.host == self.record.host and not psutil.pid_exists(other.pid):
-            # Our own predecessor (crashed, restarted by systemd): its lease has not run out yet.
+        if other.host == self.record.host and (held.lease in self._past_leases or not psutil.pid_exists(other.pid)):
+            # Our own record under the lease we just lost (etcd could not be reached to renew
+            # it, and it has not run out on the server yet), or our predecessor's (crashed,
+            # restarted by systemd) whose lease has not run out yet.
             ok, _ = self.client.transaction(
                 [Mod(key) == held.mod_revision],
                 [Put(key, self.record.to_json(), lease=self.lease.id)], what=f"take over {key}")
@@ -257,6 +261,9 @@ class Rendezvous:
                 self.released_gen = max(self.released_gen, gen_from_key(ev.key))
             elif ev.key.startswith(k.nodes):
                 name = ev.key[len(k.nodes):]
+                if ev.revision and ev.revision < self._node_revision.get(name, 0):
+                    return  # older than what a refresh already read
+                self._node_revision[name] = ev.revision
                 if ev.kind == "delete":
                     self.nodes.pop(name, None)
                 else:
@@ -290,7 +297,7 @@ class Rendezvous:
         return f"became leader at gen {self.gen}"
 
     def _start_leading(self) -> None:
-        self.nodes, self.acks = {}, {}
+        self.nodes, self.acks, self._node_revision = {}, {}, {}
         for prefix in (self.keys.nodes, self.keys.acks):
             kvs, rev = self.client.get_prefix(prefix)
             for kv in kvs:
@@ -322,9 +329,11 @@ class Rendezvous:
         return asked
 
     def _maybe_plan(self) -> str:
-        live = {n for n, rec in self.nodes.items()}
         current = self.plan
         replan = self._replan if current is not None and self._replan and self._replan[0] == current.gen else None
+        if replan is not None:
+            self._refresh_nodes()
+        live = {n for n, rec in self.nodes.items()}
         if current is not None and set(current.members) == live and replan is None:
             if not self._capacity_changed or self._same_placement(current):
                 self._change_since = None
@@ -366,6 +375,18 @@ class Rendezvous:
             # (NCCL does not see a dead peer): have the groups that contain them aborted now.
             self.on_lost(current, lost)
         return self._write_plan(plan)
+
+    def _refresh_nodes(self) -> None:
+        """Re-read the member records. A node writes its record (a seat left out) before it asks
+        for a re-plan, but the two reach the leader on different watches, and the request can
+        come first: planning on the old record would put the bad seat straight back."""
+        kvs, _ = self.client.get_prefix(self.keys.nodes)
+        seen = set()
+        for kv in kvs:
+            self._apply(WatchEvent("put", kv.key, kv.value, kv.mod_revision))
+            seen.add(kv.key[len(self.keys.nodes):])
+        for name in set(self.nodes) - seen:
+            self.nodes.pop(name, None)
 
     def _cannot_plan(self, exc: LayoutError) -> str:
         """Report that no layout fits, once per distinct problem; returns what to say."""
@@ -450,6 +471,8 @@ class Rendezvous:
     def _rejoin(self) -> str:
         """Our lease expired (etcd outage, a stopped process): register again under a new one."""
         old = self.lease
+        if old is not None:
+            self._past_leases.add(old.id)  # our record may still hold it on the server
         if self.is_leader:
             self._resign("lease lost")
         if self.leader == self.settings.node:

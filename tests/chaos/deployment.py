@@ -47,6 +47,10 @@ class Deployment:
     daemons: dict[str, DaemonProcess] = field(default_factory=dict)
     plan_writes: list[PlanWrite] = field(default_factory=list)
     client: EtcdClient | None = None
+    # (wall time, node, exit code) of every rallyd that exited on its own and was started again
+    restarted_on_failure: list[tuple[float, str, int]] = field(default_factory=list)
+    _stopping: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def keys(self) -> ClusterKeys:
@@ -65,7 +69,25 @@ class Deployment:
             self.start_node(name)
             if name == "n1":
                 self.daemons[name].wait_log("became leader", timeout=30)
+        threading.Thread(target=self._keep_daemons, name="chaos-systemd", daemon=True).start()
         return self
+
+    def _keep_daemons(self) -> None:
+        """Do what the unit file's ``Restart=on-failure`` / ``RestartSec=1s`` do in production: a
+        rallyd that exits with an error of its own (it gave up joining while etcd was unreachable)
+        is started again. Those the scenarios kill (a signal) or stop stay down until restored."""
+        while not self._stopping.wait(0.5):
+            for name in self.names():
+                d = self.daemons.get(name)
+                code = d.proc.poll() if d is not None and d.proc is not None else None
+                if code is None or code <= 0:
+                    continue
+                time.sleep(1.0)
+                with self._lock:
+                    if self._stopping.is_set() or self.daemons.get(name) is not d:
+                        continue  # restored meanwhile, or the deployment is stopping
+                    self.restarted_on_failure.append((time.time(), name, code))
+                    self._start_node(name)
 
     def model_of(self, node: str) -> Path:
         path = self.root / node / "model"
@@ -75,6 +97,10 @@ class Deployment:
 
     def start_node(self, name: str) -> DaemonProcess:
         """Start (or restart) node ``name``'s rallyd; its log is appended to."""
+        with self._lock:
+            return self._start_node(name)
+
+    def _start_node(self, name: str) -> DaemonProcess:
         slots = ["--gpus", "1", "--worker-dtype", "float32"] if self.gpus else ["--cpu-ranks", "1"]
         args = daemon_args(self.etcd.endpoints, self.cluster, "--tp", str(self.tp), *slots,
                            "--state-dir", str(self.root / name), "--worker-model", str(self.model_of(name)),
@@ -178,6 +204,7 @@ class Deployment:
         return out
 
     def stop(self) -> None:
+        self._stopping.set()
         for d in self.daemons.values():
             d.stop()
         if getattr(self, "_plan_watch", None) is not None:

@@ -78,9 +78,17 @@ def no_stale_writer(d: Deployment, fault: Fault) -> list[str]:
     return out
 
 
+def every_node_up(d: Deployment, grace: float = 10.0) -> list[str]:
+    """Every node's rallyd runs once the fault is over (a restart on failure counts as running)."""
+    deadline = time.monotonic() + grace
+    while (down := [n for n in d.names() if not d.alive(n)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return [f"rallyd of {n} is not running after the fault" for n in down]
+
+
 def check_all(d: Deployment, load: Load, fault: Fault, outcomes: list[Outcome], serving: bool) -> list[str]:
     problems = requests_intact(load, outcomes) + one_plan_per_generation(d) + no_orphans(d)
-    problems += no_stale_writer(d, fault)
+    problems += no_stale_writer(d, fault) + every_node_up(d)
     if not serving:
         problems.append("the cluster did not end serving")
     return problems

@@ -75,10 +75,12 @@ class Chaos:
                       [(round(o.started - fault.at, 2), round(o.finished - fault.at, 2), o.resumes) for o in outcomes])
         self.results.append(r)
         slowest = max((o.finished - o.started for o in outcomes), default=0.0)
+        restarted = [f"rallyd of {n} exited with code {c} on its own and was restarted (Restart=on-failure)"
+                     for at, n, c in d.restarted_on_failure if at >= t_window]
         self.log(f"{name:<20} {'survived' if r.survived else 'FAILED':<9} detection {r.detection}s  "
                  f"serving after {r.to_serving}s  requests {r.requests} (resumed {r.resumed}, slowest "
                  f"{slowest:.1f}s) lost {r.lost}  ({fault.note})"
-                 + "".join(f"\n    - {p}" for p in problems))
+                 + "".join(f"\n    - {p}" for p in problems) + "".join(f"\n    . {x}" for x in restarted))
         return r
 
     def soak(self, seconds: float, mtbf: float, rng: random.Random, names: tuple[str, ...],

@@ -23,3 +23,8 @@ def test_budget_per_window() -> None:
     assert b.take(0.0) and b.take(1.0)
     assert not b.take(2.0) and b.left(2.0) == 0
     assert b.take(10.5)  # the first one left the window
+
+
+def test_a_seat_already_out_stays_out_with_its_own_reason() -> None:
+    d = choose(True, "", True, spare_ready=True, seat_out="restart budget spent")
+    assert d.strategy == SHRINK and d.reason == "seat already out: restart budget spent"
