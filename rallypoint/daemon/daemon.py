@@ -29,7 +29,7 @@ from rallypoint.gateway.server import Gateway
 from rallypoint.errors import EtcdError, EtcdUnavailable, MalformedRecord, RallypointError
 from rallypoint.log import get_logger
 from rallypoint.recovery import events as ev
-from rallypoint.recovery.events import Event, EventLog, events_prefix, prune_events
+from rallypoint.recovery.events import Event, EventLog, events_prefix, prune_events, prune_stores
 from rallypoint.recovery.machine import RecoveryMachine
 from rallypoint.recovery.strategy import RESTART, SHRINK, SPARE, choose
 from rallypoint.rendezvous.etcd import EtcdClient
@@ -415,6 +415,7 @@ class Daemon:
                 self.supervisor.stop(lr)  # this seat has no rank in the new layout
         if self.rendezvous.is_leader and plan.gen > KEEP_EVENT_GENS and plan.gen % 10 == 0:
             prune_events(self.client, self.keys, plan.gen - KEEP_EVENT_GENS)
+            prune_stores(self.client, self.keys, plan.gen - KEEP_EVENT_GENS)
         self.log.info("rallyd.generation_released", gen=plan.gen, world_size=plan.world_size,
                       tp=plan.tp, pp=plan.pp, dp=plan.dp, reason=plan.reason,
                       ranks=[r.rank for r in mine],

@@ -140,8 +140,9 @@ def _all_arrive(store: Any, spec: GroupSpec, timeout: timedelta, cancelled: Canc
     A blocking NCCL init waits for a missing peer forever, and no abort reaches a communicator
     still being created; this wait is ours, so a dead peer or a newer generation ends it.
     """
-    mine = f"arrived/{spec.rank_in_group}"
-    store.set(mine, b"1")
+    # No lease on it: an etcd blip that cost this process its lease must not make it vanish
+    # while the others wait for it (the leader prunes old generations' stores).
+    store.mark(f"arrived/{spec.rank_in_group}")
     keys = [f"arrived/{r}" for r in range(spec.world_size)]
     try:
         store.wait_unless(keys, timeout, cancelled)

@@ -171,7 +171,15 @@ def read_events(client: EtcdClient, keys: ClusterKeys, gen: int | None = None) -
 
 def prune_events(client: EtcdClient, keys: ClusterKeys, keep_from_gen: int) -> int:
     """Delete the events of generations older than ``keep_from_gen``; returns generations dropped."""
-    base = events_prefix(keys)
+    return _prune_generations(client, events_prefix(keys), keep_from_gen)
+
+
+def prune_stores(client: EtcdClient, keys: ClusterKeys, keep_from_gen: int) -> int:
+    """Delete the group stores (``store/<gen>/``) of generations older than ``keep_from_gen``."""
+    return _prune_generations(client, keys.store(0).rsplit("/", 2)[0] + "/", keep_from_gen)
+
+
+def _prune_generations(client: EtcdClient, base: str, keep_from_gen: int) -> int:
     kvs, _ = client.get_prefix(base)
     gens = {kv.key[len(base):].split("/", 1)[0] for kv in kvs}
     old = sorted(g for g in gens if g.isdigit() and int(g) < keep_from_gen)

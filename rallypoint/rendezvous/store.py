@@ -220,6 +220,12 @@ class EtcdStore(dist.Store):
         """
         self._await(keys, timeout)
 
+    def mark(self, key: str, value: bytes | str = b"1") -> None:
+        """Write ``key`` with no lease: a marker that must outlive an etcd blip that costs the
+        writer its lease (a build's arrival). It goes when the leader prunes its generation."""
+        full, data = self._key(key), _bytes(value)
+        self._call(lambda: self._client.put(full, data))
+
     def wait_unless(self, keys: Sequence[str], timeout: timedelta, cancelled: Callable[[], str | None]) -> None:
         """``wait``, given up as soon as ``cancelled()`` returns a reason.
 

@@ -71,3 +71,21 @@ def test_both_members_arrive_and_the_group_works(client: EtcdClient, cluster_nam
     assert sums == {0: 3.0, 1: 3.0}
     for g in built.values():
         g.abort("test over")  # type: ignore[attr-defined]
+
+
+def test_arrivals_outlive_the_lease_and_go_with_their_generation(client: EtcdClient, cluster_name: str) -> None:
+    """An arrival carries no lease (an etcd blip that costs a waiting rank its lease must not
+    make it vanish); the leader's pruning of old generations removes it."""
+    from rallypoint.recovery.events import prune_stores
+    from rallypoint.rendezvous.records import ClusterKeys
+
+    keys = ClusterKeys(cluster_name)
+    with pytest.raises(GroupError):
+        build_group(spec(2, 0), stores(client, cluster_name), torch.device("cpu"), timedelta(seconds=0.5),
+                    cancelled=lambda: None)
+    kv = client.get(f"{store_prefix(cluster_name, 2, 'tp-4.5')}arrived/0")
+    assert kv is not None and kv.lease == 0
+    client.put(f"{store_prefix(cluster_name, 12, 'tp-4.5')}arrived/1", "1")
+    assert prune_stores(client, keys, keep_from_gen=10) == 1
+    assert client.get(f"{store_prefix(cluster_name, 2, 'tp-4.5')}arrived/0") is None
+    assert client.get(f"{store_prefix(cluster_name, 12, 'tp-4.5')}arrived/1") is not None
