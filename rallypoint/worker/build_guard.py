@@ -3,9 +3,10 @@
 Every member of a group waits for the others in etcd before creating a communicator, and that
 wait gives up on a newer generation. What is left is a peer dying in the milliseconds between the
 wait and NCCL's own (blocking) communicator init, which then waits for it forever: the only way
-out is a fresh process. ``BuildGuard`` watches each build and ends the process when the build
-outlives a newer generation by ``grace`` seconds, or runs past ``limit`` seconds in all; rallyd
-sees the exit code and starts the seat again.
+out is a fresh process. ``BuildGuard`` watches each NCCL build (gloo's connect times out on its
+own) and ends the process when the build outlives a newer generation by ``grace`` seconds (15:
+longer than an etcd retry), or runs past ``limit`` seconds in all; rallyd sees the exit code and
+starts the seat again.
 """
 
 from __future__ import annotations

@@ -98,8 +98,10 @@ class Worker:
         self.controller = Controller(self.runtime.client, args.cluster, None, self._on_abort,
                                      lambda _: self._close_if_draining())
         self.events = EventLog(self.runtime.client, self.runtime.keys, by=args.node)
+        # Grace past the etcd client's retry deadline (10 s): a build blocked in an etcd retry
+        # is not hung. Limit: the members' wait times out at build_timeout first.
         self.build_guard = BuildGuard(lambda gen: self._newer_than(gen) is not None,
-                                      limit=self.runtime.settings.build_timeout + 10.0, grace=5.0,
+                                      limit=self.runtime.settings.build_timeout + 15.0, grace=15.0,
                                       on_stuck=self._build_stuck)
         self.settings = EngineSettings(max_batch=args.max_batch, max_seq=args.max_seq,
                                        eos=getattr(self.tokenizer, "eos_id", None))
@@ -139,6 +141,9 @@ class Worker:
     def _build(self, plan: Plan) -> GroupSet:
         """Build ``plan``'s groups: given up when a newer generation comes, guarded against a hang."""
         assert self.seat is not None
+        if not self.runtime.settings.device.startswith("cuda"):
+            # gloo's connect waits at most the store timeout: only NCCL's init can hang for good.
+            return self.runtime.configure(plan, *self.seat, cancelled=lambda: self._newer_than(plan.gen))
         with self.build_guard.watching(plan.gen):
             return self.runtime.configure(plan, *self.seat, cancelled=lambda: self._newer_than(plan.gen))
 

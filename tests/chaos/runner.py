@@ -65,6 +65,9 @@ class Chaos:
         fault.restore()
         serving_end = d.wait_serving(120) is not None
         time.sleep(settle)  # requests started during the recovery finish
+        deadline = time.monotonic() + 30  # on a slow host: until one request has finished since the fault
+        while not any(o.finished >= fault.at for o in list(self.load.outcomes)) and time.monotonic() < deadline:
+            time.sleep(0.2)
         first = [e.at for e in d.events() if e.at >= fault.at - 0.05 and (
             e.kind in DETECTED or (e.kind == ev.PLAN_WRITTEN and e.gen > fault.gen_before))]
         outcomes = self.load.since(t_window)
