@@ -75,6 +75,7 @@ class Rendezvous:
         self.nodes: dict[str, NodeRecord] = {}
         self._node_revision: dict[str, int] = {}  # newest revision applied per member record
         self._past_leases: set[int] = set()  # leases this rendezvous held and lost
+        self._refreshed_for: tuple[int, str] | None = None  # the re-plan request last refreshed for
         self.acks: dict[int, set[str]] = {}
         self.acked_gen = 0
         self.delivered_gen = 0
@@ -331,8 +332,9 @@ class Rendezvous:
     def _maybe_plan(self) -> str:
         current = self.plan
         replan = self._replan if current is not None and self._replan and self._replan[0] == current.gen else None
-        if replan is not None:
-            self._refresh_nodes()
+        if replan is not None and replan != self._refreshed_for:
+            self._refresh_nodes()  # once per request: the watch keeps the records current after
+            self._refreshed_for = replan
         live = {n for n, rec in self.nodes.items()}
         if current is not None and set(current.members) == live and replan is None:
             if not self._capacity_changed or self._same_placement(current):

@@ -12,6 +12,7 @@ holds the requests in flight and resumes them in the next generation.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -141,10 +142,10 @@ class Worker:
     def _build(self, plan: Plan) -> GroupSet:
         """Build ``plan``'s groups: given up when a newer generation comes, guarded against a hang."""
         assert self.seat is not None
-        if not self.runtime.settings.device.startswith("cuda"):
-            # gloo's connect waits at most the store timeout: only NCCL's init can hang for good.
-            return self.runtime.configure(plan, *self.seat, cancelled=lambda: self._newer_than(plan.gen))
-        with self.build_guard.watching(plan.gen):
+        # gloo's connect waits at most the store timeout: only NCCL's init can hang for good.
+        guard = self.build_guard.watching(plan.gen) if self.runtime.settings.device.startswith("cuda") \
+            else contextlib.nullcontext()
+        with guard:
             return self.runtime.configure(plan, *self.seat, cancelled=lambda: self._newer_than(plan.gen))
 
     def _ask_replan(self, gen: int, reason: str) -> None:

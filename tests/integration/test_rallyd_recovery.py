@@ -136,6 +136,23 @@ def test_a_node_restarted_at_once_does_not_rejoin_the_dead_generation(
             b2.stop()
 
 
+def start_two_replicas(etcd: EtcdCluster, cluster_name: str, tmp_path: Path, model: Path,
+                       budget: int, window: int) -> tuple[DaemonProcess, str]:
+    """One node, TP=1 x DP=2 on two CPU seats; returns the daemon and replica 0's API URL once
+    both replicas serve."""
+    args = daemon_args(etcd.endpoints, cluster_name, "--tp", "1", "--dp", "2", "--cpu-ranks", "2",
+                       "--state-dir", str(tmp_path / "a"), "--worker-model", str(model),
+                       "--worker-restart-budget", str(budget), "--worker-restart-window", str(window))
+    daemon = DaemonProcess("a", args, tmp_path / "a.log").start()
+    try:
+        url = wait_file(tmp_path / "a" / "api-0.url")
+        wait_file(tmp_path / "a" / "api-1.url")
+    except BaseException:
+        daemon.stop()
+        raise
+    return daemon, url
+
+
 def test_spent_restart_budget_shrinks_then_grows_back(etcd: EtcdCluster, client: EtcdClient, cluster_name: str,
                                                       tmp_path: Path) -> None:
     """TP=1, DP=2 on one node, no restarts allowed: replica 1's worker dies, its seat is left out
@@ -143,13 +160,8 @@ def test_spent_restart_budget_shrinks_then_grows_back(etcd: EtcdCluster, client:
     after the restart window the seat is tried again and the layout grows back to dp=2."""
     model = make_model(tmp_path / "model", "tiny", seed=6)
     keys = ClusterKeys(cluster_name)
-    args = daemon_args(etcd.endpoints, cluster_name, "--tp", "1", "--dp", "2", "--cpu-ranks", "2",
-                       "--state-dir", str(tmp_path / "a"), "--worker-model", str(model),
-                       "--worker-restart-budget", "0", "--worker-restart-window", "4")
-    daemon = DaemonProcess("a", args, tmp_path / "a.log").start()
+    daemon, url = start_two_replicas(etcd, cluster_name, tmp_path, model, budget=0, window=4)
     try:
-        url = wait_file(tmp_path / "a" / "api-0.url")
-        wait_file(tmp_path / "a" / "api-1.url")
         requests = [{"prompt": f"shrink {i}", "max_tokens": 60} for i in range(3)]
         reference = [post(url, r)[1]["choices"][0]["token_ids"] for r in requests]
         got, threads = start_streams(url, requests)
@@ -183,13 +195,8 @@ def test_a_seat_whose_checkpoint_fails_stays_out_until_the_files_change(
     model = make_model(tmp_path / "model", "tiny", seed=12)
     weights = model / "model.safetensors"
     keys = ClusterKeys(cluster_name)
-    args = daemon_args(etcd.endpoints, cluster_name, "--tp", "1", "--dp", "2", "--cpu-ranks", "2",
-                       "--state-dir", str(tmp_path / "a"), "--worker-model", str(model),
-                       "--worker-restart-budget", "5", "--worker-restart-window", "2")
-    daemon = DaemonProcess("a", args, tmp_path / "a.log").start()
+    daemon, url = start_two_replicas(etcd, cluster_name, tmp_path, model, budget=5, window=2)
     try:
-        url = wait_file(tmp_path / "a" / "api-0.url")
-        wait_file(tmp_path / "a" / "api-1.url")
         request = {"prompt": "a bad checkpoint", "max_tokens": 10}
         reference = post(url, request)[1]["choices"][0]["token_ids"]
         good = weights.read_bytes()

@@ -208,3 +208,16 @@ def test_no_plan_missed_when_the_connected_etcd_member_dies(etcd3: EtcdCluster, 
         assert follower.plan.members == ("n0", "n1", "n2", "n3")
     finally:
         ms.close()
+
+
+def test_a_member_that_lost_its_lease_takes_back_its_own_record(members: Members, client: EtcdClient) -> None:
+    """The client gave the lease up as lost (etcd could not be reached to renew it) while etcd
+    still holds the member's record under it: the rejoin takes the record back under the new
+    lease instead of calling it a duplicate of itself."""
+    r = members.add("n0")
+    members.cycle_until(lambda: all_released(members, 1))
+    old = r.lease.id
+    assert client.get(r.keys.node("n0")).lease == old
+    r.lease.lost.set()  # as the keeper does when a whole TTL passed without a renewal
+    said = members.cycle_until(lambda: r.lease.id != old and client.get(r.keys.node("n0")).lease == r.lease.id)
+    assert any("re-registered after lease loss" in s for s in said), said
