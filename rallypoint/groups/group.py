@@ -138,19 +138,31 @@ def _all_arrive(store: Any, spec: GroupSpec, timeout: timedelta, cancelled: Canc
     """Wait until every member reached this build, before any communicator is created.
 
     A blocking NCCL init waits for a missing peer forever, and no abort reaches a communicator
-    still being created; this wait is ours, so a dead peer or a newer generation ends it.
+    still being created; this wait is ours, so a dead peer or a newer generation ends it. A member
+    that gives up takes its arrival back first, and cannot once all arrivals were there together:
+    then a peer may already be creating the communicator, and this member goes on as well (the
+    build is short with every member alive) rather than leave that peer hanging in it.
     """
     # No lease on it: an etcd blip that cost this process its lease must not make it vanish
     # while the others wait for it (the leader prunes old generations' stores).
-    store.mark(f"arrived/{spec.rank_in_group}")
+    mine = f"arrived/{spec.rank_in_group}"
+    store.mark(mine)
     keys = [f"arrived/{r}" for r in range(spec.world_size)]
+    others = [k for k in keys if k != mine]
     try:
         store.wait_unless(keys, timeout, cancelled)
     except WaitCancelled as exc:
+        if not store.withdraw(mine, others):
+            log.info("groups.build_committed", group=spec.label, gen=spec.gen, why=str(exc))
+            return
         log.info("groups.build_abandoned", group=spec.label, gen=spec.gen, why=str(exc))
         raise GroupError(f"build of {spec.label} abandoned: {exc}") from None
     except StoreTimeout:
-        missing = [spec.ranks[r] for r in range(spec.world_size) if not store.check([f"arrived/{r}"])]
+        if not store.withdraw(mine, others):
+            log.info("groups.build_committed", group=spec.label, gen=spec.gen, why="every member arrived at the timeout")
+            return
+        missing = [spec.ranks[r] for r in range(spec.world_size)
+                   if r != spec.rank_in_group and not store.check([f"arrived/{r}"])]
         raise GroupError(f"building {spec.label}: rank(s) {missing} never arrived within "
                          f"{timeout.total_seconds():g}s") from None
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from rallypoint.errors import EtcdUnavailable, MalformedRecord, StoreTimeout, WaitCancelled
 from rallypoint.log import get_logger
-from rallypoint.rendezvous.etcd import RESYNC, EtcdClient, Get, Mod, Put
+from rallypoint.rendezvous.etcd import RESYNC, Delete, EtcdClient, Get, Mod, Put, Version
 
 log = get_logger("store")
 T = TypeVar("T")
@@ -225,6 +225,20 @@ class EtcdStore(dist.Store):
         writer its lease (a build's arrival). It goes when the leader prunes its generation."""
         full, data = self._key(key), _bytes(value)
         self._call(lambda: self._client.put(full, data))
+
+    def withdraw(self, key: str, unless_all: Sequence[str]) -> bool:
+        """Delete ``key`` unless every key of ``unless_all`` is set, in one transaction; True
+        when it was deleted.
+
+        A build's arrival is taken back this way: once every member's arrival was there at the
+        same moment, some member may have seen that and gone on to create its communicator, so
+        no member may leave any more. Any missing arrival proves nobody went on.
+        """
+        full = self._key(key)
+        present, _ = self._call(lambda: self._client.transaction(
+            [Version(self._key(k)) > 0 for k in unless_all], [], [Delete(full)],
+            what=f"store withdraw {full}"))
+        return not present
 
     def wait_unless(self, keys: Sequence[str], timeout: timedelta, cancelled: Callable[[], str | None]) -> None:
         """``wait``, given up as soon as ``cancelled()`` returns a reason.

@@ -1,5 +1,7 @@
 """A group build first waits for every member in etcd (real etcd, real EtcdStore, real gloo):
-it gives up as soon as a newer generation is released, and a timeout names who never came."""
+it gives up as soon as a newer generation is released, and a timeout names who never came. A
+member that gives up takes its arrival back, unless every member's arrival was already there: then
+a peer may be creating its communicator, and the member builds the group too."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from datetime import timedelta
 import pytest
 import torch
 
-from rallypoint.errors import GroupError
+from rallypoint.errors import GroupError, WaitCancelled
 from rallypoint.groups.group import build_group
 from rallypoint.groups.topology import GroupSpec
 from rallypoint.rendezvous.etcd import EtcdClient
@@ -34,12 +36,65 @@ def test_a_build_waiting_for_a_dead_peer_gives_up_on_a_newer_generation(client: 
                     cancelled=lambda: "generation 4 was released" if newer.is_set() else None)
     took = time.monotonic() - t0
     assert 0.5 <= took < 2.0, took  # not the 30 s build timeout
+    # Its arrival was taken back: a peer coming late waits for it, and never creates a communicator.
+    assert client.get(f"{store_prefix(cluster_name, 3, 'tp-4.5')}arrived/0") is None
 
 
 def test_a_peer_that_never_arrives_is_named(client: EtcdClient, cluster_name: str) -> None:
     with pytest.raises(GroupError, match=r"tp\[4,5\]@g7: rank\(s\) \[5\] never arrived within 1s"):
         build_group(spec(7, 0), stores(client, cluster_name), torch.device("cpu"), timedelta(seconds=1),
                     cancelled=lambda: None)
+    assert client.get(f"{store_prefix(cluster_name, 7, 'tp-4.5')}arrived/0") is None
+
+
+def test_an_arrival_is_withdrawn_only_while_one_is_missing(client: EtcdClient, cluster_name: str) -> None:
+    store = EtcdStore(client, store_prefix(cluster_name, 5, "tp-4.5"))
+    store.mark("arrived/0")
+    assert store.withdraw("arrived/0", ["arrived/1"]) is True
+    assert not store.check(["arrived/0"])
+    store.mark("arrived/0")
+    store.mark("arrived/1")
+    assert store.withdraw("arrived/0", ["arrived/1"]) is False
+    assert store.check(["arrived/0", "arrived/1"])
+
+
+class CancelledOnceAllArrived(EtcdStore):
+    """The interleaving a real cluster hits: the newer generation is seen after the last arrival
+    landed (the peer already went on to create its communicator)."""
+
+    def wait_unless(self, keys, timeout, cancelled) -> None:
+        self.wait(keys, timeout)
+        raise WaitCancelled("generation 10 was released")
+
+
+def test_a_member_cancelled_after_every_arrival_builds_the_group_anyway(client: EtcdClient, cluster_name: str) -> None:
+    built: dict[int, object] = {}
+    errors: list[BaseException] = []
+
+    def member(r: int) -> None:
+        def store(s: GroupSpec) -> EtcdStore:
+            cls = CancelledOnceAllArrived if r == 0 else EtcdStore
+            return cls(client, store_prefix(cluster_name, s.gen, s.key), timeout=timedelta(seconds=30))
+        try:
+            built[r] = build_group(spec(9, r), store, torch.device("cpu"), timedelta(seconds=30),
+                                   cancelled=lambda: "generation 10 was released" if r == 0 else None)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=member, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    assert sorted(built) == [0, 1]
+    x = [torch.tensor([1.0]), torch.tensor([2.0])]
+    works = [built[r].backend.allreduce([x[r]]) for r in (0, 1)]  # type: ignore[attr-defined]
+    for w in works:
+        w.wait()
+    assert [v.item() for v in x] == [3.0, 3.0]
+    for g in built.values():
+        g.abort("test over")  # type: ignore[attr-defined]
 
 
 def test_both_members_arrive_and_the_group_works(client: EtcdClient, cluster_name: str) -> None:
@@ -80,11 +135,19 @@ def test_arrivals_outlive_the_lease_and_go_with_their_generation(client: EtcdCli
     from rallypoint.rendezvous.records import ClusterKeys
 
     keys = ClusterKeys(cluster_name)
+    seen: list[object] = []
+
+    def look() -> str | None:  # asked every 0.1 s while the build waits for its peer
+        if not seen:
+            seen.append(client.get(f"{store_prefix(cluster_name, 2, 'tp-4.5')}arrived/0"))
+        return None
+
     with pytest.raises(GroupError):
         build_group(spec(2, 0), stores(client, cluster_name), torch.device("cpu"), timedelta(seconds=0.5),
-                    cancelled=lambda: None)
-    kv = client.get(f"{store_prefix(cluster_name, 2, 'tp-4.5')}arrived/0")
-    assert kv is not None and kv.lease == 0
+                    cancelled=look)
+    kv = seen[0]
+    assert kv is not None and kv.lease == 0  # type: ignore[attr-defined]
+    client.put(f"{store_prefix(cluster_name, 2, 'tp-4.5')}arrived/0", "1")
     client.put(f"{store_prefix(cluster_name, 12, 'tp-4.5')}arrived/1", "1")
     assert prune_stores(client, keys, keep_from_gen=10) == 1
     assert client.get(f"{store_prefix(cluster_name, 2, 'tp-4.5')}arrived/0") is None
