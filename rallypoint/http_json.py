@@ -4,7 +4,8 @@ OpenAI-style error bodies, and server-sent events over chunked transfer encoding
 from __future__ import annotations
 
 import json
-from http.server import BaseHTTPRequestHandler
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 MAX_BODY = 1 << 20
@@ -54,3 +55,15 @@ class JsonHandler(BaseHTTPRequestHandler):
         self.send_event("[DONE]")
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
+
+
+class JsonServer(ThreadingHTTPServer):
+    """One thread per request. A client hanging up mid-answer is normal here (a gateway that
+    gave up on a stream to resume it elsewhere, a caller that timed out): no traceback for it."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)

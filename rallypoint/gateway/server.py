@@ -13,17 +13,16 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from http.server import ThreadingHTTPServer
 from typing import Any
 
 from rallypoint.gateway.resume import NoUpstream, Progress, RequestRejected, stream_completion
-from rallypoint.http_json import JsonHandler
+from rallypoint.http_json import JsonHandler, JsonServer
 from rallypoint.log import get_logger
 
 log = get_logger("gateway")
 
 
-class Gateway(ThreadingHTTPServer):
+class Gateway(JsonServer):
     """The HTTP server; one thread per client request.
 
     Args:
@@ -33,7 +32,6 @@ class Gateway(ThreadingHTTPServer):
         on_resume: called each time a request is re-sent to another driver.
     """
 
-    daemon_threads = True
 
     def __init__(self, host: str, port: int, upstreams: Callable[[], list[str]], resume_timeout: float,
                  on_request: Callable[[str], None] = lambda _: None,

@@ -13,10 +13,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import ThreadingHTTPServer
 from typing import Any
 
-from rallypoint.http_json import JsonHandler
+from rallypoint.http_json import JsonHandler, JsonServer
 from rallypoint.log import get_logger
 from rallypoint.worker.requests import BadRequest, QueueFull, Request, RequestQueue, SamplingParams
 
@@ -179,10 +178,9 @@ class _Handler(JsonHandler):
         self.end_events()
 
 
-class ApiServer(ThreadingHTTPServer):
+class ApiServer(JsonServer):
     """The replica's HTTP server; ``serve_in_thread`` runs it beside the serving loop."""
 
-    daemon_threads = True
 
     def __init__(self, frontend: Frontend, host: str = "127.0.0.1", port: int = 0) -> None:
         super().__init__((host, port), _Handler)

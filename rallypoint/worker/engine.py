@@ -190,6 +190,15 @@ class Driver:
         self.held.extendleft(reversed(held))
         return held
 
+    def hand_off(self, why: str) -> list[Request]:
+        """This process no longer drives a replica: give up every request it holds or queued
+        (see ``RequestQueue.hand_off``); the queue refuses new ones until it drives again."""
+        self.queue.close(why)
+        self.hold()
+        held = list(self.held)
+        self.held.clear()
+        return self.queue.hand_off(held, why)
+
     @property
     def busy(self) -> bool:
         return bool(self.rows or self.held or self.queue.waiting)

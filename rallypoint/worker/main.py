@@ -117,6 +117,7 @@ class Worker:
         self.stopping = threading.Event()
         self._first_token_gen = 0
         self._drained_gen = 0
+        self._handed_off: str | None = None  # why the queue was closed when this stopped driving
         if args.local_rank is not None:
             self.take_seat(args.local_rank, args.after_gen)
 
@@ -259,6 +260,8 @@ class Worker:
                 plan = self.controller.wait_plan(self.gen, timeout=1.0)
             except RallypointError:
                 continue
+            if self.driver is not None and not self._drives_in(plan):
+                self._hand_off(plan)
             try:
                 groups, loaded = (self._build(plan), 0.0) if self.probe else self._configure_and_load(plan)
             except GroupError as exc:
@@ -286,6 +289,8 @@ class Worker:
             if is_driver:
                 if self.driver is None:
                     self.driver = Driver(self.queue, self.settings, self.runtime.device)
+                    if self.queue.closed and self.queue.closed == self._handed_off:
+                        self.queue.reopen()
                 self._start_api()
             if self.driver is not None:
                 self.driver.switch_to = 0  # any switch asked for is this very generation
@@ -307,6 +312,21 @@ class Worker:
                 self.log.warning("worker.generation_aborted", gen=plan.gen, reason=str(exc),
                                  held=[r.id for r in held])
         return 0
+
+    def _drives_in(self, plan: Plan) -> bool:
+        """Whether this seat is a replica's driver (first PP stage, TP rank 0) in ``plan``."""
+        key = self._shard_for(plan)
+        return key.tp_rank == 0 and key.pp_rank == 0
+
+    def _hand_off(self, plan: Plan) -> None:
+        """This seat stops driving in ``plan`` (the layout moved it): the requests it holds would
+        wait for a driver that never comes back, so their streams end now and the gateway resumes
+        each on a serving driver. Done before the build, which may take long."""
+        assert self.driver is not None and self.seat is not None
+        why = f"{self.seat[0]}/{self.seat[1]} does not drive a replica in generation {plan.gen}"
+        moved = self.driver.hand_off(why)
+        self.driver, self._handed_off = None, why
+        self.log.info("worker.handed_off", gen=plan.gen, requests=[r.id for r in moved], why=why)
 
     def _run_probe(self, plan: Plan, groups: GroupSet) -> None:
         """``allreduce-probe``: all-reduce on the TP group until the next plan or an abort."""

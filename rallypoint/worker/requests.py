@@ -173,7 +173,8 @@ class RequestQueue:
         self.lock = threading.Lock()
         self.accepted = itertools.count()
         self.closed: str | None = None  # why new requests are refused (draining), or None
-        self.counts = {"accepted": 0, "completed": 0, "rejected": 0, "resumed": 0, "failed": 0, "replay_mismatch": 0}
+        self.counts = {"accepted": 0, "completed": 0, "rejected": 0, "resumed": 0, "failed": 0, "handed_off": 0,
+                       "replay_mismatch": 0}
 
     def submit(self, req: Request) -> Request:
         """Accept ``req`` or raise ``QueueFull`` (or ``Draining``)."""
@@ -208,6 +209,23 @@ class RequestQueue:
         with self.lock:
             self.in_flight.pop(req.id, None)
             self.counts["failed" if req.error else "completed"] += 1
+
+    def hand_off(self, held: list[Request], why: str) -> list[Request]:
+        """This process stops driving a replica: end ``held`` and every waiting request with
+        ``finish_reason`` "error", so their streams close and the gateway resumes each on a
+        serving driver from the tokens it delivered. Returns them all."""
+        out = list(held)
+        try:
+            while True:
+                out.append(self._waiting.get_nowait())
+        except queue.Empty:
+            pass
+        for r in out:
+            r.fail(f"handed off: {why}")
+            with self.lock:
+                self.in_flight.pop(r.id, None)
+                self.counts["handed_off"] += 1
+        return out
 
     def close(self, why: str) -> None:
         """Refuse new requests (the ones accepted still run to the end)."""
