@@ -26,6 +26,16 @@ def requests_intact(load: Load, outcomes: list[Outcome]) -> list[str]:
     return out
 
 
+# 16 tokens take under a second when serving; a recovery on a starved CPU host, under 30 s.
+STUCK_AFTER = 60.0
+
+
+def nothing_stuck(load: Load, longer_than: float = STUCK_AFTER) -> list[str]:
+    """No request is still waiting after ``longer_than`` seconds: a request that no fault lost
+    but nobody serves either (held by a process that will never drive again) shows up here."""
+    return [f"a request has been in flight for {age:.0f} s" for age in load.stuck(longer_than)]
+
+
 def one_plan_per_generation(d: Deployment) -> list[str]:
     """No generation's plan was written twice with different content; generations only grow."""
     out = []
@@ -87,7 +97,7 @@ def every_node_up(d: Deployment, grace: float = 10.0) -> list[str]:
 
 
 def check_all(d: Deployment, load: Load, fault: Fault, outcomes: list[Outcome], serving: bool) -> list[str]:
-    problems = requests_intact(load, outcomes) + one_plan_per_generation(d) + no_orphans(d)
+    problems = requests_intact(load, outcomes) + nothing_stuck(load) + one_plan_per_generation(d) + no_orphans(d)
     problems += no_stale_writer(d, fault) + every_node_up(d)
     if not serving:
         problems.append("the cluster did not end serving")

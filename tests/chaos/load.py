@@ -36,6 +36,7 @@ class Load:
     seed: int = 0
     reference: dict[int, list[int]] = field(default_factory=dict)
     outcomes: list[Outcome] = field(default_factory=list)
+    in_flight: dict[int, float] = field(default_factory=dict)  # client -> when its current request was sent
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
 
@@ -66,6 +67,7 @@ class Load:
             i = rng.randrange(len(PROMPTS))
             p = Progress()
             t0 = time.time()
+            self.in_flight[c] = t0
             error = None
             try:
                 for _ in client.stream(self.body(i), p):
@@ -74,6 +76,7 @@ class Load:
                 error = f"{type(exc).__name__}: {exc}"
             accepted = bool(p.tokens) or p.finish_reason is not None
             self.outcomes.append(Outcome(i, t0, time.time(), list(p.tokens), accepted, error, p.resumes))
+            self.in_flight.pop(c, None)
 
     def stop(self, timeout: float = 150.0) -> None:
         self._stop.set()
@@ -84,6 +87,11 @@ class Load:
 
     def since(self, t: float) -> list[Outcome]:
         return [o for o in list(self.outcomes) if o.finished >= t]
+
+    def stuck(self, longer_than: float) -> list[float]:
+        """How long each request in flight for over ``longer_than`` seconds has been waiting."""
+        now = time.time()
+        return sorted(now - t0 for t0 in list(self.in_flight.values()) if now - t0 > longer_than)
 
     def lost(self, outcomes: list[Outcome]) -> list[Outcome]:
         """Accepted but not finished with the reference tokens."""
