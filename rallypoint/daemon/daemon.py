@@ -412,7 +412,7 @@ class Daemon:
                 self.supervisor.ensure(slot.local_rank, after_gen=plan.gen - 1)
             alive = self.supervisor.alive()
             for lr in set(alive) - {s.local_rank for s in mine}:
-                self.supervisor.stop(lr)  # this seat has no rank in the new layout
+                self.supervisor.retire(lr)  # this seat has no rank in the new layout
         if self.rendezvous.is_leader and plan.gen > KEEP_EVENT_GENS and plan.gen % 10 == 0:
             prune_events(self.client, self.keys, plan.gen - KEEP_EVENT_GENS)
             prune_stores(self.client, self.keys, plan.gen - KEEP_EVENT_GENS)

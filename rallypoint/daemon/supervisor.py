@@ -12,6 +12,7 @@ bring CUDA up and open their etcd session, then say hello on the local channel a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -85,6 +86,7 @@ class Supervisor:
         self.budget, self.window = budget, window
         self.env = env or {}
         self.workers: dict[int, WorkerProcess] = {}
+        self.retiring: dict[int, WorkerProcess] = {}  # seats a plan dropped: asked to exit, not yet gone
         self.spares: list[WorkerProcess] = []
         self.want_spares = spares if channel is not None else 0
         self.channel = channel
@@ -100,6 +102,10 @@ class Supervisor:
         or a spare when ``local_rank`` is None."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         if local_rank is not None:
+            with self._lock:
+                old = self.retiring.pop(local_rank, None)
+            if old is not None:
+                self._kill(old, signal.SIGKILL)  # it had its chance; the seat gets one process
             self._forget_api(local_rank)
         name = f"worker-{local_rank}" if local_rank is not None else f"spare-{time.time_ns()}"
         out = open(self.log_dir / f"{name}.log", "ab")
@@ -210,13 +216,39 @@ class Supervisor:
         if w is not None:
             self._kill(w, sig, timeout)
 
+    def retire(self, local_rank: int, grace: float = 5.0) -> None:
+        """Stop a worker whose seat the new plan left out, without waiting for it: SIGTERM, and
+        SIGKILL after ``grace`` seconds.
+
+        A SIGKILL at once can land inside NCCL's blocking communicator init, where the peer it
+        was connecting with then waits forever (nothing but a fresh process gets it out). On
+        SIGTERM the worker gives up a build still waiting for its peers and lets one already in
+        NCCL's init finish (milliseconds with every peer alive) before it exits.
+        """
+        with self._lock:
+            w = self.workers.pop(local_rank, None)
+            if w is None:
+                return
+            self.retiring[local_rank] = w
+        log.info("supervisor.retiring", local_rank=local_rank, pid=w.pid, grace=grace)
+
+        def reap() -> None:
+            self._kill(w, signal.SIGTERM, timeout=grace)
+            with self._lock:
+                if self.retiring.get(local_rank) is w:
+                    del self.retiring[local_rank]
+            log.info("supervisor.retired", local_rank=local_rank, pid=w.pid, code=w.proc.returncode)
+
+        threading.Thread(target=reap, name=f"retire-{local_rank}", daemon=True).start()
+
     def stop_all(self, sig: int = signal.SIGKILL) -> None:
         self._stopping = True
         for lr in list(self.workers):
             self.stop(lr, sig)
         with self._lock:
             spares, self.spares = self.spares, []
-        for w in spares:
+            retiring, self.retiring = list(self.retiring.values()), {}
+        for w in spares + retiring:
             self._kill(w, sig)
 
     @staticmethod
@@ -230,8 +262,9 @@ class Supervisor:
             os.kill(w.pid, sig)
             w.proc.wait(timeout=timeout)
         except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.kill(w.pid, signal.SIGKILL)
-            w.proc.wait(timeout=timeout)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(w.pid, signal.SIGKILL)
+            w.proc.wait(timeout=10.0)
 
 
 @dataclass(frozen=True)

@@ -147,7 +147,8 @@ class Worker:
         guard = self.build_guard.watching(plan.gen) if self.runtime.settings.device.startswith("cuda") \
             else contextlib.nullcontext()
         with guard:
-            return self.runtime.configure(plan, *self.seat, cancelled=lambda: self._newer_than(plan.gen))
+            return self.runtime.configure(plan, *self.seat, cancelled=lambda: self._newer_than(plan.gen) or (
+                "this process is stopping" if self.stopping.is_set() else None))
 
     def _ask_replan(self, gen: int, reason: str) -> None:
         """Ask the leader for the next plan: a build that failed here (a member that never came,
@@ -267,7 +268,8 @@ class Worker:
             except GroupError as exc:
                 self.log.error("worker.configure_failed", gen=plan.gen, error=str(exc))
                 self.gen = plan.gen
-                if self._newer_than(plan.gen) is None:  # not superseded: nobody else will move on
+                if self._newer_than(plan.gen) is None and not self.stopping.is_set():
+                    # not superseded: nobody else will move on
                     self._ask_replan(plan.gen, f"{self.seat[0]}/{self.seat[1]} could not build generation "
                                                f"{plan.gen}'s groups: {exc}")
                 continue

@@ -38,3 +38,56 @@ def test_ensure_starts_one_process_per_seat_and_exits_are_reported(tmp_path: Pat
         assert exits == [(0, -9)] and sup.alive() == {}
     finally:
         sup.stop_all()
+
+
+def finisher(local_rank: int | None, after_gen: int) -> list[str]:
+    """A worker that, on SIGTERM, finishes what it is doing (0.3 s) and exits 0."""
+    return [sys.executable, "-c", "import signal, sys, time\n"
+            "signal.signal(signal.SIGTERM, lambda *_: (time.sleep(0.3), sys.exit(0)))\n"
+            "print('ready', flush=True)\ntime.sleep(30)"]
+
+
+def deaf(local_rank: int | None, after_gen: int) -> list[str]:
+    """A worker stuck where no signal handler runs (SIGTERM ignored)."""
+    return [sys.executable, "-c", "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "print('ready', flush=True)\ntime.sleep(30)"]
+
+
+def wait_ready(tmp_path: Path, local_rank: int) -> None:
+    deadline = time.monotonic() + 10
+    while "ready" not in (tmp_path / f"worker-{local_rank}.log").read_text() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_a_dropped_seat_is_asked_to_exit_and_killed_only_after_its_grace(tmp_path: Path) -> None:
+    exits: list[tuple[int, int]] = []
+    polite = Supervisor(finisher, tmp_path, on_exit=lambda w, c: exits.append((w.local_rank, c)))
+    stuck = Supervisor(deaf, tmp_path / "deaf", on_exit=lambda w, c: exits.append((w.local_rank, c)))
+    try:
+        w = polite.ensure(0)
+        wait_ready(tmp_path, 0)
+        t0 = time.monotonic()
+        polite.retire(0, grace=5.0)  # returns at once: rallyd's loop does not wait
+        assert time.monotonic() - t0 < 0.1 and polite.alive() == {} and 0 in polite.retiring
+        assert w.proc.wait(timeout=5) == 0  # it finished on SIGTERM, nobody killed it
+        v = stuck.ensure(1)
+        wait_ready(tmp_path / "deaf", 1)
+        stuck.retire(1, grace=0.5)
+        assert v.proc.wait(timeout=5) == -9  # it ignored SIGTERM: killed once the grace ran out
+        time.sleep(0.2)
+        assert exits == [] and not polite.retiring and not stuck.retiring  # asked for: not reported
+    finally:
+        polite.stop_all()
+        stuck.stop_all()
+
+
+def test_a_seat_started_again_first_ends_its_retiring_process(tmp_path: Path) -> None:
+    sup = Supervisor(deaf, tmp_path, on_exit=lambda w, c: None)
+    try:
+        old = sup.ensure(0)
+        wait_ready(tmp_path, 0)
+        sup.retire(0, grace=30.0)
+        new = sup.ensure(0)  # the next plan wants the seat back before the old process left
+        assert old.proc.poll() == -9 and new.proc.poll() is None and not sup.retiring
+    finally:
+        sup.stop_all()
