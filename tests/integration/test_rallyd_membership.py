@@ -15,7 +15,7 @@ from rallypoint.recovery.events import read_events
 from rallypoint.rendezvous.etcd import EtcdClient
 from rallypoint.rendezvous.records import ClusterKeys, Plan
 from rallypoint.worker.control import abort_key
-from rallypoint.testing.daemons import DaemonProcess, daemon_args, scrape_metrics
+from rallypoint.testing.daemons import DaemonProcess, daemon_args, scrape_metrics, wait_for
 from rallypoint.testing.etcd_server import EtcdCluster
 
 TTL = 3.0
@@ -64,7 +64,9 @@ def test_failed_node_leaves_within_ttl(spawn, client: EtcdClient, cluster_name: 
     # b's ranks of gen 1 are ordered aborted (peers blocked on them in NCCL would never error out)
     gen1 = Plan.from_json(keys.plan(1), client.get(keys.plan(1)).value)
     b_ranks = [s.rank for s in gen1.ranks if s.node == "b"]
-    aborts = [e for e in read_events(client, keys, 1) if e.kind == ev.ABORT_ORDERED]
+    # (events reach etcd from a writer thread, a moment after the log line)
+    aborts = wait_for("the abort order event", lambda: [e for e in read_events(client, keys, 1)
+                                                        if e.kind == ev.ABORT_ORDERED], timeout=5)
     assert [e.detail["ranks"] for e in aborts] == [b_ranks] and "node(s) b left" in aborts[0].detail["reason"]
     assert client.get(abort_key(keys, 1, b_ranks)) is not None
 
