@@ -315,6 +315,17 @@ class Worker:
                                  held=[r.id for r in held])
         return 0
 
+    def shutdown(self) -> None:
+        """A clean stop (SIGTERM, or a seat dropped from the plan): write the queued events,
+        abort every group and end the etcd session, so nothing is left for exit-time destructors
+        (torch's NCCL threads torn down by the interpreter abort the process)."""
+        self.events.close()
+        try:
+            self.runtime.close()
+        except RallypointError as exc:
+            self.log.warning("worker.shutdown_incomplete", error=str(exc))
+        self.log.info("worker.stopped", gen=self.gen)
+
     def _drives_in(self, plan: Plan) -> bool:
         """Whether this seat is a replica's driver (first PP stage, TP rank 0) in ``plan``."""
         key = self._shard_for(plan)
@@ -511,7 +522,9 @@ def main(argv: list[str] | None = None) -> int:
         log.info("worker.spare_adopted", local_rank=worker.args.local_rank, after_gen=worker.gen)
     if channel is not None:
         start_beats(channel, worker)
-    return worker.run()
+    code = worker.run()
+    worker.shutdown()
+    return code
 
 
 if __name__ == "__main__":

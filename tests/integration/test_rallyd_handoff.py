@@ -26,7 +26,8 @@ def test_a_driver_moved_to_another_role_hands_its_requests_to_a_serving_driver(
     c/0 driving the second. Eight streams go through c's gateway (its own driver first) without a
     pause. b's node is SIGKILLed: the one replica left keeps a/0 and moves rank 1 to c/0, which
     stops driving. c/0 ends the streams it held and queued, c's gateway resumes each on a/0, and
-    every request finishes with the failure-free tokens, none waiting for a driver that is gone."""
+    every request finishes with the failure-free tokens, none waiting for a driver that is gone.
+    c/1, left without a rank, is retired with SIGTERM and exits cleanly."""
     model = make_model(tmp_path / "model", "tiny", seed=11)
     keys = ClusterKeys(cluster_name)
     daemons: dict[str, DaemonProcess] = {}
@@ -91,6 +92,10 @@ def test_a_driver_moved_to_another_role_hands_its_requests_to_a_serving_driver(
         c0_log = (tmp_path / "c" / "logs" / "worker-0.log").read_text()
         handed = [json.loads(x) for x in c0_log.splitlines() if '"worker.handed_off"' in x]
         assert len(handed) == 1 and handed[0]["gen"] == shrunk.gen and handed[0]["requests"], handed
+        # c/1 has no rank left: rallyd retired it (SIGTERM), and it stopped cleanly on its own.
+        retired = [json.loads(x) for x in daemons["c"].log_text().splitlines() if '"supervisor.retired"' in x]
+        assert [(r["local_rank"], r["code"]) for r in retired] == [(1, 0)], retired
+        assert '"worker.stopped"' in (tmp_path / "c" / "logs" / "worker-1.log").read_text()
     finally:
         for d in daemons.values():
             d.stop()
