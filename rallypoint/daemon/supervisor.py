@@ -229,6 +229,7 @@ class Supervisor:
             w = self.workers.pop(local_rank, None)
             if w is None:
                 return
+            w.expected_exit = True  # from now on: its exit is not a failure to report
             self.retiring[local_rank] = w
         log.info("supervisor.retiring", local_rank=local_rank, pid=w.pid, grace=grace)
 
