@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n in args.scenarios.split(",") if n] or [n for n in SCENARIOS if nodes > 2 or n not in NEED_ROOM]
     if unknown := [n for n in names if n not in SCENARIOS]:
         ap.error(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
+    if args.root is not None and args.root.exists() and any(args.root.iterdir()):
+        ap.error(f"--root {args.root} is not empty (an earlier run's etcd data would not form a new "
+                 "cluster): remove it or name another")
     root = args.root or Path(tempfile.mkdtemp(prefix="rallypoint-chaos-"))
     rng = random.Random(args.seed)
     t0 = time.time()
