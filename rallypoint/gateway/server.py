@@ -32,7 +32,6 @@ class Gateway(JsonServer):
         on_resume: called each time a request is re-sent to another driver.
     """
 
-
     def __init__(self, host: str, port: int, upstreams: Callable[[], list[str]], resume_timeout: float,
                  on_request: Callable[[str], None] = lambda _: None,
                  on_resume: Callable[[], None] = lambda: None) -> None:

@@ -151,20 +151,19 @@ def _all_arrive(store: Any, spec: GroupSpec, timeout: timedelta, cancelled: Canc
     others = [k for k in keys if k != mine]
     try:
         store.wait_unless(keys, timeout, cancelled)
+        return
     except WaitCancelled as exc:
-        if not store.withdraw(mine, others):
-            log.info("groups.build_committed", group=spec.label, gen=spec.gen, why=str(exc))
-            return
-        log.info("groups.build_abandoned", group=spec.label, gen=spec.gen, why=str(exc))
-        raise GroupError(f"build of {spec.label} abandoned: {exc}") from None
+        why, error = str(exc), f"build of {spec.label} abandoned: {exc}"
     except StoreTimeout:
-        if not store.withdraw(mine, others):
-            log.info("groups.build_committed", group=spec.label, gen=spec.gen, why="every member arrived at the timeout")
-            return
-        missing = [spec.ranks[r] for r in range(spec.world_size)
-                   if r != spec.rank_in_group and not store.check([f"arrived/{r}"])]
-        raise GroupError(f"building {spec.label}: rank(s) {missing} never arrived within "
-                         f"{timeout.total_seconds():g}s") from None
+        arrived = set(store.list_keys())
+        missing = [spec.ranks[r] for r, k in enumerate(keys) if k != mine and k not in arrived]
+        why = f"timed out after {timeout.total_seconds():g}s"
+        error = f"building {spec.label}: rank(s) {missing} never arrived within {timeout.total_seconds():g}s"
+    if not store.withdraw(mine, others):
+        log.info("groups.build_committed", group=spec.label, gen=spec.gen, why=why)
+        return
+    log.info("groups.build_abandoned", group=spec.label, gen=spec.gen, why=why)
+    raise GroupError(error)
 
 
 def _nccl(store: dist.Store, spec: GroupSpec, device: torch.device, timeout: timedelta) -> Any:

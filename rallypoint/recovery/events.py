@@ -176,7 +176,7 @@ def prune_events(client: EtcdClient, keys: ClusterKeys, keep_from_gen: int) -> i
 
 def prune_stores(client: EtcdClient, keys: ClusterKeys, keep_from_gen: int) -> int:
     """Delete the group stores (``store/<gen>/``) of generations older than ``keep_from_gen``."""
-    return _prune_generations(client, keys.store(0).rsplit("/", 2)[0] + "/", keep_from_gen)
+    return _prune_generations(client, keys.stores, keep_from_gen)
 
 
 def _prune_generations(client: EtcdClient, base: str, keep_from_gen: int) -> int:

@@ -120,8 +120,13 @@ class ClusterKeys:
     def replan_of(self, gen: int) -> str:
         return f"{self.replans}{gen:0{GEN_WIDTH}d}"
 
+    @property
+    def stores(self) -> str:
+        """The group stores of every generation: ``store/<gen>/<group>/``."""
+        return self.root + "store/"
+
     def store(self, gen: int) -> str:
-        return f"{self.root}store/{gen:0{GEN_WIDTH}d}/"
+        return f"{self.stores}{gen:0{GEN_WIDTH}d}/"
 
 
 def gen_from_key(key: str) -> int:

@@ -181,7 +181,6 @@ class _Handler(JsonHandler):
 class ApiServer(JsonServer):
     """The replica's HTTP server; ``serve_in_thread`` runs it beside the serving loop."""
 
-
     def __init__(self, frontend: Frontend, host: str = "127.0.0.1", port: int = 0) -> None:
         super().__init__((host, port), _Handler)
         self.frontend = frontend

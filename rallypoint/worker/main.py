@@ -117,7 +117,6 @@ class Worker:
         self.stopping = threading.Event()
         self._first_token_gen = 0
         self._drained_gen = 0
-        self._handed_off: str | None = None  # why the queue was closed when this stopped driving
         if args.local_rank is not None:
             self.take_seat(args.local_rank, args.after_gen)
 
@@ -291,8 +290,7 @@ class Worker:
             if is_driver:
                 if self.driver is None:
                     self.driver = Driver(self.queue, self.settings, self.runtime.device)
-                    if self.queue.closed and self.queue.closed == self._handed_off:
-                        self.queue.reopen()
+                    self._close_if_draining()  # reopens the queue a hand-off closed, unless draining
                 self._start_api()
             if self.driver is not None:
                 self.driver.switch_to = 0  # any switch asked for is this very generation
@@ -338,7 +336,7 @@ class Worker:
         assert self.driver is not None and self.seat is not None
         why = f"{self.seat[0]}/{self.seat[1]} does not drive a replica in generation {plan.gen}"
         moved = self.driver.hand_off(why)
-        self.driver, self._handed_off = None, why
+        self.driver = None
         self.log.info("worker.handed_off", gen=plan.gen, requests=[r.id for r in moved], why=why)
 
     def _run_probe(self, plan: Plan, groups: GroupSet) -> None:

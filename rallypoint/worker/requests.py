@@ -222,9 +222,10 @@ class RequestQueue:
             pass
         for r in out:
             r.fail(f"handed off: {why}")
-            with self.lock:
+        with self.lock:
+            for r in out:
                 self.in_flight.pop(r.id, None)
-                self.counts["handed_off"] += 1
+            self.counts["handed_off"] += len(out)
         return out
 
     def close(self, why: str) -> None:
