@@ -32,6 +32,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class MemberExited(RuntimeError):
+    """An etcd member exited while it was expected to come up; the message holds its log's end."""
+
+    def __init__(self, member: "EtcdMember") -> None:
+        try:
+            self.log_tail = member.log_path.read_text(errors="replace")[-2000:]
+        except OSError:
+            self.log_tail = ""
+        super().__init__(f"etcd {member.name} exited; log: {member.log_path}")
+
+
 @dataclass
 class EtcdMember:
     """One etcd process."""
@@ -105,16 +116,31 @@ class EtcdCluster:
             start_new_session=True,
         )
 
-    def start(self, timeout: float = 15.0) -> "EtcdCluster":
-        """Start every member and wait until the cluster answers on every endpoint."""
-        try:
-            for m in self.members:
-                self.start_member(m)
-            self.wait_healthy(timeout)
-        except BaseException:
-            self.stop()  # never leave a half-started cluster behind
-            raise
-        return self
+    def start(self, timeout: float = 15.0, attempts: int = 3) -> "EtcdCluster":
+        """Start every member and wait until each one answers.
+
+        ``free_port`` only says a port was free a moment ago: when a member finds one of its ports
+        taken by then, the whole cluster starts again on fresh ports (a cluster missing a member
+        would pass for healthy and lose its quorum at the first member a test kills).
+        """
+        for attempt in range(attempts):
+            try:
+                for m in self.members:
+                    self.start_member(m)
+                self.wait_healthy(timeout, self.members)
+                return self
+            except BaseException as exc:
+                self.stop(remove=False)  # never leave a half-started cluster behind
+                lost_port = isinstance(exc, MemberExited) and "address already in use" in exc.log_tail
+                if not lost_port or attempt == attempts - 1:
+                    if self._own_root and self.root is not None:
+                        shutil.rmtree(self.root, ignore_errors=True)
+                    raise
+                for m in self.members:
+                    shutil.rmtree(m.data_dir, ignore_errors=True)
+                    m.log_path.unlink(missing_ok=True)
+                    m.client_port, m.peer_port = free_port(), free_port()
+        raise AssertionError("unreachable")
 
     def wait_healthy(self, timeout: float = 15.0, members: list[EtcdMember] | None = None) -> None:
         """Block until each (alive) member serves a linearizable read."""
@@ -132,7 +158,7 @@ class EtcdCluster:
                         break
                     except EtcdError:
                         if not m.alive():
-                            raise RuntimeError(f"etcd {m.name} exited; log: {m.log_path}")
+                            raise MemberExited(m)
                         if time.monotonic() > deadline:
                             raise RuntimeError(f"etcd {m.name} not healthy in {timeout}s; log: {m.log_path}")
                         time.sleep(0.02)
@@ -176,8 +202,8 @@ class EtcdCluster:
         self.start_member(member, state="existing")
         self.wait_healthy(timeout, [member])
 
-    def stop(self) -> None:
-        """SIGKILL every member and remove the temp dirs."""
+    def stop(self, remove: bool = True) -> None:
+        """SIGKILL every member and (``remove``) the temp dirs this cluster made."""
         for m in self.members:
             if m.proc is not None and m.proc.poll() is None:
                 try:
@@ -186,7 +212,7 @@ class EtcdCluster:
                 except ProcessLookupError:
                     pass
                 m.proc.wait(timeout=10)
-        if self._own_root and self.root is not None:
+        if remove and self._own_root and self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> "EtcdCluster":
