@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -96,6 +97,10 @@ class Supervisor:
         self._lock = threading.Lock()
         self._start_lock = threading.Lock()
         self._stopping = False
+        # Every child is forked from this one long-lived thread: Linux sends a worker's
+        # parent-death signal (``--die-with-parent``) when the *thread* that forked it ends, and
+        # exits are handled on short-lived threads.
+        self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="supervisor-spawn")
 
     def start(self, local_rank: int | None, after_gen: int = 0) -> WorkerProcess:
         """Start the worker of seat ``local_rank`` (it joins the first plan newer than ``after_gen``),
@@ -109,8 +114,9 @@ class Supervisor:
             self._forget_api(local_rank)
         name = f"worker-{local_rank}" if local_rank is not None else f"spare-{time.time_ns()}"
         out = open(self.log_dir / f"{name}.log", "ab")
-        proc = subprocess.Popen(self.command(local_rank, after_gen), stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=out, start_new_session=True, env={**os.environ, **self.env})
+        proc = self._spawner.submit(subprocess.Popen, self.command(local_rank, after_gen), stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=out, start_new_session=True,
+                                    env={**os.environ, **self.env}).result()
         out.close()
         w = WorkerProcess(local_rank, proc, after_gen=after_gen)
         with self._lock:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -89,5 +90,34 @@ def test_a_seat_started_again_first_ends_its_retiring_process(tmp_path: Path) ->
         sup.retire(0, grace=30.0)
         new = sup.ensure(0)  # the next plan wants the seat back before the old process left
         assert old.proc.poll() == -9 and new.proc.poll() is None and not sup.retiring
+    finally:
+        sup.stop_all()
+
+
+def parent_watcher(local_rank: int | None, after_gen: int) -> list[str]:
+    """A worker that asks Linux for SIGKILL when its parent goes, as ``--die-with-parent`` does
+    (after its imports: here 0.3 s)."""
+    return [sys.executable, "-c", "import ctypes, time\ntime.sleep(0.3)\n"
+            "ctypes.CDLL(None).prctl(1, 9)\nprint('ready', flush=True)\ntime.sleep(30)"]
+
+
+def test_a_worker_outlives_the_thread_that_started_it(tmp_path: Path) -> None:
+    """Linux sends the parent-death signal when the *thread* that forked the child ends. Exits
+    are handled (and replacements started) on short-lived threads, one of which may linger in an
+    etcd retry past the child's start-up: the replacement must not die when that thread ends."""
+    sup = Supervisor(parent_watcher, tmp_path, on_exit=lambda w, c: None)
+    started: list = []
+
+    def short_lived() -> None:
+        started.append(sup.ensure(0))
+        time.sleep(1.0)  # still here when the child sets its parent-death signal
+
+    t = threading.Thread(target=short_lived)
+    t.start()
+    t.join()
+    try:
+        wait_ready(tmp_path, 0)
+        time.sleep(0.3)
+        assert started[0].proc.poll() is None, f"the worker died with its starting thread: {started[0].proc.poll()}"
     finally:
         sup.stop_all()
