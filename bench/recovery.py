@@ -134,7 +134,7 @@ def run_mode(mode: str, args: argparse.Namespace, model: Path, work: Path, etcd:
                  "--spares", "1" if mode == "spare" else "0"]
     node_args += ["--gpus", str(args.gpus)] if args.gpus else ["--cpu-ranks", "2"]
     daemon = DaemonProcess("n0", daemon_args(etcd.endpoints, cluster) + node_args, work / f"rallyd-{mode}.log").start()
-    body = {"prompt": "recovery under fire: " * 2, "max_tokens": args.tokens}
+    body = {"prompt": "recovery under fire: " * 2, "max_tokens": args.tokens, "temperature": 0}
     results = []
     try:
         url_file = state / "api-0.url"

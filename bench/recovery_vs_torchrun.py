@@ -155,7 +155,7 @@ class Stream:
         while not self.stop.is_set():
             p = Progress()
             try:
-                for _ in self.client.stream({"prompt": PROMPT, "max_tokens": 64}, p):
+                for _ in self.client.stream({"prompt": PROMPT, "max_tokens": 64, "temperature": 0}, p):
                     pass
             except (NoUpstream, RequestRejected) as exc:
                 self.errors.append(str(exc))
@@ -201,7 +201,7 @@ def run_rallypoint(workload: str, kills: int, root: Path, model: Path, etcd: Etc
     try:
         if workload == "serve":
             url = wait_file(state / "gateway.url", 120).strip()
-            reference = CompletionClient([url], timeout=120).complete({"prompt": PROMPT, "max_tokens": 64}).tokens
+            reference = CompletionClient([url], timeout=120).complete({"prompt": PROMPT, "max_tokens": 64, "temperature": 0}).tokens
             stream = Stream(url, reference)
         wait_for("rallypoint's first step", lambda: first_after(0), 120, POLL)
         for i in range(kills):

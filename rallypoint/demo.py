@@ -46,7 +46,7 @@ def latest_plan(client: EtcdClient, keys: ClusterKeys) -> Plan | None:
 
 
 def complete(url: str, prompt: str, max_tokens: int, stream: bool = False) -> tuple[str, list[int]]:
-    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "stream": stream}).encode()
+    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": stream}).encode()
     req = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=120) as resp:
         if not stream:

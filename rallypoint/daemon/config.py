@@ -237,12 +237,16 @@ class GatewayConfig:
         host, port: where it listens; port 0 picks a free one (written to ``<state_dir>/gateway.url``).
         resume_timeout: how long a request may go without a token while the gateway looks for a
             serving driver (a recovery, a cold start) before it fails with 503.
+        api_key: when set, clients must send ``Authorization: Bearer <api_key>`` on every route but
+            ``/health``; the replicas' own APIs require it too. Prefer the environment
+            (``RALLYPOINT_GATEWAY_API_KEY``) to a flag, which ``ps`` shows.
     """
 
     enabled: bool = _opt(True, "bool")
     host: str = _opt("0.0.0.0", "str")
     port: int = _opt(8437, "int", ge=0)
     resume_timeout: timedelta = _opt(_secs(120.0), "seconds", gt=0)
+    api_key: str | None = _opt(None, "str", repr=False)
 
 
 @dataclass(frozen=True)

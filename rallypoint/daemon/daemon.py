@@ -17,6 +17,7 @@ import time
 from dataclasses import replace
 from types import FrameType
 
+from rallypoint.api import API_KEY_ENV, served_model_name
 from rallypoint.daemon.channel import ChannelServer, Peer, channel_address
 from rallypoint.daemon.config import Config
 from rallypoint.daemon.gpu_health import GpuHealth, load_nvml
@@ -101,9 +102,10 @@ class Daemon:
                                 w.max_batch, w.max_seq, w.api_host, w.api_port,
                                 cfg.collectives.deadline_floor.total_seconds(), cfg.state_dir, address, w.workload,
                                 build_timeout=cfg.collectives.build_timeout.total_seconds())
+        env = {API_KEY_ENV: cfg.gateway.api_key} if cfg.gateway.api_key else None
         return Supervisor(command, cfg.state_dir / "logs", self._on_worker_exit, w.restart_budget,
-                          w.restart_window.total_seconds(), spares=cfg.layout.spares, channel=self.channel,
-                          seat_params=command.seat_params)
+                          w.restart_window.total_seconds(), env=env, spares=cfg.layout.spares,
+                          channel=self.channel, seat_params=command.seat_params)
 
     def _on_channel_message(self, peer: Peer, msg: dict) -> None:
         if msg.get("op") == "hello":
@@ -511,6 +513,7 @@ class Daemon:
         routes = DriverRoutes(self.client, self.keys, self.cfg.node, self.node_status)
         try:
             self.gateway = Gateway(g.host, g.port, routes, g.resume_timeout.total_seconds(),
+                                   model=served_model_name(self.cfg.worker.model or "rallypoint"), api_key=g.api_key,
                                    on_request=self.metrics.gateway_request, on_resume=self.metrics.gateway_resumed)
         except OSError as exc:
             raise RallypointError(f"[gateway] cannot listen on {g.host}:{g.port}: {exc.strerror or exc}") from None

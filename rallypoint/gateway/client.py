@@ -7,6 +7,8 @@ sees one completion, as if nothing had happened.
 
 from __future__ import annotations
 
+import asyncio
+import secrets
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,21 +21,38 @@ class CompletionClient:
     gateway before trying the next."""
 
     def __init__(self, gateways: list[str] | Callable[[], list[str]], timeout: float = 120.0,
-                 read_timeout: float = 600.0) -> None:
+                 read_timeout: float = 600.0, api_key: str | None = None) -> None:
         if not callable(gateways) and not gateways:
             raise ValueError("CompletionClient needs at least one gateway URL")
         self.gateways = gateways if callable(gateways) else list(gateways)
         self.timeout, self.read_timeout = timeout, read_timeout
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
 
-    def stream(self, body: dict[str, Any], progress: Progress | None = None) -> Iterator[dict[str, Any]]:
+    def stream(self, body: dict[str, Any], progress: Progress | None = None,
+               path: str = "/v1/completions") -> Iterator[dict[str, Any]]:
         """Yield the completion's chunks; ``progress`` holds every token received so far.
+
+        A blocking iterator over the async resume loop, on an event loop of its own.
 
         Raises:
             RequestRejected: the request is malformed (HTTP 4xx).
             NoUpstream: no gateway could finish it within ``timeout``.
         """
         urls = self.gateways if callable(self.gateways) else (lambda: self.gateways)
-        yield from stream_completion(body, urls, self.timeout, self.read_timeout, progress)
+        if body.get("seed") is None:  # one seed for every gateway it may go through
+            body = {**body, "seed": secrets.randbits(63)}
+        loop = asyncio.new_event_loop()
+        chunks = stream_completion(body, urls, self.timeout, self.read_timeout, progress, path=path,
+                                   headers=self.headers)
+        try:
+            while True:
+                try:
+                    yield loop.run_until_complete(anext(chunks))
+                except StopAsyncIteration:
+                    return
+        finally:
+            loop.run_until_complete(chunks.aclose())
+            loop.close()
 
     def complete(self, body: dict[str, Any]) -> Progress:
         """The whole completion: ``tokens``, ``text``, ``finish_reason``, ``resumes``."""

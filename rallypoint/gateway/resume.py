@@ -4,28 +4,30 @@ The same loop serves two callers: rallyd's gateway, whose upstreams are the repl
 ``gateway.client``, whose upstreams are the gateways of several nodes. When an upstream's stream
 breaks before its final chunk (its process died, its node died) or it refuses the request (503:
 recovering, draining, queue full), the loop picks an upstream again and re-sends the request with
-``resume_tokens``: every token already delivered. The new driver replays those tokens one decode
-step at a time and continues, so the caller sees one uninterrupted stream with the tokens a
-failure-free run gives (sampling is seeded by position).
+``resume_tokens`` and ``resume_text``: every token and all the text already delivered. The new
+driver replays those tokens one decode step at a time and continues, so the caller sees one
+uninterrupted stream with the tokens a failure-free run gives (sampling is seeded by position).
 """
 
 from __future__ import annotations
 
-import http.client
+import asyncio
 import json
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
+
+from rallypoint.api.responses import choice_parts
 from rallypoint.errors import RallypointError
 from rallypoint.log import get_logger
 
 log = get_logger("gateway.resume")
 
-BROKEN = (OSError, http.client.HTTPException, ValueError, KeyError, IndexError, TypeError)  # refused, reset, timed out, truncated, garbled
+# refused, reset, timed out, truncated, garbled: try the next upstream
+BROKEN = (httpx.TransportError, httpx.StreamError, OSError, ValueError, KeyError, IndexError, TypeError)
 
 
 class RequestRejected(RallypointError):
@@ -48,99 +50,128 @@ class Progress:
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    usage: dict[str, Any] | None = None
+    model: str | None = None
     resumes: int = 0
     upstreams: list[str] = field(default_factory=list)
 
 
-def _open(url: str, body: dict[str, Any], read_timeout: float):
-    data = json.dumps({**body, "stream": True}).encode()
-    req = urllib.request.Request(url.rstrip("/") + "/v1/completions", data=data,
-                                 headers={"Content-Type": "application/json"})
-    return urllib.request.urlopen(req, timeout=read_timeout)
+def upstream_client(max_connections: int | None = None) -> httpx.AsyncClient:
+    """An HTTP client for upstream streams: no pool limit by default (every client request holds
+    one upstream stream), connect errors fast, reads bounded per call by ``read_timeout``."""
+    return httpx.AsyncClient(limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=64),
+                             timeout=httpx.Timeout(connect=5.0, read=None, write=10.0, pool=None))
 
 
-def _events(resp) -> Iterator[dict[str, Any] | None]:
-    """The stream's chunks; None for ``[DONE]``."""
-    for raw in resp:
-        line = raw.strip()
-        if line.startswith(b"data: "):
-            payload = line[6:].decode()
-            yield None if payload == "[DONE]" else json.loads(payload)
+async def _lines(resp: httpx.Response, read_timeout: float) -> AsyncIterator[str]:
+    """The response's lines, each awaited with ``read_timeout`` (a silent upstream is a broken one)."""
+    it = resp.aiter_lines().__aiter__()
+    while True:
+        try:
+            line = await asyncio.wait_for(it.__anext__(), read_timeout)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise httpx.ReadTimeout(f"no data for {read_timeout:g}s") from None
+        yield line
 
 
-def stream_completion(body: dict[str, Any], upstreams: Callable[[], list[str]], timeout: float,
-                      read_timeout: float = 600.0, progress: Progress | None = None,
-                      on_resume: Callable[[str, int], None] | None = None) -> Iterator[dict[str, Any]]:
-    """Yield the completion's chunks (``choices[0]`` has ``text``, ``token_ids``, ``finish_reason``).
+async def stream_completion(body: dict[str, Any], upstreams: Callable[[], list[str]], timeout: float,
+                            read_timeout: float = 600.0, progress: Progress | None = None,
+                            on_resume: Callable[[str, int], None] | None = None,
+                            path: str = "/v1/completions", client: httpx.AsyncClient | None = None,
+                            headers: dict[str, str] | None = None) -> AsyncIterator[dict[str, Any]]:
+    """Yield the completion's chunks as the upstreams send them (OpenAI chunks of either kind).
 
     Args:
-        body: the client's request (``stream`` is forced on upstream; ``resume_tokens`` honoured).
-        upstreams: the URLs to try now, best first; called again after every failure.
+        body: the client's request (``stream`` is forced on upstream, with usage;
+            ``resume_tokens``/``resume_text`` honoured).
+        upstreams: the base URLs to try now, best first; called again after every failure.
         timeout: how long the request may go without a token (no upstream takes it, or they
             all fail), in seconds.
         read_timeout: the longest silence tolerated from an upstream mid-stream.
         progress: filled as chunks arrive (the caller reads it after a failure, or at the end).
         on_resume: called with (upstream, tokens delivered) each time the request is re-sent.
+        path: ``/v1/completions`` or ``/v1/chat/completions``.
+        client: the HTTP client to use (one is made, and closed, when None).
+        headers: sent upstream with every attempt (the API key).
 
     Raises:
         RequestRejected: an upstream answered 4xx before anything was delivered.
         NoUpstream: ``timeout`` passed without an upstream able to finish the request.
     """
+    own = client is None
+    http = client or upstream_client()
     p = progress if progress is not None else Progress()
     p.tokens = list(body.get("resume_tokens") or [])
+    p.text = str(body.get("resume_text") or "")
     deadline = time.monotonic() + timeout
     last_error, pause = "no upstream known", 0.05
     failed: set[str] = set()  # upstreams that failed this request; tried again once all have
-    while time.monotonic() < deadline:
-        urls = upstreams()
-        if not urls:
-            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-            pause = min(pause * 2, 0.5)
-            continue
-        fresh = [u for u in urls if u not in failed]
-        if not fresh:
-            failed.clear()
-        url = (fresh or urls)[0]
-        sent = {**body, "resume_tokens": p.tokens} if p.tokens else {k: v for k, v in body.items()
-                                                                         if k != "resume_tokens"}
-        if p.upstreams:
-            p.resumes += 1
-            log.info("gateway.resuming", upstream=url, delivered=len(p.tokens), last_error=last_error)
-            if on_resume is not None:
-                on_resume(url, len(p.tokens))
-        p.upstreams.append(url)
-        try:
-            with _open(url, sent, read_timeout) as resp:
-                for chunk in _events(resp):
-                    if chunk is None:
-                        if p.finish_reason is None:
-                            raise ValueError("stream ended without a finish reason")
-                        return
-                    choice = chunk["choices"][0]
-                    if choice.get("finish_reason") in ("timeout", "error"):
-                        raise ValueError(f"upstream gave up: {choice['finish_reason']}")
-                    p.tokens.extend(choice.get("token_ids", []))
-                    p.text += choice.get("text", "")
-                    p.finish_reason = choice.get("finish_reason") or p.finish_reason
-                    deadline = time.monotonic() + timeout  # the clock runs only while nothing arrives
-                    yield chunk
-                raise ValueError("stream ended before [DONE]")
-        except urllib.error.HTTPError as err:
-            status = err.code
+    base = {k: v for k, v in body.items() if k not in ("resume_tokens", "resume_text")}
+    base.update(stream=True, stream_options={"include_usage": True})
+    try:
+        while time.monotonic() < deadline:
+            urls = upstreams()
+            if not urls:
+                await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+                pause = min(pause * 2, 0.5)
+                continue
+            fresh = [u for u in urls if u not in failed]
+            if not fresh:
+                failed.clear()
+            url = (fresh or urls)[0]
+            sent = {**base, "resume_tokens": p.tokens, "resume_text": p.text} if p.tokens else base
+            if p.upstreams:
+                p.resumes += 1
+                log.info("gateway.resuming", upstream=url, delivered=len(p.tokens), last_error=last_error)
+                if on_resume is not None:
+                    on_resume(url, len(p.tokens))
+            p.upstreams.append(url)
             try:
-                payload = json.loads(err.read() or b"{}")
-            except ValueError:
-                payload = {}
-            if 400 <= status < 500 and status not in (408, 429):
-                raise RequestRejected(status, payload) from None
-            last_error = f"{url}: HTTP {status}"
-            failed.add(url)
-        except BROKEN as exc:
-            if p.finish_reason is not None:
-                return  # everything arrived; only the end of the stream was lost
-            last_error = f"{url}: {type(exc).__name__}: {exc}"
-            failed.add(url)
-        time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-        pause = min(pause * 2, 0.5)
-    raise NoUpstream(f"no upstream finished the request within {timeout:g}s "
-                     f"({len(p.tokens)} token(s) delivered; last error: {last_error})")
+                async with http.stream("POST", url.rstrip("/") + path, json=sent, headers=headers) as resp:
+                    if resp.status_code != 200:
+                        raw = await resp.aread()
+                        try:
+                            payload = json.loads(raw or b"{}")
+                        except ValueError:
+                            payload = {}
+                        if 400 <= resp.status_code < 500 and resp.status_code not in (408, 429):
+                            raise RequestRejected(resp.status_code, payload)
+                        last_error = f"{url}: HTTP {resp.status_code}"
+                        failed.add(url)
+                    else:
+                        async for line in _lines(resp, read_timeout):
+                            if not line.startswith("data: "):
+                                continue
+                            data = line[6:]
+                            if data == "[DONE]":
+                                if p.finish_reason is None:
+                                    raise ValueError("stream ended without a finish reason")
+                                return
+                            chunk = json.loads(data)
+                            if not chunk.get("choices"):  # the usage chunk
+                                p.usage = chunk.get("usage")
+                                continue
+                            text, tokens, finish = choice_parts(chunk)
+                            if finish in ("timeout", "error"):
+                                raise ValueError(f"upstream gave up: {finish}")
+                            p.tokens.extend(tokens)
+                            p.text += text
+                            p.finish_reason = finish or p.finish_reason
+                            p.model = chunk.get("model", p.model)
+                            deadline = time.monotonic() + timeout  # the clock runs only while nothing arrives
+                            yield chunk
+                        raise ValueError("stream ended before [DONE]")
+            except BROKEN as exc:
+                if p.finish_reason is not None:
+                    return  # everything arrived; only the end of the stream was lost
+                last_error = f"{url}: {type(exc).__name__}: {exc}"
+                failed.add(url)
+            await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            pause = min(pause * 2, 0.5)
+        raise NoUpstream(f"no upstream finished the request within {timeout:g}s "
+                         f"({len(p.tokens)} token(s) delivered; last error: {last_error})")
+    finally:
+        if own:
+            await http.aclose()

@@ -1,25 +1,46 @@
-"""The HTTP API of a replica: an OpenAI-style ``/v1/completions`` subset, ``/health``, ``/metrics``.
+"""The HTTP API of a replica's driver: OpenAI ``/v1/completions``, ``/v1/chat/completions`` and
+``/v1/models``, plus ``/health`` and ``/metrics``.
 
-Malformed requests get a 400 naming the field; a full queue gets 503 with ``Retry-After``;
-``/health`` answers 200 only while the replica is really serving. Completions come back whole or
-streamed as server-sent events; either way the client sees one uninterrupted completion, also
-when a rank failed and the generation was rebuilt under it.
+Malformed requests get a 400 naming the field; a full queue or a draining replica gets 503 with
+``Retry-After``; ``/health`` answers 200 only while the replica is really serving. Answers come
+whole or streamed as server-sent events; either way the client sees one uninterrupted
+completion, also when a rank failed and the generation was rebuilt under it. Waiting requests
+cost no thread: the driver's thread wakes the event loop when it commits tokens.
 """
 
 from __future__ import annotations
 
-import json
-import threading
+import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from rallypoint.http_json import JsonHandler, JsonServer
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from rallypoint.api import responses as oa
+from rallypoint.api.schema import ChatCompletionRequest, CompletionRequest
+from rallypoint.api.server import ServerThread, base_app, error
+from rallypoint.api.text import TextStream
 from rallypoint.log import get_logger
 from rallypoint.worker.requests import BadRequest, QueueFull, Request, RequestQueue, SamplingParams
 
 log = get_logger("api")
+
+
+class Tokenizer(Protocol):
+    """What the API needs of the checkpoint's tokenizer (``worker.tokenizer``)."""
+
+    eos_ids: frozenset[int]
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str: ...
 
 
 @dataclass
@@ -28,170 +49,206 @@ class Frontend:
 
     Attributes:
         queue: where accepted requests go.
-        encode, decode: the tokenizer.
+        tokenizer: the checkpoint's tokenizer.
         vocab_size: for checking token-id prompts.
         state: returns ("serving" | "recovering" | "starting" | ..., generation).
+        model: the name it serves the checkpoint under (``/v1/models``).
         max_tokens_limit: the largest ``max_tokens`` accepted (context permitting).
         max_context: prompt + max_tokens must fit.
-        eos: the end-of-sequence token id, if the tokenizer has one.
+        request_timeout: a request that has not finished by then ends with finish reason "timeout".
     """
 
     queue: RequestQueue
-    encode: Callable[[str], list[int]]
-    decode: Callable[[list[int]], str]
+    tokenizer: Tokenizer
     vocab_size: int
     state: Callable[[], tuple[str, int]]
     model: str = "rallypoint"
     max_tokens_limit: int = 4096
     max_context: int = 2048
     request_timeout: float = 600.0
-    eos: int | None = None
     started: float = field(default_factory=time.time)
 
-    def parse(self, body: bytes) -> tuple[Request, bool]:
-        """Validate a completion request body; raise ``BadRequest`` naming the bad field."""
-        try:
-            data = json.loads(body or b"null")
-        except ValueError as exc:
-            raise BadRequest(f"body is not JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise BadRequest("body must be a JSON object")
-        prompt = data.get("prompt")
-        if isinstance(prompt, str):
-            if not prompt:
-                raise BadRequest("prompt: must not be empty")
-            ids = self.encode(prompt)
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            bad = [t for t in prompt if not 0 <= t < self.vocab_size]
-            if bad:
-                raise BadRequest(f"prompt: token id {bad[0]} outside the vocabulary (0..{self.vocab_size - 1})")
-            ids = list(prompt)
-        else:
-            raise BadRequest("prompt: expected a non-empty string or a non-empty list of token ids")
-        max_tokens = _int(data, "max_tokens", 16, 1, self.max_tokens_limit)
-        temperature = _num(data, "temperature", 0.0, 0.0, 100.0)
-        seed = _int(data, "seed", 0, 0, 2**63 - 1)
-        stream = data.get("stream", False)
-        if not isinstance(stream, bool):
-            raise BadRequest("stream: expected true or false")
+    # -- admission -----------------------------------------------------------------------------
+
+    def prompt_ids(self, body: CompletionRequest | ChatCompletionRequest) -> list[int]:
+        """The prompt as token ids: text through the tokenizer (its special tokens, e.g. BOS,
+        included), token ids checked against the vocabulary, chat messages through the template."""
+        if isinstance(body, ChatCompletionRequest):
+            try:
+                text = self.tokenizer.apply_chat_template(body.template_messages(), body.add_generation_prompt)
+            except Exception as exc:  # a template may raise anything (raise_exception, bad roles)
+                raise BadRequest(f"messages: the chat template refused them: {exc}") from None
+            # the template already wrote the special tokens (BOS) it wants, as transformers does
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        if isinstance(body.prompt, str):
+            return self.tokenizer.encode(body.prompt)
+        if bad := [t for t in body.prompt if not 0 <= t < self.vocab_size]:
+            raise BadRequest(f"prompt: token id {bad[0]} outside the vocabulary (0..{self.vocab_size - 1})")
+        return list(body.prompt)
+
+    def admit(self, body: CompletionRequest | ChatCompletionRequest) -> Request:
+        """A ``Request`` for ``body``, queued unless the tokens it resumes from already finish it.
+
+        Raises:
+            BadRequest: the model name, a token id or the length is wrong (the message says which).
+            QueueFull: the queue is full or the replica is draining.
+        """
+        if body.model is not None and body.model != self.model:
+            raise BadRequest(f"model: {body.model!r} is not served here (this deployment serves {self.model!r})")
+        ids = self.prompt_ids(body)
+        room = self.max_context - len(ids)
+        if room < 1:
+            raise BadRequest(f"prompt: {len(ids)} tokens leave no room in the context of {self.max_context}")
+        max_tokens = body.max_tokens if body.max_tokens is not None else min(room, self.max_tokens_limit)
+        if max_tokens > self.max_tokens_limit:
+            raise BadRequest(f"max_tokens: {max_tokens} is over the limit of {self.max_tokens_limit}")
         if len(ids) + max_tokens > self.max_context:
             raise BadRequest(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
                              f"context of {self.max_context}")
-        resume = data.get("resume_tokens", [])
-        if not (isinstance(resume, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in resume)):
-            raise BadRequest("resume_tokens: expected a list of token ids")
-        if len(resume) > max_tokens:
-            raise BadRequest(f"resume_tokens: {len(resume)} token(s) are more than max_tokens ({max_tokens})")
-        if bad := [t for t in resume if not 0 <= t < self.vocab_size]:
+        if bad := [t for t in body.resume_tokens if not 0 <= t < self.vocab_size]:
             raise BadRequest(f"resume_tokens: token id {bad[0]} outside the vocabulary (0..{self.vocab_size - 1})")
-        unknown = set(data) - {"prompt", "max_tokens", "temperature", "seed", "stream", "model", "n", "user",
-                               "resume_tokens"}
-        if unknown:
-            raise BadRequest(f"unsupported field(s): {', '.join(sorted(unknown))}")
-        if data.get("n", 1) != 1:
-            raise BadRequest("n: only 1 is supported")
-        req = Request(ids, SamplingParams(max_tokens, temperature, seed))
-        if resume:
-            req.resume_from(resume, self.eos)  # already complete (its driver died before [DONE]): done
-        return req, stream
+        seed = body.seed if body.seed is not None else secrets.randbits(63)
+        req = Request(ids, SamplingParams(max_tokens, body.temperature, seed, top_p=body.top_p),
+                      eos=self.tokenizer.eos_ids)
+        if body.resume_tokens:
+            req.resume_from(body.resume_tokens)  # already complete (its driver died before [DONE]): done
+        if not req.done:
+            self.queue.submit(req)
+        return req
 
-    def completion(self, req: Request, text: str, tokens: list[int], finish: str | None) -> dict[str, Any]:
-        return {"id": req.id, "object": "text_completion", "created": int(req.created), "model": self.model,
-                "choices": [{"index": 0, "text": text, "token_ids": tokens, "finish_reason": finish}],
-                "usage": {"prompt_tokens": len(req.prompt), "completion_tokens": len(req.committed),
-                          "total_tokens": len(req.prompt) + len(req.committed)}}
+    # -- answering -----------------------------------------------------------------------------
 
-    def metrics(self) -> str:
-        """Prometheus text exposition of the replica's counters and gauges."""
-        state, gen = self.state()
-        q = self.queue
-        lines = ["# TYPE rallypoint_generation gauge", f"rallypoint_generation {gen}",
-                 "# TYPE rallypoint_serving gauge", f"rallypoint_serving {1 if state == 'serving' else 0}",
-                 "# TYPE rallypoint_requests_waiting gauge", f"rallypoint_requests_waiting {q.waiting}",
-                 "# TYPE rallypoint_requests_in_flight gauge", f"rallypoint_requests_in_flight {len(q.in_flight)}",
-                 "# TYPE rallypoint_requests_total counter"]
-        lines += [f'rallypoint_requests_total{{outcome="{k}"}} {v}' for k, v in sorted(q.counts.items())]
-        return "\n".join(lines) + "\n"
+    async def deltas(self, req: Request, text: TextStream, start: int) -> AsyncIterator[tuple[str, list[int], str | None]]:
+        """(text delta, new token ids, finish reason or None) as the request's tokens commit,
+        from its ``start``-th generated token (the tokens it resumed from came before).
 
-
-def _int(data: dict[str, Any], name: str, default: int, lo: int, hi: int) -> int:
-    v = data.get(name, default)
-    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-        raise BadRequest(f"{name}: expected an integer in {lo}..{hi}, got {v!r}")
-    return v
-
-
-def _num(data: dict[str, Any], name: str, default: float, lo: float, hi: float) -> float:
-    v = data.get(name, default)
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or not lo <= v <= hi:
-        raise BadRequest(f"{name}: expected a number in {lo:g}..{hi:g}, got {v!r}")
-    return float(v)
-
-
-class _Handler(JsonHandler):
-    server: "ApiServer"
-
-    def do_GET(self) -> None:
-        fe = self.server.frontend
-        if self.path == "/health":
-            state, gen = fe.state()
-            self.send_body(200 if state == "serving" else 503, {"status": state, "generation": gen,
-                                                            "waiting": fe.queue.waiting,
-                                                            "in_flight": len(fe.queue.in_flight)})
-        elif self.path == "/metrics":
-            self.send_body(200, fe.metrics())
-        else:
-            self.send_error_body(404, f"no such endpoint: GET {self.path}")
-
-    def do_POST(self) -> None:
-        fe = self.server.frontend
-        if self.path != "/v1/completions":
-            return self.send_error_body(404, f"no such endpoint: POST {self.path}")
-        body = self.read_body()
-        if body is None:
-            return
+        A stop string ends the request (finish reason "stop"); so does the request timeout
+        ("timeout"). The client going away (the generator closed early) cancels it, so its row
+        is freed at the next step.
+        """
+        generated = list(req.committed[:start])
         try:
-            req, stream = fe.parse(body)
+            async for new in req.stream_async(self.request_timeout, start=len(generated)):
+                generated += new
+                delta = text.push(generated)
+                if text.stopped:
+                    req.cancel("stop")
+                    yield delta, new, "stop"
+                    return
+                yield delta, new, None
             if not req.done:
-                fe.queue.submit(req)
-        except BadRequest as exc:
-            return self.send_error_body(400, str(exc))
-        except QueueFull as exc:
-            return self.send_error_body(503, str(exc), {"Retry-After": f"{max(1, round(exc.retry_after))}"})
-        log.info("api.accepted", request=req.id, prompt_tokens=len(req.prompt), stream=stream)
-        if stream:
-            return self._stream(fe, req)
-        if not req.wait(fe.request_timeout):
-            return self.send_error_body(504, f"request {req.id} did not finish in {fe.request_timeout:g}s")
-        if req.error:
-            return self.send_error_body(500, f"request {req.id} failed: {req.error}")
-        self.send_body(200, fe.completion(req, fe.decode(req.committed), req.committed, req.finish_reason))
+                req.cancel("timeout")
+            yield text.push(generated, final=True), [], req.finish_reason
+        finally:
+            if not req.done:
+                req.cancel("abandoned")
 
-    def _stream(self, fe: Frontend, req: Request) -> None:
-        self.start_events()
-        text_sent = fe.decode(req.committed) if req.committed else ""  # a resumed request's earlier tokens
-        for new in req.stream(fe.request_timeout, start=len(req.committed)):
-            text = fe.decode(req.committed)
-            delta, text_sent = text[len(text_sent):], text
-            self.send_event(fe.completion(req, delta, new, None))
-        self.send_event(fe.completion(req, "", [], req.finish_reason or "timeout"))
-        self.end_events()
+    def metrics(self) -> bytes:
+        """Prometheus text exposition of the replica's counters and gauges."""
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_ReplicaCollector(self))
+        return generate_latest(registry)
 
 
-class ApiServer(JsonServer):
-    """The replica's HTTP server; ``serve_in_thread`` runs it beside the serving loop."""
+class _ReplicaCollector:
+    def __init__(self, fe: Frontend) -> None:
+        self.fe = fe
 
-    def __init__(self, frontend: Frontend, host: str = "127.0.0.1", port: int = 0) -> None:
-        super().__init__((host, port), _Handler)
+    def collect(self) -> Any:
+        state, gen = self.fe.state()
+        q = self.fe.queue
+        yield GaugeMetricFamily("rallypoint_generation", "generation this replica serves", value=gen)
+        yield GaugeMetricFamily("rallypoint_serving", "1 while the replica serves", value=1 if state == "serving" else 0)
+        yield GaugeMetricFamily("rallypoint_requests_waiting", "requests queued", value=q.waiting)
+        yield GaugeMetricFamily("rallypoint_requests_in_flight", "requests being generated", value=len(q.in_flight))
+        total = CounterMetricFamily("rallypoint_requests", "requests by outcome", labels=["outcome"])
+        for outcome, n in sorted(q.counts.items()):
+            total.add_metric([outcome], n)
+        yield total
+
+
+def build_app(fe: Frontend, api_key: str | None = None) -> FastAPI:
+    """The replica's routes over ``fe``."""
+    app = base_app("rallypoint replica", api_key)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        state, gen = fe.state()
+        return JSONResponse({"status": state, "generation": gen, "waiting": fe.queue.waiting,
+                             "in_flight": len(fe.queue.in_flight)}, status_code=200 if state == "serving" else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(fe.metrics(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": fe.model, "object": "model", "created": int(fe.started),
+                                            "owned_by": "rallypoint"}]}
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest) -> Response:
+        return await _answer(fe, oa.COMPLETION, body)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest) -> Response:
+        return await _answer(fe, oa.CHAT, body)
+
+    return app
+
+
+async def _answer(fe: Frontend, kind: str, body: CompletionRequest | ChatCompletionRequest) -> Response:
+    try:
+        req = fe.admit(body)
+    except BadRequest as exc:
+        return error(400, str(exc))
+    except QueueFull as exc:
+        return error(503, str(exc), {"Retry-After": f"{max(1, round(exc.retry_after))}"})
+    log.debug("api.accepted", request=req.id, prompt_tokens=len(req.prompt), stream=body.stream)
+    resumed = list(body.resume_tokens)
+    text = TextStream(fe.tokenizer.decode, body.stop_strings,
+                      sent=body.resume_text if body.resume_text is not None else fe.tokenizer.decode(resumed))
+    rid = req.id if kind == oa.COMPLETION else "chat" + req.id
+    created = int(req.created)
+    if body.stream:
+        return StreamingResponse(_events(fe, kind, body, req, rid, text, created), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    parts, tokens, finish = [], list(resumed), None
+    async for delta, new, finish in fe.deltas(req, text, len(resumed)):
+        parts.append(delta)
+        tokens += new
+    if req.error:
+        return error(500, f"request {req.id} failed: {req.error}")
+    if finish == "timeout":
+        return error(504, f"request {req.id} did not finish in {fe.request_timeout:g}s")
+    full = fe.tokenizer.decode(resumed) if body.resume_text is None else body.resume_text
+    return JSONResponse(oa.whole(kind, rid, created, fe.model, full + "".join(parts), tokens, finish,
+                                 oa.usage(len(req.prompt), len(tokens))))
+
+
+async def _events(fe: Frontend, kind: str, body: CompletionRequest | ChatCompletionRequest, req: Request,
+                  rid: str, text: TextStream, created: int) -> AsyncIterator[bytes]:
+    completion = len(body.resume_tokens)
+    if kind == oa.CHAT and not body.resume_tokens:
+        yield oa.sse(oa.chunk(kind, rid, created, fe.model, "", [], None, role=True))
+    async for delta, new, finish in fe.deltas(req, text, completion):
+        completion += len(new)
+        if delta or new or finish:
+            yield oa.sse(oa.chunk(kind, rid, created, fe.model, delta, new, finish))
+    if body.include_usage:
+        yield oa.sse(oa.usage_chunk(kind, rid, created, fe.model, oa.usage(len(req.prompt), completion)))
+    yield oa.DONE
+
+
+class ApiServer(ServerThread):
+    """The replica's HTTP server, on a thread beside the serving loop."""
+
+    def __init__(self, frontend: Frontend, host: str = "127.0.0.1", port: int = 0,
+                 api_key: str | None = None) -> None:
         self.frontend = frontend
+        super().__init__(build_app(frontend, api_key), host, port, name="rallypoint-api")
 
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def serve_in_thread(self) -> threading.Thread:
-        t = threading.Thread(target=self.serve_forever, name="rallypoint-api", daemon=True)
-        t.start()
+    def serve_in_thread(self) -> "ApiServer":
+        self.start()
         log.info("api.listening", url=self.url)
-        return t
+        return self

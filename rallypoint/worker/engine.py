@@ -43,19 +43,33 @@ class EngineSettings:
     max_batch: int = 8
     max_seq: int = 512
     idle_every: float = 0.05  # seconds between idle steps when there is nothing to do
-    eos: int | None = None
 
 
 def header_size(max_batch: int) -> int:
-    # [kind, B, S, switch_gen] + rows, starts, seeds, temperatures (max_batch each)
-    return 4 + 4 * max_batch
+    # [kind, B, S, switch_gen] + rows, starts, seeds, temperatures, top_ps (max_batch each)
+    return 4 + 5 * max_batch
 
 
-def sample(logits: torch.Tensor, temps: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose mass reaches ``top_p`` (nucleus); renormalised.
+
+    probs: [V] -> [V]. The most likely token always stays.
+    """
+    if top_p >= 1.0:
+        return probs
+    sorted_p, order = probs.sort(descending=True)
+    drop = sorted_p.cumsum(0) - sorted_p >= top_p  # mass before this token already reaches top_p
+    kept = sorted_p.masked_fill(drop, 0.0)
+    out = torch.zeros_like(probs).scatter_(0, order, kept)
+    return out / out.sum()
+
+
+def sample(logits: torch.Tensor, temps: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor,
+           top_ps: torch.Tensor | None = None) -> torch.Tensor:
     """Next token per row: argmax at temperature 0, else a draw seeded by (seed, position).
 
     Seeding by position makes a resumed request draw exactly what it would have drawn.
-    logits: [B, V] float32; temps, seeds, positions: [B] int64 (temps scaled by 1e6).
+    logits: [B, V] float32; temps, seeds, positions, top_ps: [B] int64 (temps and top_ps scaled by 1e6).
     """
     out = logits.argmax(dim=-1)
     hot = (temps > 0).nonzero().flatten().tolist()
@@ -64,6 +78,8 @@ def sample(logits: torch.Tensor, temps: torch.Tensor, seeds: torch.Tensor, posit
         for i in hot:
             g = torch.Generator().manual_seed(int(seeds[i]) * 1_000_003 + int(positions[i]))
             probs = torch.softmax(host[i] / (float(temps[i]) / _TEMP_SCALE), dim=-1)
+            if top_ps is not None:
+                probs = top_p_filter(probs, float(top_ps[i]) / _TEMP_SCALE)
             out[i] = int(torch.multinomial(probs, 1, generator=g))
     return out
 
@@ -98,8 +114,9 @@ def step(model: StageLike, comm: Comm, groups: GroupSet, max_batch: int, device:
         if out is not None:
             seeds = hdr[4 + 2 * mb:4 + 2 * mb + b]
             temps = hdr[4 + 3 * mb:4 + 3 * mb + b]
+            top_ps = hdr[4 + 4 * mb:4 + 4 * mb + b]
             last = hdr[4 + mb:4 + mb + b] + s  # position of the token being produced
-            nxt = sample(out[:, -1, :], temps, seeds, last)
+            nxt = sample(out[:, -1, :], temps, seeds, last, top_ps)
         else:
             nxt = torch.empty(0, dtype=torch.int64, device=device)
         if groups.pp_size > 1:
@@ -131,12 +148,17 @@ class Driver:
             return hdr.to(self.device), None, []
         free = [r for r in range(mb) if r not in self.rows]
         new = None
-        if free:
+        while free and new is None:
             if self.held:
                 new = self.held.popleft()
             else:
                 got = self.queue.take(1)
                 new = got[0] if got else None
+                if new is None:
+                    break
+            if new.done:  # cancelled while it waited (a stop string, the client went away)
+                self.queue.finished(new)
+                new = None
         if new is not None:
             row = free[0]
             self.rows[row] = new
@@ -154,21 +176,21 @@ class Driver:
             hdr[4 + i], hdr[4 + mb + i] = row, start
             hdr[4 + 2 * mb + i] = r.params.seed
             hdr[4 + 3 * mb + i] = int(round(r.params.temperature * _TEMP_SCALE))
+            hdr[4 + 4 * mb + i] = int(round(r.params.top_p * _TEMP_SCALE))
             toks.extend(seq if kind == PREFILL else seq[-1:])
         tokens = torch.tensor(toks, dtype=torch.int64, device=self.device) if toks else None
         return hdr.to(self.device), tokens, [(row, r) for row, r, _, _ in batch]
 
     def _exhausted(self, r: Request) -> bool:
         made = len(r.committed) + len(r.pending)
-        eos = self.settings.eos
-        last = (r.committed + r.pending)[-1:] if made else []
-        return made >= r.params.max_tokens or (eos is not None and r.params.stop_at_eos and last == [eos])
+        last = (r.committed + r.pending)[-1] if made else None
+        return made >= r.params.max_tokens or (last is not None and r.is_eos(last)) or r.done
 
     def done(self, produced: list[tuple[int, Request]], nxt: torch.Tensor | None) -> None:
         """The step succeeded: confirm earlier tokens, then record this step's (uncommitted)."""
         for row, r in list(self.rows.items()):
             had = len(r.committed)
-            r.commit(self.settings.eos)
+            r.commit()
             if not self.first_commit_at and len(r.committed) > had:
                 self.first_commit_at = time.time()
             if r.done:

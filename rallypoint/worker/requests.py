@@ -10,12 +10,13 @@ and replaying its committed tokens, so the client sees one uninterrupted complet
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 from rallypoint.errors import RallypointError
@@ -43,10 +44,14 @@ class Draining(QueueFull):
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """How a request's tokens are drawn. Sampling is seeded by (seed, position), so a request
+    resumed elsewhere draws what it would have drawn; ``top_p`` 1 keeps the whole distribution."""
+
     max_tokens: int = 16
     temperature: float = 0.0
     seed: int = 0
     stop_at_eos: bool = True
+    top_p: float = 1.0
 
 
 @dataclass
@@ -63,7 +68,9 @@ class Request:
     resumed: int = 0  # times it was held over an abort and resumed
     fed: int | None = None  # while resuming: how many committed tokens the new KV cache holds again
     error: str | None = None
+    eos: frozenset[int] = frozenset()  # token ids that end it (when ``params.stop_at_eos``)
     _cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
+    _listeners: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     @property
     def tokens_so_far(self) -> list[int]:
@@ -96,19 +103,39 @@ class Request:
         self.pending.append(token)
         return True
 
-    def commit(self, eos: int | None) -> None:
+    def is_eos(self, tok: int) -> bool:
+        return self.params.stop_at_eos and tok in self.eos
+
+    def commit(self) -> None:
         """The steps that produced the pending tokens are confirmed: deliver them."""
         with self._cond:
+            moved = False
             for tok in self.pending:
                 if self.done:
                     break
                 self.committed.append(tok)
-                if self.params.stop_at_eos and eos is not None and tok == eos:
+                moved = True
+                if self.is_eos(tok):
                     self.finish_reason = "stop"
                 elif len(self.committed) >= self.params.max_tokens:
                     self.finish_reason = "length"
             self.pending.clear()
-            self._cond.notify_all()
+            if moved:
+                self._changed()
+
+    def cancel(self, reason: str) -> None:
+        """End the request now (a stop string matched, the client went away): the driver frees
+        its row at the next step and commits nothing more."""
+        with self._cond:
+            if not self.done:
+                self.finish_reason = reason
+                self._changed()
+
+    def _changed(self) -> None:
+        """Wake whoever waits on this request (threads and event loops); holds ``_cond``."""
+        self._cond.notify_all()
+        for wake in self._listeners:
+            wake()
 
     def rollback(self) -> None:
         """The generation was aborted: forget tokens no later step confirmed, and replay the rest.
@@ -122,7 +149,7 @@ class Request:
             self.resumed += 1
             self.fed = 0 if self.committed else None
 
-    def resume_from(self, delivered: list[int], eos: int | None = None) -> None:
+    def resume_from(self, delivered: list[int]) -> None:
         """Continue a request another replica began (its driver died after ``delivered`` reached
         the client): the tokens are replayed like a rollback's, then generation goes on. When
         ``delivered`` already completes it (its last token, or an end of sequence, reached the
@@ -130,7 +157,7 @@ class Request:
         self.committed = list(delivered)
         self.fed = 0 if delivered else None
         self.resumed += 1
-        if delivered and self.params.stop_at_eos and eos is not None and delivered[-1] == eos:
+        if delivered and self.is_eos(delivered[-1]):
             self.finish_reason = "stop"
         elif len(delivered) >= self.params.max_tokens:
             self.finish_reason = "length"
@@ -138,7 +165,7 @@ class Request:
     def fail(self, why: str) -> None:
         with self._cond:
             self.error, self.finish_reason = why, "error"
-            self._cond.notify_all()
+            self._changed()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until finished; True if it finished."""
@@ -160,6 +187,40 @@ class Request:
                 yield new
             if done or time.monotonic() > deadline:
                 return
+
+    async def stream_async(self, timeout: float = 600.0, start: int = 0) -> AsyncIterator[list[int]]:
+        """``stream`` for an event loop: committed tokens past ``start`` as they arrive, without a
+        thread per waiting request (the driver's thread wakes the loop)."""
+        loop = asyncio.get_running_loop()
+        changed = asyncio.Event()
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(changed.set)
+
+        with self._cond:
+            self._listeners.append(wake)
+        try:
+            sent = start
+            deadline = time.monotonic() + timeout
+            while True:
+                changed.clear()
+                with self._cond:
+                    new, done = self.committed[sent:], self.done
+                if new:
+                    sent += len(new)
+                    yield new
+                if done:
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                try:
+                    await asyncio.wait_for(changed.wait(), left)
+                except TimeoutError:
+                    return
+        finally:
+            with self._cond:
+                self._listeners.remove(wake)
 
 
 class RequestQueue:

@@ -62,7 +62,7 @@ def test_driver_death_and_gateway_death_lose_nothing(etcd: EtcdCluster, client: 
         gw = {n: wait_file(tmp_path / n / "gateway.url").strip() for n in ("a", "b", "c")}
         wait_for("a's gateway sees the driver", lambda: drivers(gw["a"]), timeout=30, every=0.2)
 
-        requests = [{"prompt": f"gateway {i}: how vexingly quick", "max_tokens": 60} for i in range(3)]
+        requests = [{"prompt": f"gateway {i}: how vexingly quick", "max_tokens": 60, "temperature": 0} for i in range(3)]
         direct = CompletionClient([gw["c"]])  # through a gateway with no rank of its own
         reference = [direct.complete(r).tokens for r in requests]
         assert all(len(t) == 60 for t in reference)
@@ -91,7 +91,7 @@ def test_driver_death_and_gateway_death_lose_nothing(etcd: EtcdCluster, client: 
 
         # bad input through the gateway: the driver's 400 comes back, nothing retried
         try:
-            failover.complete({"prompt": "", "max_tokens": 4})
+            failover.complete({"prompt": "", "max_tokens": 4, "temperature": 0})
             raise AssertionError("an empty prompt was accepted")
         except RequestRejected as exc:
             assert exc.status == 400 and "prompt: must not be empty" in str(exc)

@@ -30,7 +30,7 @@ def test_etcd_outage_keeps_serving(tmp_path: Path) -> None:
                                "--state-dir", str(tmp_path / node), "--worker-model", str(model))
             daemons.append(DaemonProcess(node, args, tmp_path / f"{node}.log").start())
         url = wait_file(tmp_path / "a" / "api-0.url")
-        body = {"prompt": "outage", "max_tokens": 24}
+        body = {"prompt": "outage", "max_tokens": 24, "temperature": 0}
         reference = post(url, body)[1]["choices"][0]["token_ids"]
         workers = [worker_pid(d) for d in daemons]
         results: list[tuple[float, list[int]]] = []

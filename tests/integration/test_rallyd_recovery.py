@@ -61,7 +61,7 @@ def test_warm_spare_takes_the_dead_workers_seat(etcd: EtcdCluster, client: EtcdC
         daemons[1].wait_log('"role": "spare"', timeout=60)  # the spare is warm and said hello
         spare = spare_pids(daemons[1])
         assert len(spare) == 1
-        requests = [{"prompt": f"spare {i}: pack my box", "max_tokens": 40} for i in range(4)]
+        requests = [{"prompt": f"spare {i}: pack my box", "max_tokens": 40, "temperature": 0} for i in range(4)]
         reference = [post(url, r)[1]["choices"][0]["token_ids"] for r in requests]
         got, threads = start_streams(url, requests)
         victim = seat_pid(daemons[1], 0)
@@ -109,7 +109,7 @@ def test_a_node_restarted_at_once_does_not_rejoin_the_dead_generation(
     a, b = start("a"), start("b")
     try:
         url = wait_file(tmp_path / "a" / "api-0.url")
-        request = {"prompt": "restart at once", "max_tokens": 12}
+        request = {"prompt": "restart at once", "max_tokens": 12, "temperature": 0}
         reference = post(url, request)[1]["choices"][0]["token_ids"]
         killed = b.kill_node()
         b.proc.wait(timeout=10)
@@ -162,7 +162,7 @@ def test_spent_restart_budget_shrinks_then_grows_back(etcd: EtcdCluster, client:
     keys = ClusterKeys(cluster_name)
     daemon, url = start_two_replicas(etcd, cluster_name, tmp_path, model, budget=0, window=4)
     try:
-        requests = [{"prompt": f"shrink {i}", "max_tokens": 60} for i in range(3)]
+        requests = [{"prompt": f"shrink {i}", "max_tokens": 60, "temperature": 0} for i in range(3)]
         reference = [post(url, r)[1]["choices"][0]["token_ids"] for r in requests]
         got, threads = start_streams(url, requests)
         psutil.Process(seat_pid(daemon, 1)).kill()
@@ -197,7 +197,7 @@ def test_a_seat_whose_checkpoint_fails_stays_out_until_the_files_change(
     keys = ClusterKeys(cluster_name)
     daemon, url = start_two_replicas(etcd, cluster_name, tmp_path, model, budget=5, window=2)
     try:
-        request = {"prompt": "a bad checkpoint", "max_tokens": 10}
+        request = {"prompt": "a bad checkpoint", "max_tokens": 10, "temperature": 0}
         reference = post(url, request)[1]["choices"][0]["token_ids"]
         good = weights.read_bytes()
 
@@ -242,7 +242,7 @@ def test_spent_budget_where_no_shrink_fits_replans_when_the_seat_is_back(
     daemon = DaemonProcess("a", args, tmp_path / "a.log").start()
     try:
         url = wait_file(tmp_path / "a" / "api-0.url")
-        request = {"prompt": "no room to shrink", "max_tokens": 10}
+        request = {"prompt": "no room to shrink", "max_tokens": 10, "temperature": 0}
         reference = post(url, request)[1]["choices"][0]["token_ids"]
         psutil.Process(seat_pid(daemon, 1)).kill()
         failed = wait_for("phase failed", lambda: (kv := client.get(keys.root + "status/recovery"))
@@ -271,7 +271,7 @@ def test_a_frozen_replica_is_replaced_when_its_heartbeats_stop(etcd: EtcdCluster
     daemon = DaemonProcess("a", args, tmp_path / "a.log").start()
     try:
         url = wait_file(tmp_path / "a" / "api-0.url")
-        request = {"prompt": "frozen replica", "max_tokens": 10}
+        request = {"prompt": "frozen replica", "max_tokens": 10, "temperature": 0}
         reference = post(url, request)[1]["choices"][0]["token_ids"]
         frozen = [seat_pid(daemon, 0), seat_pid(daemon, 1)]
         t0 = time.monotonic()
@@ -331,7 +331,7 @@ def test_sigterm_drains_then_leaves_and_peers_replan_at_once(etcd: EtcdCluster, 
     try:
         url_a = wait_file(tmp_path / "a" / "api-0.url")
         url_b = wait_file(tmp_path / "b" / "api-0.url")
-        requests = [{"prompt": f"drain {i}: sphinx of black quartz", "max_tokens": 300} for i in range(3)]
+        requests = [{"prompt": f"drain {i}: sphinx of black quartz", "max_tokens": 300, "temperature": 0} for i in range(3)]
         reference = [post(url_a, r)[1]["choices"][0]["token_ids"] for r in requests]
         got, threads = start_streams(url_b, requests)
         t_term = time.monotonic()
@@ -340,7 +340,7 @@ def test_sigterm_drains_then_leaves_and_peers_replan_at_once(etcd: EtcdCluster, 
         worker_log = tmp_path / "b" / "logs" / "worker-0.log"
         wait_for("b's driver to close its queue", lambda: '"worker.draining"' in worker_log.read_text(), timeout=5)
 
-        code, body, headers = post(url_b, {"prompt": "too late", "max_tokens": 1})
+        code, body, headers = post(url_b, {"prompt": "too late", "max_tokens": 1, "temperature": 0})
         assert code == 503 and "draining" in body["error"]["message"] and headers["Retry-After"]
         for t in threads:
             t.join(timeout=120)
@@ -375,7 +375,7 @@ def test_etcd_leader_killed_in_the_middle_of_a_recovery(etcd3: EtcdCluster, clus
         daemons.append(DaemonProcess(node, args, tmp_path / f"{node}.log").start())
     try:
         url = wait_file(tmp_path / "a" / "api-0.url")
-        requests = [{"prompt": f"etcd leader {i}", "max_tokens": 40} for i in range(4)]
+        requests = [{"prompt": f"etcd leader {i}", "max_tokens": 40, "temperature": 0} for i in range(4)]
         reference = [post(url, r)[1]["choices"][0]["token_ids"] for r in requests]
         got, threads = start_streams(url, requests)
         leader = etcd3.leader()

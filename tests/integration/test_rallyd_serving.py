@@ -107,7 +107,7 @@ def test_request_stream_lives_through_a_failed_worker(etcd: EtcdCluster, client:
         daemons.append(DaemonProcess(node, args, tmp_path / f"{node}.log").start())
     try:
         url = wait_file(tmp_path / "a" / "api-0.url")
-        requests = [{"prompt": f"request {i}: the quick brown fox", "max_tokens": 40} for i in range(6)]
+        requests = [{"prompt": f"request {i}: the quick brown fox", "max_tokens": 40, "temperature": 0} for i in range(6)]
         reference = [post(url, r)[1]["choices"][0]["token_ids"] for r in requests]
         got, threads = start_streams(url, requests)
         victim = worker_pid(daemons[1])
@@ -154,7 +154,7 @@ def test_request_stream_lives_through_a_lost_node(etcd: EtcdCluster, client: Etc
     try:
         start_leader_then_pair(daemons, etcd, cluster_name, tmp_path, model)
         url = wait_file(tmp_path / "a" / "api-0.url")
-        requests = [{"prompt": f"node loss {i}", "max_tokens": 40} for i in range(4)]
+        requests = [{"prompt": f"node loss {i}", "max_tokens": 40, "temperature": 0} for i in range(4)]
         reference = [post(url, r)[1]["choices"][0]["token_ids"] for r in requests]
         got, threads = start_streams(url, requests)
         daemons["b" if victim == "rank-node" else "c"].kill_node()

@@ -3,6 +3,7 @@ choice of drivers from node statuses (pure logic)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -10,7 +11,15 @@ from typing import Any
 
 import pytest
 
-from rallypoint.gateway.resume import NoUpstream, Progress, RequestRejected, stream_completion
+from rallypoint.gateway.resume import NoUpstream, Progress, RequestRejected
+from rallypoint.gateway.resume import stream_completion as stream_async
+
+
+def stream_completion(*args: Any, **kw: Any) -> list[dict[str, Any]]:
+    """Every chunk of the async resume loop, collected on an event loop of its own."""
+    async def collect() -> list[dict[str, Any]]:
+        return [c async for c in stream_async(*args, **kw)]
+    return asyncio.run(collect())
 from rallypoint.gateway.routes import serving_drivers
 
 ANSWER = list(range(100, 112))  # the "model": token i of every completion is 100 + i
@@ -86,7 +95,7 @@ def servers():
 def test_a_stream_that_breaks_goes_on_at_the_next_upstream(servers) -> None:
     dying, healthy = servers(die_after=5), servers()
     p = Progress()
-    chunks = list(stream_completion({"prompt": "x", "max_tokens": 12}, lambda: [dying.url, healthy.url], 5, progress=p))
+    chunks = (stream_completion({"prompt": "x", "max_tokens": 12}, lambda: [dying.url, healthy.url], 5, progress=p))
     assert p.tokens == ANSWER and [t for c in chunks for t in c["choices"][0]["token_ids"]] == ANSWER
     assert p.text == "".join(f"<{t}>" for t in ANSWER) and p.finish_reason == "length"
     assert p.resumes == 1 and p.upstreams == [dying.url, healthy.url]
@@ -102,11 +111,11 @@ def test_refusals_are_waited_out_and_a_rejection_is_final(servers) -> None:
         return [busy.url] if len(calls) < 3 else [busy.url, healthy.url]  # a driver appears later
 
     p = Progress()
-    list(stream_completion({"prompt": "x", "max_tokens": 4}, upstreams, 5, progress=p))
+    (stream_completion({"prompt": "x", "max_tokens": 4}, upstreams, 5, progress=p))
     assert p.tokens == ANSWER[:4] and len(busy.bodies) >= 2 and "resume_tokens" not in healthy.bodies[0]
     bad = servers(status=400)
     with pytest.raises(RequestRejected, match="said 400") as info:
-        list(stream_completion({"prompt": "x", "max_tokens": 4}, lambda: [bad.url, healthy.url], 5))
+        (stream_completion({"prompt": "x", "max_tokens": 4}, lambda: [bad.url, healthy.url], 5))
     assert info.value.status == 400 and len(bad.bodies) == 1
 
 
@@ -114,16 +123,16 @@ def test_no_upstream_in_time_says_what_was_delivered(servers) -> None:
     dying = servers(die_after=3)
     p = Progress()
     with pytest.raises(NoUpstream, match=r"within 0.5s \(3 token\(s\) delivered; last error: .*127.0.0.1"):
-        list(stream_completion({"prompt": "x", "max_tokens": 8}, lambda: [dying.url], 0.5, progress=p))
+        (stream_completion({"prompt": "x", "max_tokens": 8}, lambda: [dying.url], 0.5, progress=p))
     assert p.tokens == ANSWER[:3]
     with pytest.raises(NoUpstream, match="no upstream known"):
-        list(stream_completion({"prompt": "x", "max_tokens": 8}, lambda: [], 0.3))
+        (stream_completion({"prompt": "x", "max_tokens": 8}, lambda: [], 0.3))
 
 
 def test_resume_tokens_from_the_caller_are_not_delivered_again(servers) -> None:
     healthy = servers()
     p = Progress()
-    chunks = list(stream_completion({"prompt": "x", "max_tokens": 6, "resume_tokens": ANSWER[:4]},
+    chunks = (stream_completion({"prompt": "x", "max_tokens": 6, "resume_tokens": ANSWER[:4]},
                                     lambda: [healthy.url], 5, progress=p))
     assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == ANSWER[4:6] and p.tokens == ANSWER[:6]
 

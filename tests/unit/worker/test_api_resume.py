@@ -2,44 +2,36 @@
 
 A driver can die after the last token reached the client but before the end of the stream; the
 gateway then re-sends the request with every token as ``resume_tokens``. That is a finished
-request, not a bad one. (In-process HTTP server, no model: nothing may reach the queue.)"""
+request, not a bad one. (In-process HTTP server and the tiny checkpoint's tokenizer, no model:
+nothing may reach the queue.)"""
 
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 
+import httpx
 import pytest
 
 from rallypoint.worker.api import ApiServer, Frontend
-from rallypoint.worker.checkpoint import ByteTokenizer
+from rallypoint.worker.checkpoint import make_model
 from rallypoint.worker.requests import RequestQueue
+from rallypoint.worker.tokenizer import load_tokenizer
 
 
 @pytest.fixture
-def api():
-    tok = ByteTokenizer()
-    fe = Frontend(queue=RequestQueue(), encode=tok.encode, decode=tok.decode, vocab_size=tok.vocab_size,
-                  state=lambda: ("serving", 3), eos=tok.eos_id)
-    server = ApiServer(fe)
-    server.serve_in_thread()
+def api(tmp_path):
+    tok = load_tokenizer(make_model(tmp_path / "m", "tiny"))
+    fe = Frontend(queue=RequestQueue(), tokenizer=tok, vocab_size=320, state=lambda: ("serving", 3), model="m")
+    server = ApiServer(fe).serve_in_thread()
     yield server, fe, tok
-    server.shutdown()
-    server.server_close()
+    server.stop()
 
 
 def post(url: str, body: dict) -> tuple[int, list[dict]]:
-    req = urllib.request.Request(url + "/v1/completions", json.dumps(body).encode(),
-                                 {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            text = r.read().decode()
-            if body.get("stream"):
-                return r.status, [json.loads(x[6:]) for x in text.split("\n\n") if x.startswith("data: {")]
-            return r.status, [json.loads(text)]
-    except urllib.error.HTTPError as exc:
-        return exc.code, [json.loads(exc.read())]
+    r = httpx.post(url + "/v1/completions", json=body, timeout=10)
+    if body.get("stream") and r.status_code == 200:
+        return r.status_code, [json.loads(x[6:]) for x in r.text.split("\n\n") if x.startswith("data: {")]
+    return r.status_code, [r.json()]
 
 
 @pytest.mark.parametrize("stream", [True, False])
@@ -50,12 +42,15 @@ def test_all_max_tokens_delivered_finishes_with_length(api, stream: bool) -> Non
     assert status == 200 and chunks[-1]["choices"][0]["finish_reason"] == "length"
     if stream:
         assert all(c["choices"][0]["token_ids"] == [] for c in chunks)  # nothing generated again
+    else:
+        assert chunks[0]["choices"][0]["token_ids"] == [104, 105, 33, 33]
     assert fe.queue.waiting == 0 and fe.queue.counts.get("accepted", 0) == 0
 
 
 def test_an_end_of_sequence_delivered_finishes_with_stop(api) -> None:
     server, fe, tok = api
-    status, chunks = post(server.url, {"prompt": "hi", "max_tokens": 8, "resume_tokens": [104, tok.eos_id],
+    eos = min(tok.eos_ids)
+    status, chunks = post(server.url, {"prompt": "hi", "max_tokens": 8, "resume_tokens": [104, eos],
                                        "stream": True})
     assert status == 200 and chunks[-1]["choices"][0]["finish_reason"] == "stop"
     assert fe.queue.waiting == 0
