@@ -9,7 +9,6 @@ and runs uvicorn on its own thread and event loop.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import socket
 import threading
@@ -100,7 +99,7 @@ class ServerThread:
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def _run(self) -> None:
-        asyncio.run(self.server.serve(sockets=[self.sock]))
+        self.server.run(sockets=[self.sock])  # on uvloop when it is installed
 
     @property
     def url(self) -> str:

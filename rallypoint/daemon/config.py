@@ -184,6 +184,8 @@ class WorkerConfig:
         dtype: weights' dtype; ``auto`` is bfloat16 on GPUs, float32 on CPU.
         max_batch: KV-cache rows per replica (requests decoded together).
         max_seq: positions per row (prompt + completion).
+        queue_capacity: requests a replica's driver holds (running and waiting); past it, 503 with
+            ``Retry-After`` (the gateway waits and retries them).
         api_host, api_port: where a replica's driver serves HTTP; port 0 picks a free one.
         restart_budget: worker restarts allowed per ``restart_window``; past it the seat is left
             down (degraded) instead of restarting in a loop.
@@ -201,6 +203,7 @@ class WorkerConfig:
     dtype: str = _opt("auto", "choice", choices=("auto", "float32", "bfloat16", "float16"))
     max_batch: int = _opt(8, "int", ge=1)
     max_seq: int = _opt(512, "int", ge=16)
+    queue_capacity: int = _opt(1024, "int", ge=1)
     api_host: str = _opt("127.0.0.1", "str")
     api_port: int = _opt(0, "int", ge=0)
     restart_budget: int = _opt(5, "int", ge=0)

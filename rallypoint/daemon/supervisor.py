@@ -293,6 +293,7 @@ class WorkerCommand:
     channel: str | None = None
     workload: str = "serve"
     build_timeout: float = 30.0
+    queue_capacity: int = 1024
 
     def seat_params(self, local_rank: int) -> dict:
         """The seat's API port (``api_port + local_rank``, or 0 for a free one) and URL file."""
@@ -304,7 +305,8 @@ class WorkerCommand:
                 "--node", self.node, "--model", self.model, "--device", self.device, "--dtype", self.dtype,
                 "--max-batch", str(self.max_batch), "--max-seq", str(self.max_seq), "--api-host", self.api_host,
                 "--deadline-floor", str(self.deadline_floor), "--after-gen", str(after_gen), "--die-with-parent",
-                "--workload", self.workload, "--build-timeout", str(self.build_timeout)]
+                "--workload", self.workload, "--build-timeout", str(self.build_timeout),
+                "--queue-capacity", str(self.queue_capacity)]
         if self.channel:
             argv += ["--channel", self.channel]
         if local_rank is None:
