@@ -55,7 +55,7 @@ import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from rallypoint.worker.checkpoint import SIZES, make_model  # noqa: E402
-from rallypoint.worker.llama_config import LlamaConfig  # noqa: E402
+from rallypoint.worker.model_config import ModelConfig  # noqa: E402
 
 os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
 
@@ -115,8 +115,8 @@ def rp_rank(rank: int, tp: int, endpoints: list[str], args: argparse.Namespace, 
     groups = rt.configure(plan, "n", rank)
     t_groups = time.perf_counter() - t0
     device = rt.device
-    config = LlamaConfig.from_dir(args.model)
-    settings = EngineSettings(max_batch=max(args.batch), max_seq=args.max_seq, eos=None)
+    config = ModelConfig.from_dir(args.model)
+    settings = EngineSettings(max_batch=max(args.batch), max_seq=args.max_seq)
     t0 = time.perf_counter()
     model = load_stage(args.model, config, groups.tp_rank, groups.tp_size,
                        layers_for(config.num_hidden_layers, groups.pp_rank, groups.pp_size),
@@ -260,7 +260,7 @@ def leading_equal(a: list[int], b: list[int]) -> int:
     return n
 
 
-def table(results: dict[str, dict], args: argparse.Namespace, config: LlamaConfig) -> str:
+def table(results: dict[str, dict], args: argparse.Namespace, config: ModelConfig) -> str:
     lines = [f"decode: {args.model} ({config.num_params() / 1e6:.1f} M params, {args.dtype}), prompt {args.prompt_len} "
              f"byte tokens, {args.new_tokens} new tokens, greedy, device {args.device}",
              "TTFT = submit -> every row has its first token; decode tok/s = B*(N-1) / (last token - that moment)"]
@@ -308,7 +308,7 @@ def main() -> int:
         t0 = time.perf_counter()
         make_model(args.model, args.size, seed=0)
         print(f"wrote a seeded random {args.size} model to {args.model} in {time.perf_counter() - t0:.1f} s", flush=True)
-    config = LlamaConfig.from_dir(args.model)
+    config = ModelConfig.from_dir(args.model)
 
     from rallypoint.testing.etcd_server import INSTALL_HINT, EtcdCluster, etcd_binary
 

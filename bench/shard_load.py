@@ -43,7 +43,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from rallypoint.worker.checkpoint import INDEX_FILE, SIZES, WEIGHTS_FILE, make_model  # noqa: E402
-from rallypoint.worker.llama_config import LlamaConfig  # noqa: E402
+from rallypoint.worker.model_config import ModelConfig  # noqa: E402
 from rallypoint.worker.shards import load_stage  # noqa: E402
 
 GOAL = 0.10  # rallypoint TP=1 within 10 % of plain load_file
@@ -108,7 +108,7 @@ def main() -> int:
         t0 = time.perf_counter()
         make_model(args.model, args.size, seed=0)
         print(f"wrote a seeded random {args.size} model to {args.model} in {time.perf_counter() - t0:.1f} s", flush=True)
-    config = LlamaConfig.from_dir(args.model)
+    config = ModelConfig.from_dir(args.model)
     files = weight_files(args.model)
     file_bytes, warm_s = warm_page_cache(files)
     gpus = torch.cuda.device_count() if args.device == "cuda" else 0

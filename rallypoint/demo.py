@@ -26,6 +26,7 @@ from rallypoint.rendezvous.etcd import EtcdClient, EtcdSettings
 from rallypoint.rendezvous.records import ClusterKeys, Plan
 from rallypoint.testing.daemons import DaemonProcess, daemon_args, wait_file
 from rallypoint.testing.etcd_server import INSTALL_HINT, EtcdCluster, etcd_binary
+from rallypoint.worker.title import describe
 
 
 def format_plan(plan: Plan) -> str:
@@ -61,7 +62,7 @@ def complete(url: str, prompt: str, max_tokens: int, stream: bool = False) -> tu
 
 
 def worker_of(daemon: DaemonProcess) -> psutil.Process:
-    return next(p for p in psutil.Process(daemon.pid).children() if "rallypoint.worker" in " ".join(p.cmdline()))
+    return next(p for p in psutil.Process(daemon.pid).children() if describe(p.cmdline()) is not None)
 
 
 def show_rallyctl(client: EtcdClient, keys: ClusterKeys, endpoints: tuple[str, ...]) -> None:

@@ -81,11 +81,11 @@ def main() -> int:
             if float(t[0]) != size:
                 note("wrong", got=float(t[0]))
 
-    from rallypoint.worker.checkpoint import load_tokenizer
-    from rallypoint.worker.llama_config import LlamaConfig
+    from rallypoint.worker.tokenizer import load_tokenizer
+    from rallypoint.worker.model_config import ModelConfig
     from rallypoint.worker.shards import load_stage
 
-    config = LlamaConfig.from_dir(args.model)
+    config = ModelConfig.from_dir(args.model)
     stage = load_stage(args.model, config, rank, size, range(config.num_hidden_layers), device="cpu",
                        dtype=torch.float32, comm=DistTP())
     prompt = load_tokenizer(args.model).encode("the quick brown fox jumps over the lazy dog")

@@ -213,12 +213,12 @@ def cmd_kill(args: argparse.Namespace) -> int:
 
 
 def cmd_make_model(args: argparse.Namespace) -> int:
-    """Write a seeded random Llama checkpoint in Hugging Face format."""
+    """Write a seeded random checkpoint (Llama, Mistral, Qwen2 or Qwen3) in Hugging Face format."""
     from rallypoint.worker.checkpoint import make_model
 
-    path = make_model(args.dir, args.size, seed=args.seed)
-    print(json.dumps({"path": str(path), "size": args.size, "seed": args.seed}) if args.json else
-          f"wrote a {args.size} Llama checkpoint (seed {args.seed}) to {path}")
+    path = make_model(args.dir, args.size, seed=args.seed, arch=args.arch)
+    print(json.dumps({"path": str(path), "size": args.size, "arch": args.arch, "seed": args.seed}) if args.json else
+          f"wrote a {args.size} {args.arch} checkpoint (seed {args.seed}) to {path}")
     return 0
 
 
@@ -257,9 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rank", type=int)
     p.add_argument("--signal", default="KILL", choices=("KILL", "STOP", "TERM", "CONT"))
     p.set_defaults(fn=cmd_kill)
-    p = sub.add_parser("make-model", help="write a seeded random Llama checkpoint")
+    p = sub.add_parser("make-model", help="write a seeded random checkpoint in Hugging Face format")
     p.add_argument("dir")
     p.add_argument("--size", default="tiny", choices=("tiny", "small", "1b"))
+    p.add_argument("--arch", default="llama", choices=("llama", "mistral", "qwen2", "qwen3"))
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_make_model)
     return ap

@@ -52,6 +52,7 @@ class CompletionClient:
                     return
         finally:
             loop.run_until_complete(chunks.aclose())
+            loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 
     def complete(self, body: dict[str, Any]) -> Progress:

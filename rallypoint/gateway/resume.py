@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from contextlib import aclosing
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,17 +64,20 @@ def upstream_client(max_connections: int | None = None) -> httpx.AsyncClient:
                              timeout=httpx.Timeout(connect=5.0, read=None, write=10.0, pool=None))
 
 
-async def _lines(resp: httpx.Response, read_timeout: float) -> AsyncIterator[str]:
-    """The response's lines, each awaited with ``read_timeout`` (a silent upstream is a broken one)."""
-    it = resp.aiter_lines().__aiter__()
+async def _events(resp: httpx.Response, read_timeout: float) -> AsyncIterator[dict[str, Any] | None]:
+    """The stream's chunks (None for ``[DONE]``), each line awaited with ``read_timeout``: a silent
+    upstream is a broken one."""
+    lines = resp.aiter_lines().__aiter__()
     while True:
         try:
-            line = await asyncio.wait_for(it.__anext__(), read_timeout)
+            line = await asyncio.wait_for(lines.__anext__(), read_timeout)
         except StopAsyncIteration:
             return
         except TimeoutError:
             raise httpx.ReadTimeout(f"no data for {read_timeout:g}s") from None
-        yield line
+        if line.startswith("data: "):
+            data = line[6:]
+            yield None if data == "[DONE]" else json.loads(data)
 
 
 async def stream_completion(body: dict[str, Any], upstreams: Callable[[], list[str]], timeout: float,
@@ -141,27 +145,24 @@ async def stream_completion(body: dict[str, Any], upstreams: Callable[[], list[s
                         last_error = f"{url}: HTTP {resp.status_code}"
                         failed.add(url)
                     else:
-                        async for line in _lines(resp, read_timeout):
-                            if not line.startswith("data: "):
-                                continue
-                            data = line[6:]
-                            if data == "[DONE]":
-                                if p.finish_reason is None:
-                                    raise ValueError("stream ended without a finish reason")
-                                return
-                            chunk = json.loads(data)
-                            if not chunk.get("choices"):  # the usage chunk
-                                p.usage = chunk.get("usage")
-                                continue
-                            text, tokens, finish = choice_parts(chunk)
-                            if finish in ("timeout", "error"):
-                                raise ValueError(f"upstream gave up: {finish}")
-                            p.tokens.extend(tokens)
-                            p.text += text
-                            p.finish_reason = finish or p.finish_reason
-                            p.model = chunk.get("model", p.model)
-                            deadline = time.monotonic() + timeout  # the clock runs only while nothing arrives
-                            yield chunk
+                        async with aclosing(_events(resp, read_timeout)) as events:
+                            async for chunk in events:
+                                if chunk is None:  # [DONE]
+                                    if p.finish_reason is None:
+                                        raise ValueError("stream ended without a finish reason")
+                                    return
+                                if not chunk.get("choices"):  # the usage chunk
+                                    p.usage = chunk.get("usage")
+                                    continue
+                                text, tokens, finish = choice_parts(chunk)
+                                if finish in ("timeout", "error"):
+                                    raise ValueError(f"upstream gave up: {finish}")
+                                p.tokens.extend(tokens)
+                                p.text += text
+                                p.finish_reason = finish or p.finish_reason
+                                p.model = chunk.get("model", p.model)
+                                deadline = time.monotonic() + timeout  # the clock runs only while nothing arrives
+                                yield chunk
                         raise ValueError("stream ended before [DONE]")
             except BROKEN as exc:
                 if p.finish_reason is not None:

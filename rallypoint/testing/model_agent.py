@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from rallypoint.testing.rank_agent import Agent, serve
-from rallypoint.worker.llama_config import LlamaConfig
+from rallypoint.worker.model_config import ModelConfig
 from rallypoint.worker.model import StageModel
 from rallypoint.worker.pipeline import pipeline_forward, share_tokens, stage_layers
 from rallypoint.worker.sampling import sample
@@ -36,7 +36,7 @@ class ModelAgent(Agent):
         gs = self.rt.groups
         assert gs is not None
         t0 = time.monotonic()
-        config = LlamaConfig.from_dir(cmd["ckpt"])
+        config = ModelConfig.from_dir(cmd["ckpt"])
         config.check_parallel(gs.tp_size, gs.pp_size)
         layers = stage_layers(config.num_hidden_layers, gs.pp_size, gs.pp_rank)
         self.stage = None  # drop the previous shard before reading the next

@@ -1,14 +1,20 @@
-"""Seeded random Llama checkpoints in Hugging Face format, and the byte-level tokenizer they use.
+"""Seeded random checkpoints in Hugging Face format (Llama, Mistral, Qwen2, Qwen3) and their byte-level tokenizer.
 
-``make_model(dir, size, seed)`` writes ``config.json``, ``tokenizer_config.json`` and the weights,
-named exactly as HF's ``LlamaForCausalLM``: one ``model.safetensors``, or above ``max_shard_bytes``
-``model-0000i-of-0000n.safetensors`` files plus ``model.safetensors.index.json``. Same size and
-seed, same bytes.
+``make_model(dir, size, seed, arch)`` writes ``config.json`` and ``generation_config.json`` with
+the keys transformers writes for that family, the tokenizer files (``tokenizer.json``,
+``tokenizer_config.json`` with a chat template) and the weights, named exactly as HF's
+``<Family>ForCausalLM``: one ``model.safetensors``, or above ``max_shard_bytes``
+``model-0000i-of-0000n.safetensors`` files plus ``model.safetensors.index.json``. Same size, arch
+and seed, same bytes; ``AutoModelForCausalLM`` and ``AutoTokenizer`` load the result.
 
 Weights are drawn so activations stay O(1) and greedy decoding has clear winners: embedding
-N(0, 1), every projection N(0, 1/in_features) (the LM head too, so logits are O(1)), norms ones.
+N(0, 1), every projection N(0, 1/in_features) (the LM head too, so logits are O(1)), biases
+N(0, 1/16), norms ones.
 
-Command line: ``python -m rallypoint.worker.checkpoint DIR --size tiny --seed 0``.
+The tokenizer is byte-level: ids 0..255 are the bytes of the UTF-8 text, ``<s>`` (256) and
+``</s>`` (257) are special, and its post-processor puts ``<s>`` before every text, as Llama's does.
+
+Command line: ``python -m rallypoint.worker.checkpoint DIR --size tiny --arch llama --seed 0``.
 """
 
 from __future__ import annotations
@@ -18,118 +24,103 @@ import json
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 from safetensors.torch import save_file
+from tokenizers import Tokenizer as Backend
+from tokenizers import decoders, models, pre_tokenizers, processors
 
 from rallypoint.errors import CheckpointError
-from rallypoint.worker.llama_config import CONFIG_FILE, LlamaConfig
+from rallypoint.worker.model_config import CONFIG_FILE, FAMILIES, HF_VERSION, ModelConfig, Rope
+from rallypoint.worker.tokenizer import CHAT_TEMPLATE_FILE, GENERATION_CONFIG, TOKENIZER_CONFIG, TOKENIZER_FILE
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-TOKENIZER_CONFIG = "tokenizer_config.json"
 DEFAULT_SHARD_BYTES = 1 << 30  # 1 GiB: "1b" (2 GB in bf16) is written as 2 shards
 BOS_ID, EOS_ID, VOCAB = 256, 257, 320  # bytes 0..255, two specials, padded to a multiple of 64
+BOS, EOS = "<s>", "</s>"
+CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}"
+                 "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
+                 "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
 
-_COMMON: dict[str, Any] = dict(vocab_size=VOCAB, bos_token_id=BOS_ID, eos_token_id=EOS_ID, rms_norm_eps=1e-5)
-SIZES: dict[str, LlamaConfig] = {
+_COMMON = dict(vocab_size=VOCAB, bos_token_id=BOS_ID, eos_token_ids=(EOS_ID,), rms_norm_eps=1e-5)
+SIZES: dict[str, ModelConfig] = {
     # ~0.24 M params, 1 MB in float32; TP up to 4 (8 heads, 4 KV heads), PP up to 4.
-    "tiny": LlamaConfig(hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=8,
+    "tiny": ModelConfig(hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=8,
                         num_key_value_heads=4, max_position_embeddings=512, torch_dtype="float32", **_COMMON),
     # ~6.5 M params, 26 MB in float32; TP up to 4, PP up to 8.
-    "small": LlamaConfig(hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_attention_heads=8,
+    "small": ModelConfig(hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_attention_heads=8,
                          num_key_value_heads=4, max_position_embeddings=2048, torch_dtype="float32", **_COMMON),
     # ~0.97 B params, 1.95 GB in bfloat16 (Llama 3.2 1B's body); TP up to 8, PP up to 16.
-    "1b": LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                      num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+    "1b": ModelConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                      num_key_value_heads=8, max_position_embeddings=8192, rope=Rope(theta=500000.0),
                       torch_dtype="bfloat16", **_COMMON),
 }
 
 
+def arch_config(config: ModelConfig, arch: str) -> ModelConfig:
+    """``config``'s shape as family ``arch``, with what that family's checkpoints have.
+
+    Mistral: a sliding window of 1/16 of the context; Qwen2: q/k/v biases; Qwen3: q/k norms and
+    tied embeddings (as Qwen3's small models).
+    """
+    if arch not in FAMILIES:
+        raise CheckpointError(f"unknown arch {arch!r}; choose one of {', '.join(FAMILIES)}")
+    window = max(8, config.max_position_embeddings // 16) if arch == "mistral" else None
+    tied = True if arch == "qwen3" else config.tie_word_embeddings
+    return replace(config, model_type=arch, qkv_bias=arch == "qwen2", o_bias=False, qk_norm=arch == "qwen3",
+                   sliding_window=window, layer_types=None, tie_word_embeddings=tied)
+
+
 # -- tokenizer -------------------------------------------------------------------------------
 
-class ByteTokenizer:
-    """Ids 0..255 are bytes of the UTF-8 text; ``bos_id`` and ``eos_id`` are specials above them."""
-
-    name = "RallypointByteTokenizer"
-
-    def __init__(self, bos_id: int = BOS_ID, eos_id: int = EOS_ID, vocab_size: int = VOCAB) -> None:
-        self.bos_id, self.eos_id, self.vocab_size = bos_id, eos_id, vocab_size
-
-    def encode(self, text: str, bos: bool = False) -> list[int]:
-        """UTF-8 bytes of ``text`` as ids, with ``bos_id`` first when ``bos``."""
-        return ([self.bos_id] if bos else []) + list(text.encode("utf-8"))
-
-    def decode(self, ids: list[int]) -> str:
-        """Text of the byte ids (specials and padding ids dropped; bad UTF-8 becomes U+FFFD)."""
-        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
-
-    def to_config(self) -> dict[str, Any]:
-        return {"tokenizer_class": self.name, "bos_token_id": self.bos_id, "eos_token_id": self.eos_id,
-                "vocab_size": self.vocab_size, "bos_token": "<s>", "eos_token": "</s>"}
+def _byte_chars() -> list[str]:
+    """GPT-2's printable stand-in for each byte (what the ByteLevel pre-tokenizer maps bytes to)."""
+    keep = {*range(33, 127), *range(161, 173), *range(174, 256)}  # "!".."~", "¡".."¬", "®".."ÿ"
+    extra = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
 
 
-class HFTokenizer:
-    """A ``tokenizers.Tokenizer`` behind the same ``encode``/``decode`` as ``ByteTokenizer``."""
-
-    def __init__(self, tok: Any, bos_id: int | None, eos_id: int | None) -> None:
-        self.tok, self.bos_id, self.eos_id = tok, bos_id, eos_id
-
-    def encode(self, text: str, bos: bool = False) -> list[int]:
-        ids = self.tok.encode(text, add_special_tokens=False).ids
-        return ([self.bos_id] if bos and self.bos_id is not None else []) + ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
+def byte_level_backend() -> Backend:
+    """The ``tokenizers`` pipeline: byte ``b`` is id ``b``, ``<s>`` is prepended to every text."""
+    backend = Backend(models.BPE(vocab={c: b for b, c in enumerate(_byte_chars())}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([BOS, EOS])
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, BOS_ID)])
+    return backend
 
 
-def load_tokenizer(path: str | Path) -> ByteTokenizer | HFTokenizer:
-    """The tokenizer of checkpoint directory ``path``.
-
-    Our checkpoints name ``RallypointByteTokenizer`` in ``tokenizer_config.json``; a real HF
-    directory with ``tokenizer.json`` is read with the ``tokenizers`` package when it is installed.
-
-    Raises:
-        CheckpointError: no tokenizer description, or ``tokenizers`` is needed and missing.
-    """
-    path = Path(path)
-    cfg_file = path / TOKENIZER_CONFIG
-    cfg: dict[str, Any] = {}
-    if cfg_file.exists():
-        try:
-            cfg = json.loads(cfg_file.read_text())
-        except ValueError as exc:
-            raise CheckpointError(f"{cfg_file}: not JSON: {exc}") from None
-    if cfg.get("tokenizer_class") == ByteTokenizer.name:
-        return ByteTokenizer(cfg.get("bos_token_id", BOS_ID), cfg.get("eos_token_id", EOS_ID),
-                             cfg.get("vocab_size", VOCAB))
-    tj = path / "tokenizer.json"
-    if not tj.exists():
-        raise CheckpointError(f"{path}: no tokenizer (neither a {ByteTokenizer.name} {TOKENIZER_CONFIG} "
-                              "nor a tokenizer.json)")
-    try:
-        from tokenizers import Tokenizer  # optional: only real HF checkpoints need it
-    except ImportError:
-        raise CheckpointError(f"{tj}: reading a HF tokenizer needs the 'tokenizers' package, "
-                              "which is not installed") from None
-    model_cfg = LlamaConfig.from_dir(path) if (path / CONFIG_FILE).exists() else None
-    bos = cfg.get("bos_token_id", model_cfg.bos_token_id if model_cfg else None)
-    eos = cfg.get("eos_token_id", model_cfg.eos_token_id if model_cfg else None)
-    return HFTokenizer(Tokenizer.from_file(str(tj)), bos, eos)
+def write_tokenizer(path: Path, config: ModelConfig) -> None:
+    """``tokenizer.json`` and ``tokenizer_config.json`` (with the chat template) into ``path``."""
+    (path / CHAT_TEMPLATE_FILE).unlink(missing_ok=True)  # it would take precedence over ours
+    byte_level_backend().save(str(path / TOKENIZER_FILE))
+    cfg = {"bos_token": BOS, "chat_template": CHAT_TEMPLATE, "clean_up_tokenization_spaces": False,
+           "eos_token": EOS, "model_max_length": config.max_position_embeddings,
+           "tokenizer_class": "PreTrainedTokenizerFast"}
+    (path / TOKENIZER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 # -- weights ---------------------------------------------------------------------------------
 
-def tensor_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+def tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every HF tensor name of ``config``'s model and its full (unsharded) shape, in file order."""
-    d, i, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
+    d, i, q, kv, dh = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size, config.head_dim
     out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, d)}
     for n in range(config.num_hidden_layers):
         p = f"model.layers.{n}."
+        out.update({p + "self_attn.q_proj.weight": (q, d), p + "self_attn.k_proj.weight": (kv, d),
+                    p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, q)})
+        if config.qkv_bias:
+            out.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                        p + "self_attn.v_proj.bias": (kv,)})
+        if config.o_bias:
+            out[p + "self_attn.o_proj.bias"] = (d,)
+        if config.qk_norm:
+            out.update({p + "self_attn.q_norm.weight": (dh,), p + "self_attn.k_norm.weight": (dh,)})
         out.update({
-            p + "self_attn.q_proj.weight": (q, d), p + "self_attn.k_proj.weight": (kv, d),
-            p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, q),
             p + "mlp.gate_proj.weight": (i, d), p + "mlp.up_proj.weight": (i, d), p + "mlp.down_proj.weight": (d, i),
             p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
         })
@@ -140,8 +131,10 @@ def tensor_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _draw(name: str, shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
-    if len(shape) == 1:  # RMSNorm weights
+    if name.endswith("norm.weight"):
         return torch.ones(shape, dtype=dtype)
+    if name.endswith(".bias"):
+        return (torch.randn(shape, generator=gen) * 0.25).to(dtype)
     std = 1.0 if name == "model.embed_tokens.weight" else shape[1] ** -0.5
     return (torch.randn(shape, generator=gen) * std).to(dtype)
 
@@ -166,15 +159,17 @@ def _tensors(names: list[str], shapes: dict[str, tuple[int, ...]], gen: torch.Ge
         yield name, _draw(name, shapes[name], gen, dtype)
 
 
-def make_model(path: str | Path, size: str | LlamaConfig = "tiny", seed: int = 0,
-               max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Write a seeded random Llama checkpoint in HF format into directory ``path``.
+def make_model(path: str | Path, size: str | ModelConfig = "tiny", seed: int = 0,
+               max_shard_bytes: int = DEFAULT_SHARD_BYTES, arch: str | None = None) -> Path:
+    """Write a seeded random checkpoint in HF format into directory ``path``.
 
     Args:
         path: the directory (created if needed; existing weight files are replaced).
-        size: ``tiny``, ``small``, ``1b`` (see ``SIZES``) or a ``LlamaConfig``.
-        seed: the random seed; the same size and seed give the same tensors.
+        size: ``tiny``, ``small``, ``1b`` (see ``SIZES``, all Llama) or a ``ModelConfig``.
+        seed: the random seed; the same size, arch and seed give the same tensors.
         max_shard_bytes: above this total the weights are split into HF shard files with an index.
+        arch: ``llama``, ``mistral``, ``qwen2`` or ``qwen3`` (see ``arch_config``); None keeps
+            ``size``'s own family.
 
     Returns:
         ``path`` as a ``Path``.
@@ -183,7 +178,7 @@ def make_model(path: str | Path, size: str | LlamaConfig = "tiny", seed: int = 0
         if size not in SIZES:
             raise CheckpointError(f"unknown model size {size!r}; choose one of {sorted(SIZES)}")
         size = SIZES[size]
-    config = replace(size, source="")
+    config = replace(arch_config(size, arch) if arch else size, source="")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     for old in [path / WEIGHTS_FILE, path / INDEX_FILE, *path.glob("model-*-of-*.safetensors")]:
@@ -207,21 +202,25 @@ def make_model(path: str | Path, size: str | LlamaConfig = "tiny", seed: int = 0
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     (path / CONFIG_FILE).write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
-    tok = ByteTokenizer(config.bos_token_id or BOS_ID, config.eos_token_id or EOS_ID, config.vocab_size)
-    (path / TOKENIZER_CONFIG).write_text(json.dumps(tok.to_config(), indent=2) + "\n")
+    eos = list(config.eos_token_ids)
+    generation = {"_from_model_config": True, "bos_token_id": config.bos_token_id,
+                  "eos_token_id": eos[0] if len(eos) == 1 else (eos or None), "transformers_version": HF_VERSION}
+    (path / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n")
+    write_tokenizer(path, config)
     return path
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rallypoint.worker.checkpoint",
-                                 description="Write a seeded random Llama checkpoint in HF format.")
+                                 description="Write a seeded random checkpoint in HF format.")
     ap.add_argument("dir")
     ap.add_argument("--size", default="tiny", choices=sorted(SIZES))
+    ap.add_argument("--arch", default="llama", choices=FAMILIES)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-shard-bytes", type=int, default=DEFAULT_SHARD_BYTES)
     args = ap.parse_args(argv)
     try:
-        out = make_model(args.dir, args.size, args.seed, args.max_shard_bytes)
+        out = make_model(args.dir, args.size, args.seed, args.max_shard_bytes, arch=args.arch)
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

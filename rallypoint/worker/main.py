@@ -32,12 +32,14 @@ from rallypoint.recovery.events import EventLog
 from rallypoint.rendezvous.etcd import EtcdSettings, endpoints_from
 from rallypoint.rendezvous.records import Plan
 from rallypoint.worker import exit_codes
+from rallypoint.api import API_KEY_ENV, served_model_name
 from rallypoint.worker.api import ApiServer, Frontend
 from rallypoint.worker.build_guard import BuildGuard
 from rallypoint.worker.control import Controller, drained_key
 from rallypoint.worker.engine import Driver, EngineSettings, serve_generation
 from rallypoint.worker.requests import RequestQueue
 from rallypoint.worker.runtime import RankRuntime, RuntimeSettings
+from rallypoint.worker.title import set_title, spare_title, worker_title
 
 os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
 
@@ -82,8 +84,8 @@ class Worker:
     """
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from rallypoint.worker.checkpoint import load_tokenizer
-        from rallypoint.worker.llama_config import LlamaConfig
+        from rallypoint.worker.model_config import ModelConfig
+        from rallypoint.worker.tokenizer import load_tokenizer
 
         self.args = args
         self.seat: tuple[str, int] | None = None
@@ -94,7 +96,7 @@ class Worker:
             etcd=EtcdSettings(endpoints=endpoints_from(args.endpoints), request_timeout=2.0, retry_deadline=10.0),
             group_names=("tp", "pp")))
         self.probe = args.workload == "allreduce-probe"
-        self.config = None if self.probe else LlamaConfig.from_dir(args.model)
+        self.config = None if self.probe else ModelConfig.from_dir(args.model)
         self.tokenizer = None if self.probe else load_tokenizer(args.model)
         self.controller = Controller(self.runtime.client, args.cluster, None, self._on_abort,
                                      lambda _: self._close_if_draining())
@@ -104,8 +106,7 @@ class Worker:
         self.build_guard = BuildGuard(lambda gen: self._newer_than(gen) is not None,
                                       limit=self.runtime.settings.build_timeout + 15.0, grace=15.0,
                                       on_stuck=self._build_stuck)
-        self.settings = EngineSettings(max_batch=args.max_batch, max_seq=args.max_seq,
-                                       eos=getattr(self.tokenizer, "eos_id", None))
+        self.settings = EngineSettings(max_batch=args.max_batch, max_seq=args.max_seq)
         self.queue = RequestQueue(capacity=args.queue_capacity)
         self.model = None
         self.shard: ShardKey | None = None
@@ -133,6 +134,12 @@ class Worker:
         self.events.by = f"{self.args.node}/{local_rank}"
         self.log = get_logger("worker", node=self.args.node, local_rank=local_rank)
         self.controller.set_seat(self.seat)
+        self.title("waiting for a plan")
+
+    def title(self, doing: str, rank: int | None = None) -> None:
+        """Say in ``ps`` what this process is (``worker.title``)."""
+        seat = f"{self.seat[0]}/{self.seat[1]}" if self.seat else self.args.node
+        set_title(worker_title(self.args.cluster, seat, doing, rank, self.gen if rank is not None else None))
 
     def _newer_than(self, gen: int) -> str | None:
         """Why generation ``gen`` is no longer wanted (a newer one was released), else None."""
@@ -244,10 +251,10 @@ class Worker:
     def _start_api(self) -> None:
         if self.api is not None:
             return
-        fe = Frontend(queue=self.queue, encode=self.tokenizer.encode, decode=self.tokenizer.decode,
-                      vocab_size=self.config.vocab_size, state=lambda: (self.state, self.gen),
-                      max_context=self.settings.max_seq, eos=self.settings.eos)
-        self.api = ApiServer(fe, self.args.api_host, self.args.api_port)
+        fe = Frontend(queue=self.queue, tokenizer=self.tokenizer, vocab_size=self.config.vocab_size,
+                      state=lambda: (self.state, self.gen), model=served_model_name(self.args.model),
+                      max_context=self.settings.max_seq)
+        self.api = ApiServer(fe, self.args.api_host, self.args.api_port, api_key=os.environ.get(API_KEY_ENV))
         self.api.serve_in_thread()
         if self.args.api_url_file:
             with open(self.args.api_url_file, "w") as f:
@@ -284,6 +291,7 @@ class Worker:
             self.events.emit(plan.gen, ev.GROUPS_BUILT, rank=groups.rank, carried=list(groups.carried))
             self.events.emit(plan.gen, ev.SHARD_LOADED, rank=groups.rank, seconds=round(loaded, 4))
             if self.probe:
+                self.title("all-reduce probe", groups.rank)
                 self._run_probe(plan, groups)
                 continue
             is_driver = groups.is_first_stage and groups.tp_rank == 0
@@ -296,6 +304,7 @@ class Worker:
                 self.driver.switch_to = 0  # any switch asked for is this very generation
                 self.driver.first_commit_at = 0.0
             self.state = "serving"
+            self.title("driver, serving" if is_driver else "serving", groups.rank)
             self.log.info("worker.serving", gen=plan.gen, rank=groups.rank, driver=is_driver,
                           shard_seconds=round(loaded, 3))
             self.events.emit(plan.gen, ev.SERVING, rank=groups.rank, driver=is_driver)
@@ -307,6 +316,7 @@ class Worker:
                 self.log.info("worker.switch", gen=plan.gen, to=nxt)
             except GenerationAborted as exc:
                 self.state = "recovering"
+                self.title("recovering", groups.rank)
                 self.runtime.abort_generation(plan.gen, f"replica step abandoned: {exc.reason}")
                 held = self.driver.hold() if is_driver and self.driver else []
                 self.log.warning("worker.generation_aborted", gen=plan.gen, reason=str(exc),
@@ -497,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("info")
     log = get_logger("worker", node=args.node, local_rank=args.local_rank)
     handoff = SeatHandoff()
+    if args.spare:
+        set_title(spare_title(args.cluster, args.node, "warming up"))
     warm = warm_up(args.device) if args.spare else 0.0
     worker = Worker(args)
     signal.signal(signal.SIGTERM, lambda *_: (worker.stopping.set(), handoff.ready.set()))
@@ -511,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 5
             log.warning("worker.no_channel", channel=args.channel, error=str(exc))
     if args.spare:
+        set_title(spare_title(args.cluster, args.node, "waiting for a seat"))
         log.info("worker.spare_ready", warm_up_seconds=round(warm, 3))
         handoff.ready.wait()
         if handoff.msg is None:

@@ -1,15 +1,21 @@
-"""A Llama decoder in plain PyTorch (gpt-fast style), built directly at one rank's shard size.
+"""A Llama-family decoder in plain PyTorch (gpt-fast style), built directly at one rank's shard size.
+
+One class covers Llama, Mistral, Qwen2 and Qwen3 (``ModelConfig.model_type``): they differ only in
+q/k/v (and o) biases, per-head q/k RMSNorm before RoPE (Qwen3), and sliding-window attention
+(Mistral, Qwen2/3 layers marked sliding).
 
 One ``StageModel`` is one pipeline stage of one tensor-parallel rank: the layers in ``layers`` (global
 indices), plus the embedding on the first stage and the final norm + LM head on the last.
 
 Tensor parallelism (Megatron layout):
 
-- column-parallel (output rows split, ``SPLIT_DIM`` 0): ``q/k/v_proj``, ``gate/up_proj``, ``lm_head``;
+- column-parallel (output rows split, ``SPLIT_DIM`` 0): ``q/k/v_proj`` (their biases split with
+  their rows), ``gate/up_proj``, ``lm_head``;
 - row-parallel (input columns split, ``SPLIT_DIM`` 1): ``o_proj``, ``down_proj``, each followed by a
-  TP all-reduce of its partial sums;
+  TP all-reduce of its partial sums; a row-parallel bias is added once, after the all-reduce;
 - replicated: ``embed_tokens`` (whole table on every first-stage rank: the simplest choice, and a
-  byte-level vocabulary is small), every RMSNorm;
+  byte-level vocabulary is small), every RMSNorm (``q_norm``/``k_norm`` act per head, so every rank
+  applies the same ``head_dim`` weights to its own heads);
 - the LM head's vocabulary slices are all-gathered along the last dim, so every last-stage rank
   ends with the full logits (and computes the same greedy token).
 
@@ -29,14 +35,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rallypoint.worker.llama_config import LlamaConfig
+from rallypoint.worker.model_config import ModelConfig
 
 # How each weight is split over TP ranks: 0 = rows (column-parallel), 1 = columns (row-parallel),
 # None = replicated. Keyed by the parameter name's last two parts.
 SPLIT_DIM: dict[str, int | None] = {
     "q_proj.weight": 0, "k_proj.weight": 0, "v_proj.weight": 0, "o_proj.weight": 1,
+    "q_proj.bias": 0, "k_proj.bias": 0, "v_proj.bias": 0, "o_proj.bias": None,
     "gate_proj.weight": 0, "up_proj.weight": 0, "down_proj.weight": 1, "lm_head.weight": 0,
-    "embed_tokens.weight": None, "input_layernorm.weight": None,
+    "embed_tokens.weight": None, "input_layernorm.weight": None, "q_norm.weight": None, "k_norm.weight": None,
     "post_attention_layernorm.weight": None, "norm.weight": None,
 }
 
@@ -55,17 +62,30 @@ def split_dim(name: str) -> int | None:
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` without bias that skips its random init on ``meta`` (where weights get assigned).
+    """``nn.Linear`` (no bias unless asked) that skips its random init on ``meta`` (where weights get assigned).
 
     Initialising on meta costs nothing but makes torch import its compiler stack (~3 s per process).
     """
 
-    def __init__(self, in_features: int, out_features: int) -> None:
-        super().__init__(in_features, out_features, bias=False)
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__(in_features, out_features, bias=bias)
 
     def reset_parameters(self) -> None:
         if not self.weight.is_meta:
             super().reset_parameters()
+
+
+class RowLinear(Linear):
+    """A row-parallel ``Linear``: ``forward`` gives this rank's partial sums, without the bias.
+
+    The bias belongs to the sum, not to each part, so ``finish`` adds it after the TP all-reduce.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
+
+    def finish(self, y: Tensor) -> Tensor:
+        return y if self.bias is None else y + self.bias
 
 
 class Embedding(nn.Embedding):
@@ -91,15 +111,16 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rope_inv_freq(config: LlamaConfig) -> Tensor:
-    """Inverse frequencies ``[head_dim / 2]`` (float32), with Llama 3 frequency scaling if configured."""
-    d = config.head_dim
-    inv = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-    rs = config.rope_scaling
-    if not rs or rs.get("rope_type", rs.get("type")) != "llama3":
+def rope_inv_freq(config: ModelConfig) -> Tensor:
+    """Inverse frequencies ``[head_dim / 2]`` (float32), scaled as ``config.rope.type`` says."""
+    d, rope = config.head_dim, config.rope
+    inv = 1.0 / (rope.theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    if rope.type == "default":
         return inv
-    factor, low, high = rs["factor"], rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
-    old = rs["original_max_position_embeddings"]
+    if rope.type == "linear":
+        return inv / rope.factor
+    factor, low, high = rope.factor, rope.low_freq_factor, rope.high_freq_factor
+    old = rope.original_max_position_embeddings
     wavelen = 2 * math.pi / inv
     scaled = torch.where(wavelen > old / low, inv / factor, inv)
     smooth = (old / wavelen - low) / (high - low)
@@ -152,26 +173,38 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Grouped-query attention over this rank's ``heads`` query and ``kv_heads`` KV heads."""
+    """Grouped-query attention over this rank's ``heads`` query and ``kv_heads`` KV heads.
 
-    def __init__(self, config: LlamaConfig, tp_size: int) -> None:
+    ``window`` (None: full causal) lets a query see only the ``window`` latest positions, itself
+    included, as transformers' sliding-window mask does; the KV cache still keeps every position.
+    """
+
+    def __init__(self, config: ModelConfig, tp_size: int, layer: int) -> None:
         super().__init__()
         self.head_dim = config.head_dim
         self.heads = config.num_attention_heads // tp_size
         self.kv_heads = config.num_key_value_heads // tp_size
+        self.window = config.window(layer)
         d, q, kv = config.hidden_size, self.heads * self.head_dim, self.kv_heads * self.head_dim
-        self.q_proj = Linear(d, q)
-        self.k_proj = Linear(d, kv)
-        self.v_proj = Linear(d, kv)
-        self.o_proj = Linear(q, d)
+        self.q_proj = Linear(d, q, config.qkv_bias)
+        self.k_proj = Linear(d, kv, config.qkv_bias)
+        self.v_proj = Linear(d, kv, config.qkv_bias)
+        self.o_proj = RowLinear(q, d, config.o_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, rows: Tensor | None = None) -> Tensor:
         # x: [B, S, D]; input_pos: [S] or [B, S] -> partial sums [B, S, D] (the caller all-reduces them)
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)     # [B, H, S, Dh]
-        k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, S, Dh]
-        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, S, Dh]
+        q = self.q_proj(x).view(b, s, self.heads, self.head_dim)                       # [B, S, H, Dh]
+        k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim)                    # [B, S, Hkv, Dh]
+        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)    # [B, Hkv, S, Dh]
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)                                       # per head, over Dh
+        q, k = q.transpose(1, 2), k.transpose(1, 2)                                     # [B, H or Hkv, S, Dh]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         qpos = input_pos if input_pos.dim() == 2 else input_pos[None]               # [B or 1, S]
         if self.kv_cache is not None:
@@ -179,7 +212,10 @@ class Attention(nn.Module):
             key_pos = torch.arange(k.shape[2], device=x.device)[None, None, :]        # [1, 1, T]
         else:
             key_pos = qpos[:, None, :]                                                # [B or 1, 1, S]: T = S
-        mask = (key_pos <= qpos[:, :, None])[:, None]                                 # [B or 1, 1, S, T] causal
+        mask = key_pos <= qpos[:, :, None]                                            # [B or 1, S, T] causal
+        if self.window is not None and self.window < k.shape[2]:
+            mask = mask & (key_pos > qpos[:, :, None] - self.window)                  # the window latest only
+        mask = mask[:, None]                                                          # [B or 1, 1, S, T]
         rep = self.heads // self.kv_heads
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)       # [B, H, T, Dh]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                   # [B, H, S, Dh]
@@ -189,12 +225,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU over this rank's ``intermediate_size / tp`` slice."""
 
-    def __init__(self, config: LlamaConfig, tp_size: int) -> None:
+    def __init__(self, config: ModelConfig, tp_size: int) -> None:
         super().__init__()
         d, i = config.hidden_size, config.intermediate_size // tp_size
         self.gate_proj = Linear(d, i)
         self.up_proj = Linear(d, i)
-        self.down_proj = Linear(i, d)
+        self.down_proj = RowLinear(i, d)
 
     def forward(self, x: Tensor) -> Tensor:
         # x: [B, S, D] -> [B, S, I/tp] -> partial sums [B, S, D]
@@ -204,18 +240,19 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm attention then pre-norm MLP, each added to the residual after its TP all-reduce."""
 
-    def __init__(self, config: LlamaConfig, tp_size: int) -> None:
+    def __init__(self, config: ModelConfig, tp_size: int, layer: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, tp_size)
+        self.self_attn = Attention(config, tp_size, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, tp_size)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, reduce: Callable[[Tensor], Tensor],
                 rows: Tensor | None = None) -> Tensor:
         # x: [B, S, D] -> [B, S, D]
-        h = x + reduce(self.self_attn(self.input_layernorm(x), cos, sin, input_pos, rows))
-        return h + reduce(self.mlp(self.post_attention_layernorm(h)))
+        attn, mlp = self.self_attn, self.mlp
+        h = x + attn.o_proj.finish(reduce(attn(self.input_layernorm(x), cos, sin, input_pos, rows)))
+        return h + mlp.down_proj.finish(reduce(mlp(self.post_attention_layernorm(h))))
 
 
 class StageModel(nn.Module):
@@ -231,7 +268,7 @@ class StageModel(nn.Module):
         comm: the TP collectives; ``forward`` needs it when ``tp_size > 1`` (it may be set later).
     """
 
-    def __init__(self, config: LlamaConfig, tp_rank: int = 0, tp_size: int = 1, layers: range | None = None,
+    def __init__(self, config: ModelConfig, tp_rank: int = 0, tp_size: int = 1, layers: range | None = None,
                  first: bool = True, last: bool = True, comm: TPComm | None = None) -> None:
         super().__init__()
         config.check_parallel(tp_size, 1)
@@ -242,7 +279,7 @@ class StageModel(nn.Module):
         self.first, self.last, self.comm = first, last, comm
         if first:
             self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(config, tp_size) for i in self.layer_ids})
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(config, tp_size, i) for i in self.layer_ids})
         if last:
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
             self.lm_head = Linear(config.hidden_size, config.vocab_size // tp_size)

@@ -1,4 +1,4 @@
-"""Load one rank's shard of a HF Llama checkpoint, reading only the rows or columns it owns.
+"""Load one rank's shard of a HF checkpoint (Llama, Mistral, Qwen2, Qwen3), reading only the rows or columns it owns.
 
 ``load_stage`` builds the ``StageModel`` on the ``meta`` device (no full-size init), reads each of
 its parameters with ``safe_open(...).get_slice(name)[rows or cols]`` from the file the index names,
@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from rallypoint.errors import CheckpointError
 from rallypoint.worker.checkpoint import INDEX_FILE, WEIGHTS_FILE, tensor_shapes
-from rallypoint.worker.llama_config import LlamaConfig
+from rallypoint.worker.model_config import ModelConfig
 from rallypoint.worker.model import StageModel, TPComm, split_dim
 
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
@@ -81,7 +81,7 @@ class CheckpointReader:
         Args:
             name: the HF tensor name.
             shape: the full shape ``config.json`` implies; the file's must equal it.
-            dim: 0 to split rows, 1 to split columns, None for the whole tensor.
+            dim: 0 to split rows (a bias: its entries), 1 to split columns, None for the whole tensor.
             tp_rank: which part.
             tp_size: how many parts.
 
@@ -108,7 +108,7 @@ class CheckpointReader:
             raise CheckpointError(f"tensor {name!r} in {file} cannot be read (corrupt file?): {exc}") from None
 
 
-def load_stage(ckpt_dir: str | Path, config: LlamaConfig | None = None, tp_rank: int = 0, tp_size: int = 1,
+def load_stage(ckpt_dir: str | Path, config: ModelConfig | None = None, tp_rank: int = 0, tp_size: int = 1,
                layers: range | None = None, first: bool = True, last: bool = True,
                device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
                comm: TPComm | None = None) -> StageModel:
@@ -131,7 +131,7 @@ def load_stage(ckpt_dir: str | Path, config: LlamaConfig | None = None, tp_rank:
         CheckpointError: the config does not split over ``tp_size``, a layer index is out of range,
             or a tensor cannot be read (the message names the tensor and the file).
     """
-    config = config or LlamaConfig.from_dir(ckpt_dir)
+    config = config or ModelConfig.from_dir(ckpt_dir)
     config.check_parallel(tp_size, 1)
     layers = range(config.num_hidden_layers) if layers is None else layers
     if len(layers) and (min(layers) < 0 or max(layers) >= config.num_hidden_layers):

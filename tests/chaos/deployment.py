@@ -22,6 +22,7 @@ from rallypoint.rendezvous.records import ClusterKeys, Plan
 from rallypoint.testing.daemons import DaemonProcess, daemon_args
 from rallypoint.testing.etcd_server import EtcdCluster
 from rallypoint.worker.checkpoint import make_model
+from rallypoint.worker.title import describe
 
 
 @dataclass
@@ -199,7 +200,9 @@ class Deployment:
         out = []
         for p in psutil.process_iter(["cmdline"]):
             cmd = " ".join(p.info["cmdline"] or [])
-            if "rallypoint" in cmd and f"--cluster {self.cluster} " in cmd + " ":
+            info = describe(cmd)
+            if (info is not None and info.cluster == self.cluster) or (
+                    "rallypoint" in cmd and f"--cluster {self.cluster} " in cmd + " "):
                 out.append(p)
         return out
 

@@ -10,6 +10,7 @@ from collections import defaultdict
 import psutil
 
 from rallypoint.rendezvous.records import Plan
+from rallypoint.worker.title import describe
 from tests.chaos.deployment import Deployment
 from tests.chaos.load import Load, Outcome
 from tests.chaos.scenarios import Fault
@@ -62,7 +63,7 @@ def no_orphans(d: Deployment, grace: float = 5.0) -> list[str]:
         orphans = []
         for p in d.processes():
             try:
-                if "rallypoint.worker" in " ".join(p.cmdline()) and p.ppid() not in daemons:
+                if describe(p.cmdline()) is not None and p.ppid() not in daemons:
                     orphans.append(p.pid)
             except psutil.NoSuchProcess:
                 pass

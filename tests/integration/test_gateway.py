@@ -101,7 +101,7 @@ def test_driver_death_and_gateway_death_lose_nothing(etcd: EtcdCluster, client: 
             urllib.request.urlopen(req, timeout=10)
             raise AssertionError("malformed JSON was accepted")
         except urllib.error.HTTPError as err:
-            assert err.code == 400 and "body is not JSON" in json.loads(err.read())["error"]["message"]
+            assert err.code == 400 and "body is not valid JSON" in json.loads(err.read())["error"]["message"]
     finally:
         for d in daemons.values():
             d.stop()

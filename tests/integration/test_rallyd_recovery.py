@@ -20,6 +20,7 @@ from rallypoint.rendezvous.records import ClusterKeys, Plan
 from rallypoint.testing.daemons import DaemonProcess, daemon_args, wait_file, wait_for
 from rallypoint.testing.etcd_server import EtcdCluster
 from rallypoint.worker.checkpoint import make_model
+from rallypoint.worker.title import describe
 from tests.conftest import make_client
 from tests.integration.test_rallyd_serving import start_streams
 from tests.integration.test_serving import post
@@ -31,17 +32,17 @@ def plans(client: EtcdClient, keys: ClusterKeys) -> list[Plan]:
 
 
 def workers(daemon: DaemonProcess) -> list[psutil.Process]:
-    return [p for p in psutil.Process(daemon.pid).children() if "rallypoint.worker" in " ".join(p.cmdline())]
+    return [p for p in psutil.Process(daemon.pid).children() if describe(p.cmdline()) is not None]
 
 
 def seat_pid(daemon: DaemonProcess, local_rank: int) -> int:
-    mine = [p for p in workers(daemon) if f"--local-rank {local_rank} " in " ".join(p.cmdline()) + " "]
+    mine = [p for p in workers(daemon) if (i := describe(p.cmdline())) and i.kind == "worker" and i.local_rank == local_rank]
     assert len(mine) == 1, [p.cmdline() for p in workers(daemon)]
     return mine[0].pid
 
 
 def spare_pids(daemon: DaemonProcess) -> list[int]:
-    return [p.pid for p in workers(daemon) if "--spare" in p.cmdline()]
+    return [p.pid for p in workers(daemon) if (i := describe(p.cmdline())) and i.kind == "spare"]
 
 
 def test_warm_spare_takes_the_dead_workers_seat(etcd: EtcdCluster, client: EtcdClient, cluster_name: str,
@@ -61,6 +62,8 @@ def test_warm_spare_takes_the_dead_workers_seat(etcd: EtcdCluster, client: EtcdC
         daemons[1].wait_log('"role": "spare"', timeout=60)  # the spare is warm and said hello
         spare = spare_pids(daemons[1])
         assert len(spare) == 1
+        title = " ".join(psutil.Process(spare[0]).cmdline())  # ps tells a waiting spare from a worker
+        assert title == f"rallypoint spare (cluster {cluster_name}, node b, waiting for a seat)", title
         requests = [{"prompt": f"spare {i}: pack my box", "max_tokens": 40, "temperature": 0} for i in range(4)]
         reference = [post(url, r)[1]["choices"][0]["token_ids"] for r in requests]
         got, threads = start_streams(url, requests)
@@ -72,6 +75,8 @@ def test_warm_spare_takes_the_dead_workers_seat(etcd: EtcdCluster, client: EtcdC
         adopted = daemons[1].wait_log('"supervisor.spare_adopted"')
         assert adopted and f'"pid": {spare[0]}' in daemons[1].log_text()  # the spare holds the seat now
         assert psutil.pid_exists(spare[0]) and not psutil.pid_exists(victim)
+        wait_for("the adopted spare's title", lambda: " ".join(psutil.Process(spare[0]).cmdline()) ==
+                 f"rallypoint worker rank 1 gen 2 (cluster {cluster_name}, seat b/0, serving)")
         p = plans(client, keys)
         assert [x.gen for x in p] == [1, 2] and "spare" in p[1].reason and p[1].ranks == p[0].ranks
         new_spare = wait_for("a new spare", lambda: [s for s in spare_pids(daemons[1]) if s != spare[0]])

@@ -17,6 +17,7 @@ from rallypoint.rendezvous.records import ClusterKeys, Plan
 from rallypoint.testing.daemons import DaemonProcess, daemon_args, scrape_metrics, wait_file, wait_for
 from rallypoint.testing.etcd_server import EtcdCluster
 from rallypoint.worker.checkpoint import make_model
+from rallypoint.worker.title import describe
 from tests.integration.test_serving import post, stream
 
 
@@ -50,7 +51,7 @@ def start_leader_then_pair(daemons: dict[str, DaemonProcess], etcd: EtcdCluster,
 
 
 def worker_pid(daemon: DaemonProcess) -> int:
-    kids = [p for p in psutil.Process(daemon.pid).children() if "rallypoint.worker" in " ".join(p.cmdline())]
+    kids = [p for p in psutil.Process(daemon.pid).children() if describe(p.cmdline()) is not None]
     assert len(kids) == 1, kids
     return kids[0].pid
 

@@ -152,7 +152,7 @@ def test_api_end_to_end_and_bad_requests(deploy) -> None:
     seeded = {"prompt": [1, 2, 3], "max_tokens": 8, "temperature": 0.7, "seed": 5}
     first, second = post(url, seeded), post(url, seeded)
     assert first[0] == 200 and first[1]["choices"][0]["token_ids"] == second[1]["choices"][0]["token_ids"]
-    for bad, field in [(b"{not json", "not JSON"), ({"max_tokens": 3, "temperature": 0}, "prompt"),
+    for bad, field in [(b"{not json", "not valid JSON"), ({"max_tokens": 3, "temperature": 0}, "prompt"),
                        ({"prompt": "x", "max_tokens": 0, "temperature": 0}, "max_tokens"),
                        ({"prompt": "x", "temperature": -1}, "temperature"),
                        ({"prompt": [1, 10**9]}, "outside the vocabulary"),

@@ -347,7 +347,7 @@ def test_example_loads(monkeypatch):
 
 def test_example_documents_every_key_with_its_default(tmp_path):
     section, shown, active = "", set(), []
-    site = {"node", "ca_cert", "cert_key", "cert_cert", "user", "password", "json", "model"}
+    site = {"node", "ca_cert", "cert_key", "cert_cert", "user", "password", "json", "model", "api_key"}
     for line in EXAMPLE.read_text().splitlines():
         if m := re.fullmatch(r"\[(\w+)\]", line):
             section = m[1]

@@ -15,9 +15,9 @@ from safetensors.torch import load_file, save_file
 
 from rallypoint.errors import CheckpointError
 from rallypoint.worker.checkpoint import (
-    INDEX_FILE, SIZES, WEIGHTS_FILE, ByteTokenizer, load_tokenizer, main, make_model, shard_plan, tensor_shapes)
-from rallypoint.worker.llama_config import LlamaConfig
-from rallypoint.worker.model import StageModel
+    INDEX_FILE, SIZES, WEIGHTS_FILE, arch_config, main, make_model, shard_plan, tensor_shapes)
+from rallypoint.worker.model_config import ModelConfig
+from rallypoint.worker.model import StageModel, split_dim
 from rallypoint.worker.pipeline import stage_layers
 from rallypoint.worker.sampling import generate, sample
 from rallypoint.worker.shards import load_stage
@@ -38,7 +38,7 @@ def broken(tiny: Path, tmp_path: Path) -> Path:
 
 def full_reference(ckpt: Path) -> StageModel:
     """The whole model, built from every tensor of the file read at once (no slicing)."""
-    config = LlamaConfig.from_dir(ckpt)
+    config = ModelConfig.from_dir(ckpt)
     model = StageModel(config)
     state = {k.removeprefix("model."): v for k, v in load_file(str(ckpt / WEIGHTS_FILE)).items()}
     model.load_state_dict(state, strict=True)
@@ -52,7 +52,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 # -- config ----------------------------------------------------------------------------------
 
 def test_config_round_trip_and_sizes(tiny: Path) -> None:
-    c = LlamaConfig.from_dir(tiny)
+    c = ModelConfig.from_dir(tiny)
     assert c == SIZES["tiny"] and c.head_dim == 8 and c.source.endswith("config.json")
     d = json.loads((tiny / "config.json").read_text())
     assert d["architectures"] == ["LlamaForCausalLM"] and d["model_type"] == "llama"
@@ -67,13 +67,13 @@ def test_config_errors_name_file_and_key(tmp_path: Path) -> None:
     del d["hidden_size"]
     (tmp_path / "config.json").write_text(json.dumps(d))
     with pytest.raises(CheckpointError, match=r"config\.json: required key 'hidden_size' is missing"):
-        LlamaConfig.from_dir(tmp_path)
+        ModelConfig.from_dir(tmp_path)
     d["hidden_size"], d["num_key_value_heads"] = 64, 3
     (tmp_path / "config.json").write_text(json.dumps(d))
     with pytest.raises(CheckpointError, match="config.json: num_attention_heads 8 is not a multiple"):
-        LlamaConfig.from_dir(tmp_path)
+        ModelConfig.from_dir(tmp_path)
     with pytest.raises(CheckpointError, match="no such file"):
-        LlamaConfig.from_dir(tmp_path / "nowhere")
+        ModelConfig.from_dir(tmp_path / "nowhere")
     c = SIZES["tiny"]
     with pytest.raises(CheckpointError, match="num_key_value_heads=4 is not divisible by tp=8"):
         c.check_parallel(8, 1)
@@ -101,6 +101,35 @@ def test_tp_shards_are_the_right_slices(tiny: Path) -> None:
     assert torch.equal(cat("lm_head.weight", 0), full["lm_head.weight"])
     assert torch.equal(parts[0].embed_tokens.weight, full["model.embed_tokens.weight"])
     assert not hasattr(parts[1], "embed_tokens") and sorted(parts[1].layers) == ["1", "2"]
+
+
+def test_tensor_shapes_list_each_family_s_tensors() -> None:
+    llama, qwen2, qwen3 = (tensor_shapes(arch_config(SIZES["tiny"], a)) for a in ("llama", "qwen2", "qwen3"))
+    p = "model.layers.3.self_attn."
+    assert not any(n.endswith(".bias") or "q_norm" in n for n in llama) and "lm_head.weight" in llama
+    assert (qwen2[p + "q_proj.bias"], qwen2[p + "k_proj.bias"], qwen2[p + "v_proj.bias"]) == ((64,), (32,), (32,))
+    assert p + "o_proj.bias" not in qwen2 and p + "q_norm.weight" not in qwen2
+    assert (qwen3[p + "q_norm.weight"], qwen3[p + "k_norm.weight"]) == ((8,), (8,)) and "lm_head.weight" not in qwen3
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral"])
+def test_tp_shards_split_biases_and_replicate_qk_norms(arch: str, tmp_path: Path) -> None:
+    ckpt = make_model(tmp_path / arch, "tiny", seed=2, arch=arch)
+    full = load_file(str(ckpt / WEIGHTS_FILE))
+    parts = [load_stage(ckpt, tp_rank=r, tp_size=2) for r in range(2)]
+    names = {n for n, _ in parts[0].named_parameters()}
+    assert {f"model.{n}" for n in names if n != "lm_head.weight"} <= set(full)
+    for name in names:
+        got = [p.get_parameter(name) for p in parts]
+        dim = split_dim(name)
+        want = full["model.embed_tokens.weight" if name == "lm_head.weight" and arch == "qwen3" else
+                    name if name == "lm_head.weight" else f"model.{name}"]
+        assert torch.equal(want, got[0] if dim is None else torch.cat(got, dim)), name
+        if dim is None:
+            assert torch.equal(got[0], got[1]), name
+    assert any(n.endswith("q_proj.bias") for n in names) == (arch == "qwen2")
+    assert any(n.endswith("k_norm.weight") for n in names) == (arch == "qwen3")
+    assert parts[0].layers["0"].self_attn.window == (32 if arch == "mistral" else None)
 
 
 def test_loads_in_checkpoint_dtype_then_casts(tiny: Path) -> None:
@@ -182,23 +211,6 @@ def test_wrong_dtype(broken: Path) -> None:
     _expect(broken, name, str(broken / WEIGHTS_FILE), "has dtype I32, expected a float type")
 
 
-# -- tokenizer -------------------------------------------------------------------------------
-
-def test_byte_tokenizer_round_trip(tiny: Path, tmp_path: Path) -> None:
-    tok = load_tokenizer(tiny)
-    assert isinstance(tok, ByteTokenizer) and (tok.bos_id, tok.eos_id) == (256, 257)
-    text = "Hello, wörld ✓ — 日本\n"
-    ids = tok.encode(text, bos=True)
-    assert ids[0] == 256 and max(ids[1:]) < 256 and tok.decode(ids + [257, 300]) == text
-    assert tok.decode([0xE2, 0x9C]) == "\ufffd"
-    (tmp_path / "tokenizer.json").write_text("{}")
-    try:
-        import tokenizers  # noqa: F401
-    except ImportError:
-        with pytest.raises(CheckpointError, match="needs the 'tokenizers' package"):
-            load_tokenizer(tmp_path)
-
-
 # -- decoding --------------------------------------------------------------------------------
 
 def test_greedy_generation_is_deterministic(tiny: Path) -> None:
@@ -226,8 +238,15 @@ def test_kv_cache_decode_matches_full_forward(tiny: Path) -> None:
 def test_cli_writes_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([str(tmp_path / "m"), "--size", "tiny", "--seed", "1"]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "m")
-    assert LlamaConfig.from_dir(tmp_path / "m") == SIZES["tiny"]
+    assert ModelConfig.from_dir(tmp_path / "m") == SIZES["tiny"]
     assert (tmp_path / "m" / WEIGHTS_FILE).exists() and (tmp_path / "m" / "tokenizer_config.json").exists()
+    assert main([str(tmp_path / "q"), "--arch", "qwen3"]) == 0
+    assert ModelConfig.from_dir(tmp_path / "q") == arch_config(SIZES["tiny"], "qwen3")
+    from rallypoint.cli.main import main as rallyctl
+
+    assert rallyctl(["--json", "make-model", str(tmp_path / "s"), "--arch", "mistral", "--seed", "2"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["arch"] == "mistral"
+    assert ModelConfig.from_dir(tmp_path / "s").sliding_window == 32
 
 
 def test_per_row_positions_and_cache_rows(tiny: Path) -> None:
