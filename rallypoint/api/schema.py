@@ -150,14 +150,9 @@ class ChatCompletionRequest(_Sampling):
         return self
 
     def template_messages(self) -> list[dict[str, Any]]:
-        """The messages as a chat template expects them (text content)."""
-        out = []
-        for m in self.messages:
-            d: dict[str, Any] = {"role": m.role, "content": m.text()}
-            if m.name:
-                d["name"] = m.name
-            out.append(d)
-        return out
+        """The messages as the client sent them (extra fields too: a template may read them), with
+        text parts joined into one string."""
+        return [{**m.model_dump(exclude_unset=True), "content": m.text()} for m in self.messages]
 
 
 def field_error(errors: list[dict[str, Any]]) -> str:

@@ -62,7 +62,7 @@ def test_warm_spare_takes_the_dead_workers_seat(etcd: EtcdCluster, client: EtcdC
         daemons[1].wait_log('"role": "spare"', timeout=60)  # the spare is warm and said hello
         spare = spare_pids(daemons[1])
         assert len(spare) == 1
-        title = " ".join(psutil.Process(spare[0]).cmdline())  # ps tells a waiting spare from a worker
+        title = " ".join(psutil.Process(spare[0]).cmdline()).strip()  # ps tells a waiting spare from a worker
         assert title == f"rallypoint spare (cluster {cluster_name}, node b, waiting for a seat)", title
         requests = [{"prompt": f"spare {i}: pack my box", "max_tokens": 40, "temperature": 0} for i in range(4)]
         reference = [post(url, r)[1]["choices"][0]["token_ids"] for r in requests]
@@ -75,7 +75,7 @@ def test_warm_spare_takes_the_dead_workers_seat(etcd: EtcdCluster, client: EtcdC
         adopted = daemons[1].wait_log('"supervisor.spare_adopted"')
         assert adopted and f'"pid": {spare[0]}' in daemons[1].log_text()  # the spare holds the seat now
         assert psutil.pid_exists(spare[0]) and not psutil.pid_exists(victim)
-        wait_for("the adopted spare's title", lambda: " ".join(psutil.Process(spare[0]).cmdline()) ==
+        wait_for("the adopted spare's title", lambda: " ".join(psutil.Process(spare[0]).cmdline()).strip() ==
                  f"rallypoint worker rank 1 gen 2 (cluster {cluster_name}, seat b/0, serving)")
         p = plans(client, keys)
         assert [x.gen for x in p] == [1, 2] and "spare" in p[1].reason and p[1].ranks == p[0].ranks
