@@ -346,7 +346,7 @@ def test_sigterm_drains_then_leaves_and_peers_replan_at_once(etcd: EtcdCluster, 
         wait_for("b's driver to close its queue", lambda: '"worker.draining"' in worker_log.read_text(), timeout=5)
 
         code, body, headers = post(url_b, {"prompt": "too late", "max_tokens": 1, "temperature": 0})
-        assert code == 503 and "draining" in body["error"]["message"] and headers["Retry-After"]
+        assert code == 503 and "draining" in body["error"]["message"] and headers["retry-after"]
         for t in threads:
             t.join(timeout=120)
         assert [got.get(i) for i in range(len(requests))] == reference  # in flight: finished, unchanged
