@@ -575,8 +575,7 @@ class Daemon:
         if self.channel is not None:
             self.channel.close()
         if self.gateway is not None:
-            self.gateway.shutdown()
-            self.gateway.server_close()
+            self.gateway.stop()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
