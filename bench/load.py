@@ -40,8 +40,8 @@ It exits 1 when any client saw an error, an incomplete stream or tokens unlike t
 
 A replica's driver admits ``[worker] queue_capacity`` requests (waiting + in flight; passed as
 max(N, 1024) unless ``--queue-capacity`` says otherwise); past that it answers 503, which ``direct``
-clients count as errors and the gateway retries (for up to ``[gateway] resume_timeout``). A rallyd
-without that key (before commit 3c1ea00) leaves every driver at 256; ``--dp`` replicas multiply it.
+clients count as errors and the gateway retries (for up to ``[gateway] resume_timeout``); ``--dp``
+replicas multiply it.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -106,7 +106,6 @@ class Deployment:
 
     def start(self) -> str:
         """Start everything; return the gateway's URL once it routes to ``--dp`` serving drivers."""
-        from rallypoint.daemon.config import WorkerConfig
         from rallypoint.testing.daemons import DaemonProcess, daemon_args, wait_file
         from rallypoint.testing.etcd_server import EtcdCluster
         from rallypoint.worker.checkpoint import make_model
@@ -121,11 +120,7 @@ class Deployment:
                      "--worker-max-batch", str(a.max_batch), "--worker-max-seq", str(a.max_seq),
                      "--worker-dtype", a.dtype, "--worker-stall-timeout", str(a.stall_timeout)]
         node_args += ["--gpus", str(a.dp)] if a.device == "cuda" else ["--cpu-ranks", str(a.dp)]
-        if "queue_capacity" in {f.name for f in fields(WorkerConfig)}:
-            node_args += ["--worker-queue-capacity", str(a.queue_capacity)]
-        else:
-            print(f"warning: this rallyd has no [worker] queue_capacity: each driver admits 256 requests, "
-                  f"not {a.queue_capacity}", file=sys.stderr)
+        node_args += ["--worker-queue-capacity", str(a.queue_capacity)]
         self.daemon = DaemonProcess("n0", daemon_args(self.etcd.endpoints, "load") + node_args,
                                     self.work / "rallyd.log").start()
         url = wait_file(state / "gateway.url", timeout=120).strip()

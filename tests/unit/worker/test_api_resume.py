@@ -8,6 +8,7 @@ nothing may reach the queue.)"""
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -61,3 +62,19 @@ def test_more_resume_tokens_than_max_tokens_is_a_clear_400(api) -> None:
     status, body = post(server.url, {"prompt": "hi", "max_tokens": 2, "resume_tokens": [1, 2, 3]})
     assert status == 400 and "3 token(s) are more than max_tokens (2)" in body[0]["error"]["message"]
     assert fe.queue.waiting == 0
+
+
+def test_a_client_that_hangs_up_cancels_its_request(api) -> None:
+    """A client gone (the gateway resuming elsewhere, a user's Ctrl-C) must not keep a cache row:
+    its request ends, and the driver frees the row at its next step."""
+    server, fe, _ = api
+    with httpx.Client(timeout=10) as client:
+        with client.stream("POST", server.url + "/v1/completions",
+                           json={"prompt": "hang up", "max_tokens": 8, "stream": True}) as r:
+            assert r.status_code == 200
+            req = fe.queue.take(1, timeout=5)[0]  # what a driver would run
+            assert not req.done
+    deadline = time.monotonic() + 10
+    while not req.done and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert req.finish_reason == "abandoned"
