@@ -4,12 +4,17 @@ choice of drivers from node statuses (pure logic)."""
 from __future__ import annotations
 
 import asyncio
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from rallypoint.api.responses import DONE, sse
+from rallypoint.api.server import ServerThread
 
 from rallypoint.gateway.resume import NoUpstream, Progress, RequestRejected
 from rallypoint.gateway.resume import stream_completion as stream_async
@@ -25,57 +30,37 @@ from rallypoint.gateway.routes import serving_drivers
 ANSWER = list(range(100, 112))  # the "model": token i of every completion is 100 + i
 
 
-class Upstream(ThreadingHTTPServer):
-    """Streams ANSWER from where ``resume_tokens`` left off; ``die_after`` tokens, then drops the
-    connection; ``status`` answers every request with that code instead."""
-
-    daemon_threads = True
+class Upstream:
+    """Streams ANSWER from where ``resume_tokens`` left off; ``die_after`` tokens, then the
+    connection breaks mid-stream (a dead driver); ``status`` answers every request with that code
+    instead. A real ASGI server on a free port."""
 
     def __init__(self, die_after: int | None = None, status: int | None = None) -> None:
-        super().__init__(("127.0.0.1", 0), Handler)
         self.die_after, self.status, self.bodies = die_after, status, []
-        threading.Thread(target=self.serve_forever, daemon=True).start()
+        app = Starlette(routes=[Route("/v1/completions", self.completions, methods=["POST"])])
+        self.server = ServerThread(app, "127.0.0.1", 0, name="stand-in-upstream").start()
+        self.url = self.server.url
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: Upstream
-
-    def log_message(self, *a: Any) -> None:
-        pass
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.bodies.append(body)
-        if self.server.status:
-            raw = json.dumps({"error": {"message": f"said {self.server.status}"}}).encode()
-            self.send_response(self.server.status)
-            self.send_header("Content-Length", str(len(raw)))
-            self.end_headers()
-            self.wfile.write(raw)
-            return
-        self.send_response(200)
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
+    async def completions(self, request: Request) -> Response:
+        body = await request.json()
+        self.bodies.append(body)
+        if self.status:
+            return JSONResponse({"error": {"message": f"said {self.status}"}}, status_code=self.status)
         start = len(body.get("resume_tokens", []))
         assert body.get("resume_tokens", []) == ANSWER[:start]
-        for i in range(start, body["max_tokens"]):
-            if self.server.die_after is not None and i >= self.server.die_after:
-                self.wfile.flush()
-                self.connection.shutdown(2)  # a dead driver: the stream stops mid-way
-                return
-            finish = "length" if i == body["max_tokens"] - 1 else None
-            self._chunk({"choices": [{"text": f"<{ANSWER[i]}>", "token_ids": [ANSWER[i]], "finish_reason": finish}]})
-        self._chunk("[DONE]")
-        self.wfile.write(b"0\r\n\r\n")
 
-    def _chunk(self, payload: Any) -> None:
-        data = f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n".encode()
-        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        async def events() -> AsyncIterator[bytes]:
+            for i in range(start, body["max_tokens"]):
+                if self.die_after is not None and i >= self.die_after:
+                    raise ConnectionAbortedError("the driver died")  # the stream stops mid-way
+                finish = "length" if i == body["max_tokens"] - 1 else None
+                yield sse({"choices": [{"text": f"<{ANSWER[i]}>", "token_ids": [ANSWER[i]], "finish_reason": finish}]})
+            yield DONE
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    def stop(self) -> None:
+        self.server.stop()
 
 
 @pytest.fixture
@@ -88,8 +73,7 @@ def servers():
 
     yield make
     for s in made:
-        s.shutdown()
-        s.server_close()
+        s.stop()
 
 
 def test_a_stream_that_breaks_goes_on_at_the_next_upstream(servers) -> None:
