@@ -125,6 +125,10 @@ def rp_rank(rank: int, tp: int, endpoints: list[str], args: argparse.Namespace, 
     model.setup_cache(settings.max_batch, settings.max_seq)
     sync(device)
     t_load = time.perf_counter() - t0
+    graphs = None
+    if args.graphs_on and tp == 1 and device.type == "cuda":
+        from rallypoint.worker.graphs import DecodeGraphs
+        graphs = DecodeGraphs(model, settings.max_batch, settings.max_seq, device)
     comm, mb = rt.comm, settings.max_batch
     assert comm is not None
     try:
@@ -142,7 +146,7 @@ def rp_rank(rank: int, tp: int, endpoints: list[str], args: argparse.Namespace, 
                     queue.submit(r)
                 while driver.busy:
                     hdr, tokens, produced = driver.plan()
-                    hdr, nxt = step(model, comm, groups, mb, device, hdr, tokens)
+                    hdr, nxt = step(model, comm, groups, mb, device, hdr, tokens, graphs)
                     if int(hdr[0]) == SWITCH:
                         raise RuntimeError("unexpected SWITCH step")
                     driver.done(produced, nxt)  # nxt.tolist() in there: the token is on the host now
@@ -162,7 +166,9 @@ def rp_rank(rank: int, tp: int, endpoints: list[str], args: argparse.Namespace, 
             hdr, tokens, _ = driver.plan()
             step(model, comm, groups, mb, device, hdr, tokens)
             Path(out).write_text(json.dumps({"rows": rows, "groups_s": t_groups, "load_s": t_load,
-                                             "device": str(device), "max_seq": settings.max_seq}))
+                                             "device": str(device), "max_seq": settings.max_seq,
+                                             "graphs": len(graphs.graphs) if graphs else 0,
+                                             "capture_s": graphs.capture_seconds if graphs else 0.0}))
         else:  # exactly the worker's non-driver loop: step until the driver's SWITCH
             serve_generation(model, comm, groups, settings, device, None)
     finally:
@@ -264,19 +270,22 @@ def table(results: dict[str, dict], args: argparse.Namespace, config: ModelConfi
     lines = [f"decode: {args.model} ({config.num_params() / 1e6:.1f} M params, {args.dtype}), prompt {args.prompt_len} "
              f"byte tokens, {args.new_tokens} new tokens, greedy, device {args.device}",
              "TTFT = submit -> every row has its first token; decode tok/s = B*(N-1) / (last token - that moment)"]
-    head = f"{'engine':<18} {'B':>3} | {'TTFT ms':>9} {'decode tok/s':>13} {'ms/step':>8}"
+    floor_ms = 1e3 * config.num_params() * getattr(torch, args.dtype).itemsize / (args.peak_gbs * 1e9)
+    lines.append(f"bandwidth floor: {floor_ms:.3f} ms/step (every weight read once per step at {args.peak_gbs:g} GB/s)")
+    head = f"{'engine':<24} {'B':>3} | {'TTFT ms':>9} {'decode tok/s':>13} {'ms/step':>8} {'x floor':>8}"
     lines += [head, "-" * len(head)]
     for b in args.batch:
         for name, res in results.items():
             if "error" in res or "skipped" in res:
                 continue
             row = next(r for r in res["rows"] if r["batch"] == b)
-            lines.append(f"{name:<18} {b:>3} | {1e3 * row['ttft_all_s']:9.1f} {row['decode_tok_s']:13.1f} "
-                         f"{row['ms_per_step']:8.2f}")
+            lines.append(f"{name:<24} {b:>3} | {1e3 * row['ttft_all_s']:9.1f} {row['decode_tok_s']:13.1f} "
+                         f"{row['ms_per_step']:8.2f} {row['ms_per_step'] / floor_ms:8.1f}")
     for name, res in results.items():
         if "rows" in res:
             extra = (f", transformers {res['transformers']}, attention {res['attn_implementation']}"
-                     if "transformers" in res else f", groups built in {res['groups_s']:.2f} s, max_seq {res['max_seq']}")
+                     if "transformers" in res else f", groups built in {res['groups_s']:.2f} s, max_seq {res['max_seq']}"
+                     + (f", {res['graphs']} CUDA graphs captured in {res['capture_s']:.2f} s" if res.get("graphs") else ""))
             lines.append(f"{name}: on {res['device']}, weights loaded in {res['load_s']:.2f} s{extra}")
         elif "error" in res:
             lines.append(f"{name}: FAILED: {res['error'].strip().splitlines()[-1]}")
@@ -292,6 +301,8 @@ def main() -> int:
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     ap.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--graphs", nargs="+", default=["off", "on"], choices=("off", "on"),
+                    help="rallypoint with CUDA-graph decode (TP=1 on a GPU), without, or both")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -299,6 +310,7 @@ def main() -> int:
     ap.add_argument("--deadline-floor", type=float, default=10.0, help="collective deadline floor, s")
     ap.add_argument("--phase-timeout", type=float, default=240.0, help="seconds per engine before its processes are killed")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    ap.add_argument("--peak-gbs", type=float, default=4800.0, help="memory bandwidth for the floor (H200: 4,800 GB/s)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     args.max_seq = args.max_seq or args.prompt_len + args.new_tokens
@@ -316,8 +328,10 @@ def main() -> int:
     gpus = torch.cuda.device_count() if args.device == "cuda" else 0
     work = Path(tempfile.mkdtemp(prefix="rallypoint-bench-decode-"))
     with EtcdCluster(1) if etcd_binary() else _NoEtcd() as etcd:
-        for tp in args.tp:
-            name = f"rallypoint TP={tp}"
+        variants = [(tp, g) for tp in args.tp for g in args.graphs if not (g == "on" and (tp > 1 or args.device != "cuda"))]
+        for tp, g in variants:
+            name = f"rallypoint TP={tp}" + (" graphs" if g == "on" else "")
+            args.graphs_on = g == "on"
             if etcd is None:
                 results[name] = {"skipped": INSTALL_HINT}
                 continue
@@ -359,7 +373,8 @@ def main() -> int:
     # greedy agreement, B=1 (and every row of every batch, in the JSON)
     agree: dict[str, Any] = {}
     ok = {k: v for k, v in results.items() if "rows" in v}
-    pairs = [("rallypoint TP=1", "transformers")] + [("rallypoint TP=1", f"rallypoint TP={tp}") for tp in args.tp if tp != 1]
+    pairs = [("rallypoint TP=1", "transformers"), ("rallypoint TP=1", "rallypoint TP=1 graphs")] + [
+        ("rallypoint TP=1", f"rallypoint TP={tp}") for tp in args.tp if tp != 1]
     for a, b in pairs:
         if a in ok and b in ok:
             per_batch = {}

@@ -184,6 +184,8 @@ class WorkerConfig:
         dtype: weights' dtype; ``auto`` is bfloat16 on GPUs, float32 on CPU.
         max_batch: KV-cache rows per replica (requests decoded together).
         max_seq: positions per row (prompt + completion).
+        cuda_graphs: replay decode steps as CUDA graphs (on GPUs, for replicas of one rank: TP=1,
+            PP=1); a graph is captured the first time a batch size and KV length bucket are seen.
         queue_capacity: requests a replica's driver holds (running and waiting); past it, 503 with
             ``Retry-After`` (the gateway waits and retries them).
         api_host, api_port: where a replica's driver serves HTTP; port 0 picks a free one.
@@ -204,6 +206,7 @@ class WorkerConfig:
     max_batch: int = _opt(8, "int", ge=1)
     max_seq: int = _opt(512, "int", ge=16)
     queue_capacity: int = _opt(1024, "int", ge=1)
+    cuda_graphs: bool = _opt(True, "bool")
     api_host: str = _opt("127.0.0.1", "str")
     api_port: int = _opt(0, "int", ge=0)
     restart_budget: int = _opt(5, "int", ge=0)

@@ -102,7 +102,7 @@ class Daemon:
                                 w.max_batch, w.max_seq, w.api_host, w.api_port,
                                 cfg.collectives.deadline_floor.total_seconds(), cfg.state_dir, address, w.workload,
                                 build_timeout=cfg.collectives.build_timeout.total_seconds(),
-                                queue_capacity=w.queue_capacity)
+                                queue_capacity=w.queue_capacity, cuda_graphs=w.cuda_graphs)
         env = {API_KEY_ENV: cfg.gateway.api_key} if cfg.gateway.api_key else None
         return Supervisor(command, cfg.state_dir / "logs", self._on_worker_exit, w.restart_budget,
                           w.restart_window.total_seconds(), env=env, spares=cfg.layout.spares,

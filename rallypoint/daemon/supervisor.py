@@ -294,6 +294,7 @@ class WorkerCommand:
     workload: str = "serve"
     build_timeout: float = 30.0
     queue_capacity: int = 1024
+    cuda_graphs: bool = True
 
     def seat_params(self, local_rank: int) -> dict:
         """The seat's API port (``api_port + local_rank``, or 0 for a free one) and URL file."""
@@ -306,7 +307,7 @@ class WorkerCommand:
                 "--max-batch", str(self.max_batch), "--max-seq", str(self.max_seq), "--api-host", self.api_host,
                 "--deadline-floor", str(self.deadline_floor), "--after-gen", str(after_gen), "--die-with-parent",
                 "--workload", self.workload, "--build-timeout", str(self.build_timeout),
-                "--queue-capacity", str(self.queue_capacity)]
+                "--queue-capacity", str(self.queue_capacity), "--cuda-graphs", "on" if self.cuda_graphs else "off"]
         if self.channel:
             argv += ["--channel", self.channel]
         if local_rank is None:

@@ -5,13 +5,19 @@ PP stage 0, TP rank 0) decides what the step is and broadcasts a fixed-size head
 each stage runs its layers and hands ``{header, hidden}`` to the next stage; the last stage samples
 the next token of every row and sends them back to the first stage. A step is one of:
 
-* PREFILL: one request (new, or resumed after an abort) fills its KV-cache row;
-* DECODE: every active row advances one token;
+* PREFILL: every request that can start (new, or resumed after an abort) fills its KV-cache row,
+  all in one forward (prompts right-padded to the longest, up to ``prefill_tokens`` in all);
+* DECODE: every active row advances one token; the step covers cache rows ``0..B-1`` (the driver
+  keeps requests in the lowest free rows) and the first ``kv_len`` positions (a power of two), so
+  its shapes come from a small set and a CUDA graph per shape can replay it (``worker.graphs``);
 * IDLE: nothing to compute; it still crosses the pipeline, proving the replica alive (and so
   confirming the tokens of the previous step) and keeping collectives inside their deadlines;
 * SWITCH: the replica leaves the generation at this step boundary, every rank together.
 
-Continuous batching: a request joins the running batch as soon as a cache row is free.
+Continuous batching: a request joins the running batch as soon as a cache row is free. Sampling
+runs on the device, for every row at once: greedy rows take the argmax, sampled rows a Gumbel-max
+draw whose noise is a hash of (seed, position, token), so a row draws the same token whatever the
+batch around it and a resumed request draws what it would have drawn.
 """
 
 from __future__ import annotations
@@ -35,7 +41,14 @@ _TEMP_SCALE = 1_000_000  # temperatures travel as integers in the int64 header
 
 
 class StageLike(Protocol):
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor) -> torch.Tensor: ...
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None = None,
+                kv_len: int | None = None, last: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+class DecodeRunner(Protocol):
+    """Runs a DECODE step's forward (``worker.graphs.DecodeGraphs``: a CUDA graph replay)."""
+
+    def __call__(self, x: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -43,80 +56,131 @@ class EngineSettings:
     max_batch: int = 8
     max_seq: int = 512
     idle_every: float = 0.05  # seconds between idle steps when there is nothing to do
+    prefill_tokens: int = 4096  # the most prompt positions one PREFILL step computes (padding included)
+
+
+# header: [kind, B, S, switch_gen, kv_len] + rows, starts, lens, seeds, temps, top_ps (max_batch each)
+_FIXED = 5
+ROWS, STARTS, LENS, SEEDS, TEMPS, TOP_PS = range(6)
 
 
 def header_size(max_batch: int) -> int:
-    # [kind, B, S, switch_gen] + rows, starts, seeds, temperatures, top_ps (max_batch each)
-    return 4 + 5 * max_batch
+    return _FIXED + 6 * max_batch
 
 
-def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose mass reaches ``top_p`` (nucleus); renormalised.
+def _field(hdr: torch.Tensor, mb: int, which: int, b: int) -> torch.Tensor:
+    at = _FIXED + which * mb
+    return hdr[at:at + b]
 
-    probs: [V] -> [V]. The most likely token always stays.
-    """
-    if top_p >= 1.0:
-        return probs
-    sorted_p, order = probs.sort(descending=True)
-    drop = sorted_p.cumsum(0) - sorted_p >= top_p  # mass before this token already reaches top_p
-    kept = sorted_p.masked_fill(drop, 0.0)
-    out = torch.zeros_like(probs).scatter_(0, order, kept)
-    return out / out.sum()
+
+def kv_bucket(needed: int, max_seq: int, floor: int = 256) -> int:
+    """The KV length a step attends over: the next power of two >= ``needed`` (at least ``floor``),
+    at most ``max_seq``. Few distinct values, so few CUDA graphs."""
+    n = floor
+    while n < needed:
+        n *= 2
+    return min(n, max_seq)
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (in int64 arithmetic that cannot overflow)."""
+    x = x & _M32
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Gumbel(0, 1) noise ``[B, V]`` that depends only on (seed, position, token id)."""
+    key = _mix32(_mix32(seeds ^ (seeds >> 32)) ^ _mix32(positions + 0x9E3779B1))          # [B]
+    tok = torch.arange(vocab, device=seeds.device)                                       # [V]
+    bits = _mix32(key[:, None] ^ _mix32(tok * 0x27D4EB2F + 0x165667B1)[None, :])         # [B, V]
+    u = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))                                   # (0, 1)
+    return -torch.log(-torch.log(u))
 
 
 def sample(logits: torch.Tensor, temps: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor,
-           top_ps: torch.Tensor | None = None) -> torch.Tensor:
-    """Next token per row: argmax at temperature 0, else a draw seeded by (seed, position).
+           top_ps: torch.Tensor | None = None, hot: bool | None = None) -> torch.Tensor:
+    """Next token per row, on the logits' device: argmax at temperature 0, else a draw from
+    softmax(logits / T) (restricted to the top-p nucleus) seeded by (seed, position).
 
-    Seeding by position makes a resumed request draw exactly what it would have drawn.
-    logits: [B, V] float32; temps, seeds, positions, top_ps: [B] int64 (temps and top_ps scaled by 1e6).
+    logits: [B, V] float32; temps, seeds, positions, top_ps: [B] int64 (temps and top_ps scaled by
+    1e6). ``hot``: whether any row samples (the driver knows; None looks).
     """
-    out = logits.argmax(dim=-1)
-    hot = (temps > 0).nonzero().flatten().tolist()
-    if hot:
-        host = logits.float().cpu()
-        for i in hot:
-            g = torch.Generator().manual_seed(int(seeds[i]) * 1_000_003 + int(positions[i]))
-            probs = torch.softmax(host[i] / (float(temps[i]) / _TEMP_SCALE), dim=-1)
-            if top_ps is not None:
-                probs = top_p_filter(probs, float(top_ps[i]) / _TEMP_SCALE)
-            out[i] = int(torch.multinomial(probs, 1, generator=g))
-    return out
+    greedy = logits.argmax(dim=-1)
+    if hot is None:
+        hot = bool((temps > 0).any())
+    if not hot:
+        return greedy
+    t = (temps.float() / _TEMP_SCALE).clamp_min(1e-6)[:, None]                            # [B, 1]
+    logp = torch.log_softmax(logits.float() / t, dim=-1)                                  # [B, V]
+    if top_ps is not None:
+        p = (top_ps.float() / _TEMP_SCALE)[:, None]                                       # [B, 1]
+        sorted_logp, order = logp.sort(dim=-1, descending=True)
+        probs = sorted_logp.exp()
+        drop_sorted = probs.cumsum(-1) - probs >= p          # mass before this token already reaches p
+        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+        logp = logp.masked_fill(drop, float("-inf"))
+    drawn = (logp + gumbel_noise(seeds, positions, logits.shape[-1])).argmax(dim=-1)
+    return torch.where(temps > 0, drawn, greedy)
 
 
 def step(model: StageLike, comm: Comm, groups: GroupSet, max_batch: int, device: torch.device,
-         header: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run one replica step on this rank; return (header, next tokens on the first stage else None)."""
+         header: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
+         decode: DecodeRunner | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run one replica step on this rank; return (header on the host, next tokens on the first
+    stage else None).
+
+    ``header`` is the driver's (on the host); other ranks receive it. ``decode`` runs DECODE
+    forwards when given (CUDA graphs; a whole model on one rank only).
+    """
     mb = max_batch
     if groups.is_first_stage:
-        hdr = header if header is not None else torch.zeros(header_size(mb), dtype=torch.int64, device=device)
-        comm.broadcast(hdr, src=0, group="tp")
+        if groups.tp_size > 1:
+            hdr_dev = header.to(device) if header is not None else torch.zeros(header_size(mb), dtype=torch.int64,
+                                                                                device=device)
+            comm.broadcast(hdr_dev, src=0, group="tp")
+            hdr = header if header is not None else hdr_dev.cpu()
+        else:
+            assert header is not None, "a TP group of one is its own driver"
+            hdr = hdr_dev = header
         kind, b, s = (int(v) for v in hdr[:3].tolist())
         x = None
         if kind in (PREFILL, DECODE):
-            x = tokens if tokens is not None else torch.empty(b * s, dtype=torch.int64, device=device)
-            comm.broadcast(x, src=0, group="tp")
+            x = tokens.to(device, non_blocking=True) if tokens is not None else torch.empty(b * s, dtype=torch.int64,
+                                                                                            device=device)
+            if groups.tp_size > 1:
+                comm.broadcast(x, src=0, group="tp")
             x = x.view(b, s)
     else:
         got = comm.recv_dict(src=groups.pp_prev, group="pp")
-        hdr, x = got["hdr"], got.get("h")
+        hdr_dev, x = got["hdr"], got.get("h")
+        hdr = hdr_dev.cpu()
         kind, b, s = (int(v) for v in hdr[:3].tolist())
     out = None
     if kind in (PREFILL, DECODE):
-        rows = hdr[4:4 + b]
-        starts = hdr[4 + mb:4 + mb + b]
-        pos = starts[:, None] + torch.arange(s, device=device)[None, :]  # [B, S]
-        out = model.forward(x, pos, rows)
+        kv_len = int(hdr[4])
+        starts = _field(hdr, mb, STARTS, b).to(device, non_blocking=True)
+        pos = starts[:, None] + torch.arange(s, device=device)[None, :]                  # [B, S]
+        if kind == DECODE:
+            out = decode(x, pos, kv_len) if decode is not None else model.forward(x, pos, None, kv_len)
+        else:
+            rows = _field(hdr, mb, ROWS, b).to(device, non_blocking=True)
+            last = (_field(hdr, mb, LENS, b) - 1).to(device, non_blocking=True) if groups.is_last_stage else None
+            out = model.forward(x, pos, rows, kv_len, last)
     if not groups.is_last_stage:
-        comm.send_dict({"hdr": hdr, **({"h": out} if out is not None else {})}, dst=groups.pp_next, group="pp")
+        comm.send_dict({"hdr": hdr_dev.to(device), **({"h": out} if out is not None else {})}, dst=groups.pp_next,
+                       group="pp")
     nxt = None
     if groups.is_last_stage:
         if out is not None:
-            seeds = hdr[4 + 2 * mb:4 + 2 * mb + b]
-            temps = hdr[4 + 3 * mb:4 + 3 * mb + b]
-            top_ps = hdr[4 + 4 * mb:4 + 4 * mb + b]
-            last = hdr[4 + mb:4 + mb + b] + s  # position of the token being produced
-            nxt = sample(out[:, -1, :], temps, seeds, last, top_ps)
+            temps = _field(hdr, mb, TEMPS, b)
+            produced_at = _field(hdr, mb, STARTS, b) + _field(hdr, mb, LENS, b)  # position of the token produced
+            nxt = sample(out[:, -1, :], temps.to(device), _field(hdr, mb, SEEDS, b).to(device),
+                         produced_at.to(device), _field(hdr, mb, TOP_PS, b).to(device), hot=bool((temps > 0).any()))
         else:
             nxt = torch.empty(0, dtype=torch.int64, device=device)
         if groups.pp_size > 1:
@@ -139,47 +203,85 @@ class Driver:
         self.switch_to = 0  # a newer generation to move to at the next step boundary
         self.first_commit_at = 0.0  # wall time the current generation first committed a token
 
+    def _next_waiting(self) -> Request | None:
+        """The next request to start: held ones first, then the queue; cancelled ones are finished."""
+        while True:
+            if self.held:
+                r = self.held.popleft()
+            else:
+                got = self.queue.take(1)
+                if not got:
+                    return None
+                r = got[0]
+            if not r.done:
+                return r
+            self.queue.finished(r)  # cancelled while it waited (a stop string, the client went away)
+
+    def _admit(self) -> list[tuple[int, Request, list[int]]]:
+        """Requests to prefill now, each in the lowest free row, within ``prefill_tokens``."""
+        free = [r for r in range(self.settings.max_batch) if r not in self.rows]
+        batch: list[tuple[int, Request, list[int]]] = []
+        longest = 0
+        while free:
+            r = self._next_waiting()
+            if r is None:
+                break
+            seq = r.prompt if r.fed is not None else r.tokens_so_far
+            if batch and max(longest, len(seq)) * (len(batch) + 1) > self.settings.prefill_tokens:
+                self.held.appendleft(r)  # first in the next step
+                break
+            row = free.pop(0)
+            self.rows[row] = r
+            batch.append((row, r, seq))
+            longest = max(longest, len(seq))
+        return batch
+
     def plan(self) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[int, Request]]]:
-        """Decide the next step: (header, tokens, [(row, request)] producing a token)."""
+        """Decide the next step: (header on the host, tokens, [(output index, request)] producing a token)."""
         mb = self.settings.max_batch
         hdr = torch.zeros(header_size(mb), dtype=torch.int64)
         if self.switch_to:
             hdr[0], hdr[3] = SWITCH, self.switch_to
-            return hdr.to(self.device), None, []
-        free = [r for r in range(mb) if r not in self.rows]
-        new = None
-        while free and new is None:
-            if self.held:
-                new = self.held.popleft()
-            else:
-                got = self.queue.take(1)
-                new = got[0] if got else None
-                if new is None:
-                    break
-            if new.done:  # cancelled while it waited (a stop string, the client went away)
-                self.queue.finished(new)
-                new = None
-        if new is not None:
-            row = free[0]
-            self.rows[row] = new
-            seq = new.prompt if new.fed is not None else new.tokens_so_far
-            batch = [(row, new, seq, 0)]
-            kind, s = PREFILL, len(seq)
+            return hdr, None, []
+        toks: list[int] = []
+        produced: list[tuple[int, Request]] = []
+        new = self._admit()
+        if new:
+            s = max(len(seq) for _, _, seq in new)
+            kind, b = PREFILL, len(new)
+            for i, (row, r, seq) in enumerate(new):
+                self._put(hdr, i, r, row=row, start=0, length=len(seq))
+                toks.extend(seq + [0] * (s - len(seq)))
+                produced.append((i, r))
+            kv_len = s
         else:
-            batch = [(row, r, r.known, None) for row, r in sorted(self.rows.items())
-                     if r.fed is not None or not self._exhausted(r)]
-            batch = [(row, r, seq, len(seq) - 1) for row, r, seq, _ in batch]
-            kind, s = (DECODE, 1) if batch else (IDLE, 0)
-        hdr[0], hdr[1], hdr[2] = kind, len(batch), s
-        toks = []
-        for i, (row, r, seq, start) in enumerate(batch):
-            hdr[4 + i], hdr[4 + mb + i] = row, start
-            hdr[4 + 2 * mb + i] = r.params.seed
-            hdr[4 + 3 * mb + i] = int(round(r.params.temperature * _TEMP_SCALE))
-            hdr[4 + 4 * mb + i] = int(round(r.params.top_p * _TEMP_SCALE))
-            toks.extend(seq if kind == PREFILL else seq[-1:])
-        tokens = torch.tensor(toks, dtype=torch.int64, device=self.device) if toks else None
-        return hdr.to(self.device), tokens, [(row, r) for row, r, _, _ in batch]
+            active = {row: r for row, r in self.rows.items() if r.fed is not None or not self._exhausted(r)}
+            kind, s = (DECODE, 1) if active else (IDLE, 0)
+            b = max(active) + 1 if active else 0
+            longest = 0
+            for row in range(b):  # rows 0..b-1; a free or finished row computes a throwaway token
+                r = active.get(row)
+                if r is None:
+                    toks.append(0)
+                    continue
+                known = r.known
+                self._put(hdr, row, r, row=row, start=len(known) - 1, length=1)
+                toks.append(known[-1])
+                produced.append((row, r))
+                longest = max(longest, len(known))
+            kv_len = kv_bucket(longest, self.settings.max_seq) if active else 0
+        hdr[0], hdr[1], hdr[2], hdr[4] = kind, b, s, kv_len
+        tokens = torch.tensor(toks, dtype=torch.int64) if toks else None
+        if tokens is not None and self.device.type == "cuda":
+            tokens = tokens.pin_memory()
+        return hdr, tokens, produced
+
+    def _put(self, hdr: torch.Tensor, i: int, r: Request, row: int, start: int, length: int) -> None:
+        mb = self.settings.max_batch
+        for which, value in ((ROWS, row), (STARTS, start), (LENS, length), (SEEDS, r.params.seed),
+                             (TEMPS, int(round(r.params.temperature * _TEMP_SCALE))),
+                             (TOP_PS, int(round(r.params.top_p * _TEMP_SCALE)))):
+            hdr[_FIXED + which * mb + i] = value
 
     def _exhausted(self, r: Request) -> bool:
         made = len(r.committed) + len(r.pending)
@@ -197,11 +299,14 @@ class Driver:
                 del self.rows[row]
                 self.queue.finished(r)
         if produced and nxt is not None:
-            for (row, r), tok in zip(produced, nxt.tolist()):
-                if row in self.rows and not r.propose(int(tok)):
+            got = nxt.tolist()
+            live = {id(r) for r in self.rows.values()}
+            for i, r in produced:
+                if id(r) not in live:
+                    continue
+                if not r.propose(int(got[i])):
                     self.queue.counts["replay_mismatch"] += 1
                     log.warning("engine.replay_mismatch", request=r.id, position=len(r.prompt) + (r.fed or 0))
-
     def hold(self) -> list[Request]:
         """The generation was aborted: drop unconfirmed tokens, keep every request for resumption."""
         held = [r for _, r in sorted(self.rows.items())]
@@ -227,7 +332,8 @@ class Driver:
 
 
 def serve_generation(model: StageLike, comm: Comm, groups: GroupSet, settings: EngineSettings,
-                     device: torch.device, driver: Driver | None, should_stop: Any = lambda: False) -> int:
+                     device: torch.device, driver: Driver | None, should_stop: Any = lambda: False,
+                     decode: DecodeRunner | None = None) -> int:
     """Run steps until a SWITCH step (returns its generation) or ``should_stop()`` (returns 0).
 
     Raises:
@@ -239,13 +345,13 @@ def serve_generation(model: StageLike, comm: Comm, groups: GroupSet, settings: E
             if not driver.busy:
                 time.sleep(settings.idle_every)
             hdr, tokens, produced = driver.plan()
-            hdr, nxt = step(model, comm, groups, settings.max_batch, device, hdr, tokens)
+            hdr, nxt = step(model, comm, groups, settings.max_batch, device, hdr, tokens, decode)
             if int(hdr[0]) == SWITCH:
                 return int(hdr[3])
             driver.done(produced, nxt)
             if should_stop():
                 return 0
         else:
-            hdr, _ = step(model, comm, groups, settings.max_batch, device)
+            hdr, _ = step(model, comm, groups, settings.max_batch, device, decode=decode)
             if int(hdr[0]) == SWITCH:
                 return int(hdr[3])

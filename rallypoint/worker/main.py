@@ -109,6 +109,7 @@ class Worker:
         self.settings = EngineSettings(max_batch=args.max_batch, max_seq=args.max_seq)
         self.queue = RequestQueue(capacity=args.queue_capacity)
         self.model = None
+        self.graphs = None  # worker.graphs.DecodeGraphs of self.model, on a GPU with TP=1 and PP=1
         self.shard: ShardKey | None = None
         self.driver: Driver | None = None
         self.api: ApiServer | None = None
@@ -202,7 +203,7 @@ class Worker:
             self.model.reset_cache()
             return 0.0
         t0 = time.monotonic()
-        self.model = None
+        self.model = self.graphs = None
         layers = layers_for(self.config.num_hidden_layers, key.pp_rank, key.pp_size)
         device = self._seat_device()
         if device.type == "cuda":
@@ -211,6 +212,10 @@ class Worker:
                                 first=key.pp_rank == 0, last=key.pp_rank == key.pp_size - 1,
                                 device=device, dtype=self._dtype(), comm=TPAdapter(self.runtime))
         self.model.setup_cache(self.settings.max_batch, self.settings.max_seq)
+        self.graphs = None
+        if device.type == "cuda" and key.tp_size == 1 and key.pp_size == 1 and self.args.cuda_graphs == "on":
+            from rallypoint.worker.graphs import DecodeGraphs
+            self.graphs = DecodeGraphs(self.model, self.settings.max_batch, self.settings.max_seq, device)
         self.shard = key
         took = time.monotonic() - t0
         self.log.info("worker.shard_loaded", tp_rank=key.tp_rank, tp=key.tp_size, pp_rank=key.pp_rank,
@@ -310,7 +315,7 @@ class Worker:
             self.events.emit(plan.gen, ev.SERVING, rank=groups.rank, driver=is_driver)
             try:
                 nxt = serve_generation(self.model, self.runtime.comm, groups, self.settings, self.runtime.device,
-                                       self.driver if is_driver else None, self._should_switch)
+                                       self.driver if is_driver else None, self._should_switch, self.graphs)
                 if self.driver is not None:
                     self.driver.hold()
                 self.log.info("worker.switch", gen=plan.gen, to=nxt)
@@ -487,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--max-seq", type=int, default=512)
     ap.add_argument("--queue-capacity", type=int, default=256)
+    ap.add_argument("--cuda-graphs", default="on", choices=("on", "off"),
+                    help="replay decode steps as CUDA graphs (GPU, TP=1, PP=1)")
     ap.add_argument("--api-host", default="127.0.0.1")
     ap.add_argument("--api-port", type=int, default=0)
     ap.add_argument("--api-url-file", help="write the API's URL here once it listens")

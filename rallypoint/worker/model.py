@@ -150,22 +150,31 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # [B, Hkv, T, Dh]
         self.v = torch.zeros(shape, dtype=dtype, device=device)  # [B, Hkv, T, Dh]
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Write ``k``/``v`` at their positions; return the whole cache of the rows in use.
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, rows: Tensor | None = None,
+               kv_len: int | None = None) -> tuple[Tensor, Tensor]:
+        """Write ``k``/``v`` at their positions; return the first ``kv_len`` positions (default all)
+        of the rows in use.
 
-        ``rows`` (``[B]``) are the cache rows the ``B`` inputs use (default: the first ``B``).
+        ``rows`` (``[B]``) are the cache rows the ``B`` inputs use (default: the first ``B``: then
+        nothing is gathered, the result is a view, and a decode step is a fixed set of kernels
+        whatever the positions, which a CUDA graph can replay).
         """
         # input_pos: [S] or [B, S]; k, v: [B, Hkv, S, Dh] -> [B, Hkv, T, Dh]
-        b = k.shape[0]
-        if rows is None and input_pos.dim() == 1:  # the common case: views, no gather
-            self.k[:b].index_copy_(2, input_pos, k)
-            self.v[:b].index_copy_(2, input_pos, v)
-            return self.k[:b], self.v[:b]
-        rows = torch.arange(b, device=k.device) if rows is None else rows              # [B]
+        b, _, s, dh = k.shape
+        t = self.k.shape[2] if kv_len is None else kv_len
+        if rows is None:
+            if input_pos.dim() == 1:  # one position list for the batch
+                self.k[:b].index_copy_(2, input_pos, k)
+                self.v[:b].index_copy_(2, input_pos, v)
+            else:  # a position per row
+                at = input_pos[:, None, :, None].expand(b, k.shape[1], s, dh)          # [B, Hkv, S, Dh]
+                self.k[:b].scatter_(2, at, k)
+                self.v[:b].scatter_(2, at, v)
+            return self.k[:b, :, :t], self.v[:b, :, :t]
         pos = input_pos.expand(b, -1)                                                   # [B, S]
         self.k[rows[:, None], :, pos] = k.transpose(1, 2)                               # [B, S, Hkv, Dh]
         self.v[rows[:, None], :, pos] = v.transpose(1, 2)
-        return self.k[rows], self.v[rows]
+        return self.k[rows, :, :t], self.v[rows, :, :t]
 
     def reset(self) -> None:
         self.k.zero_()
@@ -196,7 +205,8 @@ class Attention(nn.Module):
         self.qk_norm = config.qk_norm
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, rows: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, masks: "Masks",
+                rows: Tensor | None = None, kv_len: int | None = None) -> Tensor:
         # x: [B, S, D]; input_pos: [S] or [B, S] -> partial sums [B, S, D] (the caller all-reduces them)
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.heads, self.head_dim)                       # [B, S, H, Dh]
@@ -206,19 +216,17 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)                                       # per head, over Dh
         q, k = q.transpose(1, 2), k.transpose(1, 2)                                     # [B, H or Hkv, S, Dh]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        qpos = input_pos if input_pos.dim() == 2 else input_pos[None]               # [B or 1, S]
         if self.kv_cache is not None:
-            k, v = self.kv_cache.update(input_pos, k, v, rows)                        # [B, Hkv, T, Dh]
-            key_pos = torch.arange(k.shape[2], device=x.device)[None, None, :]        # [1, 1, T]
-        else:
-            key_pos = qpos[:, None, :]                                                # [B or 1, 1, S]: T = S
-        mask = key_pos <= qpos[:, :, None]                                            # [B or 1, S, T] causal
-        if self.window is not None and self.window < k.shape[2]:
-            mask = mask & (key_pos > qpos[:, :, None] - self.window)                  # the window latest only
-        mask = mask[:, None]                                                          # [B or 1, 1, S, T]
+            k, v = self.kv_cache.update(input_pos, k, v, rows, kv_len)                # [B, Hkv, T, Dh]
+        mask = masks.get(self.window)                                                 # [B or 1, 1, S, T]
+        # Grouped-query attention without copying K/V per query head: the `rep` query heads that
+        # share a KV head are laid along the sequence axis, so each KV head is read once.
         rep = self.heads // self.kv_heads
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)       # [B, H, T, Dh]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                   # [B, H, S, Dh]
+        q = q.reshape(b, self.kv_heads, rep * s, self.head_dim)                        # [B, Hkv, rep*S, Dh]
+        if rep > 1:
+            mask = mask.repeat(1, 1, rep, 1)                                            # [B or 1, 1, rep*S, T]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                   # [B, Hkv, rep*S, Dh]
+        y = y.view(b, self.heads, s, self.head_dim)                                   # [B, H, S, Dh]
         return self.o_proj(y.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
 
 
@@ -247,12 +255,30 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, tp_size)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, reduce: Callable[[Tensor], Tensor],
-                rows: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, masks: "Masks",
+                reduce: Callable[[Tensor], Tensor], rows: Tensor | None = None, kv_len: int | None = None) -> Tensor:
         # x: [B, S, D] -> [B, S, D]
         attn, mlp = self.self_attn, self.mlp
-        h = x + attn.o_proj.finish(reduce(attn(self.input_layernorm(x), cos, sin, input_pos, rows)))
+        h = x + attn.o_proj.finish(reduce(attn(self.input_layernorm(x), cos, sin, input_pos, masks, rows, kv_len)))
         return h + mlp.down_proj.finish(reduce(mlp(self.post_attention_layernorm(h))))
+
+
+class Masks:
+    """The attention masks of one forward, built once for all its layers: causal, and causal within
+    each sliding window the layers use. ``[B or 1, 1, S, T]`` booleans, True = may attend."""
+
+    def __init__(self, qpos: Tensor, key_pos: Tensor) -> None:
+        # qpos: [B or 1, S]; key_pos: [B or 1, T] -> broadcast [B or 1, S, T]
+        self.qpos, self.key_pos = qpos[:, :, None], key_pos[:, None, :]
+        self.causal = (self.key_pos <= self.qpos)[:, None]
+        self._windows: dict[int, Tensor] = {}
+
+    def get(self, window: int | None) -> Tensor:
+        if window is None or window >= self.causal.shape[-1] and window >= self.causal.shape[-2]:
+            return self.causal
+        if window not in self._windows:
+            self._windows[window] = self.causal & (self.key_pos > self.qpos - window)[:, None]
+        return self._windows[window]
 
 
 class StageModel(nn.Module):
@@ -283,21 +309,25 @@ class StageModel(nn.Module):
         if last:
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
             self.lm_head = Linear(config.hidden_size, config.vocab_size // tp_size)
-        self._inv_freq: Tensor | None = None
+        self._rope_table: tuple[Tensor, Tensor] | None = None
 
     def _reduce(self, t: Tensor) -> Tensor:
         return t if self.tp_size == 1 else self.comm.all_reduce(t)
 
     def _rope(self, input_pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        # input_pos: [S] or [B, S] -> cos, sin: [B or 1, 1, S, Dh]
-        if self._inv_freq is None or self._inv_freq.device != input_pos.device:
-            self._inv_freq = rope_inv_freq(self.config).to(input_pos.device)
+        # input_pos: [S] or [B, S] -> cos, sin: [B or 1, 1, S, Dh], looked up in a table of every
+        # position (computed once, in float32 as before, then cast): no trig per step
+        table = self._rope_table
+        if table is None or table[0].device != input_pos.device or table[0].dtype != dtype:
+            n = self.config.max_position_embeddings
+            freqs = torch.arange(n, dtype=torch.float32)[:, None] * rope_inv_freq(self.config)  # [P, Dh/2]
+            emb = torch.cat((freqs, freqs), dim=-1)                                   # [P, Dh]
+            table = self._rope_table = (emb.cos().to(input_pos.device, dtype), emb.sin().to(input_pos.device, dtype))
         pos = input_pos if input_pos.dim() == 2 else input_pos[None]                 # [B or 1, S]
-        freqs = pos.float()[..., None] * self._inv_freq                              # [B or 1, S, Dh/2]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]                             # [B or 1, 1, S, Dh]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return table[0][pos][:, None], table[1][pos][:, None]
 
-    def forward(self, x: Tensor, input_pos: Tensor, rows: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, input_pos: Tensor, rows: Tensor | None = None, kv_len: int | None = None,
+                last: Tensor | None = None) -> Tensor:
         """Run this stage.
 
         Args:
@@ -305,22 +335,38 @@ class StageModel(nn.Module):
             input_pos: absolute positions of the inputs: ``[S]`` shared by the batch, or ``[B, S]``
                 per row (continuous batching: rows at different lengths).
             rows: ``[B]`` KV-cache rows the inputs use (default: rows ``0..B-1``); ignored without a cache.
+            kv_len: attend over the cache's first ``kv_len`` positions only (default: all of them);
+                every query position must be below it.
+            last: ``[B]`` index, within ``S``, of the one position per row whose logits are wanted
+                (a prefill needs only its prompt's last); default: every position.
 
         Returns:
-            Hidden states ``[B, S, D]``, or on the last stage float32 logits ``[B, S, V]``.
+            Hidden states ``[B, S, D]``, or on the last stage float32 logits ``[B, S, V]`` (``[B, 1, V]``
+            with ``last``).
         """
         if self.tp_size > 1 and self.comm is None:
             raise RuntimeError(f"TP rank {self.tp_rank}/{self.tp_size}: forward needs a comm (set stage.comm)")
         h = self.embed_tokens(x) if self.first else x                               # [B, S, D]
         cos, sin = self._rope(input_pos, h.dtype)
+        masks = self._masks(input_pos, h.shape[1], kv_len)
         for layer in self.layers.values():
-            h = layer(h, cos, sin, input_pos, self._reduce, rows)
+            h = layer(h, cos, sin, input_pos, masks, self._reduce, rows, kv_len)
         if not self.last:
             return h
-        logits = self.lm_head(self.norm(h))                                          # [B, S, V/tp]
+        if last is not None:
+            h = h.gather(1, last.view(-1, 1, 1).expand(-1, 1, h.shape[-1]))          # [B, 1, D]
+        logits = self.lm_head(self.norm(h))                                          # [B, S or 1, V/tp]
         if self.tp_size > 1:
             logits = self.comm.all_gather(logits, dim=-1)                            # [B, S, V]
         return logits.float()
+
+    def _masks(self, input_pos: Tensor, s: int, kv_len: int | None) -> Masks:
+        qpos = input_pos if input_pos.dim() == 2 else input_pos[None]                 # [B or 1, S]
+        cache = next((layer.self_attn.kv_cache for layer in self.layers.values()), None)
+        if cache is None:
+            return Masks(qpos, qpos)                                                  # T = S: within the input
+        t = cache.k.shape[2] if kv_len is None else kv_len
+        return Masks(qpos, torch.arange(t, device=input_pos.device)[None])             # [1, T]
 
     def setup_cache(self, max_batch: int, max_seq: int, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None) -> None:
