@@ -163,24 +163,28 @@ def step(model: StageLike, comm: Comm, groups: GroupSet, max_batch: int, device:
     out = None
     if kind in (PREFILL, DECODE):
         kv_len = int(hdr[4])
-        starts = _field(hdr, mb, STARTS, b).to(device, non_blocking=True)
+        if hdr_dev.device != device:
+            hdr_dev = hdr_dev.to(device, non_blocking=True)  # one copy; every field is a slice of it
+        starts = _field(hdr_dev, mb, STARTS, b)
         pos = starts[:, None] + torch.arange(s, device=device)[None, :]                  # [B, S]
         if kind == DECODE:
             out = decode(x, pos, kv_len) if decode is not None else model.forward(x, pos, None, kv_len)
         else:
-            rows = _field(hdr, mb, ROWS, b).to(device, non_blocking=True)
-            last = (_field(hdr, mb, LENS, b) - 1).to(device, non_blocking=True) if groups.is_last_stage else None
-            out = model.forward(x, pos, rows, kv_len, last)
+            last = _field(hdr_dev, mb, LENS, b) - 1 if groups.is_last_stage else None
+            out = model.forward(x, pos, _field(hdr_dev, mb, ROWS, b), kv_len, last)
     if not groups.is_last_stage:
         comm.send_dict({"hdr": hdr_dev.to(device), **({"h": out} if out is not None else {})}, dst=groups.pp_next,
                        group="pp")
     nxt = None
     if groups.is_last_stage:
         if out is not None:
-            temps = _field(hdr, mb, TEMPS, b)
-            produced_at = _field(hdr, mb, STARTS, b) + _field(hdr, mb, LENS, b)  # position of the token produced
-            nxt = sample(out[:, -1, :], temps.to(device), _field(hdr, mb, SEEDS, b).to(device),
-                         produced_at.to(device), _field(hdr, mb, TOP_PS, b).to(device), hot=bool((temps > 0).any()))
+            hot = bool((_field(hdr, mb, TEMPS, b) > 0).any())
+            if hot:
+                produced_at = _field(hdr_dev, mb, STARTS, b) + _field(hdr_dev, mb, LENS, b)  # the token's position
+                nxt = sample(out[:, -1, :], _field(hdr_dev, mb, TEMPS, b), _field(hdr_dev, mb, SEEDS, b),
+                             produced_at, _field(hdr_dev, mb, TOP_PS, b), hot=True)
+            else:
+                nxt = out[:, -1, :].argmax(dim=-1)
         else:
             nxt = torch.empty(0, dtype=torch.int64, device=device)
         if groups.pp_size > 1:
@@ -239,49 +243,48 @@ class Driver:
     def plan(self) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[int, Request]]]:
         """Decide the next step: (header on the host, tokens, [(output index, request)] producing a token)."""
         mb = self.settings.max_batch
-        hdr = torch.zeros(header_size(mb), dtype=torch.int64)
         if self.switch_to:
+            hdr = torch.zeros(header_size(mb), dtype=torch.int64)
             hdr[0], hdr[3] = SWITCH, self.switch_to
             return hdr, None, []
+        fields: list[list[int]] = [[0] * mb for _ in range(6)]
         toks: list[int] = []
         produced: list[tuple[int, Request]] = []
         new = self._admit()
         if new:
             s = max(len(seq) for _, _, seq in new)
-            kind, b = PREFILL, len(new)
+            kind, b, kv_len = PREFILL, len(new), s
             for i, (row, r, seq) in enumerate(new):
-                self._put(hdr, i, r, row=row, start=0, length=len(seq))
-                toks.extend(seq + [0] * (s - len(seq)))
+                self._put(fields, i, r, row, 0, len(seq))
+                toks += seq
+                toks += [0] * (s - len(seq))
                 produced.append((i, r))
-            kv_len = s
         else:
             active = {row: r for row, r in self.rows.items() if r.fed is not None or not self._exhausted(r)}
             kind, s = (DECODE, 1) if active else (IDLE, 0)
             b = max(active) + 1 if active else 0
+            toks = [0] * b  # a free or finished row in 0..b-1 computes a throwaway token
             longest = 0
-            for row in range(b):  # rows 0..b-1; a free or finished row computes a throwaway token
-                r = active.get(row)
-                if r is None:
-                    toks.append(0)
-                    continue
-                known = r.known
-                self._put(hdr, row, r, row=row, start=len(known) - 1, length=1)
-                toks.append(known[-1])
+            for row, r in active.items():
+                last, n = r.last_known()
+                self._put(fields, row, r, row, n - 1, 1)
+                toks[row] = last
                 produced.append((row, r))
-                longest = max(longest, len(known))
+                longest = max(longest, n)
             kv_len = kv_bucket(longest, self.settings.max_seq) if active else 0
-        hdr[0], hdr[1], hdr[2], hdr[4] = kind, b, s, kv_len
+        hdr = torch.tensor([kind, b, s, 0, kv_len] + [v for f in fields for v in f], dtype=torch.int64)
         tokens = torch.tensor(toks, dtype=torch.int64) if toks else None
-        if tokens is not None and self.device.type == "cuda":
-            tokens = tokens.pin_memory()
+        if self.device.type == "cuda":  # copied to the device without a staging copy
+            hdr = hdr.pin_memory()
+            tokens = tokens.pin_memory() if tokens is not None else None
         return hdr, tokens, produced
 
-    def _put(self, hdr: torch.Tensor, i: int, r: Request, row: int, start: int, length: int) -> None:
-        mb = self.settings.max_batch
-        for which, value in ((ROWS, row), (STARTS, start), (LENS, length), (SEEDS, r.params.seed),
-                             (TEMPS, int(round(r.params.temperature * _TEMP_SCALE))),
-                             (TOP_PS, int(round(r.params.top_p * _TEMP_SCALE)))):
-            hdr[_FIXED + which * mb + i] = value
+    @staticmethod
+    def _put(fields: list[list[int]], i: int, r: Request, row: int, start: int, length: int) -> None:
+        p = r.params
+        for which, value in ((ROWS, row), (STARTS, start), (LENS, length), (SEEDS, p.seed),
+                             (TEMPS, int(round(p.temperature * _TEMP_SCALE))), (TOP_PS, int(round(p.top_p * _TEMP_SCALE)))):
+            fields[which][i] = value
 
     def _exhausted(self, r: Request) -> bool:
         made = len(r.committed) + len(r.pending)

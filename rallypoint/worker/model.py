@@ -105,10 +105,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # x: [B, S, D]; normalised in float32 like HF, scaled in the input dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # x: [B, S, D]; normalised in float32 like HF (one fused kernel), scaled in the input dtype
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rope_inv_freq(config: ModelConfig) -> Tensor:
@@ -204,27 +202,39 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.qk_norm = config.qk_norm
         self.kv_cache: KVCache | None = None
+        self.qkv: tuple[Tensor, Tensor | None] | None = None  # (weight, bias) of q, k, v in one: fuse()
+
+    def fuse(self) -> None:
+        """Compute q, k and v with one matmul: their weights (and biases) become views of one tensor."""
+        self.qkv = _fuse(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, masks: "Masks",
                 rows: Tensor | None = None, kv_len: int | None = None) -> Tensor:
         # x: [B, S, D]; input_pos: [S] or [B, S] -> partial sums [B, S, D] (the caller all-reduces them)
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.heads, self.head_dim)                       # [B, S, H, Dh]
-        k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim)                    # [B, S, Hkv, Dh]
-        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)    # [B, Hkv, S, Dh]
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)                                       # per head, over Dh
-        q, k = q.transpose(1, 2), k.transpose(1, 2)                                     # [B, H or Hkv, S, Dh]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        h, hkv, dh = self.heads, self.kv_heads, self.head_dim
+        if self.qkv is not None and not self.qk_norm:
+            qkv = F.linear(x, *self.qkv).view(b, s, h + 2 * hkv, dh).transpose(1, 2)    # [B, H+2Hkv, S, Dh]
+            qk = apply_rope(qkv[:, :h + hkv], cos, sin)                                  # q and k rotated together
+            q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + hkv:]
+        else:
+            if self.qkv is not None:
+                q, k, v = F.linear(x, *self.qkv).split([h * dh, hkv * dh, hkv * dh], dim=-1)
+            else:
+                q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k = q.view(b, s, h, dh), k.view(b, s, hkv, dh)                            # [B, S, H or Hkv, Dh]
+            v = v.view(b, s, hkv, dh).transpose(1, 2)                                    # [B, Hkv, S, Dh]
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)                                   # per head, over Dh
+            q, k = q.transpose(1, 2), k.transpose(1, 2)                                 # [B, H or Hkv, S, Dh]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v, rows, kv_len)                # [B, Hkv, T, Dh]
-        mask = masks.get(self.window)                                                 # [B or 1, 1, S, T]
         # Grouped-query attention without copying K/V per query head: the `rep` query heads that
         # share a KV head are laid along the sequence axis, so each KV head is read once.
         rep = self.heads // self.kv_heads
         q = q.reshape(b, self.kv_heads, rep * s, self.head_dim)                        # [B, Hkv, rep*S, Dh]
-        if rep > 1:
-            mask = mask.repeat(1, 1, rep, 1)                                            # [B or 1, 1, rep*S, T]
+        mask = masks.get(self.window, rep)                                            # [B or 1, 1, rep*S, T]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                   # [B, Hkv, rep*S, Dh]
         y = y.view(b, self.heads, s, self.head_dim)                                   # [B, H, S, Dh]
         return self.o_proj(y.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
@@ -239,9 +249,17 @@ class MLP(nn.Module):
         self.gate_proj = Linear(d, i)
         self.up_proj = Linear(d, i)
         self.down_proj = RowLinear(i, d)
+        self.gate_up: tuple[Tensor, Tensor | None] | None = None  # fuse()
+
+    def fuse(self) -> None:
+        """Compute gate and up with one matmul (their weights become views of one tensor)."""
+        self.gate_up = _fuse(self.gate_proj, self.up_proj)
 
     def forward(self, x: Tensor) -> Tensor:
         # x: [B, S, D] -> [B, S, I/tp] -> partial sums [B, S, D]
+        if self.gate_up is not None:
+            gate, up = F.linear(x, *self.gate_up).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -263,22 +281,42 @@ class DecoderLayer(nn.Module):
         return h + mlp.down_proj.finish(reduce(mlp(self.post_attention_layernorm(h))))
 
 
+def _fuse(*linears: nn.Linear) -> tuple[Tensor, Tensor | None]:
+    """One weight (and bias) for several linears of the same input, which keep views of it."""
+    weight = torch.cat([m.weight.data for m in linears])
+    bias = torch.cat([m.bias.data for m in linears]) if linears[0].bias is not None else None
+    at = 0
+    for m in linears:
+        n = m.weight.shape[0]
+        m.weight.data = weight[at:at + n]
+        if bias is not None:
+            m.bias.data = bias[at:at + n]
+        at += n
+    return weight, bias
+
+
 class Masks:
     """The attention masks of one forward, built once for all its layers: causal, and causal within
-    each sliding window the layers use. ``[B or 1, 1, S, T]`` booleans, True = may attend."""
+    each sliding window the layers use. ``[B or 1, 1, S, T]``, additive (0 may attend, -inf may
+    not) in the attention's dtype, as the attention kernels take them."""
 
-    def __init__(self, qpos: Tensor, key_pos: Tensor) -> None:
+    def __init__(self, qpos: Tensor, key_pos: Tensor, dtype: torch.dtype) -> None:
         # qpos: [B or 1, S]; key_pos: [B or 1, T] -> broadcast [B or 1, S, T]
-        self.qpos, self.key_pos = qpos[:, :, None], key_pos[:, None, :]
+        self.qpos, self.key_pos, self.dtype = qpos[:, :, None], key_pos[:, None, :], dtype
         self.causal = (self.key_pos <= self.qpos)[:, None]
-        self._windows: dict[int, Tensor] = {}
+        self._made: dict[tuple[int | None, int], Tensor] = {}
 
-    def get(self, window: int | None) -> Tensor:
-        if window is None or window >= self.causal.shape[-1] and window >= self.causal.shape[-2]:
-            return self.causal
-        if window not in self._windows:
-            self._windows[window] = self.causal & (self.key_pos > self.qpos - window)[:, None]
-        return self._windows[window]
+    def get(self, window: int | None, rep: int = 1) -> Tensor:
+        """The mask of layers with this window, its query rows repeated ``rep`` times (grouped
+        query heads laid along the sequence axis)."""
+        if window is not None and window >= self.causal.shape[-1]:
+            window = None  # the window reaches past every key
+        key = (window, rep)
+        if key not in self._made:
+            m = self.causal if window is None else self.causal & (self.key_pos > self.qpos - window)[:, None]
+            m = torch.zeros(m.shape, dtype=self.dtype, device=m.device).masked_fill_(~m, float("-inf"))
+            self._made[key] = m.repeat(1, 1, rep, 1) if rep > 1 else m
+        return self._made[key]
 
 
 class StageModel(nn.Module):
@@ -348,7 +386,7 @@ class StageModel(nn.Module):
             raise RuntimeError(f"TP rank {self.tp_rank}/{self.tp_size}: forward needs a comm (set stage.comm)")
         h = self.embed_tokens(x) if self.first else x                               # [B, S, D]
         cos, sin = self._rope(input_pos, h.dtype)
-        masks = self._masks(input_pos, h.shape[1], kv_len)
+        masks = self._masks(input_pos, h.shape[1], kv_len, h.dtype)
         for layer in self.layers.values():
             h = layer(h, cos, sin, input_pos, masks, self._reduce, rows, kv_len)
         if not self.last:
@@ -360,13 +398,21 @@ class StageModel(nn.Module):
             logits = self.comm.all_gather(logits, dim=-1)                            # [B, S, V]
         return logits.float()
 
-    def _masks(self, input_pos: Tensor, s: int, kv_len: int | None) -> Masks:
+    def fuse(self) -> "StageModel":
+        """Fuse each layer's q/k/v and gate/up projections into one matmul each (fewer kernels per
+        step; the parameters stay, as views). Call once the weights are loaded."""
+        for layer in self.layers.values():
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+        return self
+
+    def _masks(self, input_pos: Tensor, s: int, kv_len: int | None, dtype: torch.dtype) -> Masks:
         qpos = input_pos if input_pos.dim() == 2 else input_pos[None]                 # [B or 1, S]
         cache = next((layer.self_attn.kv_cache for layer in self.layers.values()), None)
         if cache is None:
-            return Masks(qpos, qpos)                                                  # T = S: within the input
+            return Masks(qpos, qpos, dtype)                                           # T = S: within the input
         t = cache.k.shape[2] if kv_len is None else kv_len
-        return Masks(qpos, torch.arange(t, device=input_pos.device)[None])             # [1, T]
+        return Masks(qpos, torch.arange(t, device=input_pos.device)[None], dtype)      # [1, T]
 
     def setup_cache(self, max_batch: int, max_seq: int, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None) -> None:

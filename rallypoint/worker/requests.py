@@ -84,6 +84,16 @@ class Request:
             return self.prompt + self.committed[:self.fed]
         return self.prompt + self.committed + self.pending
 
+    def last_known(self) -> tuple[int, int]:
+        """(the last token of ``known``, ``len(known)``) without building the list: a decode
+        step's input and the number of positions its KV cache row will hold."""
+        if self.fed is not None:
+            n = len(self.prompt) + self.fed
+            return (self.committed[self.fed - 1] if self.fed else self.prompt[-1]), n
+        n = len(self.prompt) + len(self.committed) + len(self.pending)
+        last = self.pending[-1] if self.pending else self.committed[-1] if self.committed else self.prompt[-1]
+        return last, n
+
     @property
     def done(self) -> bool:
         return self.finish_reason is not None

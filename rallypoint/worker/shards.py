@@ -146,4 +146,4 @@ def load_stage(ckpt_dir: str | Path, config: ModelConfig | None = None, tp_rank:
             t = reader.read(hf, shapes[hf], split_dim(pname), tp_rank, tp_size)
             state[pname] = t.to(device=device, dtype=dtype)
     model.load_state_dict(state, assign=True, strict=True)
-    return model.requires_grad_(False).eval()
+    return model.requires_grad_(False).eval().fuse()
