@@ -207,7 +207,8 @@ async def _answer(fe: Frontend, kind: str, body: CompletionRequest | ChatComplet
     log.debug("api.accepted", request=req.id, prompt_tokens=len(req.prompt), stream=body.stream)
     resumed = list(body.resume_tokens)
     text = TextStream(fe.tokenizer.decode, body.stop_strings,
-                      sent=body.resume_text if body.resume_text is not None else fe.tokenizer.decode(resumed))
+                      sent=body.resume_text if body.resume_text is not None else fe.tokenizer.decode(resumed),
+                      resumed=resumed)
     rid = req.id if kind == oa.COMPLETION else "chat" + req.id
     created = int(req.created)
     if body.stream:

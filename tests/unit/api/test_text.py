@@ -46,6 +46,17 @@ def test_half_a_utf8_character_waits_for_its_other_half() -> None:
 
 
 def test_a_resumed_stream_goes_on_after_what_was_sent() -> None:
-    s = TextStream(decode, ["."], sent="abc")
+    s = TextStream(decode, ["."], sent="abc", resumed=list(b"abc"))
     assert s.push(list(b"abcde")) == "de"
     assert s.push(list(b"abcdef.g")) == "f" and s.stopped
+
+
+def test_incremental_text_equals_decoding_everything_at_once() -> None:
+    """Decoding a few tokens of context at a time gives the text of the whole list (a held-back
+    half character included), for text of every width of UTF-8 character."""
+    data = "naïve café, 日本語 ✓ and emoji 🎉 ok".encode()
+    s = TextStream(decode, [])
+    assert "".join(push_all(s, data)) == data.decode()
+    resumed = list(data[:13])  # cut inside a character
+    r = TextStream(decode, [], sent=decode(resumed).rstrip("\ufffd"), resumed=resumed)
+    assert r.sent + "".join(push_all(r, data)[13:]) == data.decode()
