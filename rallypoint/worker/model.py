@@ -236,7 +236,7 @@ class Attention(nn.Module):
         q = q.reshape(b, self.kv_heads, rep * s, self.head_dim)                        # [B, Hkv, rep*S, Dh]
         mask = masks.get(self.window, rep)                                            # [B or 1, 1, rep*S, T]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                   # [B, Hkv, rep*S, Dh]
-        y = y.view(b, self.heads, s, self.head_dim)                                   # [B, H, S, Dh]
+        y = y.reshape(b, self.heads, s, self.head_dim)                                # [B, H, S, Dh]
         return self.o_proj(y.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
 
 
