@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import orjson
 
 from rallypoint.api.responses import choice_parts
 from rallypoint.errors import RallypointError
@@ -66,7 +67,8 @@ def upstream_client(max_connections: int | None = None) -> httpx.AsyncClient:
 
 async def _events(resp: httpx.Response, read_timeout: float) -> AsyncIterator[dict[str, Any] | None]:
     """The stream's chunks (None for ``[DONE]``), each line awaited with ``read_timeout``: a silent
-    upstream is a broken one."""
+    upstream is a broken one. (A timer per line, not one around the generator: a timeout must
+    not fire while the consumer holds the generator suspended.)"""
     lines = resp.aiter_lines().__aiter__()
     while True:
         try:
@@ -77,7 +79,7 @@ async def _events(resp: httpx.Response, read_timeout: float) -> AsyncIterator[di
             raise httpx.ReadTimeout(f"no data for {read_timeout:g}s") from None
         if line.startswith("data: "):
             data = line[6:]
-            yield None if data == "[DONE]" else json.loads(data)
+            yield None if data == "[DONE]" else orjson.loads(data)
 
 
 async def stream_completion(body: dict[str, Any], upstreams: Callable[[], list[str]], timeout: float,

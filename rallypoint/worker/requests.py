@@ -42,6 +42,41 @@ class Draining(QueueFull):
         self.retry_after = retry_after
 
 
+class LoopWaker:
+    """Sets asyncio events of one event loop from another thread, with one wake-up of the loop
+    per burst: a driver step that commits a token for each of 256 requests wakes the API's loop
+    once, not 256 times (each wake-up is a write to the loop's self-pipe and a turn of the loop)."""
+
+    _by_loop: "dict[asyncio.AbstractEventLoop, LoopWaker]" = {}
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._pending: list[asyncio.Event] = []
+        self._lock = threading.Lock()
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> "LoopWaker":
+        waker = cls._by_loop.get(loop)
+        if waker is None:
+            for old in [x for x in cls._by_loop if x.is_closed()]:
+                del cls._by_loop[old]
+            waker = cls._by_loop[loop] = cls(loop)
+        return waker
+
+    def wake(self, event: asyncio.Event) -> None:
+        with self._lock:
+            first = not self._pending
+            self._pending.append(event)
+        if first and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            events, self._pending = self._pending, []
+        for event in events:
+            event.set()
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How a request's tokens are drawn. Sampling is seeded by (seed, position), so a request
@@ -201,11 +236,11 @@ class Request:
     async def stream_async(self, timeout: float = 600.0, start: int = 0) -> AsyncIterator[list[int]]:
         """``stream`` for an event loop: committed tokens past ``start`` as they arrive, without a
         thread per waiting request (the driver's thread wakes the loop)."""
-        loop = asyncio.get_running_loop()
+        waker = LoopWaker.of(asyncio.get_running_loop())
         changed = asyncio.Event()
 
         def wake() -> None:
-            loop.call_soon_threadsafe(changed.set)
+            waker.wake(changed)
 
         with self._cond:
             self._listeners.append(wake)
