@@ -102,7 +102,9 @@ class Daemon:
                                 w.max_batch, w.max_seq, w.api_host, w.api_port,
                                 cfg.collectives.deadline_floor.total_seconds(), cfg.state_dir, address, w.workload,
                                 build_timeout=cfg.collectives.build_timeout.total_seconds(),
-                                queue_capacity=w.queue_capacity, cuda_graphs=w.cuda_graphs)
+                                queue_capacity=w.queue_capacity, cuda_graphs=w.cuda_graphs,
+                                preload=cfg.layout.tp == cfg.layout.pp == 1 and (
+                                    device == "cpu" or cfg.layout.node_slots() == 1))
         env = {API_KEY_ENV: cfg.gateway.api_key} if cfg.gateway.api_key else None
         return Supervisor(command, cfg.state_dir / "logs", self._on_worker_exit, w.restart_budget,
                           w.restart_window.total_seconds(), env=env, spares=cfg.layout.spares,

@@ -295,6 +295,7 @@ class WorkerCommand:
     build_timeout: float = 30.0
     queue_capacity: int = 1024
     cuda_graphs: bool = True
+    preload: bool = False  # spares load the whole model and capture its graphs while they wait
 
     def seat_params(self, local_rank: int) -> dict:
         """The seat's API port (``api_port + local_rank``, or 0 for a free one) and URL file."""
@@ -311,7 +312,7 @@ class WorkerCommand:
         if self.channel:
             argv += ["--channel", self.channel]
         if local_rank is None:
-            return argv + ["--spare"]
+            return argv + ["--spare"] + (["--preload-shard"] if self.preload else [])
         p = self.seat_params(local_rank)
         return argv + ["--local-rank", str(local_rank), "--api-port", str(p["api_port"]),
                        "--api-url-file", p["api_url_file"]]

@@ -130,7 +130,10 @@ class Worker:
             self.args.api_port = api_port
         if api_url_file:
             self.args.api_url_file = api_url_file
+        preloaded_on = self._seat_device() if self.model is not None else None
         self.seat = (self.args.node, local_rank)
+        if preloaded_on is not None and preloaded_on != self._seat_device():
+            self.model = self.graphs = self.shard = None  # loaded for another device than the seat's
         self.gen = max(self.gen, after_gen)
         self.events.by = f"{self.args.node}/{local_rank}"
         self.log = get_logger("worker", node=self.args.node, local_rank=local_rank)
@@ -187,9 +190,24 @@ class Worker:
     def _seat_device(self) -> torch.device:
         dev = self.runtime.settings.device
         if dev.startswith("cuda") and ":" not in dev:
-            assert self.seat is not None
-            return torch.device(f"cuda:{self.seat[1]}")
+            return torch.device(f"cuda:{self.seat[1] if self.seat is not None else 0}")
         return torch.device(dev)
+
+    def preload(self) -> None:
+        """A spare of a TP=1, PP=1 deployment: every seat holds the whole model, so load it (and
+        capture its decode graphs) now, and a seat taken later serves without loading anything.
+        rallyd asks for it only where the seat's device is known ahead (one seat, or the CPU)."""
+        if self.probe:
+            return
+        try:
+            self._ensure_shard(ShardKey(0, 1, 0, 1))
+        except CheckpointError as exc:  # the seat that adopts this spare will load, fail and say so
+            self.log.error("worker.preload_failed", error=str(exc))
+            self.model = self.graphs = self.shard = None
+            return
+        captured = self.graphs.capture_all() if self.graphs is not None else 0.0
+        self.log.info("worker.preloaded", device=str(self._seat_device()), graphs=len(self.graphs.graphs)
+                      if self.graphs is not None else 0, capture_seconds=round(captured, 3))
 
     def _ensure_shard(self, key: ShardKey) -> float:
         """Load this rank's shard unless it is already in memory; return the seconds spent.
@@ -492,6 +510,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--max-seq", type=int, default=512)
     ap.add_argument("--queue-capacity", type=int, default=256)
+    ap.add_argument("--preload-shard", action="store_true",
+                    help="a spare of a TP=1, PP=1 deployment: load the whole model (and capture its "
+                         "CUDA graphs) while waiting for a seat")
     ap.add_argument("--cuda-graphs", default="on", choices=("on", "off"),
                     help="replay decode steps as CUDA graphs (GPU, TP=1, PP=1)")
     ap.add_argument("--api-host", default="127.0.0.1")
@@ -529,6 +550,9 @@ def main(argv: list[str] | None = None) -> int:
                 log.error("worker.no_channel", channel=args.channel, error=str(exc))
                 return 5
             log.warning("worker.no_channel", channel=args.channel, error=str(exc))
+    if args.spare and args.preload_shard:
+        set_title(spare_title(args.cluster, args.node, "loading the model"))
+        worker.preload()
     if args.spare:
         set_title(spare_title(args.cluster, args.node, "waiting for a seat"))
         log.info("worker.spare_ready", warm_up_seconds=round(warm, 3))

@@ -96,6 +96,36 @@ def test_warm_spare_takes_the_dead_workers_seat(etcd: EtcdCluster, client: EtcdC
             d.stop()
 
 
+def test_a_spare_of_a_one_rank_replica_has_the_model_loaded_before_it_is_needed(
+        etcd: EtcdCluster, client: EtcdClient, cluster_name: str, tmp_path: Path) -> None:
+    """TP=1: every seat holds the whole model, so the warm spare loads it while it waits; the
+    seat it adopts after a SIGKILL serves without loading anything, and the stream in flight
+    finishes with the failure-free tokens."""
+    model = make_model(tmp_path / "model", "tiny", seed=9)
+    keys = ClusterKeys(cluster_name)
+    args = daemon_args(etcd.endpoints, cluster_name, "--tp", "1", "--cpu-ranks", "1", "--spares", "1",
+                       "--state-dir", str(tmp_path / "a"), "--worker-model", str(model))
+    daemon = DaemonProcess("a", args, tmp_path / "a.log").start()
+    try:
+        url = wait_file(tmp_path / "a" / "api-0.url")
+        spare = wait_for("a preloaded spare", lambda: [p for p in spare_pids(daemon)
+                         if "waiting for a seat" in " ".join(psutil.Process(p).cmdline())], timeout=60)
+        requests = [{"prompt": f"preloaded {i}", "max_tokens": 40, "temperature": 0} for i in range(2)]
+        reference = [post(url, r)[1]["choices"][0]["token_ids"] for r in requests]
+        got, threads = start_streams(url, requests)
+        psutil.Process(seat_pid(daemon, 0)).kill()
+        for t in threads:
+            t.join(timeout=120)
+        assert [got.get(i) for i in range(len(requests))] == reference
+        daemon.wait_log('"supervisor.spare_adopted"')
+        assert seat_pid(daemon, 0) == spare[0]
+        loaded = wait_for("gen 2's shard_loaded", lambda: [e for e in read_events(client, keys, 2)
+                                                           if e.kind == ev.SHARD_LOADED])
+        assert loaded[0].detail["seconds"] == 0.0, loaded  # the weights were already there
+    finally:
+        daemon.stop()
+
+
 @pytest.mark.parametrize("down", [0.0, 4.5], ids=["before-its-lease-ran-out", "after-its-lease-ran-out"])
 def test_a_node_restarted_at_once_does_not_rejoin_the_dead_generation(
         etcd: EtcdCluster, client: EtcdClient, cluster_name: str, tmp_path: Path, down: float) -> None:
