@@ -184,6 +184,8 @@ class WorkerConfig:
         dtype: weights' dtype; ``auto`` is bfloat16 on GPUs, float32 on CPU.
         max_batch: KV-cache rows per replica (requests decoded together).
         max_seq: positions per row (prompt + completion).
+        prefill_tokens: the most prompt positions one prefill step computes; a longer prompt
+            fills in chunks, with decode steps of the running requests between them.
         cuda_graphs: replay decode steps as CUDA graphs (on GPUs, for replicas of one rank: TP=1,
             PP=1); a graph is captured the first time a batch size and KV length bucket are seen.
         queue_capacity: requests a replica's driver holds (running and waiting); past it, 503 with
@@ -207,6 +209,7 @@ class WorkerConfig:
     max_seq: int = _opt(512, "int", ge=16)
     queue_capacity: int = _opt(1024, "int", ge=1)
     cuda_graphs: bool = _opt(True, "bool")
+    prefill_tokens: int = _opt(4096, "int", ge=1)
     api_host: str = _opt("127.0.0.1", "str")
     api_port: int = _opt(0, "int", ge=0)
     restart_budget: int = _opt(5, "int", ge=0)

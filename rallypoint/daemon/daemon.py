@@ -103,6 +103,7 @@ class Daemon:
                                 cfg.collectives.deadline_floor.total_seconds(), cfg.state_dir, address, w.workload,
                                 build_timeout=cfg.collectives.build_timeout.total_seconds(),
                                 queue_capacity=w.queue_capacity, cuda_graphs=w.cuda_graphs,
+                                prefill_tokens=w.prefill_tokens,
                                 preload=cfg.layout.tp == cfg.layout.pp == 1 and (
                                     device == "cpu" or cfg.layout.node_slots() == 1))
         env = {API_KEY_ENV: cfg.gateway.api_key} if cfg.gateway.api_key else None

@@ -295,6 +295,7 @@ class WorkerCommand:
     build_timeout: float = 30.0
     queue_capacity: int = 1024
     cuda_graphs: bool = True
+    prefill_tokens: int = 4096
     preload: bool = False  # spares load the whole model and capture its graphs while they wait
 
     def seat_params(self, local_rank: int) -> dict:
@@ -308,7 +309,8 @@ class WorkerCommand:
                 "--max-batch", str(self.max_batch), "--max-seq", str(self.max_seq), "--api-host", self.api_host,
                 "--deadline-floor", str(self.deadline_floor), "--after-gen", str(after_gen), "--die-with-parent",
                 "--workload", self.workload, "--build-timeout", str(self.build_timeout),
-                "--queue-capacity", str(self.queue_capacity), "--cuda-graphs", "on" if self.cuda_graphs else "off"]
+                "--queue-capacity", str(self.queue_capacity), "--cuda-graphs", "on" if self.cuda_graphs else "off",
+                "--prefill-tokens", str(self.prefill_tokens)]
         if self.channel:
             argv += ["--channel", self.channel]
         if local_rank is None:

@@ -5,8 +5,10 @@ PP stage 0, TP rank 0) decides what the step is and broadcasts a fixed-size head
 each stage runs its layers and hands ``{header, hidden}`` to the next stage; the last stage samples
 the next token of every row and sends them back to the first stage. A step is one of:
 
-* PREFILL: every request that can start (new, or resumed after an abort) fills its KV-cache row,
-  all in one forward (prompts right-padded to the longest, up to ``prefill_tokens`` in all);
+* PREFILL: requests that start (new, or resumed after an abort) fill their KV-cache rows, several
+  in one forward (right-padded to the longest), at most ``prefill_tokens`` positions a step: a
+  long prompt fills in chunks over several PREFILL steps, and DECODE steps of the running rows
+  take turns with them, so one long prompt does not stall every stream;
 * DECODE: every active row advances one token; the step covers cache rows ``0..B-1`` (the driver
   keeps requests in the lowest free rows) and the first ``kv_len`` positions (a power of two), so
   its shapes come from a small set and a CUDA graph per shape can replay it (``worker.graphs``);
@@ -206,6 +208,9 @@ class Driver:
         self.held: deque[Request] = deque()  # in flight at an abort; resumed first
         self.switch_to = 0  # a newer generation to move to at the next step boundary
         self.first_commit_at = 0.0  # wall time the current generation first committed a token
+        self.filling: dict[int, tuple[list[int], int]] = {}  # row -> (sequence to prefill, positions in the cache)
+        self._filled: dict[int, int] = {}  # what the planned step adds to ``filling``
+        self._last_kind = IDLE
 
     def _next_waiting(self) -> Request | None:
         """The next request to start: held ones first, then the queue; cancelled ones are finished."""
@@ -221,24 +226,30 @@ class Driver:
                 return r
             self.queue.finished(r)  # cancelled while it waited (a stop string, the client went away)
 
-    def _admit(self) -> list[tuple[int, Request, list[int]]]:
-        """Requests to prefill now, each in the lowest free row, within ``prefill_tokens``."""
+    def _admit(self) -> None:
+        """Seat waiting requests in the lowest free rows; their prompts fill over PREFILL steps."""
         free = [r for r in range(self.settings.max_batch) if r not in self.rows]
-        batch: list[tuple[int, Request, list[int]]] = []
-        longest = 0
         while free:
             r = self._next_waiting()
             if r is None:
-                break
-            seq = r.prompt if r.fed is not None else r.tokens_so_far
-            if batch and max(longest, len(seq)) * (len(batch) + 1) > self.settings.prefill_tokens:
-                self.held.appendleft(r)  # first in the next step
-                break
+                return
             row = free.pop(0)
             self.rows[row] = r
-            batch.append((row, r, seq))
-            longest = max(longest, len(seq))
-        return batch
+            self.filling[row] = (r.prompt if r.fed is not None else r.tokens_so_far, 0)
+
+    def _chunks(self) -> list[tuple[int, int, int]]:
+        """(row, start, length) of the prompt chunks the next PREFILL step computes: rows in order,
+        each as much as is left of ``prefill_tokens`` (a long prompt takes several steps, and
+        decode steps run between them)."""
+        budget, out = self.settings.prefill_tokens, []
+        for row in sorted(self.filling):
+            seq, start = self.filling[row]
+            take = min(len(seq) - start, budget)
+            if take <= 0:
+                break
+            out.append((row, start, take))
+            budget -= take
+        return out
 
     def plan(self) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[int, Request]]]:
         """Decide the next step: (header on the host, tokens, [(output index, request)] producing a token)."""
@@ -250,20 +261,30 @@ class Driver:
         fields: list[list[int]] = [[0] * mb for _ in range(6)]
         toks: list[int] = []
         produced: list[tuple[int, Request]] = []
-        new = self._admit()
-        if new:
-            s = max(len(seq) for _, _, seq in new)
-            kind, b, kv_len = PREFILL, len(new), s
-            for i, (row, r, seq) in enumerate(new):
-                self._put(fields, i, r, row, 0, len(seq))
-                toks += seq
-                toks += [0] * (s - len(seq))
-                produced.append((i, r))
+        self._admit()
+        active = {row: r for row, r in self.rows.items()
+                  if row not in self.filling and (r.fed is not None or not self._exhausted(r))}
+        self._filled = {}
+        if self.filling and not (active and self._last_kind == PREFILL):  # prefill and decode take turns
+            chunks = self._chunks()
+            # every row's padding must stay inside its cache row: start + S <= max_seq
+            cap = self.settings.max_seq - max(start for _, start, _ in chunks)
+            chunks = [(row, start, min(n, cap)) for row, start, n in chunks]
+            s = max(n for _, _, n in chunks)
+            kind, b, kv_len = PREFILL, len(chunks), max(start + n for _, start, n in chunks)
+            for i, (row, start, n) in enumerate(chunks):
+                r = self.rows[row]
+                seq = self.filling[row][0]
+                self._put(fields, i, r, row, start, n)
+                toks += seq[start:start + n]
+                toks += [0] * (s - n)
+                self._filled[row] = start + n
+                if start + n == len(seq):  # the prompt's last chunk gives the first token
+                    produced.append((i, r))
         else:
-            active = {row: r for row, r in self.rows.items() if r.fed is not None or not self._exhausted(r)}
             kind, s = (DECODE, 1) if active else (IDLE, 0)
             b = max(active) + 1 if active else 0
-            toks = [0] * b  # a free or finished row in 0..b-1 computes a throwaway token
+            toks = [0] * b  # a free, filling or finished row in 0..b-1 computes a throwaway token
             longest = 0
             for row, r in active.items():
                 last, n = r.last_known()
@@ -272,6 +293,7 @@ class Driver:
                 produced.append((row, r))
                 longest = max(longest, n)
             kv_len = kv_bucket(longest, self.settings.max_seq) if active else 0
+        self._last_kind = kind
         hdr = torch.tensor([kind, b, s, 0, kv_len] + [v for f in fields for v in f], dtype=torch.int64)
         tokens = torch.tensor(toks, dtype=torch.int64) if toks else None
         if self.device.type == "cuda":  # copied to the device without a staging copy
@@ -293,6 +315,14 @@ class Driver:
 
     def done(self, produced: list[tuple[int, Request]], nxt: torch.Tensor | None) -> None:
         """The step succeeded: confirm earlier tokens, then record this step's (uncommitted)."""
+        for row, upto in self._filled.items():
+            if row in self.filling:
+                seq = self.filling[row][0]
+                if upto >= len(seq):
+                    del self.filling[row]
+                else:
+                    self.filling[row] = (seq, upto)
+        self._filled = {}
         for row, r in list(self.rows.items()):
             had = len(r.committed)
             r.commit()
@@ -300,6 +330,7 @@ class Driver:
                 self.first_commit_at = time.time()
             if r.done:
                 del self.rows[row]
+                self.filling.pop(row, None)
                 self.queue.finished(r)
         if produced and nxt is not None:
             got = nxt.tolist()
@@ -317,6 +348,8 @@ class Driver:
             r.rollback()
             self.queue.counts["resumed"] += 1
         self.rows.clear()
+        self.filling.clear()
+        self._filled = {}
         self.held.extendleft(reversed(held))
         return held
 

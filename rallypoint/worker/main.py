@@ -106,7 +106,8 @@ class Worker:
         self.build_guard = BuildGuard(lambda gen: self._newer_than(gen) is not None,
                                       limit=self.runtime.settings.build_timeout + 15.0, grace=15.0,
                                       on_stuck=self._build_stuck)
-        self.settings = EngineSettings(max_batch=args.max_batch, max_seq=args.max_seq)
+        self.settings = EngineSettings(max_batch=args.max_batch, max_seq=args.max_seq,
+                                       prefill_tokens=args.prefill_tokens)
         self.queue = RequestQueue(capacity=args.queue_capacity)
         self.model = None
         self.graphs = None  # worker.graphs.DecodeGraphs of self.model, on a GPU with TP=1 and PP=1
@@ -510,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--max-seq", type=int, default=512)
     ap.add_argument("--queue-capacity", type=int, default=256)
+    ap.add_argument("--prefill-tokens", type=int, default=4096,
+                    help="the most prompt positions one prefill step computes (longer prompts fill in chunks)")
     ap.add_argument("--preload-shard", action="store_true",
                     help="a spare of a TP=1, PP=1 deployment: load the whole model (and capture its "
                          "CUDA graphs) while waiting for a seat")

@@ -232,6 +232,30 @@ def test_pipeline_and_tensor_parallel_replicas_give_the_same_tokens(deploy) -> N
     assert tokens[0] == tokens[1] == tokens[2] and len(tokens[0]) == 16
 
 
+def test_long_prompts_fill_in_chunks_between_decode_steps_with_the_same_tokens(deploy) -> None:
+    """``--prefill-tokens 8``: prompts of 30-60 tokens fill over several prefill steps, taking
+    turns with the decode steps of the requests already running; every answer equals the one a
+    replica that prefills whole prompts gives."""
+    prompts = [{"prompt": f"chunked prefill {i}: " + "the quick brown fox " * (1 + i), "max_tokens": 12,
+                "temperature": 0} for i in range(3)]
+    answers = []
+    for chunk in ("4096", "8"):
+        d = deploy(prefill_tokens=chunk)
+        w = d.start_worker("n0", 0)
+        d.publish(1, [("n0", 0)])
+        url = d.url(w)
+        got: dict[int, list[int]] = {}
+        threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, post(url, prompts[i])[1]["choices"][0]["token_ids"]))
+                   for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        answers.append([got.get(i) for i in range(len(prompts))])
+        d.close()
+    assert answers[0] == answers[1] and all(len(a) == 12 for a in answers[0])
+
+
 def test_corrupt_shard_is_named(deploy, model_dir: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad-model"
     bad.mkdir()
