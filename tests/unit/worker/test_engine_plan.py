@@ -52,7 +52,7 @@ def test_padding_never_reaches_past_the_cache_row() -> None:
     q = RequestQueue()
     d = Driver(q, EngineSettings(max_batch=4, max_seq=64, prefill_tokens=100), torch.device("cpu"))
     a = q.submit(Request([1] * 60, SamplingParams(max_tokens=4)))
-    b_ = q.submit(Request([2] * 30, SamplingParams(max_tokens=4)))
+    q.submit(Request([2] * 30, SamplingParams(max_tokens=4)))
     d.filling = {}
     d._admit()
     d.filling[0] = (d.filling[0][0], 56)  # row 0 is near the end of its row: 4 positions left
