@@ -184,6 +184,9 @@ class WorkerConfig:
         dtype: weights' dtype; ``auto`` is bfloat16 on GPUs, float32 on CPU.
         max_batch: KV-cache rows per replica (requests decoded together).
         max_seq: positions per row (prompt + completion).
+        stream_interval: after a streamed chunk a driver waits this long before the next, so the
+            tokens of several steps go out in one chunk (fewer chunks through the HTTP path when
+            many streams run); 0 sends every step's tokens at once. The first token is never held.
         prefill_tokens: the most prompt positions one prefill step computes; a longer prompt
             fills in chunks, with decode steps of the running requests between them.
         cuda_graphs: replay decode steps as CUDA graphs (on GPUs, for replicas of one rank: TP=1,
@@ -210,6 +213,7 @@ class WorkerConfig:
     queue_capacity: int = _opt(1024, "int", ge=1)
     cuda_graphs: bool = _opt(True, "bool")
     prefill_tokens: int = _opt(4096, "int", ge=1)
+    stream_interval: timedelta = _opt(_secs(0.0), "seconds", ge=0)
     api_host: str = _opt("127.0.0.1", "str")
     api_port: int = _opt(0, "int", ge=0)
     restart_budget: int = _opt(5, "int", ge=0)

@@ -296,6 +296,7 @@ class WorkerCommand:
     queue_capacity: int = 1024
     cuda_graphs: bool = True
     prefill_tokens: int = 4096
+    stream_interval: float = 0.0
     preload: bool = False  # spares load the whole model and capture its graphs while they wait
 
     def seat_params(self, local_rank: int) -> dict:
@@ -310,7 +311,7 @@ class WorkerCommand:
                 "--deadline-floor", str(self.deadline_floor), "--after-gen", str(after_gen), "--die-with-parent",
                 "--workload", self.workload, "--build-timeout", str(self.build_timeout),
                 "--queue-capacity", str(self.queue_capacity), "--cuda-graphs", "on" if self.cuda_graphs else "off",
-                "--prefill-tokens", str(self.prefill_tokens)]
+                "--prefill-tokens", str(self.prefill_tokens), "--stream-interval", str(self.stream_interval)]
         if self.channel:
             argv += ["--channel", self.channel]
         if local_rank is None:

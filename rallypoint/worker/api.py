@@ -10,6 +10,7 @@ cost no thread: the driver's thread wakes the event loop when it commits tokens.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -56,6 +57,9 @@ class Frontend:
         max_tokens_limit: the largest ``max_tokens`` accepted (context permitting).
         max_context: prompt + max_tokens must fit.
         request_timeout: a request that has not finished by then ends with finish reason "timeout".
+        stream_interval: after a streamed chunk, wait this long before the next (its tokens
+            accumulate meanwhile): fewer, larger chunks when many streams run; 0 sends each
+            step's tokens at once. The first token is never held.
     """
 
     queue: RequestQueue
@@ -66,6 +70,7 @@ class Frontend:
     max_tokens_limit: int = 4096
     max_context: int = 2048
     request_timeout: float = 600.0
+    stream_interval: float = 0.0
     started: float = field(default_factory=time.time)
 
     # -- admission -----------------------------------------------------------------------------
@@ -236,6 +241,8 @@ async def _events(fe: Frontend, kind: str, body: CompletionRequest | ChatComplet
         completion += len(new)
         if delta or new or finish:
             yield oa.sse(oa.chunk(kind, rid, created, fe.model, delta, new, finish))
+        if fe.stream_interval and completion > len(body.resume_tokens) and not finish:
+            await asyncio.sleep(fe.stream_interval)  # the tokens of the next steps go out together
     if body.include_usage:
         yield oa.sse(oa.usage_chunk(kind, rid, created, fe.model, oa.usage(len(req.prompt), completion)))
     yield oa.DONE

@@ -277,7 +277,7 @@ class Worker:
             return
         fe = Frontend(queue=self.queue, tokenizer=self.tokenizer, vocab_size=self.config.vocab_size,
                       state=lambda: (self.state, self.gen), model=served_model_name(self.args.model),
-                      max_context=self.settings.max_seq)
+                      max_context=self.settings.max_seq, stream_interval=self.args.stream_interval)
         self.api = ApiServer(fe, self.args.api_host, self.args.api_port, api_key=os.environ.get(API_KEY_ENV))
         self.api.serve_in_thread()
         if self.args.api_url_file:
@@ -511,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--max-seq", type=int, default=512)
     ap.add_argument("--queue-capacity", type=int, default=256)
+    ap.add_argument("--stream-interval", type=float, default=0.0,
+                    help="seconds a stream waits after a chunk before sending the next (tokens accumulate)")
     ap.add_argument("--prefill-tokens", type=int, default=4096,
                     help="the most prompt positions one prefill step computes (longer prompts fill in chunks)")
     ap.add_argument("--preload-shard", action="store_true",

@@ -8,6 +8,7 @@ nothing may reach the queue.)"""
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import httpx
@@ -78,3 +79,30 @@ def test_a_client_that_hangs_up_cancels_its_request(api) -> None:
     while not req.done and time.monotonic() < deadline:
         time.sleep(0.01)
     assert req.finish_reason == "abandoned"
+
+
+def test_a_stream_interval_sends_fewer_larger_chunks_and_every_token(tmp_path) -> None:
+    """With ``stream_interval`` the tokens of the steps made while a chunk waits go out together;
+    none is lost or reordered, and the first token is not held."""
+    tok = load_tokenizer(make_model(tmp_path / "m", "tiny"))
+    fe = Frontend(queue=RequestQueue(), tokenizer=tok, vocab_size=320, state=lambda: ("serving", 3), model="m",
+                  stream_interval=0.05)
+    server = ApiServer(fe).serve_in_thread()
+    try:
+        def engine() -> None:  # a driver committing a token every 2 ms
+            req = fe.queue.take(1, timeout=5)[0]
+            for t in range(40):
+                req.pending.append(100 + t)
+                req.commit()
+                time.sleep(0.002)
+
+        threading.Thread(target=engine, daemon=True).start()
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 40, "stream": True},
+                       timeout=10)
+        chunks = [json.loads(x[6:]) for x in r.text.split("\n\n") if x.startswith("data: {")]
+        tokens = [t for c in chunks for t in c["choices"][0]["token_ids"]]
+        assert tokens == list(range(100, 140)) and chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert chunks[0]["choices"][0]["token_ids"] == [100]  # the first token at once
+        assert len(chunks) < 10, len(chunks)  # 40 tokens in 80 ms, a chunk at most every 50 ms
+    finally:
+        server.stop()
