@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rallypoint.api import API_KEY_ENV, served_model_name
 from rallypoint.daemon.channel import ChannelClient
 from rallypoint.errors import CheckpointError, EtcdError, GenerationAborted, GroupError, RallypointError
 from rallypoint.groups.group_set import GroupSet
@@ -32,7 +33,6 @@ from rallypoint.recovery.events import EventLog
 from rallypoint.rendezvous.etcd import EtcdSettings, endpoints_from
 from rallypoint.rendezvous.records import Plan
 from rallypoint.worker import exit_codes
-from rallypoint.api import API_KEY_ENV, served_model_name
 from rallypoint.worker.api import ApiServer, Frontend
 from rallypoint.worker.build_guard import BuildGuard
 from rallypoint.worker.control import Controller, drained_key
