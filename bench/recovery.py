@@ -4,7 +4,10 @@ restart, side by side in one run.
 One rallyd serves TP=2 (``--gpus 2``), or TP=2 x DP=2 (``--gpus 4``), or two CPU ranks
 (``--gpus 0``). A client streams a long greedy completion from replica 0; the bench SIGKILLs the
 worker of rank 1 mid-stream and reads the recovery off the cluster's events in etcd (wall clock,
-one host) and the survivor's log:
+one host) and the survivor's log. With ``--tp 1`` the replica is one rank (``--gpus 1``, or one
+CPU rank): the bench kills rank 0, the driver itself, and the client streams through rallyd's
+gateway, which resumes the request on the replacement (a warm spare has the model loaded and
+its CUDA graphs captured while it waits):
 
     kill -> detected (rallyd reaped the exit) -> abort ordered -> survivor's TP group aborted
          -> replacement (spare adopted / process started) -> plan N+1 written -> released
@@ -15,6 +18,7 @@ strategies, each on a fresh daemon, ``--runs`` kills each.
 
     python bench/recovery.py --gpus 2 --model /tmp/rp-1b         # GPU machine
     python bench/recovery.py --gpus 0 --size tiny --runs 2        # CPU smoke run
+    python bench/recovery.py --tp 1 --gpus 1 --runs 10 --model /tmp/rp-1b --dtype float32
 """
 
 from __future__ import annotations
@@ -83,24 +87,31 @@ def seat_pid(daemon: DaemonProcess, local_rank: int) -> int:
 
 
 def wait_spare(daemon: DaemonProcess, after: float, timeout: float = 120) -> None:
-    """Block until a spare said hello after ``after`` (it is warm)."""
+    """Block until a spare said hello after ``after`` and waits for a seat (it is warm, and has
+    preloaded the model where it does)."""
+    from rallypoint.worker.title import describe
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if any(e.get("event") == "rallyd.worker_connected" and e.get("role") == "spare" and ts(e) > after
-               for e in log_lines(daemon.log_path)):
+        hello = any(e.get("event") == "rallyd.worker_connected" and e.get("role") == "spare" and ts(e) > after
+                    for e in log_lines(daemon.log_path))
+        waiting = any((i := describe(p.cmdline())) is not None and i.kind == "spare"
+                      and "waiting for a seat" in " ".join(p.cmdline())
+                      for p in psutil.Process(daemon.pid).children())
+        if hello and waiting:
             return
         time.sleep(0.1)
     raise SystemExit("no warm spare came up")
 
 
 def one_run(url: str, body: dict, reference: list[int], daemon: DaemonProcess, client: EtcdClient,
-            keys: ClusterKeys, gen: int, state: Path) -> dict:
+            keys: ClusterKeys, gen: int, state: Path, victim_seat: int = 1) -> dict:
     stamps: list[tuple[float, list[int]]] = []
     t = threading.Thread(target=stream, args=(url, body, stamps))
     t.start()
     while len(stamps) < 8:
         time.sleep(0.005)
-    victim = seat_pid(daemon, 1)
+    victim = seat_pid(daemon, victim_seat)
     t_kill = time.time()
     psutil.Process(victim).send_signal(signal.SIGKILL)
     t.join(timeout=300)
@@ -129,10 +140,10 @@ def run_mode(mode: str, args: argparse.Namespace, model: Path, work: Path, etcd:
     keys = ClusterKeys(cluster)
     client = EtcdClient(EtcdSettings(endpoints=etcd.endpoints))
     state = work / mode
-    node_args = ["--tp", "2", "--state-dir", str(state), "--worker-model", str(model), "--worker-max-seq", "512",
-                 "--worker-restart-budget", "100", "--worker-dtype", args.dtype,
+    node_args = ["--tp", str(args.tp), "--state-dir", str(state), "--worker-model", str(model),
+                 "--worker-max-seq", "512", "--worker-restart-budget", "100", "--worker-dtype", args.dtype,
                  "--spares", "1" if mode == "spare" else "0"]
-    node_args += ["--gpus", str(args.gpus)] if args.gpus else ["--cpu-ranks", "2"]
+    node_args += ["--gpus", str(args.gpus)] if args.gpus else ["--cpu-ranks", str(args.tp)]
     daemon = DaemonProcess("n0", daemon_args(etcd.endpoints, cluster) + node_args, work / f"rallyd-{mode}.log").start()
     body = {"prompt": "recovery under fire: " * 2, "max_tokens": args.tokens, "temperature": 0}
     results = []
@@ -144,6 +155,8 @@ def run_mode(mode: str, args: argparse.Namespace, model: Path, work: Path, etcd:
                 raise SystemExit(f"no API; see {work}")
             time.sleep(0.1)
         url = url_file.read_text()
+        if args.tp == 1:  # the driver is the victim: the client goes through the gateway, which resumes
+            url = (state / "gateway.url").read_text().strip()
         req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
         reference = json.loads(urllib.request.urlopen(req, timeout=300).read())["choices"][0]["token_ids"]
@@ -151,7 +164,8 @@ def run_mode(mode: str, args: argparse.Namespace, model: Path, work: Path, etcd:
             if mode == "spare":
                 wait_spare(daemon, after=0 if run == 0 else results[-1]["killed_at"])
             t_before = time.time()
-            r = one_run(url, body, reference, daemon, client, keys, gen=run + 1, state=state)
+            r = one_run(url, body, reference, daemon, client, keys, gen=run + 1, state=state,
+                        victim_seat=0 if args.tp == 1 else 1)
             r["killed_at"] = t_before
             results.append(r)
             print(f"{mode} run {run + 1} ({r['strategy']}): "
@@ -167,7 +181,8 @@ def run_mode(mode: str, args: argparse.Namespace, model: Path, work: Path, etcd:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gpus", type=int, default=2, help="2: TP=2; 4: TP=2 x DP=2; 0: two CPU ranks")
+    ap.add_argument("--gpus", type=int, default=2, help="2: TP=2; 4: TP=2 x DP=2; 0: CPU ranks")
+    ap.add_argument("--tp", type=int, default=2, choices=(1, 2), help="1: a one-rank replica, its driver killed")
     ap.add_argument("--model", type=Path)
     ap.add_argument("--size", default="1b")
     ap.add_argument("--runs", type=int, default=3)
@@ -186,7 +201,9 @@ def main() -> int:
         for mode in args.modes.split(","):
             results[mode] = run_mode(mode, args, model, work, etcd)
     layout = {2: "TP=2 on 2 GPUs", 4: "TP=2 x DP=2 on 4 GPUs", 0: "TP=2 on 2 CPU ranks"}.get(args.gpus, f"{args.gpus} GPUs")
-    print(f"\n{layout}, SIGKILL rank 1 under a {args.tokens}-token greedy stream; seconds after the kill, "
+    if args.tp == 1:
+        layout = "TP=1 on 1 GPU" if args.gpus else "TP=1 on 1 CPU rank"
+    print(f"\n{layout}, SIGKILL rank {0 if args.tp == 1 else 1} under a {args.tokens}-token greedy stream; seconds after the kill, "
           f"median [max] of {args.runs} runs")
     print(f"{'milestone':<14}" + "".join(f"{m:>18}" for m in results))
     for c in COLUMNS:

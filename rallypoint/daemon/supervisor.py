@@ -314,8 +314,8 @@ class WorkerCommand:
                 "--prefill-tokens", str(self.prefill_tokens), "--stream-interval", str(self.stream_interval)]
         if self.channel:
             argv += ["--channel", self.channel]
-        if local_rank is None:
-            return argv + ["--spare"] + (["--preload-shard"] if self.preload else [])
+        if local_rank is None:  # --api-port: 0 lets a preloading spare open its API ahead
+            return argv + ["--spare", "--api-port", str(self.api_port)] + (["--preload-shard"] if self.preload else [])
         p = self.seat_params(local_rank)
         return argv + ["--local-rank", str(local_rank), "--api-port", str(p["api_port"]),
                        "--api-url-file", p["api_url_file"]]

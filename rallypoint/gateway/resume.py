@@ -112,16 +112,16 @@ async def stream_completion(body: dict[str, Any], upstreams: Callable[[], list[s
     p.tokens = list(body.get("resume_tokens") or [])
     p.text = str(body.get("resume_text") or "")
     deadline = time.monotonic() + timeout
-    last_error, pause = "no upstream known", 0.05
+    last_error, pause = "no upstream known", 0.02
     failed: set[str] = set()  # upstreams that failed this request; tried again once all have
     base = {k: v for k, v in body.items() if k not in ("resume_tokens", "resume_text")}
     base.update(stream=True, stream_options={"include_usage": True})
     try:
         while time.monotonic() < deadline:
             urls = upstreams()
-            if not urls:
+            if not urls:  # looking costs nothing (no etcd on this path): look often, a recovery is short
                 await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-                pause = min(pause * 2, 0.5)
+                pause = min(pause * 2, 0.1)
                 continue
             fresh = [u for u in urls if u not in failed]
             if not fresh:
@@ -172,7 +172,7 @@ async def stream_completion(body: dict[str, Any], upstreams: Callable[[], list[s
                 last_error = f"{url}: {type(exc).__name__}: {exc}"
                 failed.add(url)
             await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-            pause = min(pause * 2, 0.5)
+            pause = min(pause * 2, 0.1)
         raise NoUpstream(f"no upstream finished the request within {timeout:g}s "
                          f"({len(p.tokens)} token(s) delivered; last error: {last_error})")
     finally:

@@ -118,6 +118,7 @@ class Worker:
         self.plan: Plan | None = None
         self.replica = -1
         self.stopping = threading.Event()
+        self.beat_now = threading.Event()  # tell rallyd at once (it routes by these beats): a new state
         self._first_token_gen = 0
         self._drained_gen = 0
         if args.local_rank is not None:
@@ -207,6 +208,8 @@ class Worker:
             self.model = self.graphs = self.shard = None
             return
         captured = self.graphs.capture_all() if self.graphs is not None else 0.0
+        if self.args.api_port == 0:  # seats take any free port: open the API now, not at adoption
+            self._open_api()
         self.log.info("worker.preloaded", device=str(self._seat_device()), graphs=len(self.graphs.graphs)
                       if self.graphs is not None else 0, capture_seconds=round(captured, 3))
 
@@ -273,16 +276,19 @@ class Worker:
         return getattr(torch, self.args.dtype)
 
     def _start_api(self) -> None:
-        if self.api is not None:
-            return
+        """Serve the replica's API (once), and say where in the seat's URL file."""
+        if self.api is None:
+            self._open_api()
+        if self.args.api_url_file:
+            with open(self.args.api_url_file, "w") as f:
+                f.write(self.api.url)
+
+    def _open_api(self) -> None:
         fe = Frontend(queue=self.queue, tokenizer=self.tokenizer, vocab_size=self.config.vocab_size,
                       state=lambda: (self.state, self.gen), model=served_model_name(self.args.model),
                       max_context=self.settings.max_seq, stream_interval=self.args.stream_interval)
         self.api = ApiServer(fe, self.args.api_host, self.args.api_port, api_key=os.environ.get(API_KEY_ENV))
         self.api.serve_in_thread()
-        if self.args.api_url_file:
-            with open(self.args.api_url_file, "w") as f:
-                f.write(self.api.url)
 
     def run(self) -> int:
         assert self.seat is not None, "take_seat first"
@@ -328,6 +334,7 @@ class Worker:
                 self.driver.switch_to = 0  # any switch asked for is this very generation
                 self.driver.first_commit_at = 0.0
             self.state = "serving"
+            self.beat_now.set()
             self.title("driver, serving" if is_driver else "serving", groups.rank)
             self.log.info("worker.serving", gen=plan.gen, rank=groups.rank, driver=is_driver,
                           shard_seconds=round(loaded, 3))
@@ -487,7 +494,8 @@ def start_beats(channel: ChannelClient, worker: Worker, every: float = 0.5) -> N
                                  "in_flight": len(q.in_flight), "counts": dict(q.counts),
                                  "api": worker.api.url if worker.api is not None else None}):
                 return
-            worker.stopping.wait(every)
+            worker.beat_now.wait(every)
+            worker.beat_now.clear()
 
     threading.Thread(target=beat, name="rallypoint-beats", daemon=True).start()
 
