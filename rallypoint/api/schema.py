@@ -155,28 +155,53 @@ class ChatCompletionRequest(_Sampling):
         return [{**m.model_dump(exclude_unset=True), "content": m.text()} for m in self.messages]
 
 
+_UNION_MEMBERS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
+                  "list[int]": "a list of token ids (integers)", "list[str]": "a list of strings",
+                  "list[dict[str,any]]": "a list of content parts"}
+
+
+def _is_member(part: object) -> bool:
+    """Whether a pydantic error location part names the union member tried, not a field."""
+    return isinstance(part, str) and (part in _UNION_MEMBERS or part.startswith("function-"))
+
+
+def _where(loc: list[Any]) -> str:
+    out = ""
+    for p in loc:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "body"
+
+
 def field_error(errors: list[dict[str, Any]]) -> str:
     """One sentence naming the field of the first validation error (pydantic's ``errors()``)."""
     if not errors:
         return "invalid request"
     e = errors[0]
-    loc = [str(p) for p in e.get("loc", ()) if p != "body"]
-    # pydantic puts the union member it tried in the path ("prompt.str"); drop type names
-    loc = [p for p in loc if p not in ("str", "int", "float", "bool", "list[int]", "list[str]",
-                                       "list[dict[str,any]]", "function-after[_neutral(), _Sampling]")]
+    loc = [p for p in e.get("loc", ()) if p != "body"]
     msg = str(e.get("msg", "invalid"))
     if msg.startswith("Value error, "):
         return msg[len("Value error, "):]
     kind = e.get("type")
     if kind == "json_invalid":
         return f"body is not valid JSON: {e.get('ctx', {}).get('error', msg)}"
+    cut = next((i for i, p in enumerate(loc) if _is_member(p)), None)
+    if cut is not None:  # a field of several accepted types: say which, not the first one's complaint
+        field, members = loc[:cut], []
+        for x in errors:
+            xl = [p for p in x.get("loc", ()) if p != "body"]
+            if xl[:cut] == field and len(xl) > cut and xl[cut] in _UNION_MEMBERS and xl[cut] not in members:
+                members.append(xl[cut])
+        want = " or ".join(_UNION_MEMBERS[m] for m in members) or "another type"
+        return f"{_where(field)}: expected {want}, got {_shown(e.get('input'))}"
     if kind == "missing":
-        return f"{'.'.join(loc)}: required"
+        return f"{_where(loc)}: required"
     if kind == "extra_forbidden":
-        return f"{'.'.join(loc)}: unsupported field"
+        return f"{_where(loc)}: unsupported field"
     if not loc and kind in ("model_attributes_type", "dict_type"):
         return "body must be a JSON object"
-    where = ".".join(loc) or "body"
-    got = e.get("input")
-    shown = "" if isinstance(got, (dict, list)) and len(repr(got)) > 80 else f" (got {got!r})"
-    return f"{where}: {msg}{shown}"
+    return f"{_where(loc)}: {msg} (got {_shown(e.get('input'))})"
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
