@@ -134,6 +134,8 @@ def test_errors_are_openai_shaped_and_name_the_field(served: Served) -> None:
     cases = [(dict(prompt="x", max_tokens=10**6), "max_tokens"), (dict(prompt="x", n=2), "n: only 1"),
              (dict(prompt="x", temperature=5), "temperature"), (dict(prompt="", max_tokens=2), "prompt: must not be empty"),
              (dict(prompt=[1, 10**9]), "outside the vocabulary"), (dict(prompt="x", top_p=0), "top_p"),
+             (dict(prompt=[1, "a"]), "prompt: expected a string or a list of token ids"),
+             (dict(prompt="x", stop=[1]), "stop: expected a string or a list of strings"),
              (dict(prompt="x", max_tokens=4, extra_body={"frobnicate": 1}), "frobnicate")]
     for kw, words in cases:
         with pytest.raises(openai.BadRequestError) as info:
