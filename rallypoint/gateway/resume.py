@@ -66,20 +66,26 @@ def upstream_client(max_connections: int | None = None) -> httpx.AsyncClient:
 
 
 async def _events(resp: httpx.Response, read_timeout: float) -> AsyncIterator[dict[str, Any] | None]:
-    """The stream's chunks (None for ``[DONE]``), each line awaited with ``read_timeout``: a silent
-    upstream is a broken one. (A timer per line, not one around the generator: a timeout must
-    not fire while the consumer holds the generator suspended.)"""
-    lines = resp.aiter_lines().__aiter__()
+    """The stream's chunks (None for ``[DONE]``). Read as bytes, not lines: one await per network
+    read, however many events it holds. A silent upstream is a broken one: each read must come
+    within ``read_timeout`` (a timer per read, not one around the generator: a timeout must not
+    fire while the consumer holds the generator suspended)."""
+    reads = resp.aiter_bytes().__aiter__()
+    buf = b""
     while True:
         try:
-            line = await asyncio.wait_for(lines.__anext__(), read_timeout)
+            got = await asyncio.wait_for(reads.__anext__(), read_timeout)
+            buf += got.replace(b"\r\n", b"\n") if b"\r" in got else got
         except StopAsyncIteration:
             return
         except TimeoutError:
             raise httpx.ReadTimeout(f"no data for {read_timeout:g}s") from None
-        if line.startswith("data: "):
-            data = line[6:]
-            yield None if data == "[DONE]" else orjson.loads(data)
+        *events, buf = buf.split(b"\n\n")
+        for event in events:
+            for line in event.split(b"\n"):
+                if line.startswith(b"data: "):
+                    data = line[6:].strip()
+                    yield None if data == b"[DONE]" else orjson.loads(data)
 
 
 async def stream_completion(body: dict[str, Any], upstreams: Callable[[], list[str]], timeout: float,
