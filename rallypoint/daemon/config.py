@@ -182,8 +182,11 @@ class WorkerConfig:
         workload: ``serve`` the model; or ``allreduce-probe``: no model, every replica all-reduces
             on its TP group in a loop (fabric burn-in, and recovery timed without model loading).
         dtype: weights' dtype; ``auto`` is bfloat16 on GPUs, float32 on CPU.
-        max_batch: KV-cache rows per replica (requests decoded together).
-        max_seq: positions per row (prompt + completion).
+        max_batch: KV-cache rows per replica (requests decoded together); 0: as many as fit in
+            ``kv_memory_fraction`` of the memory left after the weights (at most 256).
+        max_seq: positions per row (prompt + completion); 0: the model's context (at most 8192).
+        kv_memory_fraction: the share of free memory ``max_batch = 0`` fills with the KV cache
+            (the rest is for activations and CUDA graphs).
         stream_interval: after a streamed chunk a driver waits this long before the next, so the
             tokens of several steps go out in one chunk (fewer chunks through the HTTP path when
             many streams run); 0 sends every step's tokens at once. The first token is never held.
@@ -208,8 +211,9 @@ class WorkerConfig:
     model: str | None = _opt(None, "str")
     workload: str = _opt("serve", "choice", choices=("serve", "allreduce-probe"))
     dtype: str = _opt("auto", "choice", choices=("auto", "float32", "bfloat16", "float16"))
-    max_batch: int = _opt(8, "int", ge=1)
-    max_seq: int = _opt(512, "int", ge=16)
+    max_batch: int = _opt(8, "int", ge=0)
+    max_seq: int = _opt(512, "int", ge=0)
+    kv_memory_fraction: float = _opt(0.8, "float", gt=0)
     queue_capacity: int = _opt(1024, "int", ge=1)
     cuda_graphs: bool = _opt(True, "bool")
     prefill_tokens: int = _opt(4096, "int", ge=1)
@@ -536,6 +540,12 @@ def _check(c: Config, origin: Mapping[str, str], check_node: bool) -> None:
             section, name = key.split(".")
             _fail(f"[{section}] {name} = {_s(value)} must be < [rendezvous] lease_ttl{bound} = "
                   f"{_s(limit)}", origin, key, "rendezvous.lease_ttl")
+    if 0 < c.worker.max_seq < 16:
+        _fail(f"[worker] max_seq = {c.worker.max_seq} is too short (16 at least, or 0: the model's context)",
+              origin, "worker.max_seq")
+    if not c.worker.kv_memory_fraction < 1:
+        _fail(f"[worker] kv_memory_fraction = {c.worker.kv_memory_fraction} must be < 1", origin,
+              "worker.kv_memory_fraction")
     for key, port in (("worker.api_port", c.worker.api_port), ("metrics.port", c.metrics.port),
                       ("gateway.port", c.gateway.port)):
         if port > 65535:

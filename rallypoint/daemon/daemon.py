@@ -105,6 +105,7 @@ class Daemon:
                                 queue_capacity=w.queue_capacity, cuda_graphs=w.cuda_graphs,
                                 prefill_tokens=w.prefill_tokens,
                                 stream_interval=w.stream_interval.total_seconds(),
+                                kv_memory_fraction=w.kv_memory_fraction,
                                 preload=cfg.layout.tp == cfg.layout.pp == 1 and (
                                     device == "cpu" or cfg.layout.node_slots() == 1))
         env = {API_KEY_ENV: cfg.gateway.api_key} if cfg.gateway.api_key else None

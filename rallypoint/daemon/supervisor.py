@@ -297,6 +297,7 @@ class WorkerCommand:
     cuda_graphs: bool = True
     prefill_tokens: int = 4096
     stream_interval: float = 0.0
+    kv_memory_fraction: float = 0.8
     preload: bool = False  # spares load the whole model and capture its graphs while they wait
 
     def seat_params(self, local_rank: int) -> dict:
@@ -311,7 +312,8 @@ class WorkerCommand:
                 "--deadline-floor", str(self.deadline_floor), "--after-gen", str(after_gen), "--die-with-parent",
                 "--workload", self.workload, "--build-timeout", str(self.build_timeout),
                 "--queue-capacity", str(self.queue_capacity), "--cuda-graphs", "on" if self.cuda_graphs else "off",
-                "--prefill-tokens", str(self.prefill_tokens), "--stream-interval", str(self.stream_interval)]
+                "--prefill-tokens", str(self.prefill_tokens), "--stream-interval", str(self.stream_interval),
+                "--kv-memory-fraction", str(self.kv_memory_fraction)]
         if self.channel:
             argv += ["--channel", self.channel]
         if local_rank is None:  # --api-port: 0 lets a preloading spare open its API ahead

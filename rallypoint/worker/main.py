@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -233,6 +233,8 @@ class Worker:
         self.model = load_stage(self.args.model, self.config, key.tp_rank, key.tp_size, layers,
                                 first=key.pp_rank == 0, last=key.pp_rank == key.pp_size - 1,
                                 device=device, dtype=self._dtype(), comm=TPAdapter(self.runtime))
+        if not (self.settings.max_batch and self.settings.max_seq):
+            self._size_cache(key, device)
         self.model.setup_cache(self.settings.max_batch, self.settings.max_seq)
         self.graphs = None
         if device.type == "cuda" and key.tp_size == 1 and key.pp_size == 1 and self.args.cuda_graphs == "on":
@@ -243,6 +245,23 @@ class Worker:
         self.log.info("worker.shard_loaded", tp_rank=key.tp_rank, tp=key.tp_size, pp_rank=key.pp_rank,
                       pp=key.pp_size, layers=[layers.start, layers.stop], seconds=round(took, 3))
         return took
+
+    def _size_cache(self, key: ShardKey, device: torch.device) -> None:
+        """``--max-batch 0`` / ``--max-seq 0``: size the KV cache from the memory the weights left,
+        once (the driver's rows and the API's context keep these sizes from then on)."""
+        from rallypoint.worker.sizing import size_cache
+
+        if device.type == "cuda":
+            free = torch.cuda.mem_get_info(device)[0]
+        else:
+            import psutil
+            free = psutil.virtual_memory().available
+        layers = len(layers_for(self.config.num_hidden_layers, key.pp_rank, key.pp_size))
+        size = size_cache(self.config, layers, key.tp_size, self._dtype().itemsize, free, self.settings.max_batch,
+                          self.settings.max_seq, self.args.kv_memory_fraction)
+        self.settings = replace(self.settings, max_batch=size.max_batch, max_seq=size.max_seq)
+        self.log.info("worker.kv_sized", max_batch=size.max_batch, max_seq=size.max_seq,
+                      free_gib=round(free / 2**30, 2), cache_gib=round(size.max_batch * size.row_bytes / 2**30, 3))
 
     def _configure_and_load(self, plan: Plan) -> tuple[GroupSet, float]:
         """Build the generation's groups and load the shard at the same time.
@@ -516,8 +535,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--deadline-floor", type=float, default=1.0)
     ap.add_argument("--build-timeout", type=float, default=30.0, help="seconds a group build waits for its members")
-    ap.add_argument("--max-batch", type=int, default=8)
-    ap.add_argument("--max-seq", type=int, default=512)
+    ap.add_argument("--max-batch", type=int, default=8, help="KV-cache rows; 0: as many as fit (worker.sizing)")
+    ap.add_argument("--max-seq", type=int, default=512, help="positions per row; 0: the model's context")
+    ap.add_argument("--kv-memory-fraction", type=float, default=0.8,
+                    help="share of the memory free after the weights that --max-batch 0 fills")
     ap.add_argument("--queue-capacity", type=int, default=256)
     ap.add_argument("--stream-interval", type=float, default=0.0,
                     help="seconds a stream waits after a chunk before sending the next (tokens accumulate)")

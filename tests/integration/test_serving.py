@@ -256,6 +256,23 @@ def test_long_prompts_fill_in_chunks_between_decode_steps_with_the_same_tokens(d
     assert answers[0] == answers[1] and all(len(a) == 12 for a in answers[0])
 
 
+def test_a_cache_sized_from_free_memory_serves(deploy) -> None:
+    """``--max-batch 0 --max-seq 0``: the worker sizes its KV cache from the memory its weights
+    left (the tiny model's rows are small: the 256-row cap), takes the model's context as the
+    row length, and serves; the API takes prompts up to that context."""
+    d = deploy(max_batch="0", max_seq="0")
+    w = d.start_worker("n0", 0)
+    d.publish(1, [("n0", 0)])
+    url = d.url(w)
+    log = Path(w.log_path).read_text()  # type: ignore[attr-defined]
+    sized = json.loads(next(line for line in log.splitlines() if '"worker.kv_sized"' in line))
+    assert (sized["max_batch"], sized["max_seq"]) == (256, 512), sized
+    code, body, _ = post(url, {"prompt": [1] * 500, "max_tokens": 8, "temperature": 0})
+    assert code == 200 and len(body["choices"][0]["token_ids"]) == 8
+    code, body, _ = post(url, {"prompt": [1] * 510, "max_tokens": 8})
+    assert code == 400 and "exceeds the context of 512" in body["error"]["message"]
+
+
 def test_corrupt_shard_is_named(deploy, model_dir: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad-model"
     bad.mkdir()
