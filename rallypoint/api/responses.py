@@ -14,6 +14,12 @@ import orjson
 COMPLETION, CHAT = "text_completion", "chat.completion"
 
 
+def model_list(model: str, created: float) -> dict[str, Any]:
+    """``/v1/models``: the one checkpoint a deployment serves."""
+    return {"object": "list", "data": [{"id": model, "object": "model", "created": int(created),
+                                        "owned_by": "rallypoint"}]}
+
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}

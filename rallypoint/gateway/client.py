@@ -12,6 +12,7 @@ import secrets
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from rallypoint.api import bearer
 from rallypoint.gateway.resume import Progress, stream_completion
 
 
@@ -26,7 +27,7 @@ class CompletionClient:
             raise ValueError("CompletionClient needs at least one gateway URL")
         self.gateways = gateways if callable(gateways) else list(gateways)
         self.timeout, self.read_timeout = timeout, read_timeout
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        self.headers = bearer(api_key)
 
     def stream(self, body: dict[str, Any], progress: Progress | None = None,
                path: str = "/v1/completions") -> Iterator[dict[str, Any]]:

@@ -53,7 +53,6 @@ class Progress:
     text: str = ""
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
-    model: str | None = None
     resumes: int = 0
     upstreams: list[str] = field(default_factory=list)
 
@@ -168,7 +167,6 @@ async def stream_completion(body: dict[str, Any], upstreams: Callable[[], list[s
                                 p.tokens.extend(tokens)
                                 p.text += text
                                 p.finish_reason = finish or p.finish_reason
-                                p.model = chunk.get("model", p.model)
                                 deadline = time.monotonic() + timeout  # the clock runs only while nothing arrives
                                 yield chunk
                         raise ValueError("stream ended before [DONE]")

@@ -21,6 +21,7 @@ import httpx
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from rallypoint.api import bearer
 from rallypoint.api import responses as oa
 from rallypoint.api.schema import ChatCompletionRequest, CompletionRequest
 from rallypoint.api.server import ServerThread, base_app, error
@@ -77,8 +78,7 @@ def build_app(gw: Gateway) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": gw.model, "object": "model", "created": int(gw.started_at),
-                                            "owned_by": "rallypoint"}]}
+        return oa.model_list(gw.model, gw.started_at)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest) -> Response:
@@ -105,9 +105,8 @@ async def _forward(gw: Gateway, kind: str, path: str, body: CompletionRequest | 
     gid = ("cmpl-" if kind == oa.COMPLETION else "chatcmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     p = Progress()
-    headers = {"Authorization": f"Bearer {gw.api_key}"} if gw.api_key else None
     chunks = stream_completion(sent, gw.upstreams, gw.resume_timeout, progress=p, path=path,
-                               on_resume=lambda url, n: gw.on_resume(), client=gw.client(), headers=headers)
+                               on_resume=lambda url, n: gw.on_resume(), client=gw.client(), headers=bearer(gw.api_key))
     try:
         first = await anext(chunks, None)
     except RequestRejected as exc:

@@ -15,7 +15,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -28,20 +28,9 @@ from rallypoint.api.server import ServerThread, base_app, error
 from rallypoint.api.text import TextStream
 from rallypoint.log import get_logger
 from rallypoint.worker.requests import BadRequest, QueueFull, Request, RequestQueue, SamplingParams
+from rallypoint.worker.tokenizer import ChatTemplateError, NoChatTemplate, Tokenizer
 
 log = get_logger("api")
-
-
-class Tokenizer(Protocol):
-    """What the API needs of the checkpoint's tokenizer (``worker.tokenizer``)."""
-
-    eos_ids: frozenset[int]
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
-
-    def decode(self, ids: list[int]) -> str: ...
-
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str: ...
 
 
 @dataclass
@@ -80,16 +69,17 @@ class Frontend:
         included), token ids checked against the vocabulary, chat messages through the template."""
         if isinstance(body, ChatCompletionRequest):
             try:
-                text = self.tokenizer.apply_chat_template(body.template_messages(), body.add_generation_prompt)
-            except Exception as exc:  # a template may raise anything (raise_exception, bad roles)
-                raise BadRequest(f"messages: the chat template refused them: {exc}") from None
-            # the template already wrote the special tokens (BOS) it wants, as transformers does
-            return self.tokenizer.encode(text, add_special_tokens=False)
+                return self.tokenizer.encode_chat(body.template_messages(), body.add_generation_prompt)
+            except (NoChatTemplate, ChatTemplateError) as exc:
+                raise BadRequest(f"messages: {exc}") from None
         if isinstance(body.prompt, str):
             return self.tokenizer.encode(body.prompt)
-        if bad := [t for t in body.prompt if not 0 <= t < self.vocab_size]:
-            raise BadRequest(f"prompt: token id {bad[0]} outside the vocabulary (0..{self.vocab_size - 1})")
-        return list(body.prompt)
+        return self._in_vocabulary("prompt", body.prompt)
+
+    def _in_vocabulary(self, field: str, ids: list[int]) -> list[int]:
+        if bad := [t for t in ids if not 0 <= t < self.vocab_size]:
+            raise BadRequest(f"{field}: token id {bad[0]} outside the vocabulary (0..{self.vocab_size - 1})")
+        return list(ids)
 
     def admit(self, body: CompletionRequest | ChatCompletionRequest) -> Request:
         """A ``Request`` for ``body``, queued unless the tokens it resumes from already finish it.
@@ -110,8 +100,7 @@ class Frontend:
         if len(ids) + max_tokens > self.max_context:
             raise BadRequest(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
                              f"context of {self.max_context}")
-        if bad := [t for t in body.resume_tokens if not 0 <= t < self.vocab_size]:
-            raise BadRequest(f"resume_tokens: token id {bad[0]} outside the vocabulary (0..{self.vocab_size - 1})")
+        self._in_vocabulary("resume_tokens", body.resume_tokens)
         seed = body.seed if body.seed is not None else secrets.randbits(63)
         req = Request(ids, SamplingParams(max_tokens, body.temperature, seed, top_p=body.top_p),
                       eos=self.tokenizer.eos_ids)
@@ -188,8 +177,7 @@ def build_app(fe: Frontend, api_key: str | None = None) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": fe.model, "object": "model", "created": int(fe.started),
-                                            "owned_by": "rallypoint"}]}
+        return oa.model_list(fe.model, fe.started)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest) -> Response:

@@ -75,10 +75,13 @@ def _field(hdr: torch.Tensor, mb: int, which: int, b: int) -> torch.Tensor:
     return hdr[at:at + b]
 
 
-def kv_bucket(needed: int, max_seq: int, floor: int = 256) -> int:
-    """The KV length a step attends over: the next power of two >= ``needed`` (at least ``floor``),
-    at most ``max_seq``. Few distinct values, so few CUDA graphs."""
-    n = floor
+KV_FLOOR = 256  # the shortest KV length a decode step attends over
+
+
+def kv_bucket(needed: int, max_seq: int) -> int:
+    """The KV length a step attends over: the next power of two >= ``needed`` (at least
+    ``KV_FLOOR``), at most ``max_seq``. Few distinct values, so few CUDA graphs."""
+    n = KV_FLOOR
     while n < needed:
         n *= 2
     return min(n, max_seq)
@@ -105,16 +108,14 @@ def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> to
 
 
 def sample(logits: torch.Tensor, temps: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor,
-           top_ps: torch.Tensor | None = None, hot: bool | None = None) -> torch.Tensor:
+           top_ps: torch.Tensor | None = None, hot: bool = True) -> torch.Tensor:
     """Next token per row, on the logits' device: argmax at temperature 0, else a draw from
     softmax(logits / T) (restricted to the top-p nucleus) seeded by (seed, position).
 
     logits: [B, V] float32; temps, seeds, positions, top_ps: [B] int64 (temps and top_ps scaled by
-    1e6). ``hot``: whether any row samples (the driver knows; None looks).
+    1e6). ``hot``: whether any row samples (the driver knows it on the host; False skips the draw).
     """
     greedy = logits.argmax(dim=-1)
-    if hot is None:
-        hot = bool((temps > 0).any())
     if not hot:
         return greedy
     t = (temps.float() / _TEMP_SCALE).clamp_min(1e-6)[:, None]                            # [B, 1]
@@ -180,13 +181,9 @@ def step(model: StageLike, comm: Comm, groups: GroupSet, max_batch: int, device:
     nxt = None
     if groups.is_last_stage:
         if out is not None:
-            hot = bool((_field(hdr, mb, TEMPS, b) > 0).any())
-            if hot:
-                produced_at = _field(hdr_dev, mb, STARTS, b) + _field(hdr_dev, mb, LENS, b)  # the token's position
-                nxt = sample(out[:, -1, :], _field(hdr_dev, mb, TEMPS, b), _field(hdr_dev, mb, SEEDS, b),
-                             produced_at, _field(hdr_dev, mb, TOP_PS, b), hot=True)
-            else:
-                nxt = out[:, -1, :].argmax(dim=-1)
+            produced_at = _field(hdr_dev, mb, STARTS, b) + _field(hdr_dev, mb, LENS, b)  # the token's position
+            nxt = sample(out[:, -1, :], _field(hdr_dev, mb, TEMPS, b), _field(hdr_dev, mb, SEEDS, b), produced_at,
+                         _field(hdr_dev, mb, TOP_PS, b), hot=bool((_field(hdr, mb, TEMPS, b) > 0).any()))
         else:
             nxt = torch.empty(0, dtype=torch.int64, device=device)
         if groups.pp_size > 1:

@@ -19,6 +19,7 @@ import time
 import torch
 
 from rallypoint.log import get_logger
+from rallypoint.worker.engine import KV_FLOOR
 
 log = get_logger("graphs")
 
@@ -38,8 +39,9 @@ def batch_buckets(max_batch: int) -> list[int]:
     return out + [max_batch]
 
 
-def kv_buckets(max_seq: int, floor: int = 256) -> list[int]:
-    out, n = [], floor
+def kv_buckets(max_seq: int) -> list[int]:
+    """Every KV length ``engine.kv_bucket`` can pick for ``max_seq``."""
+    out, n = [], KV_FLOOR
     while n < max_seq:
         out.append(n)
         n *= 2

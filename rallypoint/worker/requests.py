@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from rallypoint.errors import RallypointError
@@ -112,16 +112,9 @@ class Request:
         """Prompt plus committed tokens: what a resumed request prefills."""
         return self.prompt + self.committed
 
-    @property
-    def known(self) -> list[int]:
-        """Prompt plus the tokens this generation's KV cache holds (or will, after this step)."""
-        if self.fed is not None:
-            return self.prompt + self.committed[:self.fed]
-        return self.prompt + self.committed + self.pending
-
     def last_known(self) -> tuple[int, int]:
-        """(the last token of ``known``, ``len(known)``) without building the list: a decode
-        step's input and the number of positions its KV cache row will hold."""
+        """(the last token this generation's KV cache holds, or will after this step; how many
+        positions that is): a decode step's input, without building the token list."""
         if self.fed is not None:
             n = len(self.prompt) + self.fed
             return (self.committed[self.fed - 1] if self.fed else self.prompt[-1]), n
@@ -212,30 +205,10 @@ class Request:
             self.error, self.finish_reason = why, "error"
             self._changed()
 
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until finished; True if it finished."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self.done, timeout)
-
-    def stream(self, timeout: float = 600.0, start: int = 0) -> Iterator[list[int]]:
-        """Yield committed tokens past ``start`` as they arrive (each yield a list of new ones)
-        until finished."""
-        sent = start
-        deadline = time.monotonic() + timeout
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: len(self.committed) > sent or self.done,
-                                    max(0.0, deadline - time.monotonic()))
-                new, done = self.committed[sent:], self.done
-            if new:
-                sent += len(new)
-                yield new
-            if done or time.monotonic() > deadline:
-                return
-
     async def stream_async(self, timeout: float = 600.0, start: int = 0) -> AsyncIterator[list[int]]:
-        """``stream`` for an event loop: committed tokens past ``start`` as they arrive, without a
-        thread per waiting request (the driver's thread wakes the loop)."""
+        """Committed tokens past ``start`` as they arrive (each yield a list of new ones) until
+        finished or ``timeout``, without a thread per waiting request (the driver's thread wakes
+        the loop)."""
         waker = LoopWaker.of(asyncio.get_running_loop())
         changed = asyncio.Event()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from rallypoint.worker.engine import DECODE, LENS, PREFILL, ROWS, STARTS, Driver, EngineSettings, _field
+from rallypoint.worker.engine import DECODE, LENS, PREFILL, ROWS, STARTS, Driver, EngineSettings, _field, sample
 from rallypoint.worker.requests import Request, RequestQueue, SamplingParams
 
 
@@ -59,3 +59,20 @@ def test_padding_never_reaches_past_the_cache_row() -> None:
     kind, b, s, kv_len, rows, starts, lens, made = plan_of(d)
     assert kind == PREFILL and all(st + s <= 64 for st in starts), (starts, s)
     assert lens == [4, 8] and made == [a]
+
+
+def test_a_rows_draw_depends_on_its_seed_and_position_not_on_the_batch() -> None:
+    """Device sampling: the same (logits, seed, position) draws the same token alone or among
+    other rows; temperature 0 is the argmax; a tiny top_p leaves only the most likely token."""
+    logits = torch.randn(4, 320, generator=torch.Generator().manual_seed(0))
+    temps = torch.tensor([800_000, 0, 800_000, 800_000])
+    seeds, pos = torch.tensor([7, 7, 8, 7]), torch.tensor([30, 30, 30, 31])
+    full = torch.full((4,), 1_000_000)
+    batch = sample(logits, temps, seeds, pos, full)
+    alone = [int(sample(logits[i:i + 1], temps[i:i + 1], seeds[i:i + 1], pos[i:i + 1], full[:1])) for i in range(4)]
+    assert batch.tolist() == alone
+    assert int(batch[1]) == int(logits[1].argmax())
+    draws = {int(sample(logits[:1], temps[:1], torch.tensor([s]), pos[:1], full[:1])) for s in range(40)}
+    assert len(draws) > 5  # seeds do change the draw
+    narrow = sample(logits, temps, seeds, pos, torch.full((4,), 1))
+    assert narrow.tolist() == logits.argmax(-1).tolist()
