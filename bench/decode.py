@@ -126,9 +126,11 @@ def rp_rank(rank: int, tp: int, endpoints: list[str], args: argparse.Namespace, 
     sync(device)
     t_load = time.perf_counter() - t0
     graphs = None
+    t_compile = 0.0
     if args.graphs_on and tp == 1 and device.type == "cuda":
         from rallypoint.worker.graphs import DecodeGraphs
-        graphs = DecodeGraphs(model, settings.max_batch, settings.max_seq, device)
+        graphs = DecodeGraphs(model, settings.max_batch, settings.max_seq, device, compile=args.compile_on)
+        t_compile = graphs.compile_seconds
     comm, mb = rt.comm, settings.max_batch
     assert comm is not None
     try:
@@ -168,7 +170,8 @@ def rp_rank(rank: int, tp: int, endpoints: list[str], args: argparse.Namespace, 
             Path(out).write_text(json.dumps({"rows": rows, "groups_s": t_groups, "load_s": t_load,
                                              "device": str(device), "max_seq": settings.max_seq,
                                              "graphs": len(graphs.graphs) if graphs else 0,
-                                             "capture_s": graphs.capture_seconds if graphs else 0.0}))
+                                             "capture_s": graphs.capture_seconds if graphs else 0.0,
+                                             "compile_s": t_compile}))
         else:  # exactly the worker's non-driver loop: step until the driver's SWITCH
             serve_generation(model, comm, groups, settings, device, None)
     finally:
@@ -197,7 +200,9 @@ class StampStreamer:
         pass
 
 
-def hf_proc(_: int, args: argparse.Namespace, out: str) -> None:
+def hf_proc(_: int, args: argparse.Namespace, out: str, mode: str = "eager") -> None:
+    """``generate()`` eager, or (``mode="static"``) with a static KV cache and the forward
+    ``torch.compile``d with CUDA graphs (``mode="reduce-overhead"``): transformers' own fast path."""
     from transformers import LlamaForCausalLM
 
     device = torch.device("cuda:0" if args.device == "cuda" else "cpu")
@@ -215,6 +220,9 @@ def hf_proc(_: int, args: argparse.Namespace, out: str) -> None:
     # No EOS: greedy must be the plain argmax on both sides (min_new_tokens would mask EOS).
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
+    if mode == "static":
+        model.generation_config.cache_implementation = "static"
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
 
     @torch.inference_mode()
     def run(b: int, n: int) -> dict[str, Any]:
@@ -231,8 +239,8 @@ def hf_proc(_: int, args: argparse.Namespace, out: str) -> None:
         steps = st.times[1:]  # one stamp per step, shared by every row
         return summarize(b, n, t_submit, [steps] * b, new)
 
-    for b in sorted(set(args.batch)):
-        run(b, min(WARMUP_TOKENS, args.new_tokens))
+    for b in sorted(set(args.batch)):  # a static cache is sized by the run: warm up at the real length
+        run(b, args.new_tokens if mode == "static" else min(WARMUP_TOKENS, args.new_tokens))
     rows = [run(b, args.new_tokens) for b in args.batch]
     import transformers
     Path(out).write_text(json.dumps({"rows": rows, "load_s": t_load, "device": str(device),
@@ -272,20 +280,21 @@ def table(results: dict[str, dict], args: argparse.Namespace, config: ModelConfi
              "TTFT = submit -> every row has its first token; decode tok/s = B*(N-1) / (last token - that moment)"]
     floor_ms = 1e3 * config.num_params() * getattr(torch, args.dtype).itemsize / (args.peak_gbs * 1e9)
     lines.append(f"bandwidth floor: {floor_ms:.3f} ms/step (every weight read once per step at {args.peak_gbs:g} GB/s)")
-    head = f"{'engine':<24} {'B':>3} | {'TTFT ms':>9} {'decode tok/s':>13} {'ms/step':>8} {'x floor':>8}"
+    head = f"{'engine':<30} {'B':>3} | {'TTFT ms':>9} {'decode tok/s':>13} {'ms/step':>8} {'x floor':>8}"
     lines += [head, "-" * len(head)]
     for b in args.batch:
         for name, res in results.items():
             if "error" in res or "skipped" in res:
                 continue
             row = next(r for r in res["rows"] if r["batch"] == b)
-            lines.append(f"{name:<24} {b:>3} | {1e3 * row['ttft_all_s']:9.1f} {row['decode_tok_s']:13.1f} "
+            lines.append(f"{name:<30} {b:>3} | {1e3 * row['ttft_all_s']:9.1f} {row['decode_tok_s']:13.1f} "
                          f"{row['ms_per_step']:8.2f} {row['ms_per_step'] / floor_ms:8.1f}")
     for name, res in results.items():
         if "rows" in res:
             extra = (f", transformers {res['transformers']}, attention {res['attn_implementation']}"
                      if "transformers" in res else f", groups built in {res['groups_s']:.2f} s, max_seq {res['max_seq']}"
-                     + (f", {res['graphs']} CUDA graphs captured in {res['capture_s']:.2f} s" if res.get("graphs") else ""))
+                     + (f", {res['graphs']} CUDA graphs captured in {res['capture_s']:.2f} s" if res.get("graphs") else "")
+                     + (f", compiled in {res['compile_s']:.1f} s" if res.get("compile_s") else ""))
             lines.append(f"{name}: on {res['device']}, weights loaded in {res['load_s']:.2f} s{extra}")
         elif "error" in res:
             lines.append(f"{name}: FAILED: {res['error'].strip().splitlines()[-1]}")
@@ -301,8 +310,11 @@ def main() -> int:
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     ap.add_argument("--tp", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--graphs", nargs="+", default=["off", "on"], choices=("off", "on"),
-                    help="rallypoint with CUDA-graph decode (TP=1 on a GPU), without, or both")
+    ap.add_argument("--graphs", nargs="+", default=["off", "on", "compiled"], choices=("off", "on", "compiled"),
+                    help="rallypoint eager, with CUDA-graph decode (TP=1 on a GPU), and with graphs of "
+                         "torch.compiled layers; any of them")
+    ap.add_argument("--hf", nargs="+", default=["eager", "static"], choices=("eager", "static"),
+                    help="transformers generate() eager, and with a static cache and torch.compile")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -328,10 +340,11 @@ def main() -> int:
     gpus = torch.cuda.device_count() if args.device == "cuda" else 0
     work = Path(tempfile.mkdtemp(prefix="rallypoint-bench-decode-"))
     with EtcdCluster(1) if etcd_binary() else _NoEtcd() as etcd:
-        variants = [(tp, g) for tp in args.tp for g in args.graphs if not (g == "on" and (tp > 1 or args.device != "cuda"))]
+        variants = [(tp, g) for tp in args.tp for g in args.graphs
+                    if g == "off" or (tp == 1 and args.device == "cuda")]
         for tp, g in variants:
-            name = f"rallypoint TP={tp}" + (" graphs" if g == "on" else "")
-            args.graphs_on = g == "on"
+            name = f"rallypoint TP={tp}" + {"off": "", "on": " graphs", "compiled": " graphs+compile"}[g]
+            args.graphs_on, args.compile_on = g != "off", g == "compiled"
             if etcd is None:
                 results[name] = {"skipped": INSTALL_HINT}
                 continue
@@ -347,20 +360,21 @@ def main() -> int:
             except Exception:  # noqa: BLE001 - report it and go on with the other engines
                 results[name] = {"error": traceback.format_exc()}
             print(f"{name}: {time.perf_counter() - t0:.1f} s", flush=True)
-    name = "transformers"
     try:
         import transformers  # noqa: F401
         have_hf = not args.no_hf
     except ImportError:
         have_hf = False
-    if not have_hf:
-        results[name] = {"skipped": "--no-hf" if args.no_hf else "transformers is not importable"}
-        print(f"note: transformers skipped ({results[name]['skipped']})")
-    else:
-        out = work / "hf.json"
+    for mode in args.hf:
+        name = "transformers" + ("" if mode == "eager" else " static+compile")
+        if not have_hf:
+            results[name] = {"skipped": "--no-hf" if args.no_hf else "transformers is not importable"}
+            print(f"note: {name} skipped ({results[name]['skipped']})")
+            continue
+        out = work / f"hf-{mode}.json"
         t0 = time.perf_counter()
         try:
-            run_procs(hf_proc, 1, (args, str(out)), args.phase_timeout)
+            run_procs(hf_proc, 1, (args, str(out), mode), args.phase_timeout)
             results[name] = json.loads(out.read_text())
         except Exception:  # noqa: BLE001
             results[name] = {"error": traceback.format_exc()}
@@ -373,7 +387,9 @@ def main() -> int:
     # greedy agreement, B=1 (and every row of every batch, in the JSON)
     agree: dict[str, Any] = {}
     ok = {k: v for k, v in results.items() if "rows" in v}
-    pairs = [("rallypoint TP=1", "transformers"), ("rallypoint TP=1", "rallypoint TP=1 graphs")] + [
+    pairs = [("rallypoint TP=1", "transformers"), ("rallypoint TP=1", "rallypoint TP=1 graphs"),
+             ("rallypoint TP=1", "rallypoint TP=1 graphs+compile"),
+             ("transformers", "transformers static+compile")] + [
         ("rallypoint TP=1", f"rallypoint TP={tp}") for tp in args.tp if tp != 1]
     for a, b in pairs:
         if a in ok and b in ok:

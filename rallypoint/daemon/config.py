@@ -194,6 +194,9 @@ class WorkerConfig:
             fills in chunks, with decode steps of the running requests between them.
         cuda_graphs: replay decode steps as CUDA graphs (on GPUs, for replicas of one rank: TP=1,
             PP=1); a graph is captured the first time a batch size and KV length bucket are seen.
+        compile: with ``cuda_graphs``, run decode layers through ``torch.compile`` (a layer's small
+            ops fused into a few kernels: fewer kernels per step). It compiles when the shard
+            loads (seconds from torch's on-disk cache, tens of seconds the first time on a machine).
         queue_capacity: requests a replica's driver holds (running and waiting); past it, 503 with
             ``Retry-After`` (the gateway waits and retries them).
         api_host, api_port: where a replica's driver serves HTTP; port 0 picks a free one.
@@ -216,6 +219,7 @@ class WorkerConfig:
     kv_memory_fraction: float = _opt(0.8, "float", gt=0)
     queue_capacity: int = _opt(1024, "int", ge=1)
     cuda_graphs: bool = _opt(True, "bool")
+    compile: bool = _opt(True, "bool")
     prefill_tokens: int = _opt(4096, "int", ge=1)
     stream_interval: timedelta = _opt(_secs(0.0), "seconds", ge=0)
     api_host: str = _opt("127.0.0.1", "str")

@@ -102,7 +102,7 @@ class Daemon:
                                 w.max_batch, w.max_seq, w.api_host, w.api_port,
                                 cfg.collectives.deadline_floor.total_seconds(), cfg.state_dir, address, w.workload,
                                 build_timeout=cfg.collectives.build_timeout.total_seconds(),
-                                queue_capacity=w.queue_capacity, cuda_graphs=w.cuda_graphs,
+                                queue_capacity=w.queue_capacity, cuda_graphs=w.cuda_graphs, compile=w.compile,
                                 prefill_tokens=w.prefill_tokens,
                                 stream_interval=w.stream_interval.total_seconds(),
                                 kv_memory_fraction=w.kv_memory_fraction,

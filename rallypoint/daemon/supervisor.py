@@ -295,6 +295,7 @@ class WorkerCommand:
     build_timeout: float = 30.0
     queue_capacity: int = 1024
     cuda_graphs: bool = True
+    compile: bool = True
     prefill_tokens: int = 4096
     stream_interval: float = 0.0
     kv_memory_fraction: float = 0.8
@@ -312,6 +313,7 @@ class WorkerCommand:
                 "--deadline-floor", str(self.deadline_floor), "--after-gen", str(after_gen), "--die-with-parent",
                 "--workload", self.workload, "--build-timeout", str(self.build_timeout),
                 "--queue-capacity", str(self.queue_capacity), "--cuda-graphs", "on" if self.cuda_graphs else "off",
+                "--compile", "on" if self.compile else "off",
                 "--prefill-tokens", str(self.prefill_tokens), "--stream-interval", str(self.stream_interval),
                 "--kv-memory-fraction", str(self.kv_memory_fraction)]
         if self.channel:

@@ -7,6 +7,10 @@ first time a shape is seen, or ahead of time by ``capture_all`` (a warm spare do
 waits, so adoption costs no capture). Inputs are copied into static buffers; the graph writes the
 KV cache in place and its logits into a static output.
 
+With ``compile`` the captured forward goes through ``StageModel.compile_decode`` (each layer's
+small ops fused by ``torch.compile``): about half the kernels per step. The compiling is done by
+``warm`` when the shard loads, never inside a request's step.
+
 Graphs belong to one model object and its KV cache: a new shard (a new ``StageModel``) gets a new
 ``DecodeGraphs``. Whole models on one rank only (TP=1, PP=1): a TP>1 graph would capture the NCCL
 all-reduces too, and must be captured again after every group rebuild (a new communicator).
@@ -17,6 +21,7 @@ from __future__ import annotations
 import time
 
 import torch
+import torch._dynamo
 
 from rallypoint.log import get_logger
 from rallypoint.worker.engine import KV_FLOOR
@@ -55,7 +60,8 @@ class DecodeGraphs:
     [B, 1, V]`` (a view of a static buffer, valid until the next call).
     """
 
-    def __init__(self, model: torch.nn.Module, max_batch: int, max_seq: int, device: torch.device) -> None:
+    def __init__(self, model: torch.nn.Module, max_batch: int, max_seq: int, device: torch.device,
+                 compile: bool = False) -> None:
         self.model, self.max_batch, self.max_seq, self.device = model, max_batch, max_seq, device
         self.buckets = batch_buckets(max_batch)
         self.x = torch.zeros(max_batch, 1, dtype=torch.int64, device=device)
@@ -63,6 +69,13 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool: tuple[int, int] | None = None
         self.capture_seconds = 0.0
+        self.compile_seconds = 0.0
+        if compile:
+            # Every shape the engine makes compiles once (batch 1 and the full KV length are
+            # specialized by torch: ~4-6 compilations); past the limit torch would run eagerly.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            model.compile_decode()
+            self.compile_seconds = self.warm()
 
     def bucket(self, b: int) -> int:
         return next(n for n in self.buckets if n >= b)
@@ -101,6 +114,26 @@ class DecodeGraphs:
         self.capture_seconds += took
         log.debug("graphs.captured", batch=n, kv_len=kv_len, seconds=round(took, 4))
         return graph, out
+
+    @torch.no_grad()
+    def warm(self) -> float:
+        """Run the decode forward once at every shape the engine makes (batch bucket x KV bucket),
+        so that whatever torch compiles apart (batch 1, a full cache, ...) is compiled now and no
+        request's step waits for a compilation; returns the seconds.
+
+        Only before any request is in the cache (it writes throwaway keys at position 0).
+        """
+        t0 = time.perf_counter()
+        self.x.zero_()
+        self.pos.zero_()
+        for kv_len in kv_buckets(self.max_seq):
+            for n in self.buckets:
+                self.model(self.x[:n], self.pos[:n], None, kv_len)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        took = time.perf_counter() - t0
+        log.info("graphs.compiled", seconds=round(took, 3))
+        return took
 
     def capture_all(self, kv_lens: list[int] | None = None) -> float:
         """Capture every (batch bucket, KV bucket) not captured yet; returns the seconds it took.

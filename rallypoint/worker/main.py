@@ -239,7 +239,8 @@ class Worker:
         self.graphs = None
         if device.type == "cuda" and key.tp_size == 1 and key.pp_size == 1 and self.args.cuda_graphs == "on":
             from rallypoint.worker.graphs import DecodeGraphs
-            self.graphs = DecodeGraphs(self.model, self.settings.max_batch, self.settings.max_seq, device)
+            self.graphs = DecodeGraphs(self.model, self.settings.max_batch, self.settings.max_seq, device,
+                                       compile=self.args.compile == "on")
         self.shard = key
         took = time.monotonic() - t0
         self.log.info("worker.shard_loaded", tp_rank=key.tp_rank, tp=key.tp_size, pp_rank=key.pp_rank,
@@ -549,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
                          "CUDA graphs) while waiting for a seat")
     ap.add_argument("--cuda-graphs", default="on", choices=("on", "off"),
                     help="replay decode steps as CUDA graphs (GPU, TP=1, PP=1)")
+    ap.add_argument("--compile", default="on", choices=("on", "off"),
+                    help="with CUDA graphs, run decode layers through torch.compile (fewer kernels per step)")
     ap.add_argument("--api-host", default="127.0.0.1")
     ap.add_argument("--api-port", type=int, default=0)
     ap.add_argument("--api-url-file", help="write the API's URL here once it listens")

@@ -208,9 +208,10 @@ class Attention(nn.Module):
         """Compute q, k and v with one matmul: their weights (and biases) become views of one tensor."""
         self.qkv = _fuse(self.q_proj, self.k_proj, self.v_proj)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, masks: "Masks",
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, mask: Tensor,
                 rows: Tensor | None = None, kv_len: int | None = None) -> Tensor:
-        # x: [B, S, D]; input_pos: [S] or [B, S] -> partial sums [B, S, D] (the caller all-reduces them)
+        # x: [B, S, D]; input_pos: [S] or [B, S]; mask: ``Masks.get(self.window, rep)``
+        # -> partial sums [B, S, D] (the caller all-reduces them)
         b, s, _ = x.shape
         h, hkv, dh = self.heads, self.kv_heads, self.head_dim
         if self.qkv is not None and not self.qk_norm:
@@ -234,8 +235,8 @@ class Attention(nn.Module):
         # share a KV head are laid along the sequence axis, so each KV head is read once.
         rep = self.heads // self.kv_heads
         q = q.reshape(b, self.kv_heads, rep * s, self.head_dim)                        # [B, Hkv, rep*S, Dh]
-        mask = masks.get(self.window, rep)                                            # [B or 1, 1, rep*S, T]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                   # [B, Hkv, rep*S, Dh]
+                                                                                      # mask: [B or 1, 1, rep*S, T]
         y = y.reshape(b, self.heads, s, self.head_dim)                                # [B, H, S, Dh]
         return self.o_proj(y.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
 
@@ -273,11 +274,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, tp_size)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, masks: "Masks",
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, mask: Tensor,
                 reduce: Callable[[Tensor], Tensor], rows: Tensor | None = None, kv_len: int | None = None) -> Tensor:
         # x: [B, S, D] -> [B, S, D]
         attn, mlp = self.self_attn, self.mlp
-        h = x + attn.o_proj.finish(reduce(attn(self.input_layernorm(x), cos, sin, input_pos, masks, rows, kv_len)))
+        h = x + attn.o_proj.finish(reduce(attn(self.input_layernorm(x), cos, sin, input_pos, mask, rows, kv_len)))
         return h + mlp.down_proj.finish(reduce(mlp(self.post_attention_layernorm(h))))
 
 
@@ -348,6 +349,7 @@ class StageModel(nn.Module):
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
             self.lm_head = Linear(config.hidden_size, config.vocab_size // tp_size)
         self._rope_table: tuple[Tensor, Tensor] | None = None
+        self._compiled: list[Callable[..., Tensor]] | None = None  # compile_decode()
 
     def _reduce(self, t: Tensor) -> Tensor:
         return t if self.tp_size == 1 else self.comm.all_reduce(t)
@@ -387,8 +389,11 @@ class StageModel(nn.Module):
         h = self.embed_tokens(x) if self.first else x                               # [B, S, D]
         cos, sin = self._rope(input_pos, h.dtype)
         masks = self._masks(input_pos, h.shape[1], kv_len, h.dtype)
-        for layer in self.layers.values():
-            h = layer(h, cos, sin, input_pos, masks, self._reduce, rows, kv_len)
+        compiled = self._compiled if h.shape[1] == 1 and rows is None else None
+        for i, layer in enumerate(self.layers.values()):
+            attn = layer.self_attn
+            mask = masks.get(attn.window, attn.heads // attn.kv_heads)
+            h = (compiled[i] if compiled else layer)(h, cos, sin, input_pos, mask, self._reduce, rows, kv_len)
         if not self.last:
             return h
         if last is not None:
@@ -404,6 +409,20 @@ class StageModel(nn.Module):
         for layer in self.layers.values():
             layer.self_attn.fuse()
             layer.mlp.fuse()
+        return self
+
+    def compile_decode(self, backend: str = "inductor") -> "StageModel":
+        """Run decode steps (one position per row, cache rows ``0..B-1``) through ``torch.compile``d
+        layers: the norms, RoPE, cache writes, SwiGLU and residual adds of a layer become a few fused
+        kernels instead of ~25 small ones, which is most of a CUDA-graph step's time on a small model.
+
+        Every layer has the same code and, as module inputs, the same shapes, so one compilation
+        serves them all (two with batch 1, which torch specializes); prefill stays eager. Compiling
+        happens at the first decode forward (tens of seconds cold, seconds from torch's on-disk
+        cache), so callers do it before serving: ``DecodeGraphs`` captures through it.
+        """
+        self._compiled = [torch.compile(layer, backend=backend, dynamic=True, fullgraph=True)
+                          for layer in self.layers.values()]
         return self
 
     def _masks(self, input_pos: Tensor, s: int, kv_len: int | None, dtype: torch.dtype) -> Masks:
