@@ -119,7 +119,8 @@ class Deployment:
         node_args = ["--tp", "1", "--dp", str(a.dp), "--state-dir", str(state), "--worker-model", str(model),
                      "--worker-max-batch", str(a.max_batch), "--worker-max-seq", str(a.max_seq),
                      "--worker-dtype", a.dtype, "--worker-stall-timeout", str(a.stall_timeout),
-                     "--worker-stream-interval", str(a.stream_interval), "--worker-compile" if a.compile == "on" else "--no-worker-compile"]
+                     "--worker-stream-interval", str(a.stream_interval),
+                     "--worker-max-chunk-rate", str(a.max_chunk_rate), "--worker-compile" if a.compile == "on" else "--no-worker-compile"]
         node_args += ["--gpus", str(a.dp)] if a.device == "cuda" else ["--cpu-ranks", str(a.dp)]
         node_args += ["--worker-queue-capacity", str(a.queue_capacity)]
         self.daemon = DaemonProcess("n0", daemon_args(self.etcd.endpoints, "load") + node_args,
@@ -432,6 +433,8 @@ def main() -> int:
     own.add_argument("--dtype", default="auto")
     own.add_argument("--compile", default="on", choices=("on", "off"),
                      help="[worker] compile: decode layers through torch.compile (with CUDA graphs)")
+    own.add_argument("--max-chunk-rate", type=float, default=20000.0,
+                     help="[worker] max_chunk_rate: chunks/s the API aims under (0: off)")
     own.add_argument("--stream-interval", type=float, default=0.0,
                      help="[worker] stream_interval: seconds a stream waits after a chunk (tokens accumulate)")
     own.add_argument("--stall-timeout", type=float, default=30.0,

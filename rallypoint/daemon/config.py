@@ -190,6 +190,9 @@ class WorkerConfig:
         stream_interval: after a streamed chunk a driver waits this long before the next, so the
             tokens of several steps go out in one chunk (fewer chunks through the HTTP path when
             many streams run); 0 sends every step's tokens at once. The first token is never held.
+        max_chunk_rate: streamed chunks per second a replica's API aims to stay under: with ``n``
+            streams open each waits ``n / max_chunk_rate`` after a chunk (its next chunk carries
+            the tokens of the steps made meanwhile). Light load is never held; 0 turns it off.
         prefill_tokens: the most prompt positions one prefill step computes; a longer prompt
             fills in chunks, with decode steps of the running requests between them.
         cuda_graphs: replay decode steps as CUDA graphs (on GPUs, for replicas of one rank: TP=1,
@@ -222,6 +225,7 @@ class WorkerConfig:
     compile: bool = _opt(True, "bool")
     prefill_tokens: int = _opt(4096, "int", ge=1)
     stream_interval: timedelta = _opt(_secs(0.0), "seconds", ge=0)
+    max_chunk_rate: float = _opt(20000.0, "float", ge=0)
     api_host: str = _opt("127.0.0.1", "str")
     api_port: int = _opt(0, "int", ge=0)
     restart_budget: int = _opt(5, "int", ge=0)

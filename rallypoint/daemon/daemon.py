@@ -105,6 +105,7 @@ class Daemon:
                                 queue_capacity=w.queue_capacity, cuda_graphs=w.cuda_graphs, compile=w.compile,
                                 prefill_tokens=w.prefill_tokens,
                                 stream_interval=w.stream_interval.total_seconds(),
+                                max_chunk_rate=w.max_chunk_rate,
                                 kv_memory_fraction=w.kv_memory_fraction,
                                 preload=cfg.layout.tp == cfg.layout.pp == 1 and (
                                     device == "cpu" or cfg.layout.node_slots() == 1))

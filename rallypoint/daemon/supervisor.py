@@ -298,6 +298,7 @@ class WorkerCommand:
     compile: bool = True
     prefill_tokens: int = 4096
     stream_interval: float = 0.0
+    max_chunk_rate: float = 0.0
     kv_memory_fraction: float = 0.8
     preload: bool = False  # spares load the whole model and capture its graphs while they wait
 
@@ -315,6 +316,7 @@ class WorkerCommand:
                 "--queue-capacity", str(self.queue_capacity), "--cuda-graphs", "on" if self.cuda_graphs else "off",
                 "--compile", "on" if self.compile else "off",
                 "--prefill-tokens", str(self.prefill_tokens), "--stream-interval", str(self.stream_interval),
+                "--max-chunk-rate", str(self.max_chunk_rate),
                 "--kv-memory-fraction", str(self.kv_memory_fraction)]
         if self.channel:
             argv += ["--channel", self.channel]

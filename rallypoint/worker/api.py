@@ -49,6 +49,12 @@ class Frontend:
         stream_interval: after a streamed chunk, wait this long before the next (its tokens
             accumulate meanwhile): fewer, larger chunks when many streams run; 0 sends each
             step's tokens at once. The first token is never held.
+        max_chunk_rate: the chunks per second all this replica's streams together should not
+            exceed: with ``n`` streams open, a stream waits at least ``n / max_chunk_rate`` after a
+            chunk. Each chunk costs the API's one thread (and the gateway's) the same whatever its
+            tokens, so past a few dozen streams per-step chunks would make the HTTP path, not the
+            GPU, the limit; under that load a chunk carries the tokens of several steps instead.
+            One stream alone is never held. 0: off.
     """
 
     queue: RequestQueue
@@ -60,7 +66,15 @@ class Frontend:
     max_context: int = 2048
     request_timeout: float = 600.0
     stream_interval: float = 0.0
+    max_chunk_rate: float = 0.0
     started: float = field(default_factory=time.time)
+    streams: int = 0  # streamed responses open now (touched only on the API's event loop)
+
+    def hold(self) -> float:
+        """Seconds a stream waits after a chunk: ``stream_interval``, or longer under load
+        (``max_chunk_rate``); waits under a millisecond are skipped (a timer costs more)."""
+        wait = max(self.stream_interval, self.streams / self.max_chunk_rate if self.max_chunk_rate else 0.0)
+        return wait if wait >= 0.001 else 0.0
 
     # -- admission -----------------------------------------------------------------------------
 
@@ -225,12 +239,16 @@ async def _events(fe: Frontend, kind: str, body: CompletionRequest | ChatComplet
     completion = len(body.resume_tokens)
     if kind == oa.CHAT and not body.resume_tokens:
         yield oa.sse(oa.chunk(kind, rid, created, fe.model, "", [], None, role=True))
-    async for delta, new, finish in fe.deltas(req, text, completion):
-        completion += len(new)
-        if delta or new or finish:
-            yield oa.sse(oa.chunk(kind, rid, created, fe.model, delta, new, finish))
-        if fe.stream_interval and completion > len(body.resume_tokens) and not finish:
-            await asyncio.sleep(fe.stream_interval)  # the tokens of the next steps go out together
+    fe.streams += 1
+    try:
+        async for delta, new, finish in fe.deltas(req, text, completion):
+            completion += len(new)
+            if delta or new or finish:
+                yield oa.sse(oa.chunk(kind, rid, created, fe.model, delta, new, finish))
+            if not finish and completion > len(body.resume_tokens) and (wait := fe.hold()):
+                await asyncio.sleep(wait)  # the tokens of the next steps go out together
+    finally:
+        fe.streams -= 1
     if body.include_usage:
         yield oa.sse(oa.usage_chunk(kind, rid, created, fe.model, oa.usage(len(req.prompt), completion)))
     yield oa.DONE

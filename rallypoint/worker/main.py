@@ -306,7 +306,8 @@ class Worker:
     def _open_api(self) -> None:
         fe = Frontend(queue=self.queue, tokenizer=self.tokenizer, vocab_size=self.config.vocab_size,
                       state=lambda: (self.state, self.gen), model=served_model_name(self.args.model),
-                      max_context=self.settings.max_seq, stream_interval=self.args.stream_interval)
+                      max_context=self.settings.max_seq, stream_interval=self.args.stream_interval,
+                      max_chunk_rate=self.args.max_chunk_rate)
         self.api = ApiServer(fe, self.args.api_host, self.args.api_port, api_key=os.environ.get(API_KEY_ENV))
         self.api.serve_in_thread()
 
@@ -543,6 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--queue-capacity", type=int, default=256)
     ap.add_argument("--stream-interval", type=float, default=0.0,
                     help="seconds a stream waits after a chunk before sending the next (tokens accumulate)")
+    ap.add_argument("--max-chunk-rate", type=float, default=0.0,
+                    help="streamed chunks/s the API aims under: n open streams each wait n / rate after a chunk")
     ap.add_argument("--prefill-tokens", type=int, default=4096,
                     help="the most prompt positions one prefill step computes (longer prompts fill in chunks)")
     ap.add_argument("--preload-shard", action="store_true",

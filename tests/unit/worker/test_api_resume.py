@@ -106,3 +106,57 @@ def test_a_stream_interval_sends_fewer_larger_chunks_and_every_token(tmp_path) -
         assert len(chunks) < 10, len(chunks)  # 40 tokens in 80 ms, a chunk at most every 50 ms
     finally:
         server.stop()
+
+
+def test_the_hold_after_a_chunk_grows_with_the_open_streams() -> None:
+    """``max_chunk_rate``: one stream is never held; n streams wait n / rate; stream_interval is a floor."""
+    fe = Frontend(queue=RequestQueue(), tokenizer=None, vocab_size=1, state=lambda: ("serving", 1),  # type: ignore[arg-type]
+                  max_chunk_rate=10000.0)
+    fe.streams = 1
+    assert fe.hold() == 0.0  # 0.1 ms: not worth a timer
+    fe.streams = 256
+    assert fe.hold() == pytest.approx(0.0256)
+    fe.stream_interval = 0.05
+    assert fe.hold() == 0.05
+    fe.max_chunk_rate, fe.stream_interval = 0.0, 0.0
+    assert fe.hold() == 0.0
+
+
+def test_many_open_streams_get_fewer_larger_chunks_and_every_token(tmp_path) -> None:
+    """With ``max_chunk_rate`` and many streams open, each stream's chunks carry several tokens,
+    and every token still arrives in order."""
+    tok = load_tokenizer(make_model(tmp_path / "m", "tiny"))
+    fe = Frontend(queue=RequestQueue(), tokenizer=tok, vocab_size=320, state=lambda: ("serving", 3), model="m",
+                  max_chunk_rate=400.0)  # 8 streams: a chunk every 20 ms at most per stream
+    server = ApiServer(fe).serve_in_thread()
+    n = 8
+    try:
+        def engine() -> None:  # a driver committing a token to every request every 2 ms
+            reqs: list = []
+            while len(reqs) < n:
+                reqs += fe.queue.take(n - len(reqs), timeout=5)
+            for t in range(40):
+                for req in reqs:
+                    req.pending.append(100 + t)
+                    req.commit()
+                time.sleep(0.002)
+
+        threading.Thread(target=engine, daemon=True).start()
+        out: list[list[dict]] = [[] for _ in range(n)]
+
+        def client(i: int) -> None:
+            r = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 40, "stream": True},
+                           timeout=10)
+            out[i] = [json.loads(x[6:]) for x in r.text.split("\n\n") if x.startswith("data: {")]
+
+        clients = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+        for c in clients:
+            c.start()
+        for c in clients:
+            c.join(15)
+        for chunks in out:
+            assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == list(range(100, 140))
+            assert len(chunks) < 20, len(chunks)  # 40 tokens in ~80 ms: several per chunk
+        assert fe.streams == 0
+    finally:
+        server.stop()
