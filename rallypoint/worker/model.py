@@ -350,6 +350,7 @@ class StageModel(nn.Module):
             self.lm_head = Linear(config.hidden_size, config.vocab_size // tp_size)
         self._rope_table: tuple[Tensor, Tensor] | None = None
         self._compiled: list[Callable[..., Tensor]] | None = None  # compile_decode()
+        self._compiled_rows = 0
 
     def _reduce(self, t: Tensor) -> Tensor:
         return t if self.tp_size == 1 else self.comm.all_reduce(t)
@@ -389,7 +390,7 @@ class StageModel(nn.Module):
         h = self.embed_tokens(x) if self.first else x                               # [B, S, D]
         cos, sin = self._rope(input_pos, h.dtype)
         masks = self._masks(input_pos, h.shape[1], kv_len, h.dtype)
-        compiled = self._compiled if h.shape[1] == 1 and rows is None else None
+        compiled = self._compiled if h.shape[1] == 1 and rows is None and h.shape[0] <= self._compiled_rows else None
         for i, layer in enumerate(self.layers.values()):
             attn = layer.self_attn
             mask = masks.get(attn.window, attn.heads // attn.kv_heads)
@@ -411,7 +412,7 @@ class StageModel(nn.Module):
             layer.mlp.fuse()
         return self
 
-    def compile_decode(self, backend: str = "inductor") -> "StageModel":
+    def compile_decode(self, max_rows: int = 1 << 30, backend: str = "inductor") -> "StageModel":
         """Run decode steps (one position per row, cache rows ``0..B-1``) through ``torch.compile``d
         layers: the norms, RoPE, cache writes, SwiGLU and residual adds of a layer become a few fused
         kernels instead of ~25 small ones, which is most of a CUDA-graph step's time on a small model.
@@ -420,7 +421,12 @@ class StageModel(nn.Module):
         serves them all (two with batch 1, which torch specializes); prefill stays eager. Compiling
         happens at the first decode forward (tens of seconds cold, seconds from torch's on-disk
         cache), so callers do it before serving: ``DecodeGraphs`` captures through it.
+
+        Only decode steps of at most ``max_rows`` rows take the compiled layers: on an H200 (1 B
+        model, torch 2.11) they replay 20 % faster up to 16 rows and up to 2.3x slower at 256,
+        where the kernels inductor writes for dynamic shapes lose to the eager ones.
         """
+        self._compiled_rows = max_rows
         self._compiled = [torch.compile(layer, backend=backend, dynamic=True, fullgraph=True)
                           for layer in self.layers.values()]
         return self

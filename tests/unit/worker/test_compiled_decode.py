@@ -6,7 +6,8 @@ does, it only skips the code generation):
 
 * the compiled decode forward gives the eager forward's logits, for Llama and for Qwen3 (q/k norms);
 * ``DecodeGraphs.warm`` compiles every shape the engine can make, so no request's step ever waits
-  for a compilation (a recompile at serving time would stall every stream for seconds).
+  for a compilation (a recompile at serving time would stall every stream for seconds); batches
+  over ``COMPILE_MAX_ROWS`` run the eager layers and never compile.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ import torch
 from torch._dynamo.utils import counters
 
 from rallypoint.worker.checkpoint import make_model
-from rallypoint.worker.graphs import DecodeGraphs, batch_buckets, kv_buckets
+from rallypoint.worker.graphs import COMPILE_MAX_ROWS, DecodeGraphs, batch_buckets, kv_buckets
 from rallypoint.worker.model_config import ModelConfig
 from rallypoint.worker.shards import load_stage
 
-MAX_BATCH, MAX_SEQ = 40, 512  # buckets 1, 2, 4, 8, 16, 32, 40; KV 256, 512
+MAX_BATCH, MAX_SEQ = 40, 512  # buckets 1, 2, 4, 8, 16 (compiled), 32, 40 (eager); KV 256, 512
 
 
 def _model(path: Path) -> torch.nn.Module:
@@ -56,7 +57,7 @@ def test_warm_compiles_every_shape_the_engine_makes(tmp_path: Path) -> None:
     make_model(tmp_path, "tiny", seed=4)
     model = _model(tmp_path)
     graphs = DecodeGraphs(model, MAX_BATCH, MAX_SEQ, torch.device("cpu"))
-    model.compile_decode(backend="aot_eager")
+    model.compile_decode(max_rows=COMPILE_MAX_ROWS, backend="aot_eager")
     before = counters["stats"]["unique_graphs"]
     graphs.warm()
     after_warm = counters["stats"]["unique_graphs"]
