@@ -22,28 +22,14 @@ from pathlib import Path
 
 import psutil
 
+from rallypoint.cli.cluster import cluster_view, latest_plan
+from rallypoint.cli.main import main as rallyctl
+from rallypoint.cli.views import format_plan
+from rallypoint.protocol.keys import ClusterKeys
 from rallypoint.rendezvous.etcd import EtcdClient, EtcdSettings
-from rallypoint.rendezvous.records import ClusterKeys, Plan
 from rallypoint.testing.daemons import DaemonProcess, daemon_args, wait_file
 from rallypoint.testing.etcd_server import INSTALL_HINT, EtcdCluster, etcd_binary
 from rallypoint.worker.title import describe
-
-
-def format_plan(plan: Plan) -> str:
-    """A plan as a small table, one row per rank."""
-    lines = [f"generation {plan.gen}: world {plan.world_size} = TP {plan.tp} x PP {plan.pp} x DP {plan.dp}"
-             f"  (leader {plan.leader}; {plan.reason})",
-             f"  {'rank':>4}  {'node':<10} {'local':>5}  {'dp':>2} {'pp':>2} {'tp':>2}"]
-    for r in plan.ranks:
-        replica = plan.tp * plan.pp
-        dp, pp, tp = r.rank // replica, (r.rank % replica) // plan.tp, r.rank % plan.tp
-        lines.append(f"  {r.rank:>4}  {r.node:<10} {r.local_rank:>5}  {dp:>2} {pp:>2} {tp:>2}")
-    return "\n".join(lines)
-
-
-def latest_plan(client: EtcdClient, keys: ClusterKeys) -> Plan | None:
-    kvs, _ = client.get_prefix(keys.plans)
-    return Plan.from_json(kvs[-1].key, kvs[-1].value) if kvs else None
 
 
 def complete(url: str, prompt: str, max_tokens: int, stream: bool = False) -> tuple[str, list[int]]:
@@ -67,12 +53,9 @@ def worker_of(daemon: DaemonProcess) -> psutil.Process:
 
 def show_rallyctl(client: EtcdClient, keys: ClusterKeys, endpoints: tuple[str, ...]) -> None:
     """Print what an operator would see: ``rallyctl status`` and ``rallyctl events``."""
-    from rallypoint.cli.main import _cluster_view
-    from rallypoint.cli.main import main as rallyctl
-
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:  # until every rank reports serving in the new generation
-        d = _cluster_view(client, keys, "demo")
+        d = cluster_view(client, keys, "demo")
         if d["state"] == "serving" and d["ranks"] and all(r["state"] == "serving" for r in d["ranks"]):
             break
         time.sleep(0.3)

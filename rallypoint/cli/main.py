@@ -14,10 +14,14 @@ import sys
 import time
 from collections.abc import Callable
 
+from rallypoint.cli.cluster import cluster_view, read_plans
+from rallypoint.cli.views import format_event, format_plan, format_recovery, format_status, recoveries
 from rallypoint.errors import EtcdUnavailable, RallypointError
 from rallypoint.log import configure_logging
+from rallypoint.protocol.keys import ClusterKeys
+from rallypoint.protocol.orders import wait_drained
+from rallypoint.recovery.events import Event, read_events
 from rallypoint.rendezvous.etcd import EtcdClient, EtcdSettings, endpoints_from
-from rallypoint.rendezvous.records import ClusterKeys, Plan
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -29,19 +33,12 @@ def _client(args: argparse.Namespace) -> EtcdClient:
                                    password=os.environ.get("RALLYPOINT_ETCD_PASSWORD")))
 
 
-def _plans(client: EtcdClient, keys: ClusterKeys) -> list[Plan]:
-    kvs, _ = client.get_prefix(keys.plans)
-    return [Plan.from_json(kv.key, kv.value) for kv in kvs]
-
-
 def cmd_plan(args: argparse.Namespace) -> int:
     """Print a generation's plan (the latest by default)."""
-    from rallypoint.demo import format_plan
-
     keys = ClusterKeys(args.cluster)
     client = _client(args)
     try:
-        plans = _plans(client, keys)
+        plans = read_plans(client, keys)
     finally:
         client.close()
     if not plans:
@@ -58,43 +55,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cluster_view(client: EtcdClient, keys: ClusterKeys, cluster: str) -> dict:
-    from rallypoint.cli.views import status_data
-    from rallypoint.errors import MalformedRecord
-    from rallypoint.rendezvous.records import NodeRecord
-
-    plans = _plans(client, keys)
-    records: dict[str, NodeRecord] = {}
-    for kv in client.get_prefix(keys.nodes)[0]:
-        try:
-            rec = NodeRecord.from_json(kv.key, kv.value)
-            records[rec.node] = rec
-        except MalformedRecord as exc:
-            print(f"rallyctl: skipping {exc}", file=sys.stderr)
-    if not plans and not records:
-        raise RallypointError(f"cluster {cluster!r} does not exist (no nodes, no plan under {keys.root})")
-    statuses = {}
-    for kv in client.get_prefix(keys.node_status)[0]:
-        try:
-            statuses[kv.key[len(keys.node_status):]] = json.loads(kv.value)
-        except ValueError:
-            pass
-    leader = client.get(keys.leader)
-    rec = client.get(keys.root + "status/recovery")
-    cordoned = {kv.key[len(keys.cordoned):] for kv in client.get_prefix(keys.cordoned)[0]}
-    draining = {kv.key[len(keys.draining):] for kv in client.get_prefix(keys.draining)[0]}
-    return status_data(cluster, records, statuses, plans[-1] if plans else None,
-                       leader.value.decode() if leader else None, json.loads(rec.value) if rec else None,
-                       cordoned, draining)
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     """The cluster at a glance: state, leader, one row per node, who holds which rank, recovery."""
-    from rallypoint.cli.views import format_status
-
     client = _client(args)
     try:
-        d = _cluster_view(client, ClusterKeys(args.cluster), args.cluster)
+        d = cluster_view(client, ClusterKeys(args.cluster), args.cluster)
     finally:
         client.close()
     print(json.dumps(d, indent=1) if args.json else format_status(d))
@@ -103,9 +68,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_events(args: argparse.Namespace) -> int:
     """The recovery timeline: one line per event, then each recovery's phase durations."""
-    from rallypoint.cli.views import format_event, format_recovery, recoveries
-    from rallypoint.recovery.events import Event, events_prefix, read_events
-
     keys = ClusterKeys(args.cluster)
     client = _client(args)
     try:
@@ -123,8 +85,8 @@ def cmd_events(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         if not args.follow:
             return 0
-        _, rev = client.get_prefix(events_prefix(keys))
-        watch = client.watch_prefix(events_prefix(keys), rev + 1)
+        _, rev = client.get_prefix(keys.events)
+        watch = client.watch_prefix(keys.events, rev + 1)
         try:
             while (w := watch.get()) is not None:
                 if w.kind == "put":
@@ -140,7 +102,7 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 
 def _known_node(client: EtcdClient, keys: ClusterKeys, node: str) -> None:
-    if client.get(keys.node(node)) is None and client.get(keys.node_status + node) is None:
+    if client.get(keys.node(node)) is None and client.get(keys.node_status_of(node)) is None:
         kvs, _ = client.get_prefix(keys.nodes)
         known = sorted(kv.key[len(keys.nodes):] for kv in kvs)
         raise RallypointError(f"no node {node!r} in cluster (nodes: {', '.join(known) or 'none'})")
@@ -153,9 +115,9 @@ def cmd_cordon(args: argparse.Namespace) -> int:
     try:
         _known_node(client, keys, args.node)
         if args.command == "cordon":
-            client.put(keys.cordoned + args.node, json.dumps({"time": time.time()}))
+            client.put(keys.cordoned_of(args.node), json.dumps({"time": time.time()}))
         else:
-            client.delete(keys.cordoned + args.node)
+            client.delete(keys.cordoned_of(args.node))
     finally:
         client.close()
     said = f"{args.node} {'cordoned' if args.command == 'cordon' else 'uncordoned'}"
@@ -165,22 +127,20 @@ def cmd_cordon(args: argparse.Namespace) -> int:
 
 def cmd_drain(args: argparse.Namespace) -> int:
     """Stop admitting requests on NODE's replicas, wait for the ones in flight, then cordon it."""
-    from rallypoint.worker.control import wait_drained
-
     keys = ClusterKeys(args.cluster)
     client = _client(args)
     try:
         _known_node(client, keys, args.node)
-        plans = _plans(client, keys)
+        plans = read_plans(client, keys)
         if not plans:
             raise RallypointError(f"cluster {args.cluster!r} has no plan yet")
         plan = plans[-1]
         replicas = plan.replicas_on(args.node)
-        client.put(keys.draining + args.node, json.dumps({"deadline": time.time() + args.timeout_drain}))
+        client.put(keys.draining_of(args.node), json.dumps({"deadline": time.time() + args.timeout_drain}))
         t0 = time.monotonic()
         done = wait_drained(client, keys, plan.gen, replicas, args.timeout_drain)
-        client.put(keys.cordoned + args.node, json.dumps({"time": time.time(), "drained": True}))
-        client.delete(keys.draining + args.node)
+        client.put(keys.cordoned_of(args.node), json.dumps({"time": time.time(), "drained": True}))
+        client.delete(keys.draining_of(args.node))
     finally:
         client.close()
     left = sorted(set(replicas) - done)
@@ -196,7 +156,7 @@ def cmd_kill(args: argparse.Namespace) -> int:
     keys = ClusterKeys(args.cluster)
     client = _client(args)
     try:
-        plans = _plans(client, keys)
+        plans = read_plans(client, keys)
         if not plans:
             raise RallypointError(f"cluster {args.cluster!r} has no plan")
         seat = [s for s in plans[-1].ranks if s.rank == args.rank]
@@ -204,7 +164,7 @@ def cmd_kill(args: argparse.Namespace) -> int:
             raise RallypointError(f"generation {plans[-1].gen} has no rank {args.rank} "
                                   f"(ranks 0..{plans[-1].world_size - 1})")
         s = seat[0]
-        client.put(f"{keys.kills}{s.node}/{s.local_rank}", args.signal)
+        client.put(keys.kill(s.node, s.local_rank), args.signal)
     finally:
         client.close()
     print(json.dumps({"rank": args.rank, "seat": f"{s.node}/{s.local_rank}", "signal": args.signal}) if args.json

@@ -1,6 +1,7 @@
 """How rallyctl shows a cluster: plain functions from etcd records to text (no I/O here).
 
 ``status`` is one table in the spirit of ``patronictl list``: read at a glance at 3 a.m.
+``plan`` is one row per rank with its grid position.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
+from rallypoint.protocol.grid import coords_of
 from rallypoint.recovery.events import Event
 from rallypoint.recovery.machine import MILESTONES, SERVING, breakdown, operator_state
 from rallypoint.rendezvous.records import NodeRecord, Plan
@@ -25,6 +27,17 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     line = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
     fmt = "| " + " | ".join(f"{{:<{w}}}" for w in widths) + " |"
     return "\n".join([line, fmt.format(*headers), line, *(fmt.format(*r) for r in rows), line])
+
+
+def format_plan(plan: Plan) -> str:
+    """A plan as a small table, one row per rank."""
+    lines = [f"generation {plan.gen}: world {plan.world_size} = TP {plan.tp} x PP {plan.pp} x DP {plan.dp}"
+             f"  (leader {plan.leader}; {plan.reason})",
+             f"  {'rank':>4}  {'node':<10} {'local':>5}  {'dp':>2} {'pp':>2} {'tp':>2}"]
+    for r in plan.ranks:
+        at = coords_of(r.rank, plan.tp, plan.pp)
+        lines.append(f"  {r.rank:>4}  {r.node:<10} {r.local_rank:>5}  {at.dp:>2} {at.pp:>2} {at.tp:>2}")
+    return "\n".join(lines)
 
 
 def cluster_state(recovery: dict[str, Any] | None, plan: Plan | None) -> str:

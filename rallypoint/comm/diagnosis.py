@@ -25,6 +25,7 @@ import psutil
 
 from rallypoint.errors import EtcdError, MalformedRecord
 from rallypoint.log import get_logger
+from rallypoint.protocol.keys import ClusterKeys
 from rallypoint.rendezvous.etcd import EtcdClient
 
 log = get_logger("diagnosis")
@@ -81,11 +82,11 @@ class ProgressRecord:
 
 
 class ProgressBoard:
-    """Per-seat progress records in etcd under ``/rallypoint/<cluster>/status/progress/``."""
+    """Per-seat progress records in etcd (``ClusterKeys.progress_of``), on the writer's lease."""
 
-    def __init__(self, client: EtcdClient, cluster: str, seat: str, lease: int | None) -> None:
+    def __init__(self, client: EtcdClient, keys: ClusterKeys, seat: str, lease: int | None) -> None:
         self.client = client
-        self.prefix = f"/rallypoint/{cluster}/status/progress/"
+        self.keys = keys
         self.seat = seat
         self.lease = lease
         self.host = socket.gethostname()
@@ -94,11 +95,11 @@ class ProgressBoard:
     def publish(self, gen: int, rank: int, groups: dict[str, list[int]]) -> None:
         rec = {"seat": self.seat, "gen": gen, "rank": rank, "pid": self.pid, "host": self.host,
                "time": time.time(), "groups": groups}
-        self.client.put(self.prefix + self.seat.replace("/", ":"), json.dumps(rec), lease=self.lease)
+        self.client.put(self.keys.progress_of(self.seat), json.dumps(rec), lease=self.lease)
 
     def read(self) -> dict[str, ProgressRecord]:
         """Every published record, by seat."""
-        kvs, _ = self.client.get_prefix(self.prefix)
+        kvs, _ = self.client.get_prefix(self.keys.progress)
         out = {}
         for kv in kvs:
             try:

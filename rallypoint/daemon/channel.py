@@ -1,20 +1,10 @@
-"""The local control channel between rallyd and its workers: a Unix socket, one JSON object a line.
+"""rallyd's end of the local control channel: a Unix socket its workers connect to.
 
-etcd carries what the whole cluster must agree on (plans, abort orders); this channel carries what
-only this node's daemon and its own processes need, and keeps working when etcd is away:
-
-    worker -> daemon   {"op": "hello", "pid": P, "role": "spare"|"seat", "local_rank": L|null}
-                       {"op": "beat", "pid": P, "state": "serving", "gen": G, "in_flight": N, "counts": {...}, "api": URL, ...}
-    daemon -> worker   {"op": "adopt", "local_rank": L, "after_gen": G, "api_port": N, "api_url_file": F}
-                       {"op": "drain"}
-
-A warm spare says hello and then waits for ``adopt``; the daemon hands it the seat of a failed
-worker, which saves the replacement's interpreter start, ``import torch`` and CUDA set-up.
+The messages are ``protocol.channel``'s; the worker's end is ``worker.channel``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import threading
@@ -24,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from rallypoint.log import get_logger
+from rallypoint.protocol import channel as msgs
 
 log = get_logger("channel")
-MAX_LINE = 1 << 16
 
 
 def channel_address(state_dir: Path, node: str) -> str:
@@ -34,10 +24,6 @@ def channel_address(state_dir: Path, node: str) -> str:
     is too long for ``sun_path`` (108 bytes)."""
     path = str(state_dir / "rallyd.sock")
     return path if len(path.encode()) < 100 else f"@rallyd-{node}-{os.getpid()}"
-
-
-def _sockaddr(address: str) -> str:
-    return "\0" + address[1:] if address.startswith("@") else address
 
 
 class Peer:
@@ -54,7 +40,7 @@ class Peer:
         self._lock = threading.Lock()
 
     def send(self, msg: dict[str, Any]) -> bool:
-        data = (json.dumps(msg) + "\n").encode()
+        data = msgs.encode(msg)
         with self._lock:
             try:
                 self.sock.sendall(data)
@@ -79,7 +65,7 @@ class ChannelServer:
         if not address.startswith("@") and os.path.exists(address):
             os.unlink(address)  # left by a daemon that crashed
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.bind(_sockaddr(address))
+        self._sock.bind(msgs.sockaddr(address))
         if not address.startswith("@"):
             os.chmod(address, 0o600)
         self._sock.listen(64)
@@ -99,23 +85,22 @@ class ChannelServer:
         buf = peer.sock.makefile("rb")
         try:
             for raw in buf:
-                if len(raw) > MAX_LINE:
+                if len(raw) > msgs.MAX_LINE:
                     log.error("channel.oversized_message", pid=peer.pid)
                     break
                 try:
-                    msg = json.loads(raw)
-                    op = msg["op"]
-                except (ValueError, KeyError, TypeError):
+                    msg = msgs.decode(raw)
+                except ValueError:
                     log.error("channel.malformed_message", pid=peer.pid, raw=raw[:200].decode(errors="replace"))
                     continue
                 peer.last_seen = time.monotonic()
-                if op == "hello":
-                    peer.pid, peer.role = int(msg["pid"]), str(msg.get("role", "seat"))
+                if msg["op"] == msgs.HELLO:
+                    peer.pid, peer.role = int(msg["pid"]), str(msg.get("role", msgs.SEAT))
                     lr = msg.get("local_rank")
                     peer.local_rank = int(lr) if lr is not None else None
                     with self._lock:
                         self.peers[peer.pid] = peer
-                elif op == "beat":
+                elif msg["op"] == msgs.BEAT:
                     peer.last, peer.beat_at = msg, peer.last_seen
                 if self.on_message is not None:
                     self.on_message(peer, msg)
@@ -137,50 +122,3 @@ class ChannelServer:
         with self._lock:
             for p in self.peers.values():
                 p.sock.close()
-
-
-class ChannelClient:
-    """A worker's end. Messages from the daemon go to ``handlers[op](msg)`` on a reader thread.
-
-    Raises:
-        OSError: the daemon's socket is not there (the worker then runs without the channel).
-    """
-
-    def __init__(self, address: str, role: str, local_rank: int | None,
-                 handlers: dict[str, Callable[[dict[str, Any]], None]] | None = None) -> None:
-        self.handlers = handlers or {}
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(_sockaddr(address))
-        self._lock = threading.Lock()
-        self.send({"op": "hello", "pid": os.getpid(), "role": role, "local_rank": local_rank})
-        threading.Thread(target=self._read_loop, name="rallypoint-channel", daemon=True).start()
-
-    def send(self, msg: dict[str, Any]) -> bool:
-        with self._lock:
-            try:
-                self.sock.sendall((json.dumps(msg) + "\n").encode())
-                return True
-            except OSError:
-                return False
-
-    def _read_loop(self) -> None:
-        try:
-            for raw in self.sock.makefile("rb"):
-                try:
-                    msg = json.loads(raw)
-                    handler = self.handlers.get(msg["op"])
-                except (ValueError, KeyError, TypeError):
-                    log.error("channel.malformed_message", raw=raw[:200].decode(errors="replace"))
-                    continue
-                if handler is not None:
-                    handler(msg)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        """Hang up: shut the socket down first, as the reader thread's file still holds it."""
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()

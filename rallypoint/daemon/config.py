@@ -159,17 +159,18 @@ class LayoutConfig:
 class CollectivesConfig:
     """``[collectives]``: a collective's deadline is ``max(deadline_floor, deadline_k * typical)``.
 
+    The backend is not a setting: it follows the device (NCCL on GPUs, gloo on CPU), since gloo
+    cannot send, receive or all-gather CUDA tensors and NCCL has no CPU path.
+
     Attributes:
         deadline_floor: the shortest deadline any collective gets.
         deadline_k: the multiple of a collective's typical duration it may take.
-        backend: ``auto`` (NCCL on GPUs, gloo on CPU), ``nccl`` or ``gloo``.
         build_timeout: how long a group build waits for its members; past it the worker asks
             for the next plan (a build still blocked in NCCL's init 10 s later ends the process).
     """
 
     deadline_floor: timedelta = _opt(_secs(1.0), "seconds", gt=0)
     deadline_k: float = _opt(20.0, "float", gt=0)
-    backend: str = _opt("auto", "choice", choices=("auto", "nccl", "gloo"))
     build_timeout: timedelta = _opt(_secs(30.0), "seconds", gt=0)
 
 
@@ -225,7 +226,7 @@ class WorkerConfig:
     compile: bool = _opt(True, "bool")
     prefill_tokens: int = _opt(4096, "int", ge=1)
     stream_interval: timedelta = _opt(_secs(0.0), "seconds", ge=0)
-    max_chunk_rate: float = _opt(20000.0, "float", ge=0)
+    max_chunk_rate: float = _opt(0.0, "float", ge=0)
     api_host: str = _opt("127.0.0.1", "str")
     api_port: int = _opt(0, "int", ge=0)
     restart_budget: int = _opt(5, "int", ge=0)
@@ -559,9 +560,6 @@ def _check(c: Config, origin: Mapping[str, str], check_node: bool) -> None:
         if port > 65535:
             section, name = key.split(".")
             _fail(f"[{section}] {name} = {port} is not a TCP port (0..65535)", origin, key)
-    if c.collectives.backend == "nccl" and lay.gpus == 0:
-        _fail('[collectives] backend = "nccl" needs GPUs, but [layout] gpus = 0 (a CPU node)',
-              origin, "collectives.backend", "layout.gpus")
     if check_node and lay.replica_size > 1:
         gpus = lay.node_gpus()
         slots, what = (gpus, "GPUs") if gpus else (lay.cpu_ranks, "CPU rank slots")

@@ -29,18 +29,20 @@ from rallypoint.gateway.routes import DriverRoutes
 from rallypoint.gateway.server import Gateway
 from rallypoint.errors import EtcdError, EtcdUnavailable, MalformedRecord, RallypointError
 from rallypoint.log import get_logger
+from rallypoint.protocol import channel as msgs
+from rallypoint.protocol import exit_codes
+from rallypoint.protocol.keys import ClusterKeys
+from rallypoint.protocol.orders import order_abort, wait_drained
 from rallypoint.recovery import events as ev
-from rallypoint.recovery.events import Event, EventLog, events_prefix, prune_events, prune_stores
+from rallypoint.recovery.events import Event, EventLog
 from rallypoint.recovery.machine import RecoveryMachine
+from rallypoint.recovery.retention import PRUNE_EVERY, keep_from, prune_history
 from rallypoint.recovery.strategy import RESTART, SHRINK, SPARE, choose
 from rallypoint.rendezvous.etcd import EtcdClient
-from rallypoint.rendezvous.records import ClusterKeys, ClusterSpec, Plan
+from rallypoint.rendezvous.records import ClusterSpec, Plan
 from rallypoint.rendezvous.rendezvous import Rendezvous, RendezvousSettings, local_record
-from rallypoint.worker import exit_codes
-from rallypoint.worker.control import order_abort, wait_drained
 
 BUG = "unexpected error in the loop, please report it as a BUG"
-KEEP_EVENT_GENS = 100
 
 
 def cluster_spec(cfg: Config) -> ClusterSpec:
@@ -89,6 +91,7 @@ class Daemon:
         self._watches: list = []
         self._status_at = 0.0
         self._last_cycle = time.monotonic()
+        self._pruned_at = 0  # the released generation this daemon last pruned at, as leader
 
     # -- workers ----------------------------------------------------------------------------
 
@@ -97,27 +100,16 @@ class Daemon:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         address = channel_address(cfg.state_dir, cfg.node)
         self.channel = ChannelServer(address, self._on_channel_message)
-        device = "cuda" if cfg.layout.node_gpus() > 0 else "cpu"
-        command = WorkerCommand(cfg.cluster, ",".join(cfg.etcd.endpoints), cfg.node, w.model or "", device, w.dtype,
-                                w.max_batch, w.max_seq, w.api_host, w.api_port,
-                                cfg.collectives.deadline_floor.total_seconds(), cfg.state_dir, address, w.workload,
-                                build_timeout=cfg.collectives.build_timeout.total_seconds(),
-                                queue_capacity=w.queue_capacity, cuda_graphs=w.cuda_graphs, compile=w.compile,
-                                prefill_tokens=w.prefill_tokens,
-                                stream_interval=w.stream_interval.total_seconds(),
-                                max_chunk_rate=w.max_chunk_rate,
-                                kv_memory_fraction=w.kv_memory_fraction,
-                                preload=cfg.layout.tp == cfg.layout.pp == 1 and (
-                                    device == "cpu" or cfg.layout.node_slots() == 1))
+        command = WorkerCommand.from_config(cfg, address)
         env = {API_KEY_ENV: cfg.gateway.api_key} if cfg.gateway.api_key else None
         return Supervisor(command, cfg.state_dir / "logs", self._on_worker_exit, w.restart_budget,
                           w.restart_window.total_seconds(), env=env, spares=cfg.layout.spares,
                           channel=self.channel, seat_params=command.seat_params)
 
     def _on_channel_message(self, peer: Peer, msg: dict) -> None:
-        if msg.get("op") == "hello":
+        if msg.get("op") == msgs.HELLO:
             self.log.info("rallyd.worker_connected", pid=peer.pid, role=peer.role, local_rank=peer.local_rank)
-        elif msg.get("op") == "beat":
+        elif msg.get("op") == msgs.BEAT:
             self.metrics.beat(peer, msg.get("counts"))
 
     def _seat_rank(self, plan: Plan, local_rank: int | None) -> int:
@@ -271,9 +263,9 @@ class Daemon:
                 f"({exc})") from None
         if self.rendezvous.inherited is not None:
             self._predecessor_lost(self.rendezvous.inherited)
-        self._follow(self.keys.root + "status/diagnosis/", self._on_diagnosis, "rallyd-diagnoses")
-        self._follow(events_prefix(self.keys), self._on_event, "rallyd-events")
-        self._follow(f"{self.keys.kills}{self.cfg.node}/", self._on_kill_order, "rallyd-drills")
+        self._follow(self.keys.diagnoses, self._on_diagnosis, "rallyd-diagnoses")
+        self._follow(self.keys.events, self._on_event, "rallyd-events")
+        self._follow(self.keys.kills_of(self.cfg.node), self._on_kill_order, "rallyd-drills")
         if self.supervisor is not None:
             self.supervisor.fill_spares()
             if self.cfg.layout.node_gpus() > 0 and (nvml := load_nvml()) is not None:
@@ -304,7 +296,7 @@ class Daemon:
             self.log.error("rallyd.replan_request_failed", gen=plan.gen, error=str(exc))
 
     def _follow(self, prefix: str, handle, name: str) -> None:
-        _, rev = self.client.get_prefix(prefix)
+        _, rev = self.client.count_prefix(prefix)  # only the revision: what is there is not replayed
         watch = self.client.watch_prefix(prefix, rev + 1)
         self._watches.append(watch)
 
@@ -327,7 +319,7 @@ class Daemon:
         except (ValueError, KeyError, TypeError):
             self.log.error("rallyd.malformed_diagnosis", key=key)
             return
-        if key.rsplit("/", 1)[-1].split(":")[0] == self.cfg.node:  # .../<gen>/<node>:<local rank>
+        if ClusterKeys.diagnosis_seat(key).split("/")[0] == self.cfg.node:  # written by one of our seats
             self.metrics.collective_tripped(str(d.get("group", "")), str(d.get("trigger", "")))
         for s in suspects:
             local = int(s["seat"].split("/")[1])
@@ -391,7 +383,7 @@ class Daemon:
             return
         self._status_at = time.monotonic()
         try:
-            self.client.put(self.keys.node_status + self.cfg.node, json.dumps(self.node_status()),
+            self.client.put(self.keys.node_status_of(self.cfg.node), json.dumps(self.node_status()),
                             lease=self.rendezvous.lease.id)
         except RallypointError as exc:
             self.log.debug("rallyd.status_unpublished", error=str(exc))
@@ -409,7 +401,7 @@ class Daemon:
             return
         self.log.info("rallyd.recovery_phase", phase=t.phase, previous=t.previous, gen=t.gen, cause=t.event.kind)
         try:
-            self.client.put(self.keys.root + "status/recovery", json.dumps(self.machine.state()))
+            self.client.put(self.keys.recovery, json.dumps(self.machine.state()))
         except EtcdError as exc:
             self.log.warning("rallyd.recovery_unpublished", error=str(exc))
 
@@ -422,13 +414,25 @@ class Daemon:
             alive = self.supervisor.alive()
             for lr in set(alive) - {s.local_rank for s in mine}:
                 self.supervisor.retire(lr)  # this seat has no rank in the new layout
-        if self.rendezvous.is_leader and plan.gen > KEEP_EVENT_GENS and plan.gen % 10 == 0:
-            prune_events(self.client, self.keys, plan.gen - KEEP_EVENT_GENS)
-            prune_stores(self.client, self.keys, plan.gen - KEEP_EVENT_GENS)
         self.log.info("rallyd.generation_released", gen=plan.gen, world_size=plan.world_size,
                       tp=plan.tp, pp=plan.pp, dp=plan.dp, reason=plan.reason,
                       ranks=[r.rank for r in mine],
                       layout={r.rank: f"{r.node}/{r.local_rank}" for r in plan.ranks})
+        if self.rendezvous.is_leader and plan.gen >= self._pruned_at + PRUNE_EVERY:
+            self._prune(plan.gen)
+
+    def _prune(self, released_gen: int) -> None:
+        """As leader, delete the generations before the window (``recovery.retention``), so etcd
+        holds a window of history rather than all of it. A failure is retried at the next release."""
+        try:
+            counts = prune_history(self.client, self.keys, released_gen)
+        except EtcdError as exc:
+            self.log.warning("leader.prune_failed", gen=released_gen, error=str(exc))
+            return
+        self._pruned_at = released_gen
+        if counts:
+            self.log.info("leader.pruned", gen=released_gen, before_gen=keep_from(released_gen),
+                          deleted=sum(counts.values()), **counts)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -544,7 +548,7 @@ class Daemon:
         t0 = time.monotonic()
         try:
             lease = self.rendezvous.lease.id if self.rendezvous.lease else None
-            self.client.put(self.keys.draining + self.cfg.node, json.dumps({"deadline": time.time() + timeout}),
+            self.client.put(self.keys.draining_of(self.cfg.node), json.dumps({"deadline": time.time() + timeout}),
                             lease=lease)  # goes with our lease when we leave
         except RallypointError as exc:
             return f"could not announce the drain ({exc}); leaving without it"

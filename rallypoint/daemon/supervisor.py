@@ -27,7 +27,9 @@ from typing import TYPE_CHECKING
 
 import psutil
 
+from rallypoint.daemon.config import Config
 from rallypoint.log import get_logger
+from rallypoint.protocol import channel as msgs
 from rallypoint.recovery.strategy import RestartBudget
 
 if TYPE_CHECKING:
@@ -153,7 +155,7 @@ class Supervisor:
             spares = list(self.spares)
         for w in spares:
             peer = self.channel.peers.get(w.pid)
-            if w.proc.poll() is None and peer is not None and peer.role == "spare":
+            if w.proc.poll() is None and peer is not None and peer.role == msgs.SPARE:
                 return w
         return None
 
@@ -165,10 +167,10 @@ class Supervisor:
                 return None
             self._forget_api(local_rank)
             peer = self.channel.peers.get(w.pid)
-            msg = {"op": "adopt", "local_rank": local_rank, "after_gen": after_gen, **self.seat_params(local_rank)}
+            msg = msgs.adopt(local_rank, after_gen, **self.seat_params(local_rank))
             if peer is None or not peer.send(msg):
                 return None
-            peer.role = "seat"
+            peer.role = msgs.SEAT
             with self._lock:
                 self.spares.remove(w)
                 w.local_rank, w.after_gen = local_rank, after_gen
@@ -292,6 +294,7 @@ class WorkerCommand:
     state_dir: Path
     channel: str | None = None
     workload: str = "serve"
+    deadline_k: float = 20.0
     build_timeout: float = 30.0
     queue_capacity: int = 1024
     cuda_graphs: bool = True
@@ -302,6 +305,20 @@ class WorkerCommand:
     kv_memory_fraction: float = 0.8
     preload: bool = False  # spares load the whole model and capture its graphs while they wait
 
+    @classmethod
+    def from_config(cls, cfg: Config, channel: str | None) -> "WorkerCommand":
+        """Every setting of ``cfg`` a worker needs (``worker.args`` parses them on the other end)."""
+        w, lay = cfg.worker, cfg.layout
+        device = "cuda" if lay.node_gpus() > 0 else "cpu"
+        return cls(cfg.cluster, ",".join(cfg.etcd.endpoints), cfg.node, w.model or "", device, w.dtype,
+                   w.max_batch, w.max_seq, w.api_host, w.api_port, cfg.collectives.deadline_floor.total_seconds(),
+                   cfg.state_dir, channel, w.workload, deadline_k=cfg.collectives.deadline_k,
+                   build_timeout=cfg.collectives.build_timeout.total_seconds(),
+                   queue_capacity=w.queue_capacity, cuda_graphs=w.cuda_graphs, compile=w.compile,
+                   prefill_tokens=w.prefill_tokens, stream_interval=w.stream_interval.total_seconds(),
+                   max_chunk_rate=w.max_chunk_rate, kv_memory_fraction=w.kv_memory_fraction,
+                   preload=lay.tp == lay.pp == 1 and (device == "cpu" or lay.node_slots() == 1))
+
     def seat_params(self, local_rank: int) -> dict:
         """The seat's API port (``api_port + local_rank``, or 0 for a free one) and URL file."""
         return {"api_port": self.api_port + local_rank if self.api_port else 0,
@@ -311,7 +328,8 @@ class WorkerCommand:
         argv = [sys.executable, "-m", "rallypoint.worker", "--cluster", self.cluster, "--endpoints", self.endpoints,
                 "--node", self.node, "--model", self.model, "--device", self.device, "--dtype", self.dtype,
                 "--max-batch", str(self.max_batch), "--max-seq", str(self.max_seq), "--api-host", self.api_host,
-                "--deadline-floor", str(self.deadline_floor), "--after-gen", str(after_gen), "--die-with-parent",
+                "--deadline-floor", str(self.deadline_floor), "--deadline-k", str(self.deadline_k),
+                "--after-gen", str(after_gen), "--die-with-parent",
                 "--workload", self.workload, "--build-timeout", str(self.build_timeout),
                 "--queue-capacity", str(self.queue_capacity), "--cuda-graphs", "on" if self.cuda_graphs else "off",
                 "--compile", "on" if self.compile else "off",

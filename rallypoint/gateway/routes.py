@@ -15,8 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 from rallypoint.errors import RallypointError
+from rallypoint.protocol.keys import ClusterKeys
 from rallypoint.rendezvous.etcd import EtcdClient
-from rallypoint.rendezvous.records import ClusterKeys
 
 NodeStatus = dict[str, Any]
 

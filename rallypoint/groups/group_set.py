@@ -18,6 +18,7 @@ from rallypoint.errors import GroupError
 from rallypoint.groups.group import Cancelled, Group, StoreFactory, build_group
 from rallypoint.groups.topology import PlanLike, specs_for
 from rallypoint.log import get_logger
+from rallypoint.protocol.grid import coords_of
 
 log = get_logger("groups")
 
@@ -144,7 +145,7 @@ class GroupSet:
 
     @property
     def dp_rank(self) -> int:
-        return self.rank // (self.plan.tp * self.plan.pp)
+        return coords_of(self.rank, self.plan.tp, self.plan.pp).dp
 
     @property
     def dp_size(self) -> int:

@@ -1,7 +1,7 @@
 """Which groups a rank belongs to, from a plan: pure logic, no torch.
 
-Group names follow vLLM's parallel_state tags: ``tp``, ``pp``, ``dp``, ``ep``. Ranks follow its
-order, ``rank = dp*(PP*TP) + pp*TP + tp``. A group's *identity* is its name plus the seats
+Group names follow vLLM's parallel_state tags: ``tp``, ``pp``, ``dp``, ``ep``; which ranks each
+group holds is ``protocol.grid``'s arithmetic (vLLM's order). A group's *identity* is its name plus the seats
 (node, local device) of its members in group order: a group whose identity and health are unchanged
 in the next generation carries over untouched, even if its global rank numbers moved.
 """
@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 from rallypoint.errors import GroupError
-
-GROUP_NAMES = ("tp", "pp", "dp", "ep")
+from rallypoint.protocol.grid import group_members
 
 
 class SlotLike(Protocol):
@@ -61,21 +60,6 @@ class GroupSpec:
         return f"{self.name}[{','.join(map(str, self.ranks))}]@g{self.gen}"
 
 
-def members(name: str, rank: int, tp: int, pp: int, dp: int) -> tuple[int, ...]:
-    """Global ranks of ``rank``'s group called ``name``, in group order."""
-    replica = tp * pp
-    d, p, t = rank // replica, (rank % replica) // tp, rank % tp
-    if name == "tp":
-        return tuple(d * replica + p * tp + i for i in range(tp))
-    if name == "pp":
-        return tuple(d * replica + i * tp + t for i in range(pp))
-    if name == "dp":
-        return tuple(i * replica + p * tp + t for i in range(dp))
-    if name == "ep":  # experts spread over every TP rank of every replica, per PP stage
-        return tuple(i * replica + p * tp + j for i in range(dp) for j in range(tp))
-    raise GroupError(f"unknown group {name!r}; expected one of {GROUP_NAMES}")
-
-
 def specs_for(plan: PlanLike, rank: int, names: Sequence[str] = ("tp", "pp", "dp")) -> dict[str, GroupSpec]:
     """The groups ``rank`` is in under ``plan``.
 
@@ -91,7 +75,7 @@ def specs_for(plan: PlanLike, rank: int, names: Sequence[str] = ("tp", "pp", "dp
     seat = {s.rank: (s.node, s.local_rank) for s in plan.ranks}
     out = {}
     for name in names:
-        ranks = members(name, rank, plan.tp, plan.pp, plan.dp)
+        ranks = group_members(name, rank, plan.tp, plan.pp, plan.dp)
         out[name] = GroupSpec(name, plan.gen, ranks, tuple(seat[r] for r in ranks), ranks.index(rank))
     return out
 

@@ -10,7 +10,7 @@ recovery benchmark) and the input of the state machine in ``machine.py``.
 Writes go through a background thread: a worker on the critical path of a recovery only queues
 the event. An etcd outage loses no serving time, only (after a bounded queue fills) old events.
 
-Key: ``events/<gen:010d>/<time_ns:020d>-<by>-<kind>``; value: JSON ``Event``.
+Key: ``ClusterKeys.event`` (``events/<gen>/<time_ns>-<by>-<kind>``); value: JSON ``Event``.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from typing import Any
 
 from rallypoint.errors import EtcdError, MalformedRecord
 from rallypoint.log import get_logger
+from rallypoint.protocol.keys import ClusterKeys
 from rallypoint.rendezvous.etcd import EtcdClient
-from rallypoint.rendezvous.records import GEN_WIDTH, ClusterKeys
 
 log = get_logger("recovery.events")
 
@@ -89,16 +89,6 @@ class Event:
         return ev
 
 
-def events_prefix(keys: ClusterKeys, gen: int | None = None) -> str:
-    base = keys.root + "events/"
-    return base if gen is None else f"{base}{gen:0{GEN_WIDTH}d}/"
-
-
-def event_key(keys: ClusterKeys, ev: Event) -> str:
-    by = ev.by.replace("/", ":")
-    return f"{events_prefix(keys, ev.gen)}{int(ev.at * 1e9):020d}-{by}-{ev.kind}"
-
-
 class EventLog:
     """Queue events and write them to etcd from one background thread.
 
@@ -134,7 +124,7 @@ class EventLog:
         while (ev := self._queue.get()) is not None:
             for attempt in range(20):
                 try:
-                    self.client.put(event_key(self.keys, ev), ev.to_json())
+                    self.client.put(self.keys.event(ev.gen, ev.at, ev.by, ev.kind), ev.to_json())
                     break
                 except EtcdError as exc:
                     if attempt == 0:
@@ -159,7 +149,7 @@ class EventLog:
 
 def read_events(client: EtcdClient, keys: ClusterKeys, gen: int | None = None) -> list[Event]:
     """Every event (of ``gen``, or all), oldest first; malformed ones are logged and skipped."""
-    kvs, _ = client.get_prefix(events_prefix(keys, gen))
+    kvs, _ = client.get_prefix(keys.events if gen is None else keys.events_of(gen))
     out = []
     for kv in kvs:
         try:
@@ -171,7 +161,7 @@ def read_events(client: EtcdClient, keys: ClusterKeys, gen: int | None = None) -
 
 def prune_events(client: EtcdClient, keys: ClusterKeys, keep_from_gen: int) -> int:
     """Delete the events of generations older than ``keep_from_gen``; returns generations dropped."""
-    return _prune_generations(client, events_prefix(keys), keep_from_gen)
+    return _prune_generations(client, keys.events, keep_from_gen)
 
 
 def prune_stores(client: EtcdClient, keys: ClusterKeys, keep_from_gen: int) -> int:

@@ -263,6 +263,26 @@ class EtcdClient:
                          lambda c: c.get_prefix_response(prefix, sort_order="ascend"))
         return [_kv(kv) for kv in resp.kvs], resp.header.revision
 
+    def get_range(self, start: str, end: str, *, limit: int = 0, newest_first: bool = False,
+                  keys_only: bool = False, revision: int | None = None) -> tuple[list[KeyValue], int]:
+        """Keys in ``[start, end)`` by key, descending with ``newest_first`` (generation keys sort
+        by generation), at most ``limit`` of them (0: all), as of ``revision`` (None: now); and the
+        store revision they were read at."""
+        resp = self.call(f"get range {start}..{end}", lambda c: c.get_range_response(
+            start, end, sort_order="descend" if newest_first else "ascend", limit=limit or None,
+            keys_only=keys_only, revision=revision))
+        return [_kv(kv) for kv in resp.kvs], resp.header.revision
+
+    def count_prefix(self, prefix: str) -> tuple[int, int]:
+        """How many keys are under ``prefix`` (none is sent back), and the store revision."""
+        resp = self.call(f"count prefix {prefix}", lambda c: c.get_prefix_response(prefix, count_only=True))
+        return resp.count, resp.header.revision
+
+    def db_size(self) -> int:
+        """Bytes of the answering member's database (etcd's ``status``): it grows with the history
+        kept, and shrinks only after a compaction and a defragmentation."""
+        return int(self.call("status", lambda c: c.status().db_size))
+
     def put(self, key: str, value: bytes | str, lease: int | None = None) -> int:
         """Write a key (optionally attached to a lease); return the new store revision."""
         resp = self.call(f"put {key}", lambda c: c.put(key, value, lease=lease))
@@ -283,6 +303,12 @@ class EtcdClient:
         """Delete every key under ``prefix``; return how many went."""
         resp = self.call(f"delete prefix {prefix}", lambda c: c.delete_prefix(prefix))
         return resp.deleted
+
+    def delete_ranges(self, ranges: Sequence[tuple[str, str]], what: str = "delete ranges") -> list[int]:
+        """Delete the keys in each ``[start, end)`` in one transaction; how many went from each."""
+        _, responses = self.transaction([], [txn.Delete(start, range_end=end) for start, end in ranges],
+                                        what=what)
+        return [r.response_delete_range.deleted for r in responses]
 
     def transaction(self, compare: Sequence[Any], success: Sequence[Any],
                     failure: Sequence[Any] = (), what: str = "transaction") -> tuple[bool, list[Any]]:
@@ -528,6 +554,11 @@ Mod = txn.Mod
 Put = txn.Put
 Delete = txn.Delete
 Get = txn.Get
+
+
+def prefix_end(prefix: str) -> str:
+    """The key just past every key under ``prefix``: the end of its range."""
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
 def endpoints_from(text: str | Iterable[str]) -> tuple[str, ...]:

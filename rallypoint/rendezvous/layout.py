@@ -1,37 +1,15 @@
 """Pure placement logic: which rank runs where, for a set of live nodes and a cluster spec.
 
-Kept free of I/O so the leader's decision can be unit-tested exhaustively. Rank order follows
-vLLM's parallel_state: ``rank = dp*(PP*TP) + pp*TP + tp``, so a replica's TP group is contiguous
-and lands on one node whenever it fits.
+Kept free of I/O so the leader's decision can be unit-tested exhaustively. Rank order is
+``protocol.grid``'s, so a replica's TP group is contiguous and lands on one node whenever it fits.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from rallypoint.errors import LayoutError
 from rallypoint.rendezvous.records import ClusterSpec, NodeRecord, Plan, RankSlot
-
-
-@dataclass(frozen=True)
-class Coords:
-    """A rank's position in the (dp, pp, tp) grid."""
-
-    dp: int
-    pp: int
-    tp: int
-
-
-def rank_of(c: Coords, tp_size: int, pp_size: int) -> int:
-    """Global rank of grid position ``c``."""
-    return c.dp * (pp_size * tp_size) + c.pp * tp_size + c.tp
-
-
-def coords_of(rank: int, tp_size: int, pp_size: int) -> Coords:
-    """Grid position of global ``rank``."""
-    replica = tp_size * pp_size
-    return Coords(dp=rank // replica, pp=(rank % replica) // tp_size, tp=rank % tp_size)
 
 
 def eligible(nodes: Iterable[NodeRecord], spec: ClusterSpec) -> list[NodeRecord]:
@@ -87,11 +65,3 @@ def make_plan(gen: int, nodes: Iterable[NodeRecord], spec: ClusterSpec, reason: 
     plan.validate(f"plan {gen}")
     return plan
 
-
-def group_ranks(tp_size: int, pp_size: int, dp_size: int) -> dict[str, list[list[int]]]:
-    """Every TP, PP and DP group of the grid, as lists of global ranks (vLLM's order)."""
-    from rallypoint.groups.topology import members
-
-    world = tp_size * pp_size * dp_size
-    return {name: [list(g) for g in sorted({members(name, r, tp_size, pp_size, dp_size) for r in range(world)})]
-            for name in ("tp", "pp", "dp")}

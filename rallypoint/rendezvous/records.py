@@ -1,27 +1,9 @@
-"""The records rallypoint keeps in etcd, their key layout, and strict parsing.
+"""The records rallypoint keeps in etcd, and their strict parsing.
 
 Every record is JSON. Parsing validates types and invariants and raises ``MalformedRecord`` naming
 the key, so a bad write in etcd (by hand, by an old version) is reported, never a crash.
 
-Key layout under ``/rallypoint/<cluster>/``::
-
-    nodes/<node>                 NodeRecord, on the node's lease
-    acks/<gen>/<node>            the node holds plan <gen>, on the node's lease
-    control/spec                 ClusterSpec, written once (create-only)
-    control/leader               leader node id, on the leader's lease
-    control/gen                  current generation (decimal), moved only by compare-and-swap
-    control/plans/<gen>          Plan of that generation (gen zero-padded so keys sort)
-    control/released/<gen>       every member of plan <gen> acked: workers may build groups
-    control/replan/<gen>         generation <gen> lost a rank: the leader writes the next plan
-    control/left/<node>          <node> left cleanly: re-plan now, no grace period
-    control/draining/<node>      <node> is leaving: its replicas stop admitting and finish in flight
-    control/cordoned/<node>      an operator cordoned <node>: no ranks are placed there
-    control/kill/<node>/<local>  a drill: <node>'s rallyd sends the signal named in the value
-    status/nodes/<node>          what <node>'s rallyd last saw of itself (workers, restarts), on its lease
-    status/recovery              the cluster's recovery phase, written by the leader
-    events/<gen>/...             recovery events (rallypoint.recovery.events)
-    control/abort/<gen>/<ranks>  abort order: workers abort the groups holding those ranks
-    store/<gen>/<group>/...      torch.distributed.Store keys, fenced by generation
+The keys they live under, and how long each lives, are ``protocol.keys``.
 """
 
 from __future__ import annotations
@@ -32,110 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rallypoint.errors import MalformedRecord
-
-GEN_WIDTH = 10
-
-
-@dataclass(frozen=True)
-class ClusterKeys:
-    """Key paths of one cluster."""
-
-    cluster: str
-
-    @property
-    def root(self) -> str:
-        return f"/rallypoint/{self.cluster}/"
-
-    @property
-    def nodes(self) -> str:
-        return self.root + "nodes/"
-
-    def node(self, node: str) -> str:
-        return self.nodes + node
-
-    @property
-    def acks(self) -> str:
-        return self.root + "acks/"
-
-    def acks_of(self, gen: int) -> str:
-        return f"{self.acks}{gen:0{GEN_WIDTH}d}/"
-
-    def ack(self, gen: int, node: str) -> str:
-        return self.acks_of(gen) + node
-
-    @property
-    def control(self) -> str:
-        return self.root + "control/"
-
-    @property
-    def spec(self) -> str:
-        return self.control + "spec"
-
-    @property
-    def leader(self) -> str:
-        return self.control + "leader"
-
-    @property
-    def gen(self) -> str:
-        return self.control + "gen"
-
-    @property
-    def plans(self) -> str:
-        return self.control + "plans/"
-
-    def plan(self, gen: int) -> str:
-        return f"{self.plans}{gen:0{GEN_WIDTH}d}"
-
-    @property
-    def released(self) -> str:
-        return self.control + "released/"
-
-    def released_of(self, gen: int) -> str:
-        return f"{self.released}{gen:0{GEN_WIDTH}d}"
-
-    @property
-    def left(self) -> str:
-        return self.control + "left/"
-
-    @property
-    def draining(self) -> str:
-        return self.control + "draining/"
-
-    @property
-    def cordoned(self) -> str:
-        return self.control + "cordoned/"
-
-    @property
-    def kills(self) -> str:
-        return self.control + "kill/"
-
-    @property
-    def node_status(self) -> str:
-        return self.root + "status/nodes/"
-
-    @property
-    def replans(self) -> str:
-        return self.control + "replan/"
-
-    def replan_of(self, gen: int) -> str:
-        return f"{self.replans}{gen:0{GEN_WIDTH}d}"
-
-    @property
-    def stores(self) -> str:
-        """The group stores of every generation: ``store/<gen>/<group>/``."""
-        return self.root + "store/"
-
-    def store(self, gen: int) -> str:
-        return f"{self.stores}{gen:0{GEN_WIDTH}d}/"
-
-
-def gen_from_key(key: str) -> int:
-    """The generation number at the end of a ``plans/``, ``released/`` or ``acks/<gen>/`` key."""
-    parts = key.rstrip("/").split("/")
-    for part in reversed(parts):
-        if part.isdigit():
-            return int(part)
-    raise MalformedRecord(key, "no generation number in the key")
+from rallypoint.protocol.grid import coords_of
 
 
 def _load(key: str, raw: bytes | str) -> dict[str, Any]:
@@ -244,7 +123,7 @@ class RankSlot:
 class Plan:
     """The layout of one generation; written exactly once, by the leader, under a CAS on ``gen``.
 
-    Rank order follows vLLM's parallel_state: ``rank = dp*(PP*TP) + pp*TP + tp``.
+    Rank order is ``protocol.grid``'s (vLLM's parallel_state): ``rank = dp*(PP*TP) + pp*TP + tp``.
     ``members`` are the nodes that must ack before the generation is released (ranked or not).
     """
 
@@ -268,7 +147,7 @@ class Plan:
 
     def replica_of(self, rank: int) -> int:
         """The DP replica (index) that ``rank`` belongs to."""
-        return rank // (self.tp * self.pp)
+        return coords_of(rank, self.tp, self.pp).dp
 
     def replicas_on(self, node: str) -> list[int]:
         """The DP replicas with at least one rank on ``node``."""

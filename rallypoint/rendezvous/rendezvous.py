@@ -24,9 +24,11 @@ import psutil
 
 from rallypoint.errors import ConfigError, LayoutError, LeaseLost, MalformedRecord, NodeIdConflict, RallypointError
 from rallypoint.log import get_logger
+from rallypoint.protocol.keys import ClusterKeys, gen_from_key
+from rallypoint.protocol.orders import request_replan
 from rallypoint.rendezvous.etcd import EtcdClient, Lease, Mod, Put, PrefixWatch, Value, Version, WatchEvent
 from rallypoint.rendezvous.layout import make_plan
-from rallypoint.rendezvous.records import ClusterKeys, ClusterSpec, NodeRecord, Plan, gen_from_key
+from rallypoint.rendezvous.records import ClusterSpec, NodeRecord, Plan
 
 
 @dataclass(frozen=True)
@@ -101,8 +103,8 @@ class Rendezvous:
         """
         self.lease = self.client.keep_alive(self.settings.lease_ttl)
         self._register()
-        self.client.delete(self.keys.left + self.settings.node)  # back after a clean leave
-        self.client.delete(self.keys.draining + self.settings.node)
+        self.client.delete(self.keys.left_of(self.settings.node))  # back after a clean leave
+        self.client.delete(self.keys.draining_of(self.settings.node))
         self._check_spec()
         kvs, rev = self.client.get_prefix(self.keys.control)
         for kv in kvs:
@@ -177,7 +179,7 @@ class Rendezvous:
         self._watches, self._leader_watches = [], []
         if self.lease is not None:
             try:  # say so first: the leader re-plans at once instead of granting a grace period
-                self.client.put(self.keys.left + self.settings.node, json.dumps({"time": time.time()}))
+                self.client.put(self.keys.left_of(self.settings.node), json.dumps({"time": time.time()}))
             except RallypointError as exc:
                 self.log.warning("rendezvous.leaving_mark_failed", error=str(exc))
             self.client.release(self.lease)
@@ -257,7 +259,11 @@ class Rendezvous:
                 name = ev.key[len(k.left):]
                 self._left.add(name) if ev.kind == "put" else self._left.discard(name)
             elif ev.key.startswith(k.replans) and ev.kind == "put":
-                self._replan = (gen_from_key(ev.key), ev.value.decode(errors="replace"))
+                gen = gen_from_key(ev.key)
+                # A late request for an old generation (whose key the leader may have pruned, so
+                # creating it succeeded again) must not hide the current one's.
+                if self._replan is None or gen >= self._replan[0]:
+                    self._replan = (gen, ev.value.decode(errors="replace"))
             elif ev.key.startswith(k.released) and ev.kind == "put":
                 self.released_gen = max(self.released_gen, gen_from_key(ev.key))
             elif ev.key.startswith(k.nodes):
@@ -324,7 +330,7 @@ class Rendezvous:
 
         Returns False when someone already asked for that generation.
         """
-        asked = self.client.create(self.keys.replan_of(gen), reason)
+        asked = request_replan(self.client, self.keys, gen, reason)
         if asked:
             self._emit(gen, "replan_requested", reason=reason)
         return asked
@@ -427,7 +433,7 @@ class Rendezvous:
             return f"lost the race for gen {plan.gen} (gen is now {self.gen})"
         self.plan, self.gen, self._change_since = plan, plan.gen, None
         for name in self._left - set(plan.members):
-            self.client.delete(self.keys.left + name)
+            self.client.delete(self.keys.left_of(name))
         self.log.info("rendezvous.plan_written", gen=plan.gen, world_size=plan.world_size,
                       tp=plan.tp, pp=plan.pp, dp=plan.dp, reason=plan.reason)
         self._emit(plan.gen, "plan_written", dp=plan.dp, dp_wanted=self.settings.spec.dp, tp=plan.tp, pp=plan.pp,

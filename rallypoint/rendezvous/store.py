@@ -1,8 +1,9 @@
 """An etcd-backed ``torch.distributed.Store``, so bootstrapping a group has no single point of failure.
 
 A TCPStore lives in rank 0: when rank 0 dies, nobody can build the next group. This store keeps
-its keys in etcd instead, under one prefix per group and generation (``store_prefix``), attached to
-the writer's lease, so a generation's keys can never leak into the next and vanish with their owner.
+its keys in etcd instead, under one prefix per group and generation (``ClusterKeys.group_store``),
+attached to the writer's lease, so a generation's keys can never leak into the next and vanish
+with their owner.
 
 torch calls a Python store through a pybind11 trampoline (``PythonStore`` in torch's c10d
 ``init.cpp``). What it dispatches, checked on torch 2.13:
@@ -34,15 +35,6 @@ log = get_logger("store")
 T = TypeVar("T")
 
 
-def store_prefix(cluster: str, gen: int, group: str) -> str:
-    """Where one group's store lives in one generation: ``/rallypoint/{cluster}/store/{gen}/{group}/``.
-
-    The generation in the path fences the groups: a process of generation N never reads or writes
-    the keys of generation N+1.
-    """
-    return f"/rallypoint/{cluster}/store/{int(gen)}/{group}/"
-
-
 class StoreWaitTimeout(StoreTimeout, dist.DistStoreError):
     """Keys did not appear in time; torch code catching ``DistStoreError`` sees it too."""
 
@@ -64,7 +56,7 @@ class EtcdStore(dist.Store):
 
     Args:
         client: the etcd client (thread-safe; may be shared with the rest of the process).
-        prefix: where the keys live, normally ``store_prefix(cluster, gen, group)``.
+        prefix: where the keys live, normally ``ClusterKeys.group_store(gen, group)``.
         lease: lease id every written key is attached to (None: keys outlive the writer).
         timeout: default deadline of ``get``/``wait``; zero waits forever. ``set_timeout`` changes it.
     """
@@ -293,4 +285,4 @@ class EtcdStore(dist.Store):
         return f"EtcdStore({self._prefix!r}, lease={self._lease!r}, timeout={self.timeout})"
 
 
-__all__ = ["EtcdStore", "StoreUnavailable", "StoreWaitTimeout", "store_prefix"]
+__all__ = ["EtcdStore", "StoreUnavailable", "StoreWaitTimeout"]

@@ -19,10 +19,11 @@ from typing import Any
 
 import torch
 
+from rallypoint.protocol.grid import layers_for
 from rallypoint.testing.rank_agent import Agent, serve
 from rallypoint.worker.model_config import ModelConfig
 from rallypoint.worker.model import StageModel
-from rallypoint.worker.pipeline import pipeline_forward, share_tokens, stage_layers
+from rallypoint.worker.pipeline import pipeline_forward, share_tokens
 from rallypoint.worker.sampling import sample
 from rallypoint.worker.shards import load_stage
 
@@ -38,7 +39,7 @@ class ModelAgent(Agent):
         t0 = time.monotonic()
         config = ModelConfig.from_dir(cmd["ckpt"])
         config.check_parallel(gs.tp_size, gs.pp_size)
-        layers = stage_layers(config.num_hidden_layers, gs.pp_size, gs.pp_rank)
+        layers = layers_for(config.num_hidden_layers, gs.pp_rank, gs.pp_size)
         self.stage = None  # drop the previous shard before reading the next
         self.stage = load_stage(cmd["ckpt"], config, gs.tp_rank, gs.tp_size, layers, gs.is_first_stage,
                                 gs.is_last_stage, self.rt.device, getattr(torch, cmd.get("dtype", "float32")),

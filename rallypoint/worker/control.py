@@ -1,58 +1,30 @@
 """How a worker learns about generations: released plans and "abort generation N" orders.
 
 The worker mirrors its cluster's ``control/`` keys through one resumable etcd watch: it picks up
-each released plan that gives its seat a rank, and every abort order, which it applies at once
-from the watch thread (the main thread may be blocked inside a collective). The daemon is the one
-that writes abort orders when it sees a rank die; anyone with etcd access can (a drill, a test).
+each released plan that gives its seat a rank, and every abort order (``protocol.orders``), which
+it applies at once from the watch thread (the main thread may be blocked inside a collective). The
+daemon is the one that writes abort orders when it sees a rank die; anyone with etcd access can (a
+drill, a test).
 
-Abort order: ``control/abort/<gen>/<ranks>`` = ``{"gen": N, "ranks": [...], "reason": "..."}``.
+At start it reads only what it can act on, so that starting into an old cluster costs what it
+costs in a new one: the newest release, the plans from that generation on (the process was
+started for a plan its daemon had released, never an older one), and the draining nodes. Abort
+orders are not read back at all: only those seen on the watch are applied.
 """
 
 from __future__ import annotations
 
-import json
 import threading
-import time
 from collections.abc import Callable
 
-from rallypoint.errors import MalformedRecord, RallypointError, RendezvousTimeout
+from rallypoint.errors import MalformedRecord, RendezvousTimeout
 from rallypoint.log import get_logger
-from rallypoint.rendezvous.etcd import EtcdClient, WatchEvent
-from rallypoint.rendezvous.records import ClusterKeys, Plan, gen_from_key
+from rallypoint.protocol.keys import ClusterKeys, gen_from_key
+from rallypoint.protocol.orders import AbortOrder
+from rallypoint.rendezvous.etcd import EtcdClient, KeyValue, WatchEvent, prefix_end
+from rallypoint.rendezvous.records import Plan
 
 log = get_logger("control")
-
-
-def abort_key(keys: ClusterKeys, gen: int, ranks: list[int]) -> str:
-    return f"{keys.control}abort/{gen:010d}/{'-'.join(map(str, ranks)) or 'all'}"
-
-
-def drained_key(keys: ClusterKeys, gen: int, replica: int) -> str:
-    """Written by a replica's driver once a drain left it with nothing in flight."""
-    return f"{keys.root}status/drained/{gen:010d}/{replica}"
-
-
-def wait_drained(client: EtcdClient, keys: ClusterKeys, gen: int, replicas: list[int], timeout: float,
-                 tick: Callable[[], object] = lambda: None) -> set[int]:
-    """Poll until every replica in ``replicas`` of ``gen`` reported drained, or ``timeout``
-    seconds pass (an etcd blip is waited out); returns the replicas that did. ``tick`` runs
-    each round (rallyd pets the systemd watchdog there)."""
-    deadline = time.monotonic() + timeout
-    prefix = drained_key(keys, gen, 0)[:-1]
-    done: set[int] = set()
-    while not set(replicas) <= done and time.monotonic() < deadline:
-        tick()
-        try:
-            done = {int(kv.key.rsplit("/", 1)[1]) for kv in client.get_prefix(prefix)[0]}
-        except (RallypointError, ValueError):
-            pass
-        time.sleep(0.05)
-    return done
-
-
-def order_abort(client: EtcdClient, keys: ClusterKeys, gen: int, ranks: list[int], reason: str) -> None:
-    """Tell every worker of ``gen`` to abort the groups containing ``ranks`` (all groups if none)."""
-    client.put(abort_key(keys, gen, ranks), json.dumps({"gen": gen, "ranks": ranks, "reason": reason}))
 
 
 class Controller:
@@ -78,11 +50,24 @@ class Controller:
         self.released = 0
         self.draining: set[str] = set()  # nodes leaving: their replicas stop admitting
         self._cond = threading.Condition()
-        kvs, rev = client.get_prefix(self.keys.control)
+        kvs, rev = self._read_start()
         for kv in kvs:
             self._apply(WatchEvent("put", kv.key, kv.value, kv.mod_revision), replay=True)
         self._watch = client.watch_prefix(self.keys.control, rev + 1)
         threading.Thread(target=self._follow, name="rallypoint-control", daemon=True).start()
+
+    def _read_start(self) -> tuple[list[KeyValue], int]:
+        """The keys under ``control/`` this worker needs, and the one revision they are read at:
+        the newest release, the plans from its generation on, the draining nodes. Bounded by the
+        cluster's size, not its age."""
+        k, c = self.keys, self.client
+        newest, rev = c.get_range(k.released, prefix_end(k.released), limit=1, newest_first=True)
+        if newest and not newest[0].key[len(k.released):].isdigit():  # a stray key sorts last: read all
+            newest, _ = c.get_range(k.released, prefix_end(k.released), revision=rev)
+        since = max((int(g) for kv in newest if (g := kv.key[len(k.released):]).isdigit()), default=0)
+        plans, _ = c.get_range(k.plan(since), prefix_end(k.plans), revision=rev)
+        draining, _ = c.get_range(k.draining, prefix_end(k.draining), revision=rev)
+        return newest + plans + draining, rev
 
     def _follow(self) -> None:
         while (ev := self._watch.get()) is not None:
@@ -97,6 +82,10 @@ class Controller:
                 self.on_drain(set(self.draining))
             return
         if ev.kind != "put":
+            gen = ev.key[len(k.plans):]
+            if ev.key.startswith(k.plans) and gen.isdigit():  # pruned by the leader: long out of use
+                with self._cond:
+                    self.plans.pop(int(gen), None)
             return
         try:
             if ev.key.startswith(k.plans):
@@ -108,10 +97,9 @@ class Controller:
                 with self._cond:
                     self.released = max(self.released, gen_from_key(ev.key))
                     self._cond.notify_all()
-            elif ev.key.startswith(f"{k.control}abort/") and not replay:
-                order = json.loads(ev.value)
-                ranks = tuple(int(r) for r in order.get("ranks", []))
-                self.on_abort(int(order["gen"]), ranks, str(order.get("reason", "abort order")))
+            elif ev.key.startswith(k.aborts) and not replay:
+                order = AbortOrder.from_json(ev.key, ev.value)
+                self.on_abort(order.gen, order.ranks, order.reason)
         except (MalformedRecord, ValueError, TypeError, KeyError) as exc:
             log.error("control.malformed_record", key=ev.key, error=str(exc))
 

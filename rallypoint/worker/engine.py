@@ -131,6 +131,24 @@ def sample(logits: torch.Tensor, temps: torch.Tensor, seeds: torch.Tensor, posit
     return torch.where(temps > 0, drawn, greedy)
 
 
+@torch.no_grad()
+def warm_prefill(model: StageLike, max_seq: int, prefill_tokens: int) -> None:
+    """Run a few prefill forwards and a draw on throwaway prompts, so the kernels a prefill
+    uses are loaded (CUDA loads each on first use) before a real request needs them: a warm
+    spare's first step after adoption is a resumed request's prefill. Writes the KV cache of
+    row 0: only before any request (reset the cache after)."""
+    device = next(model.parameters()).device
+    for s in sorted({min(n, prefill_tokens, max_seq - 1) for n in (8, 64, 512)}):
+        x = torch.zeros(1, s, dtype=torch.int64, device=device)
+        pos = torch.arange(s, device=device)[None]
+        rows = torch.zeros(1, dtype=torch.int64, device=device)
+        out = model.forward(x, pos, rows, kv_bucket(s, max_seq), torch.full((1,), s - 1, device=device))
+        one = torch.ones(1, dtype=torch.int64, device=device)
+        sample(out[:, -1, :], one, one, one, one)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def step(model: StageLike, comm: Comm, groups: GroupSet, max_batch: int, device: torch.device,
          header: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
          decode: DecodeRunner | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -23,22 +23,25 @@ from dataclasses import dataclass, replace
 import torch
 
 from rallypoint.api import API_KEY_ENV, served_model_name
-from rallypoint.daemon.channel import ChannelClient
 from rallypoint.errors import CheckpointError, EtcdError, GenerationAborted, GroupError, RallypointError
 from rallypoint.groups.group_set import GroupSet
 from rallypoint.groups.topology import rank_at
 from rallypoint.log import configure_logging, get_logger
+from rallypoint.protocol import channel as msgs
+from rallypoint.protocol import exit_codes
+from rallypoint.protocol.grid import coords_of, layers_for
+from rallypoint.protocol.orders import mark_drained, request_replan
 from rallypoint.recovery import events as ev
 from rallypoint.recovery.events import EventLog
-from rallypoint.rendezvous.etcd import EtcdSettings, endpoints_from
 from rallypoint.rendezvous.records import Plan
-from rallypoint.worker import exit_codes
 from rallypoint.worker.api import ApiServer, Frontend
+from rallypoint.worker.args import parse_args, runtime_settings
 from rallypoint.worker.build_guard import BuildGuard
-from rallypoint.worker.control import Controller, drained_key
-from rallypoint.worker.engine import Driver, EngineSettings, serve_generation
+from rallypoint.worker.channel import ChannelClient, SeatHandoff
+from rallypoint.worker.control import Controller
+from rallypoint.worker.engine import Driver, EngineSettings, serve_generation, warm_prefill
 from rallypoint.worker.requests import RequestQueue
-from rallypoint.worker.runtime import RankRuntime, RuntimeSettings
+from rallypoint.worker.runtime import RankRuntime
 from rallypoint.worker.title import set_title, spare_title, worker_title
 
 os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
@@ -52,13 +55,6 @@ class ShardKey:
     tp_size: int
     pp_rank: int
     pp_size: int
-
-
-def layers_for(num_layers: int, pp_rank: int, pp_size: int) -> range:
-    """The decoder layers of PP stage ``pp_rank``: contiguous, the first stages take the remainder."""
-    base, extra = divmod(num_layers, pp_size)
-    start = pp_rank * base + min(pp_rank, extra)
-    return range(start, start + base + (1 if pp_rank < extra else 0))
 
 
 class TPAdapter:
@@ -90,11 +86,7 @@ class Worker:
         self.args = args
         self.seat: tuple[str, int] | None = None
         self.log = get_logger("worker", node=args.node, local_rank=args.local_rank)
-        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        self.runtime = RankRuntime(RuntimeSettings(
-            cluster=args.cluster, device=device, deadline_floor=args.deadline_floor, build_timeout=args.build_timeout,
-            etcd=EtcdSettings(endpoints=endpoints_from(args.endpoints), request_timeout=2.0, retry_deadline=10.0),
-            group_names=("tp", "pp")))
+        self.runtime = RankRuntime(runtime_settings(args))
         self.probe = args.workload == "allreduce-probe"
         self.config = None if self.probe else ModelConfig.from_dir(args.model)
         self.tokenizer = None if self.probe else load_tokenizer(args.model)
@@ -166,7 +158,7 @@ class Worker:
         """Ask the leader for the next plan: a build that failed here (a member that never came,
         a lease lost in an etcd blip) leaves generation ``gen`` unable to serve."""
         try:
-            if self.runtime.client.create(self.runtime.keys.replan_of(gen), reason):
+            if request_replan(self.runtime.client, self.runtime.keys, gen, reason):
                 self.events.emit(gen, ev.REPLAN_REQUESTED, reason=reason)
         except RallypointError as exc:
             self.log.error("worker.replan_request_failed", gen=gen, error=str(exc))
@@ -186,8 +178,8 @@ class Worker:
     def _shard_for(self, plan: Plan) -> ShardKey:
         """The shard this seat holds in ``plan``: known from the plan alone, before any group exists."""
         assert self.seat is not None
-        rank = rank_at(plan, *self.seat)
-        return ShardKey(rank % plan.tp, plan.tp, (rank // plan.tp) % plan.pp, plan.pp)
+        at = coords_of(rank_at(plan, *self.seat), plan.tp, plan.pp)
+        return ShardKey(at.tp, plan.tp, at.pp, plan.pp)
 
     def _seat_device(self) -> torch.device:
         dev = self.runtime.settings.device
@@ -202,22 +194,26 @@ class Worker:
         if self.probe:
             return
         try:
-            self._ensure_shard(ShardKey(0, 1, 0, 1))
+            self._ensure_shard(ShardKey(0, 1, 0, 1), compile=self.args.compile == "on")
         except CheckpointError as exc:  # the seat that adopts this spare will load, fail and say so
             self.log.error("worker.preload_failed", error=str(exc))
             self.model = self.graphs = self.shard = None
             return
         captured = self.graphs.capture_all() if self.graphs is not None else 0.0
+        warm_prefill(self.model, self.settings.max_seq, self.settings.prefill_tokens)
+        self.model.reset_cache()
         if self.args.api_port == 0:  # seats take any free port: open the API now, not at adoption
             self._open_api()
         self.log.info("worker.preloaded", device=str(self._seat_device()), graphs=len(self.graphs.graphs)
                       if self.graphs is not None else 0, capture_seconds=round(captured, 3))
 
-    def _ensure_shard(self, key: ShardKey) -> float:
+    def _ensure_shard(self, key: ShardKey, compile: bool = False) -> float:
         """Load this rank's shard unless it is already in memory; return the seconds spent.
 
         Runs while the generation's groups are being built (it needs only the plan), so a
-        replacement loads its weights while it waits for its peers.
+        replacement loads its weights while it waits for its peers. ``compile``: run its decode
+        graphs through compiled layers (``DecodeGraphs``), compiling now (seconds to tens of
+        seconds): for a first start or a spare, never for a replacement on a recovery's path.
         """
         from rallypoint.worker.shards import load_stage
 
@@ -240,7 +236,7 @@ class Worker:
         if device.type == "cuda" and key.tp_size == 1 and key.pp_size == 1 and self.args.cuda_graphs == "on":
             from rallypoint.worker.graphs import DecodeGraphs
             self.graphs = DecodeGraphs(self.model, self.settings.max_batch, self.settings.max_seq, device,
-                                       compile=self.args.compile == "on")
+                                       compile=compile)
         self.shard = key
         took = time.monotonic() - t0
         self.log.info("worker.shard_loaded", tp_rank=key.tp_rank, tp=key.tp_size, pp_rank=key.pp_rank,
@@ -276,7 +272,10 @@ class Worker:
 
         def load() -> None:
             try:
-                result["seconds"] = self._ensure_shard(self._shard_for(plan))
+                # A process started into a running deployment (a restart, a replacement) is on a
+                # recovery's path: it serves at once on plain CUDA graphs instead of compiling.
+                result["seconds"] = self._ensure_shard(self._shard_for(plan), compile=self.args.compile == "on"
+                                                       and self.args.after_gen == 0)
             except Exception as exc:  # re-raised on the main thread
                 result["error"] = exc
 
@@ -459,8 +458,7 @@ class Worker:
             return
         if not d.busy and self._drained_gen < self.gen:
             try:
-                self.runtime.client.put(drained_key(self.runtime.keys, self.gen, self.replica),
-                                        str(time.time()), lease=self.runtime.lease.id)
+                mark_drained(self.runtime.client, self.runtime.keys, self.gen, self.replica, self.runtime.lease.id)
                 self._drained_gen = self.gen
                 self.log.info("worker.drained", gen=self.gen, replica=self.replica)
             except EtcdError as exc:
@@ -491,29 +489,15 @@ def warm_up(device: str) -> float:
     return time.monotonic() - t0
 
 
-class SeatHandoff:
-    """A spare's wait for its seat: rallyd sends ``adopt`` over the channel."""
-
-    def __init__(self) -> None:
-        self.msg: dict | None = None
-        self.ready = threading.Event()
-
-    def adopt(self, msg: dict) -> None:
-        self.msg = msg
-        self.ready.set()
-
-
 def start_beats(channel: ChannelClient, worker: Worker, every: float = 0.5) -> None:
     """Tell rallyd, every ``every`` seconds, what this process is doing."""
 
     def beat() -> None:
         while not worker.stopping.is_set():
             q = worker.queue
-            if not channel.send({"op": "beat", "pid": os.getpid(), "state": worker.state, "gen": worker.gen,
-                                 "local_rank": worker.args.local_rank, "replica": worker.replica,
-                                 "driver": worker.driver is not None, "waiting": q.waiting,
-                                 "in_flight": len(q.in_flight), "counts": dict(q.counts),
-                                 "api": worker.api.url if worker.api is not None else None}):
+            if not channel.send(msgs.beat(os.getpid(), worker.state, worker.gen, worker.args.local_rank,
+                                          worker.replica, worker.driver is not None, q.waiting, len(q.in_flight),
+                                          dict(q.counts), worker.api.url if worker.api is not None else None)):
                 return
             worker.beat_now.wait(every)
             worker.beat_now.clear()
@@ -522,52 +506,7 @@ def start_beats(channel: ChannelClient, worker: Worker, every: float = 0.5) -> N
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="rallypoint-worker")
-    ap.add_argument("--cluster", required=True)
-    ap.add_argument("--endpoints", required=True)
-    ap.add_argument("--node", required=True)
-    ap.add_argument("--local-rank", type=int, help="the seat; omit with --spare")
-    ap.add_argument("--spare", action="store_true",
-                    help="start warm and wait for rallyd to hand over a seat (needs --channel)")
-    ap.add_argument("--channel", help="rallyd's local control socket (a path, or @name)")
-    ap.add_argument("--model", default="", help="Hugging Face-style checkpoint directory (serve)")
-    ap.add_argument("--workload", default="serve", choices=("serve", "allreduce-probe"),
-                    help="serve the model, or all-reduce on the TP group in a loop (no model)")
-    ap.add_argument("--device", default="cpu", help="cpu, or cuda (the seat's GPU)")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--deadline-floor", type=float, default=1.0)
-    ap.add_argument("--build-timeout", type=float, default=30.0, help="seconds a group build waits for its members")
-    ap.add_argument("--max-batch", type=int, default=8, help="KV-cache rows; 0: as many as fit (worker.sizing)")
-    ap.add_argument("--max-seq", type=int, default=512, help="positions per row; 0: the model's context")
-    ap.add_argument("--kv-memory-fraction", type=float, default=0.8,
-                    help="share of the memory free after the weights that --max-batch 0 fills")
-    ap.add_argument("--queue-capacity", type=int, default=256)
-    ap.add_argument("--stream-interval", type=float, default=0.0,
-                    help="seconds a stream waits after a chunk before sending the next (tokens accumulate)")
-    ap.add_argument("--max-chunk-rate", type=float, default=0.0,
-                    help="streamed chunks/s the API aims under: n open streams each wait n / rate after a chunk")
-    ap.add_argument("--prefill-tokens", type=int, default=4096,
-                    help="the most prompt positions one prefill step computes (longer prompts fill in chunks)")
-    ap.add_argument("--preload-shard", action="store_true",
-                    help="a spare of a TP=1, PP=1 deployment: load the whole model (and capture its "
-                         "CUDA graphs) while waiting for a seat")
-    ap.add_argument("--cuda-graphs", default="on", choices=("on", "off"),
-                    help="replay decode steps as CUDA graphs (GPU, TP=1, PP=1)")
-    ap.add_argument("--compile", default="on", choices=("on", "off"),
-                    help="with CUDA graphs, run decode layers through torch.compile (fewer kernels per step)")
-    ap.add_argument("--api-host", default="127.0.0.1")
-    ap.add_argument("--api-port", type=int, default=0)
-    ap.add_argument("--api-url-file", help="write the API's URL here once it listens")
-    ap.add_argument("--after-gen", type=int, default=0,
-                    help="join only plans newer than this (a restarted rank must not rejoin the failed generation)")
-    ap.add_argument("--die-with-parent", action="store_true", help="exit when the parent process dies")
-    args = ap.parse_args(argv)
-    if args.spare == (args.local_rank is not None):
-        ap.error("give exactly one of --local-rank and --spare")
-    if args.spare and not args.channel:
-        ap.error("--spare needs --channel")
-    if args.workload == "serve" and not args.model:
-        ap.error("--model is needed to serve (or give --workload allreduce-probe)")
+    args = parse_args(argv)
     if args.die_with_parent:
         die_with_parent()
         if os.getppid() == 1:
@@ -583,8 +522,8 @@ def main(argv: list[str] | None = None) -> int:
     channel = None
     if args.channel:
         try:
-            channel = ChannelClient(args.channel, "spare" if args.spare else "seat", args.local_rank,
-                                    {"adopt": handoff.adopt})
+            channel = ChannelClient(args.channel, msgs.SPARE if args.spare else msgs.SEAT, args.local_rank,
+                                    {msgs.ADOPT: handoff.adopt})
         except OSError as exc:
             if args.spare:
                 log.error("worker.no_channel", channel=args.channel, error=str(exc))

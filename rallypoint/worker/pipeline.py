@@ -32,13 +32,6 @@ class StageGroups(Protocol):
     pp_prev: int | None
 
 
-def stage_layers(num_layers: int, pp_size: int, pp_rank: int) -> range:
-    """The global layer indices of stage ``pp_rank``: an even split, earlier stages taking the extras."""
-    base, extra = divmod(num_layers, pp_size)
-    start = pp_rank * base + min(pp_rank, extra)
-    return range(start, start + base + (pp_rank < extra))
-
-
 @torch.no_grad()
 def pipeline_forward(stage: StageModel, comm: StageComm, groups: StageGroups, x: Tensor | None,
                      input_pos: Tensor | None, rows: Tensor | None = None) -> Tensor | None:

@@ -8,6 +8,7 @@ than carrying over a group whose peer already gave up on it.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -25,8 +26,8 @@ from rallypoint.groups.group import Cancelled, Group
 from rallypoint.groups.group_set import GroupSet
 from rallypoint.groups.topology import GroupSpec, PlanLike, rank_at
 from rallypoint.log import get_logger
+from rallypoint.protocol.keys import ClusterKeys
 from rallypoint.rendezvous.etcd import EtcdClient, EtcdSettings
-from rallypoint.rendezvous.records import ClusterKeys
 from rallypoint.rendezvous.store import EtcdStore
 
 os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
@@ -68,7 +69,7 @@ class RankRuntime:
         self.log = get_logger("runtime", cluster=settings.cluster)
         # A peer that aborts a group marks it tainted in etcd; we abort our side at once, so a
         # member waiting on a live-but-abandoned peer does not have to wait for its own deadline.
-        self._taints = self.client.watch_prefix(self._taint_prefix, self.client.get_prefix(self._taint_prefix)[1] + 1)
+        self._taints = self.client.watch_prefix(self.keys.taints, self.client.count_prefix(self.keys.taints)[1] + 1)
         threading.Thread(target=self._follow_taints, name="rallypoint-taints", daemon=True).start()
 
     def _renew_lease(self, lost: int) -> None:
@@ -107,7 +108,7 @@ class RankRuntime:
             names=self.settings.group_names, is_tainted=self._tainted, cancelled=cancelled)
         self.groups = groups
         if self.comm is None:
-            board = ProgressBoard(self.client, self.settings.cluster, self.seat, self.lease.id)
+            board = ProgressBoard(self.client, self.keys, self.seat, self.lease.id)
             self.comm = Comm(groups, self.tracker, board, self.seat, on_diagnosis=self._publish_diagnosis)
             self.watchdog = Watchdog(self.comm, self.settings.watchdog_interval, self.settings.publish_every)
             self.watchdog.start()
@@ -135,16 +136,11 @@ class RankRuntime:
         return [g.label for g in chosen]
 
     def _store_for(self, spec: GroupSpec) -> EtcdStore:
-        prefix = f"{self.keys.store(spec.gen)}{spec.key}/"
-        return EtcdStore(self.client, prefix, lease=self.lease.id,
+        return EtcdStore(self.client, self.keys.group_store(spec.gen, spec.key), lease=self.lease.id,
                          timeout=timedelta(seconds=self.settings.build_timeout))
 
-    @property
-    def _taint_prefix(self) -> str:
-        return f"{self.keys.root}status/aborted/"
-
     def _taint_key(self, g: Group) -> str:
-        return f"{self._taint_prefix}{g.gen:010d}/{g.spec.key}"
+        return self.keys.taint(g.gen, g.spec.key)
 
     def _follow_taints(self) -> None:
         while (ev := self._taints.get()) is not None:
@@ -167,10 +163,8 @@ class RankRuntime:
             return True  # cannot tell: rebuilding is the safe side
 
     def _publish_diagnosis(self, d: Diagnosis) -> None:
-        import json
-        key = f"{self.keys.root}status/diagnosis/{d.gen:010d}/{self.seat.replace('/', ':')}"
         try:
-            self.client.put(key, json.dumps(d.to_event()), lease=self.lease.id)
+            self.client.put(self.keys.diagnosis(d.gen, self.seat), json.dumps(d.to_event()), lease=self.lease.id)
         except EtcdError as exc:
             self.log.warning("runtime.diagnosis_unpublished", error=str(exc))
         if self.groups is not None:

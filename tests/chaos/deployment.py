@@ -16,9 +16,10 @@ from pathlib import Path
 import psutil
 
 from rallypoint.errors import RallypointError
+from rallypoint.protocol.keys import ClusterKeys
 from rallypoint.recovery.events import Event, read_events
 from rallypoint.rendezvous.etcd import EtcdClient, EtcdSettings
-from rallypoint.rendezvous.records import ClusterKeys, Plan
+from rallypoint.rendezvous.records import Plan
 from rallypoint.testing.daemons import DaemonProcess, daemon_args
 from rallypoint.testing.etcd_server import EtcdCluster
 from rallypoint.worker.checkpoint import make_model
@@ -168,7 +169,7 @@ class Deployment:
         """The newest plan's every rank serves it, the leader says serving, a gateway has a driver."""
         try:
             plan = self.latest_plan()
-            kv = self.client.get(self.keys.root + "status/recovery")
+            kv = self.client.get(self.keys.recovery)
             phase = json.loads(kv.value)["phase"] if kv else "serving"
             statuses = self.statuses()
         except (RallypointError, ValueError):

@@ -9,8 +9,10 @@ With ``--gpus N`` each of N nodes gets one GPU of the host. With 2 nodes no repl
 is gone: node faults restart the node at once, and the scenarios that move a replica to another
 node (corrupt_shard, join_leave) are left out unless named.
 
-Prints each fault as it is checked, then the table; writes the table and every run as JSON.
-Exit status 1 if any invariant broke or any process was left behind.
+Prints each fault as it is checked, then the table, and etcd's key count under ``/rallypoint/`` and
+database size at the start and the end (``footprint``: they should stay flat over a long soak);
+writes all of it and every run as JSON. Exit status 1 if any invariant broke or any process was
+left behind.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
+from tests.chaos.footprint import measure
 from tests.chaos.runner import Chaos, report, write_json
 from tests.chaos.scenarios import NEED_ROOM, SCENARIOS, SOAK
 
@@ -60,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     ranks = f"one GPU each (of {args.gpus}), NCCL" if args.gpus else "one CPU rank each, gloo"
     say(f"deployment in {root}: 3 etcd members, {nodes} rallyd ({ranks}), TP=2, seed {args.seed}")
     chaos = Chaos.start(root, nodes=nodes, seed=args.seed, gpus=args.gpus, log=say)
+    footprint = {"start": measure(chaos.deployment)}
+    say(f"etcd at the start: {footprint['start'].line()}")
     stop_by = time.monotonic() + args.budget if args.budget > 0 else float("inf")
     leftovers: list[str] = []
     aborted = None
@@ -77,15 +82,20 @@ def main(argv: list[str] | None = None) -> int:
         aborted = f"{type(exc).__name__}: {exc}"
         say(f"ABORTED: {aborted}")
     finally:
-        leftovers = chaos.stop()
+        try:
+            footprint["end"] = measure(chaos.deployment)  # before the teardown takes etcd away
+        finally:
+            leftovers = chaos.stop()
     table, rows = report(chaos.results)
     print("\n" + table)
+    for when, f in footprint.items():
+        print(f"etcd at the {when}: {f.line()}")
     for line in leftovers:
         print(f"after teardown: {line}")
     meta = {"seed": args.seed, "runs": args.runs, "soak_s": args.soak, "mtbf_s": args.mtbf, "nodes": nodes,
             "gpus": args.gpus, "torch": version("torch"), "scenarios": names,
             "host": platform.node(), "python": platform.python_version(), "wall_s": round(time.time() - t0, 1),
-            "aborted": aborted}
+            "aborted": aborted, "etcd": {when: f.to_dict() for when, f in footprint.items()}}
     write_json(args.json, chaos.results, rows, meta)
     print(f"\nJSON: {args.json}; logs: {root}")
     return 0 if all(r.survived for r in chaos.results) and not leftovers and aborted is None else 1

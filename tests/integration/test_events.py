@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from rallypoint.protocol.keys import ClusterKeys
 from rallypoint.recovery import events as ev
-from rallypoint.recovery.events import EventLog, events_prefix, prune_events, read_events
+from rallypoint.recovery.events import EventLog, prune_events, read_events
 from rallypoint.rendezvous.etcd import EtcdClient
-from rallypoint.rendezvous.records import ClusterKeys
 
 
 def test_written_in_the_background_read_in_order_and_pruned(client: EtcdClient, cluster_name: str) -> None:
@@ -18,7 +18,7 @@ def test_written_in_the_background_read_in_order_and_pruned(client: EtcdClient, 
         assert log.flush(5.0)
     finally:
         log.close()
-    client.put(events_prefix(keys, 2) + "garbage", b"{not json")  # skipped, not fatal
+    client.put(keys.events_of(2) + "garbage", b"{not json")  # skipped, not fatal
     got = read_events(client, keys)
     assert [(e.gen, e.kind, e.by) for e in got] == [
         (1, ev.RANK_FAILED, "b"), (1, ev.PLAN_WRITTEN, "a"), (2, ev.PLAN_WRITTEN, "a"), (3, ev.PLAN_WRITTEN, "a")]

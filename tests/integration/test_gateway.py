@@ -114,7 +114,7 @@ def test_routes_keep_the_last_drivers_read_while_etcd_is_stopped(tmp_path: Path)
     import time
 
     from rallypoint.gateway.routes import DriverRoutes
-    from rallypoint.rendezvous.records import ClusterKeys
+    from rallypoint.protocol.keys import ClusterKeys
     from tests.conftest import make_client
 
     def driver(url: str) -> dict:
@@ -123,7 +123,7 @@ def test_routes_keep_the_last_drivers_read_while_etcd_is_stopped(tmp_path: Path)
     keys = ClusterKeys("routes")
     with EtcdCluster(1, root=tmp_path / "etcd") as etcd:  # __enter__ starts it
         c = make_client(etcd.endpoints, request_timeout=0.5, retry_deadline=2.0)
-        c.put(keys.node_status + "b", json.dumps(driver("http://b")))
+        c.put(keys.node_status_of("b"), json.dumps(driver("http://b")))
         routes = DriverRoutes(c, keys, "a", lambda: driver("http://a"), refresh=0.05)
         assert wait_for("b's driver read", lambda: routes() == ["http://a", "http://b"], timeout=10)
         os.kill(etcd.members[0].pid, signal.SIGSTOP)

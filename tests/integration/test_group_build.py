@@ -15,8 +15,9 @@ import torch
 from rallypoint.errors import GroupError, WaitCancelled
 from rallypoint.groups.group import build_group
 from rallypoint.groups.topology import GroupSpec
+from rallypoint.protocol.keys import ClusterKeys
 from rallypoint.rendezvous.etcd import EtcdClient
-from rallypoint.rendezvous.store import EtcdStore, store_prefix
+from rallypoint.rendezvous.store import EtcdStore
 
 
 def spec(gen: int, rank_in_group: int) -> GroupSpec:
@@ -24,7 +25,7 @@ def spec(gen: int, rank_in_group: int) -> GroupSpec:
 
 
 def stores(client: EtcdClient, cluster: str):
-    return lambda s: EtcdStore(client, f"{store_prefix(cluster, s.gen, s.key)}", timeout=timedelta(seconds=30))
+    return lambda s: EtcdStore(client, ClusterKeys(cluster).group_store(s.gen, s.key), timeout=timedelta(seconds=30))
 
 
 def test_a_build_waiting_for_a_dead_peer_gives_up_on_a_newer_generation(client: EtcdClient, cluster_name: str) -> None:
@@ -37,18 +38,18 @@ def test_a_build_waiting_for_a_dead_peer_gives_up_on_a_newer_generation(client: 
     took = time.monotonic() - t0
     assert 0.5 <= took < 2.0, took  # not the 30 s build timeout
     # Its arrival was taken back: a peer coming late waits for it, and never creates a communicator.
-    assert client.get(f"{store_prefix(cluster_name, 3, 'tp-4.5')}arrived/0") is None
+    assert client.get(f"{ClusterKeys(cluster_name).group_store(3, 'tp-4.5')}arrived/0") is None
 
 
 def test_a_peer_that_never_arrives_is_named(client: EtcdClient, cluster_name: str) -> None:
     with pytest.raises(GroupError, match=r"tp\[4,5\]@g7: rank\(s\) \[5\] never arrived within 1s"):
         build_group(spec(7, 0), stores(client, cluster_name), torch.device("cpu"), timedelta(seconds=1),
                     cancelled=lambda: None)
-    assert client.get(f"{store_prefix(cluster_name, 7, 'tp-4.5')}arrived/0") is None
+    assert client.get(f"{ClusterKeys(cluster_name).group_store(7, 'tp-4.5')}arrived/0") is None
 
 
 def test_an_arrival_is_withdrawn_only_while_one_is_missing(client: EtcdClient, cluster_name: str) -> None:
-    store = EtcdStore(client, store_prefix(cluster_name, 5, "tp-4.5"))
+    store = EtcdStore(client, ClusterKeys(cluster_name).group_store(5, "tp-4.5"))
     store.mark("arrived/0")
     assert store.withdraw("arrived/0", ["arrived/1"]) is True
     assert not store.check(["arrived/0"])
@@ -74,7 +75,7 @@ def test_a_member_cancelled_after_every_arrival_builds_the_group_anyway(client: 
     def member(r: int) -> None:
         def store(s: GroupSpec) -> EtcdStore:
             cls = CancelledOnceAllArrived if r == 0 else EtcdStore
-            return cls(client, store_prefix(cluster_name, s.gen, s.key), timeout=timedelta(seconds=30))
+            return cls(client, ClusterKeys(cluster_name).group_store(s.gen, s.key), timeout=timedelta(seconds=30))
         try:
             built[r] = build_group(spec(9, r), store, torch.device("cpu"), timedelta(seconds=30),
                                    cancelled=lambda: "generation 10 was released" if r == 0 else None)
@@ -132,14 +133,13 @@ def test_arrivals_outlive_the_lease_and_go_with_their_generation(client: EtcdCli
     """An arrival carries no lease (an etcd blip that costs a waiting rank its lease must not
     make it vanish); the leader's pruning of old generations removes it."""
     from rallypoint.recovery.events import prune_stores
-    from rallypoint.rendezvous.records import ClusterKeys
 
     keys = ClusterKeys(cluster_name)
     seen: list[object] = []
 
     def look() -> str | None:  # asked every 0.1 s while the build waits for its peer
         if not seen:
-            seen.append(client.get(f"{store_prefix(cluster_name, 2, 'tp-4.5')}arrived/0"))
+            seen.append(client.get(f"{keys.group_store(2, 'tp-4.5')}arrived/0"))
         return None
 
     with pytest.raises(GroupError):
@@ -147,8 +147,8 @@ def test_arrivals_outlive_the_lease_and_go_with_their_generation(client: EtcdCli
                     cancelled=look)
     kv = seen[0]
     assert kv is not None and kv.lease == 0  # type: ignore[attr-defined]
-    client.put(f"{store_prefix(cluster_name, 2, 'tp-4.5')}arrived/0", "1")
-    client.put(f"{store_prefix(cluster_name, 12, 'tp-4.5')}arrived/1", "1")
+    client.put(f"{keys.group_store(2, 'tp-4.5')}arrived/0", "1")
+    client.put(f"{keys.group_store(12, 'tp-4.5')}arrived/1", "1")
     assert prune_stores(client, keys, keep_from_gen=10) == 1
-    assert client.get(f"{store_prefix(cluster_name, 2, 'tp-4.5')}arrived/0") is None
-    assert client.get(f"{store_prefix(cluster_name, 12, 'tp-4.5')}arrived/1") is not None
+    assert client.get(f"{keys.group_store(2, 'tp-4.5')}arrived/0") is None
+    assert client.get(f"{keys.group_store(12, 'tp-4.5')}arrived/1") is not None

@@ -7,8 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from rallypoint.protocol.keys import ClusterKeys
 from rallypoint.rendezvous.etcd import EtcdClient
-from rallypoint.rendezvous.records import ClusterKeys, Plan, RankSlot
+from rallypoint.rendezvous.records import Plan, RankSlot
 from rallypoint.testing.etcd_server import EtcdCluster
 
 
@@ -109,7 +110,7 @@ def test_status_events_kill_and_cordon_on_a_live_cluster(etcd: EtcdCluster, clie
 
         # a malformed drill order is reported by b's rallyd and touches nothing
         pid_b = status()["ranks"][1]["pid"]
-        client.put(keys.kills + "b/0", "NOPE")
+        client.put(keys.kill("b", 0), "NOPE")
         daemons[1].wait_log('"rallyd.malformed_kill_order"')
         assert psutil.pid_exists(pid_b) and psutil.Process(pid_b).status() != "zombie"
 

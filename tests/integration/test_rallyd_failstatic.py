@@ -10,7 +10,8 @@ from pathlib import Path
 
 
 from rallypoint.rendezvous.etcd import EtcdClient
-from rallypoint.rendezvous.records import ClusterKeys, Plan
+from rallypoint.protocol.keys import ClusterKeys
+from rallypoint.rendezvous.records import Plan
 from rallypoint.testing.daemons import DaemonProcess, daemon_args, wait_file
 from rallypoint.testing.etcd_server import EtcdCluster
 from rallypoint.worker.checkpoint import make_model

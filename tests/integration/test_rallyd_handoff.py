@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rallypoint.gateway.client import CompletionClient
 from rallypoint.gateway.resume import Progress
-from rallypoint.rendezvous.records import ClusterKeys
+from rallypoint.protocol.keys import ClusterKeys
 from rallypoint.testing.daemons import DaemonProcess, daemon_args, wait_file, wait_for
 from rallypoint.testing.etcd_server import EtcdCluster
 from rallypoint.worker.checkpoint import make_model

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from rallypoint.protocol.keys import ClusterKeys
 from rallypoint.recovery import events as ev
 from rallypoint.recovery.events import read_events
 from rallypoint.rendezvous.etcd import EtcdClient
-from rallypoint.rendezvous.records import ClusterKeys, Plan
-from rallypoint.worker.control import abort_key
+from rallypoint.rendezvous.records import Plan
 from rallypoint.testing.daemons import DaemonProcess, daemon_args, scrape_metrics, wait_for
 from rallypoint.testing.etcd_server import EtcdCluster
 
@@ -68,7 +68,7 @@ def test_failed_node_leaves_within_ttl(spawn, client: EtcdClient, cluster_name: 
     aborts = wait_for("the abort order event", lambda: [e for e in read_events(client, keys, 1)
                                                         if e.kind == ev.ABORT_ORDERED], timeout=5)
     assert [e.detail["ranks"] for e in aborts] == [b_ranks] and "node(s) b left" in aborts[0].detail["reason"]
-    assert client.get(abort_key(keys, 1, b_ranks)) is not None
+    assert client.get(keys.abort(1, b_ranks)) is not None
 
 
 def test_clean_leave_on_sigterm_replans_at_once(spawn, client: EtcdClient, cluster_name: str) -> None:

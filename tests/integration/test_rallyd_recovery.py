@@ -13,10 +13,11 @@ from pathlib import Path
 import psutil
 import pytest
 
+from rallypoint.protocol.keys import ClusterKeys
 from rallypoint.recovery import events as ev
 from rallypoint.recovery.events import read_events
 from rallypoint.rendezvous.etcd import EtcdClient
-from rallypoint.rendezvous.records import ClusterKeys, Plan
+from rallypoint.rendezvous.records import Plan
 from rallypoint.testing.daemons import DaemonProcess, daemon_args, wait_file, wait_for
 from rallypoint.testing.etcd_server import EtcdCluster
 from rallypoint.worker.checkpoint import make_model
@@ -66,12 +67,12 @@ def test_warm_spare_takes_the_dead_workers_seat(etcd: EtcdCluster, client: EtcdC
         assert title == f"rallypoint spare (cluster {cluster_name}, node b, waiting for a seat)", title
         requests = [{"prompt": f"spare {i}: pack my box", "max_tokens": 40, "temperature": 0} for i in range(4)]
         reference = [post(url, r)[1]["choices"][0]["token_ids"] for r in requests]
-        got, threads = start_streams(url, requests)
+        streams = start_streams(url, requests)
         victim = seat_pid(daemons[1], 0)
+        streams.assert_in_flight()
         psutil.Process(victim).kill()
-        for t in threads:
-            t.join(timeout=120)
-        assert [got.get(i) for i in range(len(requests))] == reference
+        got = streams.join()
+        assert [got[i] for i in range(len(requests))] == reference
         adopted = daemons[1].wait_log('"supervisor.spare_adopted"')
         assert adopted and f'"pid": {spare[0]}' in daemons[1].log_text()  # the spare holds the seat now
         assert psutil.pid_exists(spare[0]) and not psutil.pid_exists(victim)
@@ -88,7 +89,7 @@ def test_warm_spare_takes_the_dead_workers_seat(etcd: EtcdCluster, client: EtcdC
             assert want in kinds, want
         repl = [e for e in read_events(client, keys, 1) if e.kind == ev.REPLACEMENT]
         assert repl[0].detail["strategy"] == "spare" and repl[0].by == "b"
-        status = wait_for("phase serving", lambda: (kv := client.get(keys.root + "status/recovery"))
+        status = wait_for("phase serving", lambda: (kv := client.get(keys.recovery))
                           and json.loads(kv.value)["phase"] == "serving" and json.loads(kv.value))
         assert status["gen"] == 2 and "exited with code -9" in status["why"]
     finally:
@@ -99,8 +100,9 @@ def test_warm_spare_takes_the_dead_workers_seat(etcd: EtcdCluster, client: EtcdC
 def test_a_spare_of_a_one_rank_replica_has_the_model_loaded_before_it_is_needed(
         etcd: EtcdCluster, client: EtcdClient, cluster_name: str, tmp_path: Path) -> None:
     """TP=1: every seat holds the whole model, so the warm spare loads it while it waits; the
-    seat it adopts after a SIGKILL serves without loading anything, and the stream in flight
-    finishes with the failure-free tokens."""
+    seat it adopts after a SIGKILL serves without loading anything, and the streams in flight
+    (through rallyd's gateway: their driver is the process killed) finish with the failure-free
+    tokens."""
     model = make_model(tmp_path / "model", "tiny", seed=9)
     keys = ClusterKeys(cluster_name)
     args = daemon_args(etcd.endpoints, cluster_name, "--tp", "1", "--cpu-ranks", "1", "--spares", "1",
@@ -108,15 +110,17 @@ def test_a_spare_of_a_one_rank_replica_has_the_model_loaded_before_it_is_needed(
     daemon = DaemonProcess("a", args, tmp_path / "a.log").start()
     try:
         url = wait_file(tmp_path / "a" / "api-0.url")
+        gateway = wait_file(tmp_path / "a" / "gateway.url").strip()
         spare = wait_for("a preloaded spare", lambda: [p for p in spare_pids(daemon)
                          if "waiting for a seat" in " ".join(psutil.Process(p).cmdline())], timeout=60)
         requests = [{"prompt": f"preloaded {i}", "max_tokens": 40, "temperature": 0} for i in range(2)]
         reference = [post(url, r)[1]["choices"][0]["token_ids"] for r in requests]
-        got, threads = start_streams(url, requests)
-        psutil.Process(seat_pid(daemon, 0)).kill()
-        for t in threads:
-            t.join(timeout=120)
-        assert [got.get(i) for i in range(len(requests))] == reference
+        streams = start_streams(gateway, requests)
+        victim = seat_pid(daemon, 0)
+        streams.assert_in_flight()
+        psutil.Process(victim).kill()
+        got = streams.join()
+        assert [got[i] for i in range(len(requests))] == reference
         daemon.wait_log('"supervisor.spare_adopted"')
         assert seat_pid(daemon, 0) == spare[0]
         loaded = wait_for("gen 2's shard_loaded", lambda: [e for e in read_events(client, keys, 2)
@@ -158,7 +162,7 @@ def test_a_node_restarted_at_once_does_not_rejoin_the_dead_generation(
         assert "died with its predecessor" in failed[0].detail["reason"]
         started = [json.loads(x) for x in b2.log_text().splitlines() if '"supervisor.started"' in x]
         assert started and started[-1]["after_gen"] >= 1  # never a worker for gen 1
-        status = wait_for("serving gen 2", lambda: (kv := client.get(keys.root + "status/recovery"))
+        status = wait_for("serving gen 2", lambda: (kv := client.get(keys.recovery))
                           and json.loads(kv.value)["phase"] == "serving" and json.loads(kv.value)["gen"] == 2,
                           timeout=60)
         assert status
@@ -199,14 +203,14 @@ def test_spent_restart_budget_shrinks_then_grows_back(etcd: EtcdCluster, client:
     try:
         requests = [{"prompt": f"shrink {i}", "max_tokens": 60, "temperature": 0} for i in range(3)]
         reference = [post(url, r)[1]["choices"][0]["token_ids"] for r in requests]
-        got, threads = start_streams(url, requests)
+        streams = start_streams(url, requests)
+        streams.assert_in_flight()
         psutil.Process(seat_pid(daemon, 1)).kill()
         shrunk = wait_for("the shrunk plan", lambda: [x for x in plans(client, keys) if x.gen == 2])[0]
         assert shrunk.dp == 1 and [(s.node, s.local_rank) for s in shrunk.ranks] == [("a", 0)]
-        for t in threads:
-            t.join(timeout=120)
+        got = streams.join()
         assert [got.get(i) for i in range(len(requests))] == reference  # replica 0 never noticed
-        status = json.loads(wait_for("degraded", lambda: (kv := client.get(keys.root + "status/recovery"))
+        status = json.loads(wait_for("degraded", lambda: (kv := client.get(keys.recovery))
                                      and "dp=1 of 2" in str(json.loads(kv.value)["degraded"]) and kv).value)
         assert status["degraded"] == "serving dp=1 of 2 replicas"
         bad = [e for e in read_events(client, keys, 1) if e.kind == ev.SEAT_BAD]
@@ -280,12 +284,12 @@ def test_spent_budget_where_no_shrink_fits_replans_when_the_seat_is_back(
         request = {"prompt": "no room to shrink", "max_tokens": 10, "temperature": 0}
         reference = post(url, request)[1]["choices"][0]["token_ids"]
         psutil.Process(seat_pid(daemon, 1)).kill()
-        failed = wait_for("phase failed", lambda: (kv := client.get(keys.root + "status/recovery"))
+        failed = wait_for("phase failed", lambda: (kv := client.get(keys.recovery))
                           and json.loads(kv.value)["phase"] == "failed" and json.loads(kv.value))
         assert failed["gen"] == 1
         plan = wait_for("gen 2", lambda: [x for x in plans(client, keys) if x.gen == 2], timeout=30)[0]
         assert len(plan.ranks) == 2 and "seat left out" in plan.reason
-        wait_for("serving gen 2", lambda: (kv := client.get(keys.root + "status/recovery"))
+        wait_for("serving gen 2", lambda: (kv := client.get(keys.recovery))
                  and json.loads(kv.value)["phase"] == "serving" and json.loads(kv.value)["gen"] == 2, timeout=60)
         assert post(url, request)[1]["choices"][0]["token_ids"] == reference
         assert len(workers(daemon)) == 2
@@ -319,7 +323,7 @@ def test_a_frozen_replica_is_replaced_when_its_heartbeats_stop(etcd: EtcdCluster
         named = [e for e in read_events(client, keys, 1) if e.kind == ev.SUSPECT_NAMED]
         assert named and all(e.detail["group"] == "heartbeat" and "no heartbeat" in e.detail["why"] for e in named)
         wait_for("the frozen workers gone", lambda: not any(psutil.pid_exists(p) for p in frozen), timeout=10)
-        wait_for("serving", lambda: (kv := client.get(keys.root + "status/recovery"))
+        wait_for("serving", lambda: (kv := client.get(keys.recovery))
                  and json.loads(kv.value)["phase"] == "serving" and json.loads(kv.value)["gen"] >= 2, timeout=60)
         url = wait_file(tmp_path / "a" / "api-0.url")
         assert post(url, request)[1]["choices"][0]["token_ids"] == reference
@@ -368,7 +372,8 @@ def test_sigterm_drains_then_leaves_and_peers_replan_at_once(etcd: EtcdCluster, 
         url_b = wait_file(tmp_path / "b" / "api-0.url")
         requests = [{"prompt": f"drain {i}: sphinx of black quartz", "max_tokens": 300, "temperature": 0} for i in range(3)]
         reference = [post(url_a, r)[1]["choices"][0]["token_ids"] for r in requests]
-        got, threads = start_streams(url_b, requests)
+        streams = start_streams(url_b, requests)
+        streams.assert_in_flight()
         t_term = time.monotonic()
         daemons[1].signal(signal.SIGTERM)
         daemons[1].wait_log('"rallyd.draining"', timeout=10)
@@ -377,8 +382,7 @@ def test_sigterm_drains_then_leaves_and_peers_replan_at_once(etcd: EtcdCluster, 
 
         code, body, headers = post(url_b, {"prompt": "too late", "max_tokens": 1, "temperature": 0})
         assert code == 503 and "draining" in body["error"]["message"] and headers["retry-after"]
-        for t in threads:
-            t.join(timeout=120)
+        got = streams.join()
         assert [got.get(i) for i in range(len(requests))] == reference  # in flight: finished, unchanged
         assert daemons[1].proc.wait(timeout=30) == 0
         t_exit = time.monotonic()
@@ -412,13 +416,13 @@ def test_etcd_leader_killed_in_the_middle_of_a_recovery(etcd3: EtcdCluster, clus
         url = wait_file(tmp_path / "a" / "api-0.url")
         requests = [{"prompt": f"etcd leader {i}", "max_tokens": 40, "temperature": 0} for i in range(4)]
         reference = [post(url, r)[1]["choices"][0]["token_ids"] for r in requests]
-        got, threads = start_streams(url, requests)
+        streams = start_streams(url, requests)
         leader = etcd3.leader()
+        streams.assert_in_flight()
         psutil.Process(seat_pid(daemons[1], 0)).kill()
-        wait_for("the abort order", lambda: client.get_prefix(keys.control + "abort/")[0], every=0.002)
+        wait_for("the abort order", lambda: client.get_prefix(keys.aborts)[0], every=0.002)
         etcd3.kill(leader)
-        for t in threads:
-            t.join(timeout=120)
+        got = streams.join()
         assert [got.get(i) for i in range(len(requests))] == reference
         p = wait_for("gen 2 released", lambda: client.get(keys.released_of(2)) and plans(client, keys))
         assert [x.gen for x in p] == [1, 2] and p[1].ranks == p[0].ranks

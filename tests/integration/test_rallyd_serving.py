@@ -12,8 +12,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from rallypoint.protocol.keys import ClusterKeys
 from rallypoint.rendezvous.etcd import EtcdClient
-from rallypoint.rendezvous.records import ClusterKeys, Plan
+from rallypoint.rendezvous.records import Plan
 from rallypoint.testing.daemons import DaemonProcess, daemon_args, scrape_metrics, wait_file, wait_for
 from rallypoint.testing.etcd_server import EtcdCluster
 from rallypoint.worker.checkpoint import make_model
@@ -21,19 +22,42 @@ from rallypoint.worker.title import describe
 from tests.integration.test_serving import post, stream
 
 
-def start_streams(url: str, requests: list[dict]) -> tuple[dict[int, list[int]], list[threading.Thread]]:
-    """Stream every request from its own thread; ``got[i]`` fills with request i's tokens."""
-    got: dict[int, list[int]] = {}
+class Streams:
+    """Requests streamed each from its own thread; ``tokens[i]`` grows as request i's chunks arrive."""
 
-    def client_stream(i: int) -> None:
-        events = stream(url, requests[i])
-        got[i] = [t for e in events for t in e["choices"][0]["token_ids"]]
+    def __init__(self, url: str, requests: list[dict]) -> None:
+        self.tokens: dict[int, list[int]] = {i: [] for i in range(len(requests))}
+        self.finished: dict[int, bool] = dict.fromkeys(self.tokens, False)
+        self.threads = [threading.Thread(target=self._run, args=(url, i, r), daemon=True)
+                        for i, r in enumerate(requests)]
+        for t in self.threads:
+            t.start()
 
-    threads = [threading.Thread(target=client_stream, args=(i,)) for i in range(len(requests))]
-    for t in threads:
-        t.start()
-    time.sleep(0.2)  # let them get going before the fault
-    return got, threads
+    def _run(self, url: str, i: int, request: dict) -> None:
+        def on_event(e: dict) -> None:
+            self.tokens[i] += e["choices"][0]["token_ids"]
+            self.finished[i] = self.finished[i] or e["choices"][0]["finish_reason"] is not None
+
+        stream(url, request, on_event=on_event)
+
+    def assert_in_flight(self) -> None:
+        """Every request has streamed tokens and none has finished: a fault now hits them all mid-stream."""
+        progress = {i: (len(t), self.finished[i]) for i, t in self.tokens.items()}
+        assert all(n > 0 and not done for n, done in progress.values()), f"not all in flight: {progress}"
+
+    def join(self, timeout: float = 120) -> dict[int, list[int]]:
+        for t in self.threads:
+            t.join(timeout=timeout)
+        assert not any(t.is_alive() for t in self.threads), "a stream never ended"
+        assert all(self.finished.values()), f"a stream was cut short: {self.finished}"
+        return self.tokens
+
+
+def start_streams(url: str, requests: list[dict]) -> Streams:
+    """Stream every request; return once each has its first token (they are all running)."""
+    streams = Streams(url, requests)
+    wait_for("every stream's first token", lambda: all(streams.tokens.values()), timeout=30, every=0.005)
+    return streams
 
 
 def start_leader_then_pair(daemons: dict[str, DaemonProcess], etcd: EtcdCluster, cluster_name: str,
@@ -110,13 +134,14 @@ def test_request_stream_lives_through_a_failed_worker(etcd: EtcdCluster, client:
         url = wait_file(tmp_path / "a" / "api-0.url")
         requests = [{"prompt": f"request {i}: the quick brown fox", "max_tokens": 40, "temperature": 0} for i in range(6)]
         reference = [post(url, r)[1]["choices"][0]["token_ids"] for r in requests]
-        got, threads = start_streams(url, requests)
+        streams = start_streams(url, requests)
         victim = worker_pid(daemons[1])
+        streams.assert_in_flight()
         t_kill = time.monotonic()
         psutil.Process(victim).send_signal(getattr(signal, fault))
         # The owning daemon notices the exit (after killing the stuck worker) and orders the abort.
         while time.monotonic() - t_kill < 10:
-            kvs, _ = client.get_prefix(keys.control + "abort/")
+            kvs, _ = client.get_prefix(keys.aborts)
             if kvs:
                 break
             time.sleep(0.005)
@@ -128,9 +153,8 @@ def test_request_stream_lives_through_a_failed_worker(etcd: EtcdCluster, client:
         if fault == "SIGSTOP":
             assert "exited with code -9" in order["reason"]
             assert '"rallyd.suspect_named"' in daemons[1].log_text() and '"kind": "stuck"' in daemons[1].log_text()
-        for t in threads:
-            t.join(timeout=120)
-        assert [got.get(i) for i in range(len(requests))] == reference  # nothing lost, nothing changed
+        got = streams.join()
+        assert [got[i] for i in range(len(requests))] == reference  # nothing lost, nothing changed
         kvs, _ = client.get_prefix(keys.plans)
         plans = [Plan.from_json(kv.key, kv.value) for kv in kvs]
         assert [p.gen for p in plans] == [1, 2]
@@ -157,11 +181,11 @@ def test_request_stream_lives_through_a_lost_node(etcd: EtcdCluster, client: Etc
         url = wait_file(tmp_path / "a" / "api-0.url")
         requests = [{"prompt": f"node loss {i}", "max_tokens": 40, "temperature": 0} for i in range(4)]
         reference = [post(url, r)[1]["choices"][0]["token_ids"] for r in requests]
-        got, threads = start_streams(url, requests)
+        streams = start_streams(url, requests)
+        streams.assert_in_flight()
         daemons["b" if victim == "rank-node" else "c"].kill_node()
-        for t in threads:
-            t.join(timeout=120)
-        assert [got.get(i) for i in range(len(requests))] == reference
+        got = streams.join()
+        assert [got[i] for i in range(len(requests))] == reference
         expected_nodes = ("a", "c") if victim == "rank-node" else ("a", "b")
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:  # the lost node's lease runs out, the (new) leader re-plans

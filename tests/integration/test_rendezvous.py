@@ -10,8 +10,9 @@ import pytest
 import structlog
 
 from rallypoint.errors import ConfigError, NodeIdConflict
+from rallypoint.protocol.keys import ClusterKeys
 from rallypoint.rendezvous.etcd import EtcdClient
-from rallypoint.rendezvous.records import ClusterKeys, ClusterSpec, Plan
+from rallypoint.rendezvous.records import ClusterSpec, Plan
 from rallypoint.rendezvous.rendezvous import Rendezvous, RendezvousSettings, local_record
 from rallypoint.testing.etcd_server import EtcdCluster
 from tests.conftest import make_client

@@ -3,6 +3,8 @@ through a SIGKILLed rank, and a corrupt shard."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import itertools
 import json
 import os
@@ -18,11 +20,13 @@ from pathlib import Path
 
 import pytest
 
+from rallypoint.protocol.keys import ClusterKeys
+from rallypoint.protocol.orders import order_abort
 from rallypoint.rendezvous.etcd import EtcdClient
-from rallypoint.rendezvous.records import ClusterKeys, Plan, RankSlot
+from rallypoint.rendezvous.records import Plan, RankSlot
+from rallypoint.testing.daemons import wait_for
 from rallypoint.testing.etcd_server import EtcdCluster
 from rallypoint.worker.checkpoint import make_model
-from rallypoint.worker.control import order_abort
 from tests.conftest import make_client
 
 _clusters = itertools.count()
@@ -110,7 +114,8 @@ def post(url: str, body: object, timeout: float = 60) -> tuple[int, dict, dict]:
         return err.code, json.loads(err.read()), {k.lower(): v for k, v in err.headers.items()}
 
 
-def stream(url: str, body: dict, timeout: float = 120) -> list[dict]:
+def stream(url: str, body: dict, timeout: float = 120, on_event: Callable[[dict], None] | None = None) -> list[dict]:
+    """Stream a completion; return its events (``on_event`` also gets each one as it arrives)."""
     req = urllib.request.Request(url + "/v1/completions", data=json.dumps({**body, "stream": True}).encode(),
                                  headers={"Content-Type": "application/json"})
     events = []
@@ -122,6 +127,8 @@ def stream(url: str, body: dict, timeout: float = 120) -> list[dict]:
                 if payload == "[DONE]":
                     break
                 events.append(json.loads(payload))
+                if on_event is not None:
+                    on_event(events[-1])
     return events
 
 
@@ -190,11 +197,13 @@ def test_request_lives_through_a_sigkilled_rank(deploy) -> None:
     ref_greedy = post(url, greedy)[1]["choices"][0]["token_ids"]
     ref_seeded = post(url, seeded)[1]["choices"][0]["token_ids"]
     got: dict[str, list] = {}
-    threads = [threading.Thread(target=lambda: got.__setitem__("greedy", stream(url, greedy))),
+    seen: list[dict] = []  # the greedy stream's events as they arrive
+    threads = [threading.Thread(target=lambda: got.__setitem__("greedy", stream(url, greedy, on_event=seen.append))),
                threading.Thread(target=lambda: got.__setitem__("seeded", post(url, seeded, timeout=120)))]
     for t in threads:
         t.start()
-    time.sleep(0.15)
+    wait_for("the greedy stream's first token", lambda: seen, timeout=30, every=0.005)
+    assert seen[-1]["choices"][0]["finish_reason"] is None  # mid-request when the peer dies
     os.kill(workers[1].pid, signal.SIGKILL)  # the TP peer, mid-request
     workers[1].wait()
     order_abort(d.client, d.keys, plan.gen, [1], "rank 1 exited")  # what the daemon will say

@@ -20,10 +20,9 @@ import pytest
 import torch.distributed as dist
 
 from rallypoint.errors import EtcdUnavailable, StoreTimeout
+from rallypoint.protocol.keys import ClusterKeys
 from rallypoint.rendezvous.etcd import EtcdClient, EtcdSettings
-from rallypoint.rendezvous.store import (
-    EtcdStore, StoreUnavailable, StoreWaitTimeout, store_prefix,
-)
+from rallypoint.rendezvous.store import EtcdStore, StoreUnavailable, StoreWaitTimeout
 from rallypoint.testing.etcd_server import INSTALL_HINT, EtcdCluster, etcd_binary, free_port
 
 pytestmark = [pytest.mark.etcd, pytest.mark.skipif(etcd_binary() is None, reason=INSTALL_HINT)]
@@ -46,7 +45,7 @@ def store_client(etcd: EtcdCluster) -> Iterator[EtcdClient]:
 
 @pytest.fixture
 def prefix() -> str:
-    return store_prefix("t" + uuid.uuid4().hex[:10], 1, "tp:0")
+    return ClusterKeys("t" + uuid.uuid4().hex[:10]).group_store(1, "tp:0")
 
 
 @pytest.fixture
@@ -55,10 +54,6 @@ def store(store_client: EtcdClient, prefix: str) -> EtcdStore:
 
 
 # -- single-process behaviour ---------------------------------------------------------------
-
-def test_store_prefix_is_generation_scoped() -> None:
-    assert store_prefix("prod", 7, "tp:1") == "/rallypoint/prod/store/7/tp:1/"
-
 
 def test_set_get_bytes_and_str(store: EtcdStore, store_client: EtcdClient, prefix: str) -> None:
     store.set("bin", b"\x00\xff\x10")
@@ -210,9 +205,9 @@ def test_keys_vanish_with_the_lease(store_client: EtcdClient, prefix: str) -> No
 
 
 def test_generations_do_not_see_each_other(store_client: EtcdClient) -> None:
-    cluster = "t" + uuid.uuid4().hex[:10]
-    gen1 = EtcdStore(store_client, store_prefix(cluster, 1, "tp:0"))
-    gen2 = EtcdStore(store_client, store_prefix(cluster, 2, "tp:0"), timeout=timedelta(seconds=0.2))
+    keys = ClusterKeys("t" + uuid.uuid4().hex[:10])
+    gen1 = EtcdStore(store_client, keys.group_store(1, "tp:0"))
+    gen2 = EtcdStore(store_client, keys.group_store(2, "tp:0"), timeout=timedelta(seconds=0.2))
     gen1.set("0/0", b"old-address")
     assert gen1.add("ctr", 3) == 3
     assert not gen2.check(["0/0"]) and gen2.num_keys() == 0
@@ -225,7 +220,7 @@ def test_generations_do_not_see_each_other(store_client: EtcdClient) -> None:
 def test_etcd_down_is_etcd_unavailable_and_dist_network_error() -> None:
     dead = _client((f"127.0.0.1:{free_port()}",), request_timeout=0.2, retry_deadline=0.3)
     try:
-        s = EtcdStore(dead, store_prefix("down", 1, "g"))
+        s = EtcdStore(dead, ClusterKeys("down").group_store(1, "g"))
         with pytest.raises(StoreUnavailable) as info:
             s.set("k", b"v")
         assert isinstance(info.value, EtcdUnavailable)
@@ -271,7 +266,7 @@ class Ranks:
 
     def __init__(self, mode: str, world: int, endpoints: tuple[str, ...], out: Path) -> None:
         self.mode, self.world, self.out = mode, world, out
-        prefix = store_prefix("t" + uuid.uuid4().hex[:10], 1, mode)
+        prefix = ClusterKeys("t" + uuid.uuid4().hex[:10]).group_store(1, mode)
         path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         env = {**os.environ, "PYTHONPATH": path, "GLOO_SOCKET_IFNAME": "lo"}
         self.procs = []

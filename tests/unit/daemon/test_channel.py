@@ -1,4 +1,5 @@
-"""The local control channel over a real Unix socket: hello, heartbeats, adopt, bad input."""
+"""The local control channel over a real Unix socket (daemon's end, worker's end): hello,
+heartbeats, adopt, bad input."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from rallypoint.daemon.channel import ChannelClient, ChannelServer, channel_address
+from rallypoint.daemon.channel import ChannelServer, channel_address
+from rallypoint.worker.channel import ChannelClient
 
 
 def wait(cond, timeout: float = 5.0) -> None:

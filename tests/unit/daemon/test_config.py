@@ -67,7 +67,7 @@ def test_defaults_when_the_default_file_is_missing():
     lay = c.layout
     assert (lay.tp, lay.pp, lay.dp, lay.ep, lay.gpus, lay.cpu_ranks, lay.spares) == (1, 1, 0, 1, -1, 2, 0)
     assert c.collectives.deadline_floor == timedelta(seconds=1)
-    assert (c.collectives.deadline_k, c.collectives.backend) == (20.0, "auto")
+    assert c.collectives.deadline_k == 20.0
     assert (c.log.level, c.log.json) == ("info", None)
     assert c == replace(Config(), path=None)
 
@@ -102,12 +102,12 @@ def test_flag_beats_env_beats_file_beats_default(tmp_path):
 def test_env_values_are_parsed_into_the_key_type(tmp_path):
     env = {"RALLYPOINT_RENDEZVOUS_LEASE_TTL": "9", "RALLYPOINT_RENDEZVOUS_MIN_NODES": "2",
            "RALLYPOINT_LOG_JSON": "off", "RALLYPOINT_STATE_DIR": str(tmp_path),
-           "RALLYPOINT_COLLECTIVES_BACKEND": "GLOO", "RALLYPOINT_LAYOUT_SPARES": "",
+           "RALLYPOINT_WORKER_DTYPE": "BFLOAT16", "RALLYPOINT_LAYOUT_SPARES": "",
            "RALLYPOINT_ETCD_BIN": "/usr/bin/etcd", "RALLYPOINT_CONFIG": ""}
     c = load_config(env=env)
     assert c.rendezvous.lease_ttl == timedelta(seconds=9)
     assert c.rendezvous.min_nodes == 2 and c.log.json is False
-    assert c.state_dir == tmp_path and c.collectives.backend == "gloo"
+    assert c.state_dir == tmp_path and c.worker.dtype == "bfloat16"
     assert c.layout.spares == 0  # an empty variable is not set
     assert load_config(env={"RALLYPOINT_LOG_JSON": "auto"}).log.json is None
 
@@ -203,7 +203,7 @@ def test_detected_zero_gpus_means_cpu_slots(monkeypatch):
     ('address = ""\n', "address: must not be empty"),
     ('[log]\njson = "yes"\n', '[log] json: expected true, false or "auto", got "yes"'),
     ('[log]\nlevel = "verbose"\n', '[log] level: expected one of debug, info, warning, error, got "verbose"'),
-    ('[collectives]\nbackend = "mpi"\n', '[collectives] backend: expected one of auto, nccl, gloo'),
+    ('[worker]\nworkload = "train"\n', '[worker] workload: expected one of serve, allreduce-probe'),
     ("[etcd]\nendpoints = [1]\n", "[etcd] endpoints: expected a list of host:port strings, got [1]"),
     ('[etcd]\nendpoints = ["nohost"]\n', '[etcd] endpoints: bad endpoint "nohost"'),
     ('[etcd]\nendpoints = ["ftp://a:1"]\n', '[etcd] endpoints: bad endpoint "ftp://a:1"'),
@@ -330,11 +330,6 @@ def test_request_timeout_must_be_under_the_lease(tmp_path):
 def test_last_call_must_be_under_the_lease(tmp_path):
     msg = error(tmp_path, "[rendezvous]\nlast_call = 3\n", argv=("--rendezvous-heartbeat", "1"))
     assert "[rendezvous] last_call = 3s must be < [rendezvous] lease_ttl = 3s" in msg
-
-
-def test_nccl_on_a_cpu_node(tmp_path):
-    msg = error(tmp_path, '[collectives]\nbackend = "nccl"\n[layout]\ngpus = 0\n')
-    assert 'backend = "nccl" needs GPUs' in msg
 
 
 # -- the shipped example -------------------------------------------------------------------------

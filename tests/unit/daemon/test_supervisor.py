@@ -5,9 +5,13 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
-from rallypoint.daemon.supervisor import Supervisor
+from rallypoint.daemon.config import Config
+from rallypoint.daemon.supervisor import Supervisor, WorkerCommand
+from rallypoint.worker.args import parse_args, runtime_settings
 
 
 def sleeper(local_rank: int | None, after_gen: int) -> list[str]:
@@ -121,3 +125,21 @@ def test_a_worker_outlives_the_thread_that_started_it(tmp_path: Path) -> None:
         assert started[0].proc.poll() is None, f"the worker died with its starting thread: {started[0].proc.poll()}"
     finally:
         sup.stop_all()
+
+
+def test_collective_settings_reach_the_workers_runtime(tmp_path: Path) -> None:
+    """``[collectives]`` keys travel config -> WorkerCommand argv -> worker flags -> RuntimeSettings."""
+    cfg = Config()
+    cfg = replace(cfg, cluster="c", node="n", state_dir=tmp_path, layout=replace(cfg.layout, gpus=0),
+                  worker=replace(cfg.worker, model="m"),
+                  collectives=replace(cfg.collectives, deadline_floor=timedelta(seconds=2.5), deadline_k=7.5,
+                                      build_timeout=timedelta(seconds=12)))
+    command = WorkerCommand.from_config(cfg, "@rallyd-n")
+    for local_rank in (1, None):  # a seat, a spare
+        argv = command(local_rank, after_gen=3)
+        assert argv[1:3] == ["-m", "rallypoint.worker"]
+        args = parse_args(argv[3:])
+        assert (args.cluster, args.node, args.local_rank, args.after_gen) == ("c", "n", local_rank, 3)
+        rt = runtime_settings(args)
+        assert (rt.deadline_floor, rt.deadline_k, rt.build_timeout, rt.device) == (2.5, 7.5, 12.0, "cpu")
+

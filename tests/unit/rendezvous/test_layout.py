@@ -1,4 +1,4 @@
-"""Placement and rank order (pure logic)."""
+"""Placement (pure logic); the rank order itself is tests/unit/protocol/test_grid.py's."""
 
 from __future__ import annotations
 
@@ -7,27 +7,13 @@ from dataclasses import replace
 import pytest
 
 from rallypoint.errors import LayoutError
-from rallypoint.rendezvous.layout import Coords, coords_of, group_ranks, make_plan, place, rank_of
+from rallypoint.rendezvous.layout import make_plan, place
 from rallypoint.rendezvous.records import ClusterSpec, NodeRecord
 
 
 def node(name: str, slots: int, cordoned: bool = False) -> NodeRecord:
     return NodeRecord(node=name, host="h", address="127.0.0.1", gpus=slots, slots=slots,
                       version="0", pid=1, started=0.0, cordoned=cordoned)
-
-
-def test_vllm_rank_order_for_8_gpus() -> None:
-    groups = group_ranks(tp_size=2, pp_size=2, dp_size=2)
-    assert groups["tp"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
-    assert groups["pp"] == [[0, 2], [1, 3], [4, 6], [5, 7]]
-    assert groups["dp"] == [[0, 4], [1, 5], [2, 6], [3, 7]]
-
-
-@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (2, 2), (4, 2), (1, 4)])
-def test_coords_round_trip(tp: int, pp: int) -> None:
-    for rank in range(tp * pp * 3):
-        assert rank_of(coords_of(rank, tp, pp), tp, pp) == rank
-    assert coords_of(5, 2, 2) == Coords(dp=1, pp=0, tp=1)
 
 
 def test_place_fills_nodes_in_order_and_leaves_spare_slots() -> None:

@@ -18,7 +18,6 @@ from rallypoint.worker.checkpoint import (
     INDEX_FILE, SIZES, WEIGHTS_FILE, arch_config, main, make_model, shard_plan, tensor_shapes)
 from rallypoint.worker.model_config import ModelConfig
 from rallypoint.worker.model import StageModel, split_dim
-from rallypoint.worker.pipeline import stage_layers
 from rallypoint.worker.sampling import generate, sample
 from rallypoint.worker.shards import load_stage
 
@@ -60,10 +59,6 @@ def test_config_round_trip_and_sizes(tiny: Path) -> None:
     SIZES["1b"].check_parallel(8, 16)
     plan = shard_plan(tensor_shapes(SIZES["1b"]), 2, 1 << 30)
     assert len(plan) == 2 and sum(map(len, plan)) == len(tensor_shapes(SIZES["1b"]))
-
-
-def test_pipeline_stages_split_the_layers() -> None:  # config errors: test_model_config.py
-    assert [list(stage_layers(5, 2, p)) for p in range(2)] == [[0, 1, 2], [3, 4]]
 
 
 # -- loading ---------------------------------------------------------------------------------

@@ -1,4 +1,8 @@
-"""The exit codes a worker ends with on purpose, so rallyd can tell them from a crash."""
+"""The exit codes a worker ends with on purpose, so rallyd can tell them from a crash.
+
+The worker chooses them and the daemon acts on them (a bad checkpoint shrinks rather than
+restarts), so they live with neither.
+"""
 
 BAD_CHECKPOINT = 3  # its shard failed to load: a restart onto the same files would fail the same way
 BUILD_STUCK = 4     # a group build hung where no abort reaches it (a blocking NCCL init): start afresh
