@@ -94,10 +94,11 @@ def summarize(b: int, n: int, t_submit: float, stamps: list[list[float]], tokens
 def rp_rank(rank: int, tp: int, endpoints: list[str], args: argparse.Namespace, out: str, barrier: Any) -> None:
     """One rank of a rallypoint replica (TP=tp, PP=1), wired like ``rallypoint.worker.main.Worker``."""
     from rallypoint.log import configure_logging
+    from rallypoint.protocol.grid import layers_for
     from rallypoint.rendezvous.etcd import EtcdSettings
     from rallypoint.rendezvous.records import Plan, RankSlot
     from rallypoint.worker.engine import SWITCH, Driver, EngineSettings, serve_generation, step
-    from rallypoint.worker.main import TPAdapter, layers_for
+    from rallypoint.worker.main import TPAdapter
     from rallypoint.worker.requests import Request, RequestQueue, SamplingParams
     from rallypoint.worker.runtime import RankRuntime, RuntimeSettings
     from rallypoint.worker.shards import load_stage

@@ -433,7 +433,7 @@ def main() -> int:
     own.add_argument("--dtype", default="auto")
     own.add_argument("--compile", default="on", choices=("on", "off"),
                      help="[worker] compile: decode layers through torch.compile (with CUDA graphs)")
-    own.add_argument("--max-chunk-rate", type=float, default=20000.0,
+    own.add_argument("--max-chunk-rate", type=float, default=0.0,
                      help="[worker] max_chunk_rate: chunks/s the API aims under (0: off)")
     own.add_argument("--stream-interval", type=float, default=0.0,
                      help="[worker] stream_interval: seconds a stream waits after a chunk (tokens accumulate)")

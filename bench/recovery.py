@@ -39,10 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import psutil  # noqa: E402
 
+from rallypoint.protocol.keys import ClusterKeys  # noqa: E402
 from rallypoint.recovery.events import read_events  # noqa: E402
 from rallypoint.recovery.machine import breakdown  # noqa: E402
 from rallypoint.rendezvous.etcd import EtcdClient, EtcdSettings  # noqa: E402
-from rallypoint.rendezvous.records import ClusterKeys  # noqa: E402
 from rallypoint.testing.daemons import DaemonProcess, daemon_args  # noqa: E402
 from rallypoint.testing.etcd_server import EtcdCluster  # noqa: E402
 

@@ -44,10 +44,11 @@ sys.path.insert(0, str(ROOT))
 
 from rallypoint.gateway.client import CompletionClient  # noqa: E402
 from rallypoint.gateway.resume import NoUpstream, Progress, RequestRejected  # noqa: E402
+from rallypoint.protocol.keys import ClusterKeys  # noqa: E402
 from rallypoint.recovery import events as ev  # noqa: E402
 from rallypoint.recovery.events import read_events  # noqa: E402
 from rallypoint.rendezvous.etcd import EtcdClient, EtcdSettings  # noqa: E402
-from rallypoint.rendezvous.records import ClusterKeys, Plan  # noqa: E402
+from rallypoint.rendezvous.records import Plan  # noqa: E402
 from rallypoint.testing.daemons import DaemonProcess, daemon_args, kill_tree, wait_file, wait_for  # noqa: E402
 from rallypoint.testing.etcd_server import EtcdCluster  # noqa: E402
 from rallypoint.worker.checkpoint import make_model  # noqa: E402
@@ -185,7 +186,7 @@ def run_rallypoint(workload: str, kills: int, root: Path, model: Path, etcd: Etc
 
     def ready(g: int) -> int | None:
         """rank 1's pid once every rank serves gen ``g`` and the spare is warm."""
-        kv = client.get(keys.node_status + "node")
+        kv = client.get(keys.node_status_of("node"))
         if kv is None:
             return None
         st = json.loads(kv.value)
