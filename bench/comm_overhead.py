@@ -28,14 +28,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-from rallypoint.rendezvous.etcd import EtcdSettings  # noqa: E402
-from rallypoint.rendezvous.records import Plan, RankSlot  # noqa: E402
-from rallypoint.testing.etcd_server import EtcdCluster  # noqa: E402
-from rallypoint.worker.runtime import RankRuntime, RuntimeSettings  # noqa: E402
+from rallypoint.rendezvous.etcd import EtcdSettings
+from rallypoint.rendezvous.records import Plan, RankSlot
+from rallypoint.testing.etcd_server import EtcdCluster
+from rallypoint.worker.runtime import RankRuntime, RuntimeSettings
 
 
 def sync(device: torch.device) -> None:

@@ -51,11 +51,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
+import torch
+import torch.multiprocessing as mp
 
-from rallypoint.worker.checkpoint import SIZES, make_model  # noqa: E402
-from rallypoint.worker.model_config import ModelConfig  # noqa: E402
+from rallypoint.worker.checkpoint import SIZES, make_model
+from rallypoint.worker.model_config import ModelConfig
 
 os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
 
@@ -182,7 +182,7 @@ def rp_rank(rank: int, tp: int, endpoints: list[str], args: argparse.Namespace, 
             pass
         try:
             rt.close()
-        except Exception as exc:  # noqa: BLE001 - the run is over; say so and leave
+        except Exception as exc:
             print(f"rank {rank}: runtime close: {exc!r}", file=sys.stderr)
 
 
@@ -357,7 +357,7 @@ def main() -> int:
             try:
                 run_procs(rp_rank, tp, (tp, list(etcd.endpoints), args, str(out), barrier), args.phase_timeout)
                 results[name] = json.loads(out.read_text())
-            except Exception:  # noqa: BLE001 - report it and go on with the other engines
+            except Exception:
                 results[name] = {"error": traceback.format_exc()}
             print(f"{name}: {time.perf_counter() - t0:.1f} s", flush=True)
     try:
@@ -376,7 +376,7 @@ def main() -> int:
         try:
             run_procs(hf_proc, 1, (args, str(out), mode), args.phase_timeout)
             results[name] = json.loads(out.read_text())
-        except Exception:  # noqa: BLE001
+        except Exception:
             results[name] = {"error": traceback.format_exc()}
         print(f"{name}: {time.perf_counter() - t0:.1f} s", flush=True)
 

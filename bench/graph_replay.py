@@ -19,12 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from rallypoint.worker.checkpoint import make_model  # noqa: E402
-from rallypoint.worker.graphs import DecodeGraphs  # noqa: E402
-from rallypoint.worker.model_config import ModelConfig  # noqa: E402
-from rallypoint.worker.shards import load_stage  # noqa: E402
+from rallypoint.worker.checkpoint import make_model
+from rallypoint.worker.graphs import DecodeGraphs
+from rallypoint.worker.model_config import ModelConfig
+from rallypoint.worker.shards import load_stage
 
 
 @torch.no_grad()

@@ -59,7 +59,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -67,8 +67,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-WORDS = ("amber basalt cobalt delta ember fjord garnet harbor indigo juniper kelp lantern meadow nickel "
-         "onyx prairie quartz raven saffron tundra umber violet willow xenon yarrow zephyr").split()
+WORDS = ["amber", "basalt", "cobalt", "delta", "ember", "fjord", "garnet", "harbor", "indigo", "juniper", "kelp", "lantern", "meadow", "nickel", "onyx", "prairie", "quartz", "raven", "saffron", "tundra", "umber", "violet", "willow", "xenon", "yarrow", "zephyr"]
 
 
 # -- setup -----------------------------------------------------------------------------------
@@ -278,7 +277,7 @@ async def one_client(http: httpx.AsyncClient, index: int, url: str, body: dict, 
                         r.finish_reason = choice["finish_reason"]
                     if chunk.get("error"):
                         r.error_detail = json.dumps(chunk["error"])[:300]
-    except Exception as exc:  # noqa: BLE001 - every failure is a data point here
+    except Exception as exc:
         r.error = classify(exc)
         r.error_detail = describe(exc)
     r.duration = time.perf_counter() - t0
@@ -398,7 +397,7 @@ def environment(args: argparse.Namespace, own: bool) -> dict:
         torch_version = None
     return {"device": device, "cpu": f"{cpu} ({os.cpu_count()} cores)", "torch": torch_version,
             "httpx": httpx.__version__, "python": platform.python_version(),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "code": str(REPO), "git_commit": git("rev-parse", "HEAD") or None,
             "git_dirty": bool(git("status", "--porcelain"))}
 

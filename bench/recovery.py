@@ -37,14 +37,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import psutil  # noqa: E402
+import psutil
 
-from rallypoint.protocol.keys import ClusterKeys  # noqa: E402
-from rallypoint.recovery.events import read_events  # noqa: E402
-from rallypoint.recovery.machine import breakdown  # noqa: E402
-from rallypoint.rendezvous.etcd import EtcdClient, EtcdSettings  # noqa: E402
-from rallypoint.testing.daemons import DaemonProcess, daemon_args  # noqa: E402
-from rallypoint.testing.etcd_server import EtcdCluster  # noqa: E402
+from rallypoint.protocol.keys import ClusterKeys
+from rallypoint.recovery.events import read_events
+from rallypoint.recovery.machine import breakdown
+from rallypoint.rendezvous.etcd import EtcdClient, EtcdSettings
+from rallypoint.testing.daemons import DaemonProcess, daemon_args
+from rallypoint.testing.etcd_server import EtcdCluster
 
 COLUMNS = ("detected", "abort_ordered", "aborted", "replacement", "planned", "released", "groups_built",
            "shard_loaded", "first_token", "client_token")

@@ -55,12 +55,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, when run as a script
 
-from rallypoint.errors import EtcdError  # noqa: E402
-from rallypoint.log import configure_logging  # noqa: E402
-from rallypoint.rendezvous.etcd import EtcdClient, EtcdSettings  # noqa: E402
-from rallypoint.rendezvous.records import ClusterSpec  # noqa: E402
-from rallypoint.rendezvous.rendezvous import Rendezvous, RendezvousSettings, local_record  # noqa: E402
-from rallypoint.testing.etcd_server import INSTALL_HINT, EtcdCluster, etcd_binary  # noqa: E402
+from rallypoint.errors import EtcdError
+from rallypoint.log import configure_logging
+from rallypoint.rendezvous.etcd import EtcdClient, EtcdSettings
+from rallypoint.rendezvous.records import ClusterSpec
+from rallypoint.rendezvous.rendezvous import Rendezvous, RendezvousSettings, local_record
+from rallypoint.testing.etcd_server import INSTALL_HINT, EtcdCluster, etcd_binary
 
 
 @dataclass(frozen=True)

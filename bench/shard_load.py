@@ -34,17 +34,18 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+import torch
+from safetensors.torch import load_file
 
-from rallypoint.worker.checkpoint import INDEX_FILE, SIZES, WEIGHTS_FILE, make_model  # noqa: E402
-from rallypoint.worker.model_config import ModelConfig  # noqa: E402
-from rallypoint.worker.shards import load_stage  # noqa: E402
+from rallypoint.worker.checkpoint import INDEX_FILE, SIZES, WEIGHTS_FILE, make_model
+from rallypoint.worker.model_config import ModelConfig
+from rallypoint.worker.shards import load_stage
 
 GOAL = 0.10  # rallypoint TP=1 within 10 % of plain load_file
 
@@ -132,7 +133,7 @@ def main() -> int:
     for tp in args.tp:
         try:
             config.check_parallel(tp, 1)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             skipped[tp] = str(exc)
             continue
         if args.device == "cuda" and tp > gpus:

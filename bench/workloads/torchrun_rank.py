@@ -81,9 +81,9 @@ def main() -> int:
             if float(t[0]) != size:
                 note("wrong", got=float(t[0]))
 
-    from rallypoint.worker.tokenizer import load_tokenizer
     from rallypoint.worker.model_config import ModelConfig
     from rallypoint.worker.shards import load_stage
+    from rallypoint.worker.tokenizer import load_tokenizer
 
     config = ModelConfig.from_dir(args.model)
     stage = load_stage(args.model, config, rank, size, range(config.num_hidden_layers), device="cpu",

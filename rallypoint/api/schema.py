@@ -45,7 +45,7 @@ class _Sampling(BaseModel):
     resume_text: str | None = None
 
     @model_validator(mode="after")
-    def _neutral(self) -> "_Sampling":
+    def _neutral(self) -> _Sampling:
         if self.n != 1:
             raise ValueError("n: only 1 is supported")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -87,7 +87,7 @@ class CompletionRequest(_Sampling):
     suffix: str | None = None
 
     @model_validator(mode="after")
-    def _prompt(self) -> "CompletionRequest":
+    def _prompt(self) -> CompletionRequest:
         if not self.prompt:
             raise ValueError("prompt: must not be empty")
         if self.echo:
@@ -131,7 +131,7 @@ class ChatCompletionRequest(_Sampling):
     parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
-    def _chat(self) -> "ChatCompletionRequest":
+    def _chat(self) -> ChatCompletionRequest:
         if self.tools:
             raise ValueError("tools: not supported")
         if self.tool_choice not in (None, "none", "auto"):

@@ -105,7 +105,7 @@ class ServerThread:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self, ready_timeout: float = 10.0) -> "ServerThread":
+    def start(self, ready_timeout: float = 10.0) -> ServerThread:
         self.thread.start()
         deadline = time.monotonic() + ready_timeout
         while not self.server.started and self.thread.is_alive() and time.monotonic() < deadline:

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from rallypoint.protocol.grid import coords_of
@@ -19,7 +19,7 @@ STALE_AFTER = 3.0  # seconds without a status write before a node's row says "st
 
 
 def clock(t: float) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).strftime("%H:%M:%S.%f")[:-3]
+    return datetime.fromtimestamp(t, UTC).strftime("%H:%M:%S.%f")[:-3]
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:

@@ -72,7 +72,7 @@ class ProgressRecord:
     groups: dict[str, list[int]]
 
     @classmethod
-    def from_json(cls, key: str, raw: bytes) -> "ProgressRecord":
+    def from_json(cls, key: str, raw: bytes) -> ProgressRecord:
         try:
             d = json.loads(raw)
             return cls(str(d["seat"]), int(d["gen"]), int(d["rank"]), int(d["pid"]), str(d["host"]),

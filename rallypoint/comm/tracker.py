@@ -23,7 +23,7 @@ _WARMUP = 4  # a group's first collectives set up its connections (NCCL: lazily,
 class Op:
     """One issued collective."""
 
-    __slots__ = ("group", "seq", "op", "nbytes", "start", "work", "done")
+    __slots__ = ("done", "group", "nbytes", "op", "seq", "start", "work")
 
     def __init__(self, group: Group, seq: int, op: str, nbytes: int, start: float, work: Any) -> None:
         self.group = group

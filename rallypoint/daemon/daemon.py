@@ -25,9 +25,9 @@ from rallypoint.daemon.metrics import DaemonMetrics
 from rallypoint.daemon.sd_notify import Notifier
 from rallypoint.daemon.seats import OutSeats
 from rallypoint.daemon.supervisor import Supervisor, WorkerCommand, WorkerProcess
+from rallypoint.errors import EtcdError, EtcdUnavailable, MalformedRecord, RallypointError
 from rallypoint.gateway.routes import DriverRoutes
 from rallypoint.gateway.server import Gateway
-from rallypoint.errors import EtcdError, EtcdUnavailable, MalformedRecord, RallypointError
 from rallypoint.log import get_logger
 from rallypoint.protocol import channel as msgs
 from rallypoint.protocol import exit_codes

@@ -81,7 +81,7 @@ class Supervisor:
 
     def __init__(self, command: Command, log_dir: Path, on_exit: ExitCallback, budget: int = 5,
                  window: float = 60.0, env: dict[str, str] | None = None, spares: int = 0,
-                 channel: "ChannelServer | None" = None,
+                 channel: ChannelServer | None = None,
                  seat_params: Callable[[int], dict] | None = None) -> None:
         self.command = command
         self.log_dir = log_dir
@@ -306,7 +306,7 @@ class WorkerCommand:
     preload: bool = False  # spares load the whole model and capture its graphs while they wait
 
     @classmethod
-    def from_config(cls, cfg: Config, channel: str | None) -> "WorkerCommand":
+    def from_config(cls, cfg: Config, channel: str | None) -> WorkerCommand:
         """Every setting of ``cfg`` a worker needs (``worker.args`` parses them on the other end)."""
         w, lay = cfg.worker, cfg.layout
         device = "cuda" if lay.node_gpus() > 0 else "cpu"

@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from contextlib import aclosing
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 

@@ -58,7 +58,7 @@ class Gateway(ServerThread):
         self.http: httpx.AsyncClient | None = None  # made on the server's own event loop
         super().__init__(build_app(self), host, port, name="rallyd-gateway")
 
-    def serve_in_thread(self) -> "Gateway":
+    def serve_in_thread(self) -> Gateway:
         return self.start()  # type: ignore[return-value]
 
     def client(self) -> httpx.AsyncClient:

@@ -45,10 +45,10 @@ class GroupSet:
 
     @classmethod
     def configure(cls, plan: PlanLike, rank: int, store_factory: StoreFactory, device: torch.device,
-                  timeout: timedelta = timedelta(seconds=30), previous: "GroupSet | None" = None,
+                  timeout: timedelta = timedelta(seconds=30), previous: GroupSet | None = None,
                   names: Sequence[str] = ("tp", "pp", "dp"),
                   is_tainted: Callable[[Group], bool] = lambda g: False,
-                  cancelled: Cancelled | None = None) -> "GroupSet":
+                  cancelled: Cancelled | None = None) -> GroupSet:
         """Build (or carry over) this rank's groups for ``plan``.
 
         Args:

@@ -8,8 +8,9 @@ in the next generation carries over untouched, even if its global rank numbers m
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from rallypoint.errors import GroupError
 from rallypoint.protocol.grid import group_members

@@ -39,7 +39,7 @@ class AbortOrder:
         return json.dumps({"gen": self.gen, "ranks": list(self.ranks), "reason": self.reason})
 
     @classmethod
-    def from_json(cls, key: str, raw: bytes | str) -> "AbortOrder":
+    def from_json(cls, key: str, raw: bytes | str) -> AbortOrder:
         """Raises ``MalformedRecord`` naming ``key`` for a value that is not an abort order."""
         try:
             d = json.loads(raw)

@@ -79,7 +79,7 @@ class Event:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, key: str, raw: bytes | str) -> "Event":
+    def from_json(cls, key: str, raw: bytes | str) -> Event:
         try:
             d = json.loads(raw)
             ev = cls(gen=int(d["gen"]), kind=str(d["kind"]), at=float(d["at"]), by=str(d["by"]),

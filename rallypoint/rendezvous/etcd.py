@@ -337,7 +337,7 @@ class EtcdClient:
         """Revoke a lease now: its keys vanish at once (a clean leave)."""
         self.call(f"revoke lease {lease_id:x}", lambda c: c.revoke_lease(lease_id))
 
-    def keep_alive(self, ttl: float, on_lost: Callable[[int], None] | None = None) -> "Lease":
+    def keep_alive(self, ttl: float, on_lost: Callable[[int], None] | None = None) -> Lease:
         """Grant a lease and keep it alive from the client's lease-keeper thread."""
         with self._lock:
             if self._keeper is None:
@@ -346,7 +346,7 @@ class EtcdClient:
         self._keeper.add(lease)
         return lease
 
-    def release(self, lease: "Lease") -> None:
+    def release(self, lease: Lease) -> None:
         """Stop refreshing a lease and revoke it."""
         if self._keeper is not None:
             self._keeper.remove(lease)
@@ -358,7 +358,7 @@ class EtcdClient:
     # -- watches ----------------------------------------------------------------------------
 
     def watch_prefix(self, prefix: str, start_revision: int,
-                     sink: "queue.Queue[WatchEvent] | None" = None) -> "PrefixWatch":
+                     sink: queue.Queue[WatchEvent] | None = None) -> PrefixWatch:
         """Watch every change under ``prefix`` from ``start_revision`` on (inclusive).
 
         ``sink`` lets several watches feed one queue, so a loop can block on all of them at once.
@@ -458,7 +458,7 @@ class PrefixWatch:
     """
 
     def __init__(self, client: EtcdClient, prefix: str, start_revision: int,
-                 sink: "queue.Queue[WatchEvent] | None" = None) -> None:
+                 sink: queue.Queue[WatchEvent] | None = None) -> None:
         self.client = client
         self.prefix = prefix
         self.events: queue.Queue[WatchEvent] = queue.Queue() if sink is None else sink

@@ -67,7 +67,7 @@ class NodeRecord:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, key: str, raw: bytes | str) -> "NodeRecord":
+    def from_json(cls, key: str, raw: bytes | str) -> NodeRecord:
         d = _load(key, raw)
         rec = cls(
             node=_field(key, d, "node", str), host=_field(key, d, "host", str),
@@ -102,7 +102,7 @@ class ClusterSpec:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, key: str, raw: bytes | str) -> "ClusterSpec":
+    def from_json(cls, key: str, raw: bytes | str) -> ClusterSpec:
         d = _load(key, raw)
         spec = cls(**{n: _field(key, d, n, int) for n in ("tp", "pp", "dp", "min_nodes", "max_nodes")})
         if spec.tp < 1 or spec.pp < 1 or spec.dp < 0 or spec.min_nodes < 1 or spec.max_nodes < 0:
@@ -160,7 +160,7 @@ class Plan:
         return json.dumps(d, sort_keys=True)
 
     @classmethod
-    def from_json(cls, key: str, raw: bytes | str) -> "Plan":
+    def from_json(cls, key: str, raw: bytes | str) -> Plan:
         d = _load(key, raw)
         raw_ranks = _field(key, d, "ranks", list)
         try:

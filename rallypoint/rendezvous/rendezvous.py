@@ -26,7 +26,7 @@ from rallypoint.errors import ConfigError, LayoutError, LeaseLost, MalformedReco
 from rallypoint.log import get_logger
 from rallypoint.protocol.keys import ClusterKeys, gen_from_key
 from rallypoint.protocol.orders import request_replan
-from rallypoint.rendezvous.etcd import EtcdClient, Lease, Mod, Put, PrefixWatch, Value, Version, WatchEvent
+from rallypoint.rendezvous.etcd import EtcdClient, Lease, Mod, PrefixWatch, Put, Value, Version, WatchEvent
 from rallypoint.rendezvous.layout import make_plan
 from rallypoint.rendezvous.records import ClusterSpec, NodeRecord, Plan
 

@@ -23,7 +23,7 @@ class DaemonProcess:
     proc: subprocess.Popen | None = None
     env: dict[str, str] = field(default_factory=dict)
 
-    def start(self) -> "DaemonProcess":
+    def start(self) -> DaemonProcess:
         env = {**os.environ, **self.env}
         env.pop("NOTIFY_SOCKET", None) if "NOTIFY_SOCKET" not in self.env else None
         log = open(self.log_path, "ab")

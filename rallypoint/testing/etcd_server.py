@@ -35,7 +35,7 @@ def free_port() -> int:
 class MemberExited(RuntimeError):
     """An etcd member exited while it was expected to come up; the message holds its log's end."""
 
-    def __init__(self, member: "EtcdMember") -> None:
+    def __init__(self, member: EtcdMember) -> None:
         try:
             self.log_tail = member.log_path.read_text(errors="replace")[-2000:]
         except OSError:
@@ -116,7 +116,7 @@ class EtcdCluster:
             start_new_session=True,
         )
 
-    def start(self, timeout: float = 15.0, attempts: int = 3) -> "EtcdCluster":
+    def start(self, timeout: float = 15.0, attempts: int = 3) -> EtcdCluster:
         """Start every member and wait until each one answers.
 
         ``free_port`` only says a port was free a moment ago: when a member finds one of its ports
@@ -215,7 +215,7 @@ class EtcdCluster:
         if remove and self._own_root and self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> "EtcdCluster":
+    def __enter__(self) -> EtcdCluster:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

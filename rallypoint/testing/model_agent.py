@@ -21,8 +21,8 @@ import torch
 
 from rallypoint.protocol.grid import layers_for
 from rallypoint.testing.rank_agent import Agent, serve
-from rallypoint.worker.model_config import ModelConfig
 from rallypoint.worker.model import StageModel
+from rallypoint.worker.model_config import ModelConfig
 from rallypoint.worker.pipeline import pipeline_forward, share_tokens
 from rallypoint.worker.sampling import sample
 from rallypoint.worker.shards import load_stage

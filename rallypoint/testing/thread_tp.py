@@ -61,7 +61,7 @@ def run_tp(size: int, fn: Callable[[int, ThreadComm], T]) -> list[T]:
     def body(rank: int) -> None:
         try:
             results[rank] = fn(rank, ThreadComm(group, rank))
-        except BaseException as exc:  # noqa: BLE001 (re-raised in the caller)
+        except BaseException as exc:
             errors.append(exc)
             group.barrier.abort()  # release the other ranks instead of leaving them waiting
 

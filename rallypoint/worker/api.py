@@ -262,7 +262,7 @@ class ApiServer(ServerThread):
         self.frontend = frontend
         super().__init__(build_app(frontend, api_key), host, port, name="rallypoint-api")
 
-    def serve_in_thread(self) -> "ApiServer":
+    def serve_in_thread(self) -> ApiServer:
         self.start()
         log.info("api.listening", url=self.url)
         return self

@@ -404,7 +404,7 @@ class StageModel(nn.Module):
             logits = self.comm.all_gather(logits, dim=-1)                            # [B, S, V]
         return logits.float()
 
-    def fuse(self) -> "StageModel":
+    def fuse(self) -> StageModel:
         """Fuse each layer's q/k/v and gate/up projections into one matmul each (fewer kernels per
         step; the parameters stay, as views). Call once the weights are loaded."""
         for layer in self.layers.values():
@@ -412,7 +412,7 @@ class StageModel(nn.Module):
             layer.mlp.fuse()
         return self
 
-    def compile_decode(self, max_rows: int = 1 << 30, backend: str = "inductor") -> "StageModel":
+    def compile_decode(self, max_rows: int = 1 << 30, backend: str = "inductor") -> StageModel:
         """Run decode steps (one position per row, cache rows ``0..B-1``) through ``torch.compile``d
         layers: the norms, RoPE, cache writes, SwiGLU and residual adds of a layer become a few fused
         kernels instead of ~25 small ones, which is most of a CUDA-graph step's time on a small model.

@@ -230,7 +230,7 @@ class ModelConfig:
     # -- reading and writing -----------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "") -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any], source: str = "") -> ModelConfig:
         """Build from a parsed ``config.json``; ``source`` names the file in errors.
 
         Raises:
@@ -282,7 +282,7 @@ class ModelConfig:
             raise CheckpointError(f"{where}: {exc}") from None
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> "ModelConfig":
+    def from_dir(cls, path: str | Path) -> ModelConfig:
         """Read ``path/config.json`` (or ``path`` itself when it is a file).
 
         Raises:

@@ -47,7 +47,7 @@ class LoopWaker:
     per burst: a driver step that commits a token for each of 256 requests wakes the API's loop
     once, not 256 times (each wake-up is a write to the loop's self-pipe and a turn of the loop)."""
 
-    _by_loop: "dict[asyncio.AbstractEventLoop, LoopWaker]" = {}
+    _by_loop: dict[asyncio.AbstractEventLoop, LoopWaker] = {}
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -55,7 +55,7 @@ class LoopWaker:
         self._lock = threading.Lock()
 
     @classmethod
-    def of(cls, loop: asyncio.AbstractEventLoop) -> "LoopWaker":
+    def of(cls, loop: asyncio.AbstractEventLoop) -> LoopWaker:
         waker = cls._by_loop.get(loop)
         if waker is None:
             for old in [x for x in cls._by_loop if x.is_closed()]:

@@ -20,8 +20,8 @@ from safetensors import safe_open
 
 from rallypoint.errors import CheckpointError
 from rallypoint.worker.checkpoint import INDEX_FILE, WEIGHTS_FILE, tensor_shapes
-from rallypoint.worker.model_config import ModelConfig
 from rallypoint.worker.model import StageModel, TPComm, split_dim
+from rallypoint.worker.model_config import ModelConfig
 
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
 
@@ -46,7 +46,7 @@ class CheckpointReader:
         elif not (self.dir / WEIGHTS_FILE).exists():
             raise CheckpointError(f"{self.dir}: no weights: neither {WEIGHTS_FILE} nor {INDEX_FILE} is there")
 
-    def __enter__(self) -> "CheckpointReader":
+    def __enter__(self) -> CheckpointReader:
         return self
 
     def __exit__(self, *exc: object) -> None:

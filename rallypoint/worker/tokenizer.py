@@ -213,7 +213,7 @@ class _GenerationTag(Extension):
 class _Namespace(jinja2.utils.Namespace):
     """``namespace()`` that refuses underscore attributes, as transformers' sandbox does."""
 
-    def __init__(*args: Any, **kwargs: Any) -> None:  # noqa: N805 (Jinja's Namespace signature)
+    def __init__(*args: Any, **kwargs: Any) -> None:
         self, attrs = args[0], dict(*args[1:], **kwargs)
         for name in attrs:
             _Namespace._check(name)

@@ -61,7 +61,7 @@ class Deployment:
     def names(self) -> list[str]:
         return [f"n{i}" for i in range(1, self.nodes + 1)]
 
-    def start(self) -> "Deployment":
+    def start(self) -> Deployment:
         self.root.mkdir(parents=True, exist_ok=True)
         self.etcd = EtcdCluster(3, root=self.root / "etcd").start()
         self.client = EtcdClient(EtcdSettings(endpoints=self.etcd.endpoints, request_timeout=2.0, retry_deadline=30.0))

@@ -45,7 +45,7 @@ class Chaos:
 
     @classmethod
     def start(cls, root: Path, nodes: int = 3, clients: int = 3, seed: int = 0, gpus: int = 0,
-              log=print) -> "Chaos":
+              log=print) -> Chaos:
         d = Deployment(root, nodes=nodes, gpus=gpus).start()
         if d.wait_serving(120) is None:
             raise RuntimeError(f"the deployment never served; logs in {root}")

@@ -79,7 +79,7 @@ def test_a_member_cancelled_after_every_arrival_builds_the_group_anyway(client: 
         try:
             built[r] = build_group(spec(9, r), store, torch.device("cpu"), timedelta(seconds=30),
                                    cancelled=lambda: "generation 10 was released" if r == 0 else None)
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=member, args=(r,)) for r in (0, 1)]

@@ -7,8 +7,8 @@ run on NCCL, one GPU per rank; ``RALLYPOINT_TEST_GPUS`` says how many GPUs there
 from __future__ import annotations
 
 import itertools
-import os
 import json
+import os
 import signal
 import time
 from collections.abc import Iterator

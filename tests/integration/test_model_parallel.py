@@ -21,8 +21,7 @@ import torch
 
 from rallypoint.rendezvous.records import Plan, RankSlot
 from rallypoint.testing.etcd_server import EtcdCluster
-from rallypoint.testing.ranks import RankPool
-from rallypoint.testing.ranks import RankProcess
+from rallypoint.testing.ranks import RankPool, RankProcess
 from rallypoint.worker.checkpoint import make_model
 from rallypoint.worker.sampling import generate
 from rallypoint.worker.shards import load_stage

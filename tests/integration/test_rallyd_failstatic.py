@@ -8,9 +8,8 @@ import threading
 import time
 from pathlib import Path
 
-
-from rallypoint.rendezvous.etcd import EtcdClient
 from rallypoint.protocol.keys import ClusterKeys
+from rallypoint.rendezvous.etcd import EtcdClient
 from rallypoint.rendezvous.records import Plan
 from rallypoint.testing.daemons import DaemonProcess, daemon_args, wait_file
 from rallypoint.testing.etcd_server import EtcdCluster

@@ -3,8 +3,6 @@ through a SIGKILLed rank, and a corrupt shard."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import itertools
 import json
 import os
@@ -15,7 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest

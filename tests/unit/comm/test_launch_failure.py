@@ -22,7 +22,7 @@ class FailingBackend:
     def __init__(self) -> None:
         self.aborted = 0
 
-    def broadcast(self, tensors, opts):  # noqa: ANN001
+    def broadcast(self, tensors, opts):
         raise RuntimeError("NCCL error in: ProcessGroupNCCL.cpp:3780, internal error\nncclInternalError")
 
     def abort(self) -> None:

@@ -17,7 +17,7 @@ def gateway(upstreams, outcomes: list[str], timeout: float = 0.5) -> Gateway:
 
 def test_no_serving_driver_is_a_503_with_retry_after() -> None:
     outcomes: list[str] = []
-    gw = gateway(lambda: [], outcomes)
+    gw = gateway(list, outcomes)
     try:
         for stream in (False, True):
             r = httpx.post(gw.url + "/v1/completions", json={"prompt": "x", "max_tokens": 4, "stream": stream},
@@ -48,7 +48,7 @@ def test_a_driver_lost_mid_stream_ends_the_stream_with_an_error_chunk(servers) -
 
 def test_a_body_over_one_mib_is_refused_before_it_is_read() -> None:
     outcomes: list[str] = []
-    gw = gateway(lambda: [], outcomes)
+    gw = gateway(list, outcomes)
     try:
         r = httpx.post(gw.url + "/v1/completions", content=b"x" * ((1 << 20) + 1),
                        headers={"Content-Type": "application/json"}, timeout=10)

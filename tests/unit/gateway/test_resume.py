@@ -15,7 +15,6 @@ from starlette.routing import Route
 
 from rallypoint.api.responses import DONE, sse
 from rallypoint.api.server import ServerThread
-
 from rallypoint.gateway.resume import NoUpstream, Progress, RequestRejected
 from rallypoint.gateway.resume import stream_completion as stream_async
 
@@ -110,7 +109,7 @@ def test_no_upstream_in_time_says_what_was_delivered(servers) -> None:
         (stream_completion({"prompt": "x", "max_tokens": 8}, lambda: [dying.url], 0.5, progress=p))
     assert p.tokens == ANSWER[:3]
     with pytest.raises(NoUpstream, match="no upstream known"):
-        (stream_completion({"prompt": "x", "max_tokens": 8}, lambda: [], 0.3))
+        (stream_completion({"prompt": "x", "max_tokens": 8}, list, 0.3))
 
 
 def test_resume_tokens_from_the_caller_are_not_delivered_again(servers) -> None:

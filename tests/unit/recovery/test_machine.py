@@ -7,8 +7,16 @@ import pytest
 from rallypoint.errors import MalformedRecord
 from rallypoint.recovery import events as ev
 from rallypoint.recovery.events import Event
-from rallypoint.recovery.machine import (ABORTING, FAILED, LOADING, PLANNING, REBUILDING, SERVING,
-                                         RecoveryMachine, breakdown)
+from rallypoint.recovery.machine import (
+    ABORTING,
+    FAILED,
+    LOADING,
+    PLANNING,
+    REBUILDING,
+    SERVING,
+    RecoveryMachine,
+    breakdown,
+)
 
 
 def e(gen: int, kind: str, at: float, by: str = "a", **detail) -> Event:

@@ -69,12 +69,11 @@ def test_a_client_that_hangs_up_cancels_its_request(api) -> None:
     """A client gone (the gateway resuming elsewhere, a user's Ctrl-C) must not keep a cache row:
     its request ends, and the driver frees the row at its next step."""
     server, fe, _ = api
-    with httpx.Client(timeout=10) as client:
-        with client.stream("POST", server.url + "/v1/completions",
-                           json={"prompt": "hang up", "max_tokens": 8, "stream": True}) as r:
-            assert r.status_code == 200
-            req = fe.queue.take(1, timeout=5)[0]  # what a driver would run
-            assert not req.done
+    with httpx.Client(timeout=10) as client, client.stream("POST", server.url + "/v1/completions",
+                       json={"prompt": "hang up", "max_tokens": 8, "stream": True}) as r:
+        assert r.status_code == 200
+        req = fe.queue.take(1, timeout=5)[0]  # what a driver would run
+        assert not req.done
     deadline = time.monotonic() + 10
     while not req.done and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -15,9 +15,17 @@ from safetensors.torch import load_file, save_file
 
 from rallypoint.errors import CheckpointError
 from rallypoint.worker.checkpoint import (
-    INDEX_FILE, SIZES, WEIGHTS_FILE, arch_config, main, make_model, shard_plan, tensor_shapes)
-from rallypoint.worker.model_config import ModelConfig
+    INDEX_FILE,
+    SIZES,
+    WEIGHTS_FILE,
+    arch_config,
+    main,
+    make_model,
+    shard_plan,
+    tensor_shapes,
+)
 from rallypoint.worker.model import StageModel, split_dim
+from rallypoint.worker.model_config import ModelConfig
 from rallypoint.worker.sampling import generate, sample
 from rallypoint.worker.shards import load_stage
 
