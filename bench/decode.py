@@ -147,6 +147,18 @@ def rp_rank(rank: int, tp: int, endpoints: list[str], args: argparse.Namespace, 
                 t_submit = time.perf_counter()
                 for r in reqs:
                     queue.submit(r)
+                if args.overlap_on:  # the worker's loop: next decode step launched before reading this one
+                    made = dict.fromkeys(stamps, 0)
+
+                    def stamp() -> bool:
+                        now = time.perf_counter()
+                        for r in reqs:
+                            k = len(r.committed) + len(r.pending)
+                            stamps[r.id] += [now] * (k - made[r.id])
+                            made[r.id] = k
+                        return not driver.busy
+
+                    serve_generation(model, comm, groups, settings, device, driver, stamp, graphs)
                 while driver.busy:
                     hdr, tokens, produced = driver.plan()
                     hdr, nxt = step(model, comm, groups, mb, device, hdr, tokens, graphs)
@@ -280,14 +292,14 @@ def table(results: dict[str, dict], args: argparse.Namespace, config: ModelConfi
              "TTFT = submit -> every row has its first token; decode tok/s = B*(N-1) / (last token - that moment)"]
     floor_ms = 1e3 * config.num_params() * getattr(torch, args.dtype).itemsize / (args.peak_gbs * 1e9)
     lines.append(f"bandwidth floor: {floor_ms:.3f} ms/step (every weight read once per step at {args.peak_gbs:g} GB/s)")
-    head = f"{'engine':<30} {'B':>3} | {'TTFT ms':>9} {'decode tok/s':>13} {'ms/step':>8} {'x floor':>8}"
+    head = f"{'engine':<40} {'B':>3} | {'TTFT ms':>9} {'decode tok/s':>13} {'ms/step':>8} {'x floor':>8}"
     lines += [head, "-" * len(head)]
     for b in args.batch:
         for name, res in results.items():
             if "error" in res or "skipped" in res:
                 continue
             row = next(r for r in res["rows"] if r["batch"] == b)
-            lines.append(f"{name:<30} {b:>3} | {1e3 * row['ttft_all_s']:9.1f} {row['decode_tok_s']:13.1f} "
+            lines.append(f"{name:<40} {b:>3} | {1e3 * row['ttft_all_s']:9.1f} {row['decode_tok_s']:13.1f} "
                          f"{row['ms_per_step']:8.2f} {row['ms_per_step'] / floor_ms:8.1f}")
     for name, res in results.items():
         if "rows" in res:
@@ -310,9 +322,11 @@ def main() -> int:
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     ap.add_argument("--tp", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--graphs", nargs="+", default=["off", "on", "compiled"], choices=("off", "on", "compiled"),
-                    help="rallypoint eager, with CUDA-graph decode (TP=1 on a GPU), and with graphs of "
-                         "torch.compiled layers; any of them")
+    ap.add_argument("--graphs", nargs="+", default=["off", "on", "compiled", "overlapped"],
+                    choices=("off", "on", "compiled", "overlapped"),
+                    help="rallypoint eager, with CUDA-graph decode (TP=1 on a GPU), with graphs of "
+                         "torch.compiled layers, and those with the next step launched before this one's "
+                         "tokens are read (the worker's TP=1 loop); any of them")
     ap.add_argument("--hf", nargs="+", default=["eager", "static"], choices=("eager", "static"),
                     help="transformers generate() eager, and with a static cache and torch.compile")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
@@ -341,10 +355,12 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="rallypoint-bench-decode-"))
     with EtcdCluster(1) if etcd_binary() else _NoEtcd() as etcd:
         variants = [(tp, g) for tp in args.tp for g in args.graphs
-                    if g == "off" or (tp == 1 and args.device == "cuda")]
+                    if g == "off" or (tp == 1 and (args.device == "cuda" or g == "overlapped"))]
         for tp, g in variants:
-            name = f"rallypoint TP={tp}" + {"off": "", "on": " graphs", "compiled": " graphs+compile"}[g]
-            args.graphs_on, args.compile_on = g != "off", g == "compiled"
+            name = f"rallypoint TP={tp}" + {"off": "", "on": " graphs", "compiled": " graphs+compile",
+                                            "overlapped": " graphs+compile+overlap"}[g]
+            args.graphs_on, args.compile_on = g != "off", g in ("compiled", "overlapped")
+            args.overlap_on = g == "overlapped"
             if etcd is None:
                 results[name] = {"skipped": INSTALL_HINT}
                 continue
@@ -389,6 +405,8 @@ def main() -> int:
     ok = {k: v for k, v in results.items() if "rows" in v}
     pairs = [("rallypoint TP=1", "transformers"), ("rallypoint TP=1", "rallypoint TP=1 graphs"),
              ("rallypoint TP=1", "rallypoint TP=1 graphs+compile"),
+             ("rallypoint TP=1 graphs+compile", "rallypoint TP=1 graphs+compile+overlap"),
+             ("rallypoint TP=1", "rallypoint TP=1 graphs+compile+overlap"),
              ("transformers", "transformers static+compile")] + [
         ("rallypoint TP=1", f"rallypoint TP={tp}") for tp in args.tp if tp != 1]
     for a, b in pairs:

@@ -16,7 +16,8 @@ It runs the same N clients (same prompts) once per target, one after the other: 
 each client straight to a replica's driver (the drivers of the gateway's ``/health``, round robin),
 ``gateway`` through rallyd's gateway, so the gateway's overhead shows side by side. It prints one
 table row per target (clients, distinct connections, errors, incomplete streams, tokens delivered /
-expected, TTFT p50/p99, duration p50/p99, aggregate tokens/s, wall time, reference matches), and
+expected, TTFT p50/p99, duration p50/p99, ms per token after the first (p50), aggregate tokens/s,
+wall time, reference matches), and
 ``--json FILE`` writes that plus every client's record, the device, versions, date and git commit.
 "conns" counts the distinct client ports of the connections that got an HTTP answer. When the
 deployment runs on this host, it also prints how many connections this host's kernel could not
@@ -119,7 +120,8 @@ class Deployment:
                      "--worker-max-batch", str(a.max_batch), "--worker-max-seq", str(a.max_seq),
                      "--worker-dtype", a.dtype, "--worker-stall-timeout", str(a.stall_timeout),
                      "--worker-stream-interval", str(a.stream_interval),
-                     "--worker-max-chunk-rate", str(a.max_chunk_rate), "--worker-compile" if a.compile == "on" else "--no-worker-compile"]
+                     "--worker-max-chunk-rate", str(a.max_chunk_rate), "--worker-compile" if a.compile == "on" else "--no-worker-compile",
+                     "--worker-overlap" if a.overlap == "on" else "--no-worker-overlap"]
         node_args += ["--gpus", str(a.dp)] if a.device == "cuda" else ["--cpu-ranks", str(a.dp)]
         node_args += ["--worker-queue-capacity", str(a.queue_capacity)]
         self.daemon = DaemonProcess("n0", daemon_args(self.etcd.endpoints, "load") + node_args,
@@ -337,6 +339,9 @@ def summarize(results: list[ClientResult], wall: float, max_tokens: int) -> dict
             errors[r.error] = errors.get(r.error, 0) + 1
     ttft = [r.ttft for r in results if r.ttft is not None]
     dur = [r.duration for r in results if r.complete]
+    # per token after the first: what one stream's decode costs through this target
+    itl = [(r.duration - r.ttft) / (r.n_tokens - 1) for r in results
+           if r.complete and r.ttft is not None and r.duration is not None and r.n_tokens > 1]
     delivered = sum(r.n_tokens for r in results)
     checked = [r for r in results if r.match is not None]
     ports = {r.local_port for r in results if r.local_port is not None}
@@ -347,6 +352,7 @@ def summarize(results: list[ClientResult], wall: float, max_tokens: int) -> dict
             "tokens_delivered": delivered, "tokens_expected": len(results) * max_tokens,
             "ttft_p50": pct(ttft, 0.5), "ttft_p99": pct(ttft, 0.99),
             "duration_p50": pct(dur, 0.5), "duration_p99": pct(dur, 0.99),
+            "ms_per_token_p50": 1e3 * m if (m := pct(itl, 0.5)) is not None else None,
             "tokens_per_s": delivered / wall if wall > 0 else None, "wall_s": wall,
             "checked": len(checked), "matched": sum(1 for r in checked if r.match)}
 
@@ -359,14 +365,15 @@ def print_table(summaries: dict[str, dict]) -> None:
     """One row per target. conns: distinct connections that got an HTTP answer; ref match:
     streams equal to the sequential reference / streams checked."""
     rows = [("target", "clients", "conns", "errors", "incomplete", "tokens", "TTFT p50/p99 s",
-             "stream p50/p99 s", "tok/s", "wall s", "ref match")]
+             "stream p50/p99 s", "ms/token p50", "tok/s", "wall s", "ref match")]
     for name, s in summaries.items():
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(s["errors_by_kind"].items()))
         errors = f"{s['errors']}" + (f" ({kinds})" if kinds else "")
         rows.append((name, str(s["clients"]), str(s["connections"]), errors,
                      str(s["incomplete"]), f"{s['tokens_delivered']}/{s['tokens_expected']}",
                      f"{fmt(s['ttft_p50'])}/{fmt(s['ttft_p99'])}", f"{fmt(s['duration_p50'])}/{fmt(s['duration_p99'])}",
-                     fmt(s["tokens_per_s"], ".0f"), fmt(s["wall_s"], ".2f"), f"{s['matched']}/{s['checked']}"))
+                     fmt(s["ms_per_token_p50"], ".2f"), fmt(s["tokens_per_s"], ".0f"), fmt(s["wall_s"], ".2f"),
+                     f"{s['matched']}/{s['checked']}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for j, r in enumerate(rows):
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
@@ -432,6 +439,8 @@ def main() -> int:
     own.add_argument("--dtype", default="auto")
     own.add_argument("--compile", default="on", choices=("on", "off"),
                      help="[worker] compile: decode layers through torch.compile (with CUDA graphs)")
+    own.add_argument("--overlap", default="on", choices=("on", "off"),
+                     help="[worker] overlap: launch the next decode step before reading this one's tokens")
     own.add_argument("--max-chunk-rate", type=float, default=0.0,
                      help="[worker] max_chunk_rate: chunks/s the API aims under (0: off)")
     own.add_argument("--stream-interval", type=float, default=0.0,
@@ -479,6 +488,10 @@ def main() -> int:
               + (f"; {len(bad_ref)} did not complete: {bad_ref[0].error} {bad_ref[0].error_detail}" if bad_ref else ""),
               flush=True)
 
+        # one request through every target first: first-request costs (connections, lazily made
+        # HTTP clients, the first compiled shapes) are not what the load measures
+        for name in wanted:
+            asyncio.run(reference_run(targets[name][0], {0: prompts[0]}, T, args.timeout, headers))
         summaries, records = {}, {}
         for name in wanted:
             wait_idle(drivers)

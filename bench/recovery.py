@@ -143,7 +143,8 @@ def run_mode(mode: str, args: argparse.Namespace, model: Path, work: Path, etcd:
     node_args = ["--tp", str(args.tp), "--state-dir", str(state), "--worker-model", str(model),
                  "--worker-max-seq", "512", "--worker-restart-budget", "100", "--worker-dtype", args.dtype,
                  "--spares", "1" if mode == "spare" else "0",
-                 "--worker-compile" if args.compile == "on" else "--no-worker-compile"]
+                 "--worker-compile" if args.compile == "on" else "--no-worker-compile",
+                 "--worker-overlap" if args.overlap == "on" else "--no-worker-overlap"]
     node_args += ["--gpus", str(args.gpus)] if args.gpus else ["--cpu-ranks", str(args.tp)]
     daemon = DaemonProcess("n0", daemon_args(etcd.endpoints, cluster) + node_args, work / f"rallyd-{mode}.log").start()
     body = {"prompt": "recovery under fire: " * 2, "max_tokens": args.tokens, "temperature": 0}
@@ -191,6 +192,7 @@ def main() -> int:
     ap.add_argument("--modes", default="cold,spare")
     ap.add_argument("--dtype", default="auto", help="the workers' dtype (auto: bf16 on GPU)")
     ap.add_argument("--compile", default="on", choices=("on", "off"), help="[worker] compile (GPU decode layers)")
+    ap.add_argument("--overlap", default="on", choices=("on", "off"), help="[worker] overlap (TP=1 decode)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="rallypoint-recovery-"))

@@ -201,6 +201,10 @@ class WorkerConfig:
         compile: with ``cuda_graphs``, run decode layers through ``torch.compile`` (a layer's small
             ops fused into a few kernels: fewer kernels per step). It compiles when the shard
             loads (seconds from torch's on-disk cache, tens of seconds the first time on a machine).
+        overlap: for replicas of one rank (TP=1, PP=1), launch the next decode step before the
+            host reads the tokens of the one running, so scheduling, commits and streaming run
+            while the device computes (same tokens; a step still commits only once the next one
+            has finished).
         queue_capacity: requests a replica's driver holds (running and waiting); past it, 503 with
             ``Retry-After`` (the gateway waits and retries them).
         api_host, api_port: where a replica's driver serves HTTP; port 0 picks a free one.
@@ -224,6 +228,7 @@ class WorkerConfig:
     queue_capacity: int = _opt(1024, "int", ge=1)
     cuda_graphs: bool = _opt(True, "bool")
     compile: bool = _opt(True, "bool")
+    overlap: bool = _opt(True, "bool")
     prefill_tokens: int = _opt(4096, "int", ge=1)
     stream_interval: timedelta = _opt(_secs(0.0), "seconds", ge=0)
     max_chunk_rate: float = _opt(0.0, "float", ge=0)

@@ -299,6 +299,7 @@ class WorkerCommand:
     queue_capacity: int = 1024
     cuda_graphs: bool = True
     compile: bool = True
+    overlap: bool = True
     prefill_tokens: int = 4096
     stream_interval: float = 0.0
     max_chunk_rate: float = 0.0
@@ -314,7 +315,7 @@ class WorkerCommand:
                    w.max_batch, w.max_seq, w.api_host, w.api_port, cfg.collectives.deadline_floor.total_seconds(),
                    cfg.state_dir, channel, w.workload, deadline_k=cfg.collectives.deadline_k,
                    build_timeout=cfg.collectives.build_timeout.total_seconds(),
-                   queue_capacity=w.queue_capacity, cuda_graphs=w.cuda_graphs, compile=w.compile,
+                   queue_capacity=w.queue_capacity, cuda_graphs=w.cuda_graphs, compile=w.compile, overlap=w.overlap,
                    prefill_tokens=w.prefill_tokens, stream_interval=w.stream_interval.total_seconds(),
                    max_chunk_rate=w.max_chunk_rate, kv_memory_fraction=w.kv_memory_fraction,
                    preload=lay.tp == lay.pp == 1 and (device == "cpu" or lay.node_slots() == 1))
@@ -332,7 +333,7 @@ class WorkerCommand:
                 "--after-gen", str(after_gen), "--die-with-parent",
                 "--workload", self.workload, "--build-timeout", str(self.build_timeout),
                 "--queue-capacity", str(self.queue_capacity), "--cuda-graphs", "on" if self.cuda_graphs else "off",
-                "--compile", "on" if self.compile else "off",
+                "--compile", "on" if self.compile else "off", "--overlap", "on" if self.overlap else "off",
                 "--prefill-tokens", str(self.prefill_tokens), "--stream-interval", str(self.stream_interval),
                 "--max-chunk-rate", str(self.max_chunk_rate),
                 "--kv-memory-fraction", str(self.kv_memory_fraction)]

@@ -55,7 +55,9 @@ class Gateway(ServerThread):
         self.api_key = api_key or None
         self.on_request, self.on_resume = on_request, on_resume
         self.started_at = time.time()
-        self.http: httpx.AsyncClient | None = None  # made on the server's own event loop
+        # made now: a client's first use builds its TLS context (~40 ms), which would land on the
+        # first request's TTFT
+        self.http: httpx.AsyncClient | None = upstream_client()
         super().__init__(build_app(self), host, port, name="rallyd-gateway")
 
     def serve_in_thread(self) -> Gateway:

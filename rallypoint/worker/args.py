@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="replay decode steps as CUDA graphs (GPU, TP=1, PP=1)")
     ap.add_argument("--compile", default="on", choices=("on", "off"),
                     help="with CUDA graphs, run decode layers through torch.compile (fewer kernels per step)")
+    ap.add_argument("--overlap", default="on", choices=("on", "off"),
+                    help="TP=1, PP=1: launch the next decode step before reading this one's tokens")
     ap.add_argument("--api-host", default="127.0.0.1")
     ap.add_argument("--api-port", type=int, default=0)
     ap.add_argument("--api-url-file", help="write the API's URL here once it listens")

@@ -59,6 +59,7 @@ class EngineSettings:
     max_seq: int = 512
     idle_every: float = 0.05  # seconds between idle steps when there is nothing to do
     prefill_tokens: int = 4096  # the most prompt positions one PREFILL step computes (padding included)
+    overlap: bool = True  # a whole model on one rank: launch the next decode step before reading this one's tokens
 
 
 # header: [kind, B, S, switch_gen, kv_len] + rows, starts, lens, seeds, temps, top_ps (max_batch each)
@@ -316,11 +317,45 @@ class Driver:
             tokens = tokens.pin_memory() if tokens is not None else None
         return hdr, tokens, produced
 
+    def plan_ahead(self, hdr: torch.Tensor, produced: list[tuple[int, Request]],
+                   nxt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, Request]]] | None:
+        """The DECODE step after the launched one ``(hdr, produced, nxt)``, planned before its
+        tokens are read: the same rows, one position further, fed ``nxt`` where it lies (on the
+        device). None when the next step could be any other: a switch is asked for, a request
+        waits for a row or fills one, a row replays committed tokens (its input is not ``nxt``),
+        is done, or may be by the launched step (its EOS is pending, or ``max_tokens``).
+
+        A row whose launched step draws EOS computes one throwaway token in this step; ``done``
+        frees the row before it could record it. Tokens are the ones ``plan`` would give.
+        """
+        mb = self.settings.max_batch
+        if int(hdr[0]) != DECODE or self.switch_to or self.filling or self.held:
+            return None
+        if self.queue.waiting and len(self.rows) < mb:
+            return None
+        if len(produced) != len(self.rows):
+            return None
+        for row, r in produced:
+            if self.rows.get(row) is not r or r.fed is not None or r.done:
+                return None
+            made = len(r.committed) + len(r.pending)
+            if made + 2 > r.params.max_tokens or (r.pending and r.is_eos(r.pending[-1])):
+                return None
+        b = int(hdr[1])
+        nxt_hdr = hdr.clone()
+        starts = nxt_hdr[_FIXED + STARTS * mb:_FIXED + STARTS * mb + b]  # a view: written in place
+        rows = torch.tensor([row for row, _ in produced])
+        starts[rows] += 1
+        nxt_hdr[4] = kv_bucket(int(starts[rows].max()) + 1, self.settings.max_seq)
+        if self.device.type == "cuda":
+            nxt_hdr = nxt_hdr.pin_memory()
+        return nxt_hdr, nxt, produced
+
     @staticmethod
     def _put(fields: list[list[int]], i: int, r: Request, row: int, start: int, length: int) -> None:
         p = r.params
         for which, value in ((ROWS, row), (STARTS, start), (LENS, length), (SEEDS, p.seed),
-                             (TEMPS, int(round(p.temperature * _TEMP_SCALE))), (TOP_PS, int(round(p.top_p * _TEMP_SCALE)))):
+                             (TEMPS, round(p.temperature * _TEMP_SCALE)), (TOP_PS, round(p.top_p * _TEMP_SCALE))):
             fields[which][i] = value
 
     def _exhausted(self, r: Request) -> bool:
@@ -391,10 +426,12 @@ def serve_generation(model: StageLike, comm: Comm, groups: GroupSet, settings: E
         GenerationAborted: a collective of this generation was aborted; the caller holds the
             requests (driver) and waits for the next plan.
     """
+    if driver is not None and settings.overlap and groups.tp_size == 1 and groups.pp_size == 1:
+        return _serve_overlapped(model, comm, groups, settings, device, driver, should_stop, decode)
     while True:
         if driver is not None:
             if not driver.busy:
-                time.sleep(settings.idle_every)
+                driver.queue.wait(settings.idle_every)  # an idle step, unless a request arrives first
             hdr, tokens, produced = driver.plan()
             hdr, nxt = step(model, comm, groups, settings.max_batch, device, hdr, tokens, decode)
             if int(hdr[0]) == SWITCH:
@@ -406,3 +443,55 @@ def serve_generation(model: StageLike, comm: Comm, groups: GroupSet, settings: E
             hdr, _ = step(model, comm, groups, settings.max_batch, device, decode=decode)
             if int(hdr[0]) == SWITCH:
                 return int(hdr[3])
+
+
+class _Launched:
+    """A step on its way: its header, the requests it produces for, and its tokens (on the
+    device), copied to the host behind it. Reading them waits for this step only: ``tolist()``
+    on the device tensor would wait for the whole stream, the step launched after it included."""
+
+    def __init__(self, hdr: torch.Tensor, produced: list[tuple[int, Request]], nxt: torch.Tensor | None) -> None:
+        self.hdr, self.produced, self.nxt = hdr, produced, nxt
+        self._host, self._copied = nxt, None
+        if nxt is not None and nxt.device.type == "cuda":
+            self._host = torch.empty(nxt.shape, dtype=nxt.dtype, pin_memory=True)
+            self._host.copy_(nxt, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+
+    def tokens(self) -> torch.Tensor | None:
+        """The step's tokens on the host, once this step (not the one after it) has finished."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        return self._host
+
+
+def _serve_overlapped(model: StageLike, comm: Comm, groups: GroupSet, settings: EngineSettings,
+                      device: torch.device, driver: Driver, should_stop: Any,
+                      decode: DecodeRunner | None) -> int:
+    """``serve_generation`` for a whole model on one rank: while decode steps follow each other
+    with the same rows, the next step is launched (fed the launched one's tokens, on the device)
+    before the launched one's tokens are read, so the host's scheduling, commits and streaming
+    run while the GPU computes instead of between its steps. A step is still confirmed only
+    once the step after it has finished (``Driver.done``), so an abort loses nothing new."""
+    launched: _Launched | None = None
+    while True:
+        if launched is None:
+            if not driver.busy:
+                driver.queue.wait(settings.idle_every)  # an idle step, unless a request arrives first
+            hdr, tokens, produced = driver.plan()
+            hdr, nxt = step(model, comm, groups, settings.max_batch, device, hdr, tokens, decode)
+            if int(hdr[0]) == SWITCH:
+                return int(hdr[3])
+            launched = _Launched(hdr, produced, nxt)
+        ahead = driver.plan_ahead(launched.hdr, launched.produced, launched.nxt) if launched.nxt is not None else None
+        if ahead is not None:
+            a_hdr, a_tokens, a_produced = ahead
+            a_hdr, a_nxt = step(model, comm, groups, settings.max_batch, device, a_hdr, a_tokens, decode)
+            driver.done(launched.produced, launched.tokens())  # the GPU runs the next step meanwhile
+            launched = _Launched(a_hdr, a_produced, a_nxt)
+        else:
+            driver.done(launched.produced, launched.tokens())
+            launched = None
+        if should_stop():
+            return 0  # a launched step's tokens were never recorded: the caller's hold() drops nothing of it

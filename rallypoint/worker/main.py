@@ -99,7 +99,7 @@ class Worker:
                                       limit=self.runtime.settings.build_timeout + 15.0, grace=15.0,
                                       on_stuck=self._build_stuck)
         self.settings = EngineSettings(max_batch=args.max_batch, max_seq=args.max_seq,
-                                       prefill_tokens=args.prefill_tokens)
+                                       prefill_tokens=args.prefill_tokens, overlap=args.overlap == "on")
         self.queue = RequestQueue(capacity=args.queue_capacity)
         self.model = None
         self.graphs = None  # worker.graphs.DecodeGraphs of self.model, on a GPU with TP=1 and PP=1

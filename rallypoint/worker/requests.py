@@ -248,6 +248,7 @@ class RequestQueue:
         self.capacity = capacity
         self.retry_after = retry_after
         self._waiting: queue.Queue[Request] = queue.Queue()
+        self._arrived = threading.Event()
         self.in_flight: dict[str, Request] = {}
         self.lock = threading.Lock()
         self.accepted = itertools.count()
@@ -268,7 +269,17 @@ class RequestQueue:
             if req.resumed:
                 self.counts["resumed"] += 1  # a request another replica's driver began
         self._waiting.put(req)
+        self._arrived.set()
         return req
+
+    def wait(self, timeout: float) -> bool:
+        """Block until a request is waiting (True) or ``timeout`` passes (False): an idle driver
+        starts a request when it arrives, not at its next idle step (up to ``idle_every`` later)."""
+        if self._waiting.qsize():
+            return True
+        arrived = self._arrived.wait(timeout)
+        self._arrived.clear()  # a request put after this still shows in qsize() below
+        return arrived or bool(self._waiting.qsize())
 
     def take(self, n: int, timeout: float = 0.0) -> list[Request]:
         """Up to ``n`` waiting requests, now in flight (waits up to ``timeout`` for the first)."""
