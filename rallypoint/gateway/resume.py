@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,7 +91,9 @@ async def stream_completion(body: dict[str, Any], upstreams: Callable[[], list[s
                             read_timeout: float = 600.0, progress: Progress | None = None,
                             on_resume: Callable[[str, int], None] | None = None,
                             path: str = "/v1/completions", client: httpx.AsyncClient | None = None,
-                            headers: dict[str, str] | None = None) -> AsyncIterator[dict[str, Any]]:
+                            headers: dict[str, str] | None = None,
+                            wait_change: Callable[[list[str], float], Awaitable[None]] | None = None,
+                            ) -> AsyncIterator[dict[str, Any]]:
     """Yield the completion's chunks as the upstreams send them (OpenAI chunks of either kind).
 
     Args:
@@ -106,6 +108,10 @@ async def stream_completion(body: dict[str, Any], upstreams: Callable[[], list[s
         path: ``/v1/completions`` or ``/v1/chat/completions``.
         client: the HTTP client to use (one is made, and closed, when None).
         headers: sent upstream with every attempt (the API key).
+        wait_change: ``await wait_change(seen, t)`` returns once ``upstreams()`` differs from
+            ``seen``, or after ``t`` s (``routes.UpstreamWatch``): a request waiting for a
+            recovery goes on the moment a driver serves, not at its next poll. Without it the
+            loop sleeps between looks (0.02 s, doubling to 0.1 s).
 
     Raises:
         RequestRejected: an upstream answered 4xx before anything was delivered.
@@ -121,12 +127,21 @@ async def stream_completion(body: dict[str, Any], upstreams: Callable[[], list[s
     failed: set[str] = set()  # upstreams that failed this request; tried again once all have
     base = {k: v for k, v in body.items() if k not in ("resume_tokens", "resume_text")}
     base.update(stream=True, stream_options={"include_usage": True})
+
+    async def pause_for(seen: list[str]) -> None:
+        nonlocal pause
+        left = max(0.0, deadline - time.monotonic())
+        if wait_change is not None:
+            await wait_change(seen, min(pause, left))
+        else:
+            await asyncio.sleep(min(pause, left))
+        pause = min(pause * 2, 0.1)
+
     try:
         while time.monotonic() < deadline:
             urls = upstreams()
             if not urls:  # looking costs nothing (no etcd on this path): look often, a recovery is short
-                await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-                pause = min(pause * 2, 0.1)
+                await pause_for(urls)
                 continue
             fresh = [u for u in urls if u not in failed]
             if not fresh:
@@ -175,8 +190,7 @@ async def stream_completion(body: dict[str, Any], upstreams: Callable[[], list[s
                     return  # everything arrived; only the end of the stream was lost
                 last_error = f"{url}: {type(exc).__name__}: {exc}"
                 failed.add(url)
-            await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-            pause = min(pause * 2, 0.1)
+            await pause_for(urls)
         raise NoUpstream(f"no upstream finished the request within {timeout:g}s "
                          f"({len(p.tokens)} token(s) delivered; last error: {last_error})")
     finally:

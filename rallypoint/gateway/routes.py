@@ -8,6 +8,7 @@ least busy. While etcd is unreachable it keeps routing on the last list it read 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -68,3 +69,44 @@ class DriverRoutes:
         statuses = dict(self._statuses)
         statuses[self.node] = self.local_status()
         return serving_drivers(statuses, self.node)
+
+
+class UpstreamWatch:
+    """Wakes the requests that wait for a serving driver (a recovery) the moment the routes
+    change. One poll of ``upstreams`` every ``every`` seconds while any request waits, however
+    many wait: a thousand held streams cost one cheap call per poll, not a thousand.
+
+    Lives on the gateway's event loop (``wait`` is awaited there).
+    """
+
+    def __init__(self, upstreams: Callable[[], list[str]], every: float = 0.005) -> None:
+        self.upstreams, self.every = upstreams, every
+        self._tick = asyncio.Event()  # set, and replaced, each time the routes change
+        self._last: list[str] | None = None
+        self._waiters = 0
+        self._poller: asyncio.Task[None] | None = None
+
+    async def wait(self, seen: list[str], timeout: float) -> None:
+        """Return once ``upstreams()`` is not ``seen``, or after ``timeout`` seconds."""
+        self._waiters += 1
+        if self._poller is None or self._poller.done():
+            self._last = self.upstreams()  # what a change is measured from
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
+        try:
+            async with asyncio.timeout(timeout):
+                while self.upstreams() == seen:
+                    await self._tick.wait()
+        except TimeoutError:
+            pass
+        finally:
+            self._waiters -= 1
+
+    async def _poll(self) -> None:
+        while self._waiters:
+            now = self.upstreams()
+            if now != self._last:
+                self._last = now
+                tick, self._tick = self._tick, asyncio.Event()
+                tick.set()
+            await asyncio.sleep(self.every)
+        self._last = None

@@ -26,6 +26,7 @@ from rallypoint.api import responses as oa
 from rallypoint.api.schema import ChatCompletionRequest, CompletionRequest
 from rallypoint.api.server import ServerThread, base_app, error
 from rallypoint.gateway.resume import NoUpstream, Progress, RequestRejected, stream_completion, upstream_client
+from rallypoint.gateway.routes import UpstreamWatch
 from rallypoint.log import get_logger
 
 log = get_logger("gateway")
@@ -58,6 +59,7 @@ class Gateway(ServerThread):
         # made now: a client's first use builds its TLS context (~40 ms), which would land on the
         # first request's TTFT
         self.http: httpx.AsyncClient | None = upstream_client()
+        self.watch = UpstreamWatch(upstreams)
         super().__init__(build_app(self), host, port, name="rallyd-gateway")
 
     def serve_in_thread(self) -> Gateway:
@@ -108,7 +110,8 @@ async def _forward(gw: Gateway, kind: str, path: str, body: CompletionRequest | 
     created = int(time.time())
     p = Progress()
     chunks = stream_completion(sent, gw.upstreams, gw.resume_timeout, progress=p, path=path,
-                               on_resume=lambda url, n: gw.on_resume(), client=gw.client(), headers=bearer(gw.api_key))
+                               on_resume=lambda url, n: gw.on_resume(), client=gw.client(), headers=bearer(gw.api_key),
+                               wait_change=gw.watch.wait)
     try:
         first = await anext(chunks, None)
     except RequestRejected as exc:
