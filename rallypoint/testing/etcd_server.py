@@ -73,6 +73,9 @@ class EtcdCluster:
 
     size: int = 1
     root: Path | None = None
+    # etcd's --auto-compaction-retention in periodic mode ("1m"): superseded revisions go, so a
+    # long run's database stops growing (what an operator's etcd should run with). None: never.
+    compaction: str | None = None
     members: list[EtcdMember] = field(default_factory=list)
     _own_root: bool = False
 
@@ -111,6 +114,8 @@ class EtcdCluster:
             "--heartbeat-interval", "10", "--election-timeout", "100",
             "--listen-metrics-urls", "", "--logger", "zap", "--log-outputs", str(member.log_path),
         ]
+        if self.compaction:
+            args += ["--auto-compaction-mode", "periodic", "--auto-compaction-retention", self.compaction]
         member.proc = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,

@@ -63,7 +63,8 @@ class Deployment:
 
     def start(self) -> Deployment:
         self.root.mkdir(parents=True, exist_ok=True)
-        self.etcd = EtcdCluster(3, root=self.root / "etcd").start()
+        # compacted every minute, as a production etcd is: watches then meet compacted history
+        self.etcd = EtcdCluster(3, root=self.root / "etcd", compaction="1m").start()
         self.client = EtcdClient(EtcdSettings(endpoints=self.etcd.endpoints, request_timeout=2.0, retry_deadline=30.0))
         make_model(self.root / "model", "tiny", seed=0)
         self._watch_plans()

@@ -22,6 +22,7 @@ import platform
 import random
 import sys
 import tempfile
+import threading
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -37,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenarios", default="", help="comma-separated (default: all that fit the nodes)")
     ap.add_argument("--runs", type=int, default=3, help="runs of each scenario")
     ap.add_argument("--soak", type=float, default=900.0, help="soak seconds after the scenarios (0: none)")
+    ap.add_argument("--sample-every", type=float, default=300.0,
+                    help="seconds between two measures of etcd's key count and database size (0: start and end)")
     ap.add_argument("--mtbf", type=float, default=20.0, help="mean seconds between soak faults")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--nodes", type=int, default=0, help="rallyd daemons (default: 3 on CPU, one per GPU)")
@@ -65,6 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     chaos = Chaos.start(root, nodes=nodes, seed=args.seed, gpus=args.gpus, log=say)
     footprint = {"start": measure(chaos.deployment)}
     say(f"etcd at the start: {footprint['start'].line()}")
+    sampling = threading.Event()
+
+    def sample() -> None:  # the footprint every --sample-every s: flat, or growing?
+        while not sampling.wait(args.sample_every):
+            f = footprint[f"{time.time() - t0:.0f}s"] = measure(chaos.deployment)
+            say(f"etcd now: {f.line()}")
+
+    if args.sample_every > 0:
+        threading.Thread(target=sample, name="footprint", daemon=True).start()
     stop_by = time.monotonic() + args.budget if args.budget > 0 else float("inf")
     leftovers: list[str] = []
     aborted = None
@@ -82,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         aborted = f"{type(exc).__name__}: {exc}"
         say(f"ABORTED: {aborted}")
     finally:
+        sampling.set()
         try:
             footprint["end"] = measure(chaos.deployment)  # before the teardown takes etcd away
         finally:
