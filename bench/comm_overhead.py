@@ -79,10 +79,11 @@ def worker(rank: int, world: int, port: int, endpoints: list[str], args: argpars
         n = max(1, nbytes // 4)
         x = torch.ones(n, device=device)
         gathered = torch.empty(n * world, device=device)
+        # default arguments bind this size's tensors into the lambdas
         ops = {
-            "all_reduce": (lambda: dist.all_reduce(x), lambda: comm.all_reduce(x, "tp")),
-            "all_gather": (lambda: dist.all_gather_into_tensor(gathered, x),
-                           lambda: comm.all_gather(x, dim=0, group="tp", out=gathered)),
+            "all_reduce": (lambda x=x: dist.all_reduce(x), lambda x=x: comm.all_reduce(x, "tp")),
+            "all_gather": (lambda x=x, g=gathered: dist.all_gather_into_tensor(g, x),
+                           lambda x=x, g=gathered: comm.all_gather(x, dim=0, group="tp", out=g)),
         }
         for op, (raw, ours) in ops.items():
             for fn in (raw, ours):  # warm up both paths
@@ -91,8 +92,8 @@ def worker(rank: int, world: int, port: int, endpoints: list[str], args: argpars
             b2b = {"raw": [], "rallypoint": []}
             for _ in range(args.rounds):
                 for name, fn in (("raw", raw), ("rallypoint", ours)):
-                    l, b = time_calls(fn, device, args.iters)
-                    lat[name].extend(l)
+                    one, b = time_calls(fn, device, args.iters)
+                    lat[name].extend(one)
                     b2b[name].append(b)
             rows.append({"op": op, "bytes": nbytes,
                          **{f"{k}_median_us": statistics.median(v) * 1e6 for k, v in lat.items()},
@@ -115,13 +116,14 @@ def fmt(nbytes: int) -> str:
 def table(rows: list[dict], world: int, device: str) -> str:
     head = (f"{'op':<11} {'size':>7} | {'raw us':>9} {'rallypoint us':>13} {'overhead':>17} | "
             f"{'raw b2b us':>10} {'rp b2b us':>10} {'b2b overhead':>13}")
-    lines = [f"{world} ranks on {device}; latency = median of sync;op;sync, b2b = back-to-back mean per call",
+    lines = [f"{world} ranks on {device}; latency = median of sync;op;sync, "
+             "b2b = back-to-back mean per call",
              head, "-" * len(head)]
     for r in rows:
         d = r["rallypoint_median_us"] - r["raw_median_us"]
         b = r["rallypoint_b2b_us"] - r["raw_b2b_us"]
-        lines.append(f"{r['op']:<11} {fmt(r['bytes']):>7} | {r['raw_median_us']:9.1f} {r['rallypoint_median_us']:13.1f} "
-                     f"{d:+8.1f} us {100 * d / r['raw_median_us']:+5.1f}% | {r['raw_b2b_us']:10.1f} "
+        lines.append(f"{r['op']:<11} {fmt(r['bytes']):>7} | {r['raw_median_us']:9.1f} "
+                     f"{r['rallypoint_median_us']:13.1f} {d:+8.1f} us {100 * d / r['raw_median_us']:+5.1f}% | {r['raw_b2b_us']:10.1f} "
                      f"{r['rallypoint_b2b_us']:10.1f} {b:+7.1f} us")
     return "\n".join(lines)
 
@@ -142,7 +144,8 @@ def main() -> int:
     with EtcdCluster(1) as etcd:
         mp.spawn(worker, args=(args.gpus, port, list(etcd.endpoints), args, out), nprocs=args.gpus, join=True)
     rows = json.loads(Path(out).read_text())
-    meta = {"torch": torch.__version__, "nccl": ".".join(map(str, torch.cuda.nccl.version())) if args.device == "cuda" else None,
+    nccl = ".".join(map(str, torch.cuda.nccl.version())) if args.device == "cuda" else None
+    meta = {"torch": torch.__version__, "nccl": nccl,
             "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", "ranks": args.gpus,
             "iters": args.iters, "rounds": args.rounds}
     print(table(rows, args.gpus, meta["device"]))

@@ -68,7 +68,9 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-WORDS = ["amber", "basalt", "cobalt", "delta", "ember", "fjord", "garnet", "harbor", "indigo", "juniper", "kelp", "lantern", "meadow", "nickel", "onyx", "prairie", "quartz", "raven", "saffron", "tundra", "umber", "violet", "willow", "xenon", "yarrow", "zephyr"]
+WORDS = ["amber", "basalt", "cobalt", "delta", "ember", "fjord", "garnet", "harbor", "indigo", "juniper", "kelp",
+         "lantern", "meadow", "nickel", "onyx", "prairie", "quartz", "raven", "saffron", "tundra", "umber", "violet",
+         "willow", "xenon", "yarrow", "zephyr"]
 
 
 # -- setup -----------------------------------------------------------------------------------
@@ -120,7 +122,8 @@ class Deployment:
                      "--worker-max-batch", str(a.max_batch), "--worker-max-seq", str(a.max_seq),
                      "--worker-dtype", a.dtype, "--worker-stall-timeout", str(a.stall_timeout),
                      "--worker-stream-interval", str(a.stream_interval),
-                     "--worker-max-chunk-rate", str(a.max_chunk_rate), "--worker-compile" if a.compile == "on" else "--no-worker-compile",
+                     "--worker-max-chunk-rate", str(a.max_chunk_rate),
+                     "--worker-compile" if a.compile == "on" else "--no-worker-compile",
                      "--worker-overlap" if a.overlap == "on" else "--no-worker-overlap"]
         node_args += ["--gpus", str(a.dp)] if a.device == "cuda" else ["--cpu-ranks", str(a.dp)]
         node_args += ["--worker-queue-capacity", str(a.queue_capacity)]
@@ -384,7 +387,8 @@ def print_table(summaries: dict[str, dict]) -> None:
 def environment(args: argparse.Namespace, own: bool) -> dict:
     def git(*cmd: str) -> str:
         try:
-            return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+            return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=10,
+                                  check=False).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
 
@@ -392,7 +396,7 @@ def environment(args: argparse.Namespace, own: bool) -> dict:
     if own and args.device == "cuda":
         try:
             names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                                   text=True, timeout=10).stdout.split("\n")
+                                   text=True, timeout=10, check=False).stdout.split("\n")
             device = f"{args.dp} x {names[0].strip()}"
         except (OSError, subprocess.SubprocessError):
             device = "cuda"

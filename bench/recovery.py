@@ -207,12 +207,13 @@ def main() -> int:
     layout = {2: "TP=2 on 2 GPUs", 4: "TP=2 x DP=2 on 4 GPUs", 0: "TP=2 on 2 CPU ranks"}.get(args.gpus, f"{args.gpus} GPUs")
     if args.tp == 1:
         layout = "TP=1 on 1 GPU" if args.gpus else "TP=1 on 1 CPU rank"
-    print(f"\n{layout}, SIGKILL rank {0 if args.tp == 1 else 1} under a {args.tokens}-token greedy stream; seconds after the kill, "
+    victim = 0 if args.tp == 1 else 1
+    print(f"\n{layout}, SIGKILL rank {victim} under a {args.tokens}-token greedy stream; seconds after the kill, "
           f"median [max] of {args.runs} runs")
     print(f"{'milestone':<14}" + "".join(f"{m:>18}" for m in results))
     for c in COLUMNS:
         row = f"{c:<14}"
-        for mode, rs in results.items():
+        for rs in results.values():
             vals = [r["phases"].get(c) for r in rs if r["phases"].get(c) is not None]
             row += f"{statistics.median(vals):>9.3f} [{max(vals):6.3f}]" if vals else f"{'-':>18}"
         print(row)

@@ -111,7 +111,8 @@ def run_torchrun(workload: str, kills: int, root: Path, model: Path, rng: random
     def read() -> list[dict]:
         return [json.loads(x) for x in notes.read_text().splitlines() if x.strip()] if notes.exists() else []
 
-    run = Run("torchrun (stock init)" if stock else "torchrun", workload, in_flight_kept="no (program restarted)" if workload == "serve" else "-")
+    run = Run("torchrun (stock init)" if stock else "torchrun", workload,
+              in_flight_kept="no (program restarted)" if workload == "serve" else "-")
     try:
         wait_for("torchrun's first step", lambda: any(n["kind"] == "first_step" for n in read()), 120, POLL)
         restart = 0
@@ -202,7 +203,8 @@ def run_rallypoint(workload: str, kills: int, root: Path, model: Path, etcd: Etc
     try:
         if workload == "serve":
             url = wait_file(state / "gateway.url", 120).strip()
-            reference = CompletionClient([url], timeout=120).complete({"prompt": PROMPT, "max_tokens": 64, "temperature": 0}).tokens
+            body = {"prompt": PROMPT, "max_tokens": 64, "temperature": 0}
+            reference = CompletionClient([url], timeout=120).complete(body).tokens
             stream = Stream(url, reference)
         wait_for("rallypoint's first step", lambda: first_after(0), 120, POLL)
         for i in range(kills):
@@ -239,7 +241,8 @@ def table(rows: list[dict]) -> str:
             "in-flight request"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        f = (lambda v: "-" if v is None else f"{v:.3f} s")
+        def f(v: float | None) -> str:
+            return "-" if v is None else f"{v:.3f} s"
         out.append(f"| {r['workload']} | {r['system']} | {r['kills']} | {r['resumed']} | {f(r['median_s'])} | "
                    f"{f(r['p95_s'])} | {f(r['max_s'])} | {r['attempts']} | {r['in_flight_kept']} |")
     return "\n".join(out)

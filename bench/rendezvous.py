@@ -501,7 +501,7 @@ def table(rows: list[dict[str, Any]], header: str) -> str:
 
 
 def versions() -> dict[str, str]:
-    out = subprocess.run([etcd_binary() or "etcd", "--version"], capture_output=True, text=True).stdout
+    out = subprocess.run([etcd_binary() or "etcd", "--version"], capture_output=True, text=True, check=False).stdout
     return {"python": platform.python_version(),
             "etcd": out.splitlines()[0].split(":", 1)[1].strip() if out else "?",
             **{p: importlib.metadata.version(p) for p in ("etcd-sdk-python", "grpcio", "protobuf")},

@@ -183,7 +183,8 @@ def main() -> int:
     for row in rows:
         rel = row["rallypoint_s"] / row["plain_scaled_s"] - 1
         lines.append(f"{row['tp']:>2} {row['rank']:>4} {row['device']:>7} | {row['rank_bytes'] / 1e9:7.3f} "
-                     f"{row['share']:6.3f} | {row['rallypoint_s']:12.3f} {row['rank_bytes'] / 1e9 / row['rallypoint_s']:6.2f} | "
+                     f"{row['share']:6.3f} | {row['rallypoint_s']:12.3f} "
+                     f"{row['rank_bytes'] / 1e9 / row['rallypoint_s']:6.2f} | "
                      f"{row['plain_s']:13.3f} {row['plain_scaled_s']:15.3f} | {100 * rel:+7.1f}%")
     for tp, why in skipped.items():
         lines.append(f"TP={tp}: skipped: {why}")

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"SIGKILLed node-b's worker (pid {victim.pid}) while the same request streamed again")
             client_thread.join(timeout=120)
             took = time.monotonic() - t0
-            text2, ids2 = result["r"]
+            _text2, ids2 = result["r"]
             print(f"the stream finished {took:.2f} s after the kill: "
                   f"{'identical tokens' if ids2 == ids else 'DIFFERENT tokens'} ({len(ids2)} tokens)")
             print(f"\n{format_plan(latest_plan(client, keys))}\n")

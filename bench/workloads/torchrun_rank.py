@@ -60,7 +60,7 @@ def main() -> int:
                               timeout=timedelta(seconds=60))
         dist.init_process_group("gloo", store=dist.PrefixStore(f"restart-{restart}", store), rank=rank,
                                 world_size=size)
-    notes = open(args.notes, "a")
+    notes = open(args.notes, "a")  # noqa: SIM115 (appended to until the process is killed)
 
     def note(kind: str, **kw: object) -> None:
         notes.write(json.dumps({"kind": kind, "rank": rank, "pid": os.getpid(), "restart": restart,

@@ -152,7 +152,8 @@ class Comm:
         for t in (size, header, *tensors.values()):
             if t.device != g.device:
                 raise GroupError(f"send_dict on {g.label}: tensor on {t.device}, group runs on {g.device}")
-            self._run(g, "send", t.numel() * t.element_size(), lambda: g.backend.send([t.contiguous()], dst, 0))
+            self._run(g, "send", t.numel() * t.element_size(),
+                      lambda t=t: g.backend.send([t.contiguous()], dst, 0))  # type: ignore[misc]
 
     def recv_dict(self, src: int, group: str = "pp") -> dict[str, torch.Tensor]:
         """Receive the named tensors ``send_dict`` sent from rank-in-group ``src``."""
@@ -165,7 +166,7 @@ class Comm:
         out = {}
         for name, (shape, dtype) in meta.items():
             t = torch.empty(shape, dtype=getattr(torch, dtype), device=g.device)
-            self._run(g, "recv", t.numel() * t.element_size(), lambda: g.backend.recv([t], src, 0))
+            self._run(g, "recv", t.numel() * t.element_size(), lambda t=t: g.backend.recv([t], src, 0))  # type: ignore[misc]
             out[name] = t
         return out
 
@@ -258,7 +259,9 @@ class Comm:
         with self._lock:
             g = rec.group
             if g.aborted_reason is not None:
-                return self.diagnoses[-1] if self.diagnoses else Diagnosis(g.gen, g.label, rec.seq, rec.op, (), trigger, waited)
+                if self.diagnoses:
+                    return self.diagnoses[-1]
+                return Diagnosis(g.gen, g.label, rec.seq, rec.op, (), trigger, waited)
             d = diagnose(self.board, g, rec.seq, rec.op, trigger, waited, self.seat, self.stale_after,
                          self.tracker.deadline(rec))
             self.diagnoses.append(d)

@@ -108,7 +108,7 @@ class Tracker:
         heads = []
         with self._lock:
             queues = list(self.outstanding.items())
-        for key, q in queues:
+        for _key, q in queues:
             n = len(q)
             if n == 0:
                 continue

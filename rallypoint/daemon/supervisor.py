@@ -115,7 +115,7 @@ class Supervisor:
                 self._kill(old, signal.SIGKILL)  # it had its chance; the seat gets one process
             self._forget_api(local_rank)
         name = f"worker-{local_rank}" if local_rank is not None else f"spare-{time.time_ns()}"
-        out = open(self.log_dir / f"{name}.log", "ab")
+        out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (the child's stdout, for its lifetime)
         proc = self._spawner.submit(subprocess.Popen, self.command(local_rank, after_gen), stdin=subprocess.DEVNULL,
                                     stdout=out, stderr=out, start_new_session=True,
                                     env={**os.environ, **self.env}).result()

@@ -24,11 +24,9 @@ NodeStatus = dict[str, Any]
 
 def serving_drivers(statuses: dict[str, NodeStatus], local: str) -> list[str]:
     """API URLs of the drivers that serve the newest generation: ``local``'s first, then by load."""
-    found = []
-    for node, st in statuses.items():
-        for w in st.get("workers", []):
-            if w.get("driver") and w.get("state") == "serving" and w.get("api") and w.get("process") != "stopped":
-                found.append((int(w.get("gen") or 0), node != local, int(w.get("in_flight", 0)), w["api"]))
+    found = [(int(w.get("gen") or 0), node != local, int(w.get("in_flight", 0)), w["api"])
+             for node, st in statuses.items() for w in st.get("workers", [])
+             if w.get("driver") and w.get("state") == "serving" and w.get("api") and w.get("process") != "stopped"]
     if not found:
         return []
     newest = max(g for g, *_ in found)

@@ -184,8 +184,8 @@ def breakdown(events: list[Event], failed_gen: int, t0: float | None = None) -> 
     """Seconds from the failure of ``failed_gen`` to each milestone of its recovery.
 
     ``detected`` is the failure event itself, against the kill time when the event carries it
-    (``detail.killed_at``) or the caller passes it as ``t0``, else 0. Per-rank milestones (groups built, shard loaded, serving) are
-    the *last* rank's, since the replica serves only when all of its ranks do.
+    (``detail.killed_at``) or the caller passes it as ``t0``, else 0. Per-rank milestones (groups built, shard
+    loaded, serving) are the *last* rank's, since the replica serves only when all of its ranks do.
     """
     fail = [e for e in events if e.gen == failed_gen and e.kind == ev.RANK_FAILED]
     if not fail:

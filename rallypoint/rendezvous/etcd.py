@@ -424,7 +424,7 @@ class LeaseKeeper(threading.Thread):
         while not self._halt.wait(0.05):
             now = time.monotonic()
             with self._lock:
-                due = [l for l in self._leases.values() if now - l.last_refresh >= l.ttl / 3]
+                due = [x for x in self._leases.values() if now - x.last_refresh >= x.ttl / 3]
             for lease in due:
                 self._refresh(lease)
 

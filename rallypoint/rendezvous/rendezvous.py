@@ -30,6 +30,9 @@ from rallypoint.rendezvous.etcd import EtcdClient, Lease, Mod, PrefixWatch, Put,
 from rallypoint.rendezvous.layout import make_plan
 from rallypoint.rendezvous.records import ClusterSpec, NodeRecord, Plan
 
+WAKE = WatchEvent("wake", "", b"", 0)
+"""Put in the event queue by ``Rendezvous.wake``: ends ``run_cycle``'s wait, changes nothing."""
+
 
 @dataclass(frozen=True)
 class RendezvousSettings:
@@ -216,6 +219,11 @@ class Rendezvous:
         role = "leader" if self.is_leader else f"following {self.leader}"
         return f"idle: {role} at gen {self.gen}"
 
+    def wake(self) -> None:
+        """End ``run_cycle``'s current (or next) wait for etcd changes at once. Any thread: the
+        daemon calls it when one of its watchers recorded something for its loop to act on."""
+        self.events.put(WAKE)
+
     def _wait_events(self, timeout: float) -> None:
         if self._change_since is not None:
             timeout = min(timeout, max(0.0, self._change_since + self.settings.last_call - time.monotonic()))
@@ -232,6 +240,8 @@ class Rendezvous:
 
     def _apply(self, ev: WatchEvent) -> None:
         k = self.keys
+        if ev.kind == WAKE.kind:
+            return
         try:
             if ev.kind == "resync":
                 self._resync()
@@ -341,9 +351,9 @@ class Rendezvous:
         if replan is not None and replan != self._refreshed_for:
             self._refresh_nodes()  # once per request: the watch keeps the records current after
             self._refreshed_for = replan
-        live = {n for n, rec in self.nodes.items()}
-        if current is not None and set(current.members) == live and replan is None:
-            if not self._capacity_changed or self._same_placement(current):
+        live = set(self.nodes)
+        if (current is not None and set(current.members) == live and replan is None
+                and (not self._capacity_changed or self._same_placement(current))):
                 self._change_since = None
                 self._capacity_changed = False
                 if self._last_problem:

@@ -120,7 +120,7 @@ class EtcdStore(dist.Store):
         return {kv.key: kv.value for kv in kvs if kv.key in wanted}, revision
 
     def _span(self, wanted: set[str]) -> str:
-        return os.path.commonprefix(sorted(wanted)) if wanted else self._prefix
+        return os.path.commonprefix(sorted(wanted)) if wanted else self._prefix  # noqa: RUF071 (a key prefix, not a path)
 
     def _await(self, keys: Sequence[str], timeout: timedelta | None,
                cancelled: Callable[[], str | None] | None = None) -> dict[str, bytes]:

@@ -161,11 +161,11 @@ class EtcdCluster:
                     try:
                         client.get("/rallypoint-health")
                         break
-                    except EtcdError:
+                    except EtcdError as exc:
                         if not m.alive():
-                            raise MemberExited(m)
+                            raise MemberExited(m) from exc
                         if time.monotonic() > deadline:
-                            raise RuntimeError(f"etcd {m.name} not healthy in {timeout}s; log: {m.log_path}")
+                            raise RuntimeError(f"etcd {m.name} not healthy in {timeout}s; log: {m.log_path}") from exc
                         time.sleep(0.02)
             finally:
                 client.close()

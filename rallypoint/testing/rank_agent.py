@@ -2,9 +2,11 @@
 
 One process per rank, started once and reused across tests (importing torch costs seconds). Each
 stdin line is a command; each reply is one JSON line on stdout. ``abort`` is served at once by the
-reader thread, even while the main thread is inside a collective loop, like the daemon's order.
+reader thread, even while the main thread is inside a collective loop, like the daemon's order;
+so is ``progress`` (which ``loop`` command runs, and how many iterations it has completed), for
+a test to wait on instead of sleeping.
 
-Commands: configure, primitives, loop, abort, stats, exit.
+Commands: configure, primitives, loop, progress, abort, stats, exit.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ def reply(obj: dict[str, Any]) -> None:
 class Agent:
     def __init__(self, rt: RankRuntime) -> None:
         self.rt = rt
+        # (id of the current or last ``loop`` command, iterations it completed): read by ``progress``
+        self.loop_progress: tuple[int | None, int] = (None, 0)
 
     def configure(self, cmd: dict[str, Any]) -> dict[str, Any]:
         plan = Plan.from_json("command", json.dumps(cmd["plan"]))
@@ -89,6 +93,7 @@ class Agent:
         stamps: list[float] = []
         wrong: list[list[float]] = []  # [when, value] of results that were not the group size
         seen = len(comm.diagnoses)
+        self.loop_progress = (cmd.get("id"), 0)
         try:
             for _ in range(iters):
                 comm.all_reduce(t, group)
@@ -97,6 +102,7 @@ class Agent:
                     wrong.append([time.time(), got])
                 t.fill_(1.0)
                 stamps.append(time.time())
+                self.loop_progress = (cmd.get("id"), len(stamps))
         except GenerationAborted as exc:
             return {"iters": len(stamps), "stamps": stamps, "raised": str(exc), "raised_at": time.time(),
                     "diagnoses": [d.to_event() for d in comm.diagnoses[seen:]], "wrong": wrong}
@@ -151,6 +157,9 @@ def serve(agent_cls: type, default_floor: float = 1.0) -> int:
                 t0 = time.monotonic()
                 labels = rt.abort_generation(cmd["gen"], cmd.get("reason", "abort order"), tuple(cmd.get("ranks", ())))
                 reply({"id": cmd.get("id"), "ok": True, "aborted": labels, "seconds": time.monotonic() - t0})
+            elif cmd["cmd"] == "progress":
+                loop, iters = getattr(agent, "loop_progress", (None, 0))
+                reply({"id": cmd.get("id"), "ok": True, "loop": loop, "iters": iters})
             else:
                 work.put(cmd)
         work.put(None)

@@ -23,7 +23,7 @@ class RankProcess:
                  device: str = "cpu", deadline_floor: float = 1.0, env: dict[str, str] | None = None,
                  module: str = "rallypoint.testing.rank_agent") -> None:
         self.log_path = log_path
-        self._log = open(log_path, "ab")
+        self._log = open(log_path, "ab")  # noqa: SIM115 (the child's stdout, for its lifetime)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", module, "--cluster", cluster,
              "--endpoints", ",".join(endpoints), "--device", device, "--deadline-floor", str(deadline_floor)],
@@ -77,7 +77,7 @@ class RankProcess:
                 r = self.replies.get(timeout=min(left, 0.5))
             except queue.Empty:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"rank pid {self.pid} exited {self.proc.returncode}:\n{self.log_tail()}")
+                    raise RuntimeError(f"rank pid {self.pid} exited {self.proc.returncode}:\n{self.log_tail()}") from None
                 continue
             if match(r):
                 return r

@@ -222,7 +222,7 @@ async def _answer(fe: Frontend, kind: str, body: CompletionRequest | ChatComplet
         return StreamingResponse(_events(fe, kind, body, req, rid, text, created), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     parts, tokens, finish = [], list(resumed), None
-    async for delta, new, finish in fe.deltas(req, text, len(resumed)):
+    async for delta, new, finish in fe.deltas(req, text, len(resumed)):  # noqa: B007 (the last one is read below)
         parts.append(delta)
         tokens += new
     if req.error:

@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from rallypoint.errors import RallypointError
 
@@ -47,7 +48,7 @@ class LoopWaker:
     per burst: a driver step that commits a token for each of 256 requests wakes the API's loop
     once, not 256 times (each wake-up is a write to the loop's self-pipe and a turn of the loop)."""
 
-    _by_loop: dict[asyncio.AbstractEventLoop, LoopWaker] = {}
+    _by_loop: ClassVar[dict[asyncio.AbstractEventLoop, LoopWaker]] = {}
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop

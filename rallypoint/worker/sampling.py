@@ -65,7 +65,7 @@ def generate(model: StageModel, prompt: Tensor, steps: int, temperature: float =
     model.setup_cache(b, max_seq or s + steps, device=prompt.device)
     x, pos = prompt, torch.arange(s, device=prompt.device)                       # [B, S], [S]
     tokens, all_logits = [], []
-    for i in range(steps):
+    for _i in range(steps):
         logits = model(x, pos)                                                    # [B, S or 1, V]
         tok = sample(logits, temperature, generator)                              # [B]
         tokens.append(tok)

@@ -90,7 +90,7 @@ class CheckpointReader:
         """
         file = self.file_for(name)
         f = self._handle(name, file)
-        if name not in f.keys():
+        if name not in f.keys():  # noqa: SIM118 (safetensors' handle has keys(), not __contains__)
             raise CheckpointError(f"tensor {name!r} is missing from {file}")
         sl = f.get_slice(name)
         got, dtype = tuple(sl.get_shape()), sl.get_dtype()

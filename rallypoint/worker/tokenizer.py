@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jinja2
 from jinja2 import nodes
@@ -163,9 +163,8 @@ def _special_tokens(cfg: dict[str, Any]) -> dict[str, str]:
     which it passes to chat templates as variables.
     """
     out = {}
-    for key, value in cfg.items():
-        if isinstance(value, dict) and isinstance(value.get("content"), str):
-            value = value["content"]
+    for key, raw in cfg.items():
+        value = raw["content"] if isinstance(raw, dict) and isinstance(raw.get("content"), str) else raw
         if key.endswith("_token") and isinstance(value, str):
             out[key] = value
     return out
@@ -199,7 +198,7 @@ def _chat_template(path: Path, cfg: dict[str, Any]) -> str | None:
 class _GenerationTag(Extension):
     """``{% generation %}...{% endgeneration %}`` (marks assistant text for training masks): renders its body."""
 
-    tags = {"generation"}
+    tags: ClassVar[set[str]] = {"generation"}
 
     def parse(self, parser: Any) -> nodes.Node:
         lineno = next(parser.stream).lineno

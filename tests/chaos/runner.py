@@ -133,10 +133,9 @@ def report(results: list[RunResult]) -> tuple[str, list[dict]]:
         return "-" if v is None else f"{v:.2f}s"
 
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        lines.append(f"| {r['scenario']} | {r['runs']} | {r['survived']} | {f(r['detection_p50'])} | "
-                     f"{f(r['detection_p95'])} | {f(r['to_serving_p50'])} | {f(r['to_serving_p95'])} | "
-                     f"{r['requests']} | {r['lost']} |")
+    lines += [f"| {r['scenario']} | {r['runs']} | {r['survived']} | {f(r['detection_p50'])} | "
+              f"{f(r['detection_p95'])} | {f(r['to_serving_p50'])} | {f(r['to_serving_p95'])} | "
+              f"{r['requests']} | {r['lost']} |" for r in rows]
     return "\n".join(lines), rows
 
 

@@ -182,7 +182,7 @@ def second_failure(d: Deployment, rng: random.Random) -> Fault:
     _wait_event(d, (ev.ABORT_ORDERED,), t)
     time.sleep(0.3)
     victims, now = [pid], _gen(d)  # the survivors may be in the next generation already
-    for _, (_, other) in others.items():
+    for _, other in others.values():
         _signal(other, signal.SIGKILL)
         victims.append(other)
     return Fault("second_failure", t, gen, victims, hit_in={v: now for v in victims[1:]},
@@ -197,7 +197,7 @@ def kill_in_rendezvous(d: Deployment, rng: random.Random) -> Fault:
     _signal(pid, signal.SIGKILL)
     _wait_event(d, (ev.PLAN_WRITTEN,), t, min_gen=gen + 1)
     victims, now = [pid], _gen(d)  # the others are members of gen+1 (and may have written into it)
-    for _, (_, other) in others.items():
+    for _, other in others.values():
         _signal(other, signal.SIGKILL)
         victims.append(other)
     return Fault("kill_in_rendezvous", t, gen, victims, hit_in={v: now for v in victims[1:]},

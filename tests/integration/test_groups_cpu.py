@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from rallypoint.rendezvous.records import Plan, RankSlot
+from rallypoint.testing.daemons import wait_for
 from rallypoint.testing.etcd_server import EtcdCluster
 from rallypoint.testing.ranks import RankPool, RankProcess
 
@@ -73,6 +74,32 @@ def run_all(procs: list[RankProcess], cmd: str, timeout: float = 60, **kw) -> li
     return [p.result(i, timeout) for p, i in zip(procs, ids)]
 
 
+def wait_looping(procs: list[RankProcess], ids: list[int], at_least: int = 20, timeout: float = 30) -> None:
+    """Block until each rank's ``loop`` (sent as ``ids``) has completed ``at_least`` all-reduces:
+    the collectives run on every rank, so a fault now lands in the middle of the loop."""
+    last: list[tuple[int | None, int]] = []
+
+    def going() -> bool:
+        last[:] = [(r["loop"], r["iters"]) for r in (p.call("progress", timeout=10) for p in procs)]
+        return all(loop == i and n >= at_least for (loop, n), i in zip(last, ids))
+
+    try:
+        wait_for("every rank's loop under way", going, timeout=timeout, every=0.02)
+    except AssertionError:
+        raise AssertionError(f"not every rank {at_least} iterations into loops {ids} after {timeout}s: "
+                             f"(loop, iterations) {last}") from None
+
+
+def wait_aborts_finished(procs: list[RankProcess], timeout: float = 10) -> list[float]:
+    """The seconds each group abort of ``procs`` took, once every abort begun has finished (NCCL's
+    take about 0.5 s, and go on after the collective they interrupted has raised)."""
+    def finished() -> list[float] | None:
+        took = [s for p in procs for s in p.call("stats")["abort_seconds"]]
+        return took if took and all(s > 0 for s in took) else None
+
+    return wait_for("the group aborts to finish", finished, timeout=timeout, every=0.05)
+
+
 def test_eight_ranks_tp2_pp2_dp2_groups_and_primitives(pool: RankPool) -> None:
     seats = seats_for(8, per_node=4)
     procs = pool.take(8)
@@ -124,7 +151,7 @@ def test_sigkill_during_all_reduce_every_survivor_raises_within_1s(pool: RankPoo
     plan = make_plan(4, 1, 1, seats)
     configure(procs, plan, seats)
     ids = [p.send("loop", group="tp", iters=10**7) for p in procs]
-    time.sleep(1.0)
+    wait_looping(procs, ids)
     victim = procs[2]
     t_kill = time.time()
     victim.kill()
@@ -149,10 +176,7 @@ def test_sigkill_during_all_reduce_every_survivor_raises_within_1s(pool: RankPoo
         suspects |= {(s["rank"], s["kind"]) for d in r["diagnoses"] for s in d["suspects"]}
     if not ON_GPU:
         assert suspects == {(2, "dead")}
-    time.sleep(1.0)  # let the aborts (about 0.5 s on NCCL) finish before reading their times
-    for p in procs:
-        if p is not victim:
-            RESULTS.setdefault("abort_s", []).extend(p.call("stats")["abort_seconds"])
+    RESULTS.setdefault("abort_s", []).extend(wait_aborts_finished([p for p in procs if p is not victim]))
 
 
 def test_sigstop_trips_within_deadline_and_names_exactly_that_rank(pool: RankPool) -> None:
@@ -160,7 +184,7 @@ def test_sigstop_trips_within_deadline_and_names_exactly_that_rank(pool: RankPoo
     procs = pool.take(3)
     configure(procs, make_plan(3, 1, 1, seats), seats)
     ids = [p.send("loop", group="tp", iters=10**7) for p in procs]
-    time.sleep(1.0)
+    wait_looping(procs, ids, at_least=50)  # some history for the deadlines (k x p99)
     stopped = procs[1]
     t_stop = time.time()
     stopped.signal(signal.SIGSTOP)
@@ -182,10 +206,7 @@ def test_sigstop_trips_within_deadline_and_names_exactly_that_rank(pool: RankPoo
             RESULTS.setdefault("stop_trip_waited_s", []).extend(d["waited"] for d in r["diagnoses"])
         # The first survivor trips on its deadline (floor 1 s, or k x p99 when CPU noise is worse);
         # it aborts and marks the group, so the others follow at once.
-        time.sleep(1.0)  # let the aborts (about 0.5 s on NCCL) finish before reading their times
-        for p in procs:
-            if p is not stopped:
-                RESULTS.setdefault("abort_s", []).extend(p.call("stats")["abort_seconds"])
+        RESULTS.setdefault("abort_s", []).extend(wait_aborts_finished([p for p in procs if p is not stopped]))
         assert named == {(1, "stuck")}, named
         assert deadlines, "nobody tripped on a deadline"
         assert min(raised) <= min(deadlines) + 0.5, (raised, deadlines)
@@ -199,10 +220,10 @@ def test_rebuild_with_a_replacement_process(pool: RankPool) -> None:
     procs = pool.take(2)
     configure(procs, make_plan(2, 1, 1, seats), seats)
     ids = [p.send("loop", group="tp", iters=10**7) for p in procs]
-    time.sleep(0.5)
+    wait_looping(procs, ids)
     procs[1].kill()
     r = procs[0].result(ids[0], timeout=10)
-    assert r["raised"]
+    assert r["raised"] and r["iters"] >= 20, r
     replacement = pool.take(2)[1]
     assert replacement is not procs[1]
     plan = make_plan(2, 1, 1, seats)  # same seats, next generation, a new process on seat 1
@@ -220,7 +241,9 @@ def test_blast_radius_one_replica_dies_the_other_never_notices(pool: RankPool) -
     configure(procs, plan, seats)
     iters = 60000 if ON_GPU else 4000  # a few seconds either way
     ids = [p.send("loop", group="tp", iters=iters if i < 2 else 10**7) for i, p in enumerate(procs)]
-    time.sleep(2.0)
+    wait_looping(procs, ids)
+    # Deliberate: the window of steps before the kill that the gaps below are compared with (1.5 s).
+    time.sleep(1.5)
     t_kill = time.time()
     procs[3].kill()
     # The daemon's order after a failure: abort the dead rank's groups everywhere.
@@ -234,8 +257,8 @@ def test_blast_radius_one_replica_dies_the_other_never_notices(pool: RankPool) -
         assert r["wrong"] == [], r["wrong"]
         stamps = r["stamps"]
         # Compare equal windows: the last 1.5 s before the kill and the first 1.5 s after it.
-        gaps_before = [b - a for a, b in zip(stamps, stamps[1:]) if t_kill - 1.5 <= a and b < t_kill]
-        gaps_after = [b - a for a, b in zip(stamps, stamps[1:]) if t_kill <= a < t_kill + 1.5]
+        gaps_before = [b - a for a, b in itertools.pairwise(stamps) if t_kill - 1.5 <= a and b < t_kill]
+        gaps_after = [b - a for a, b in itertools.pairwise(stamps) if t_kill <= a < t_kill + 1.5]
         assert len(gaps_before) > 50 and len(gaps_after) > 50, (len(gaps_before), len(gaps_after))
         # Noticing the failure would mean waiting out a deadline (the 1 s floor) and raising; the
         # loop never raised (above), and no step after the kill took as long as a deadline. (On
@@ -255,7 +278,7 @@ def test_twenty_abort_rebuild_cycles_leave_fds_and_threads_flat(pool: RankPool) 
         for r in run_all(procs, "loop", group="tp", iters=5):
             assert r["raised"] is None and r["wrong"] == [], r
         ids = [p.send("loop", group="tp", iters=10**7) for p in procs]
-        time.sleep(0.05)
+        wait_looping(procs, ids, at_least=5)  # the abort lands mid-loop
         procs[0].call("abort", gen=plan.gen, reason=f"drill {cycle}")
         for p, i in zip(procs, ids):
             assert p.result(i, timeout=10)["raised"]

@@ -29,7 +29,8 @@ def test_plan_and_errors(etcd: EtcdCluster, client: EtcdClient, cluster_name: st
     out = rallyctl("--endpoints", ep, "--cluster", cluster_name, "--json", "plan", "1")
     assert out.returncode == 0 and json.loads(out.stdout)["reason"] == "r1"
     out = rallyctl("--endpoints", ep, "--cluster", cluster_name, "plan", "9")
-    assert out.returncode == 1 and out.stderr.strip() == f"rallyctl: cluster {cluster_name!r} has no generation 9 (generations 1..2)"
+    want = f"rallyctl: cluster {cluster_name!r} has no generation 9 (generations 1..2)"
+    assert out.returncode == 1 and out.stderr.strip() == want
     out = rallyctl("--endpoints", ep, "--cluster", "nosuch", "plan")
     assert out.returncode == 1 and "has no plan" in out.stderr and "Traceback" not in out.stderr
     out = rallyctl("--endpoints", "127.0.0.1:9", "--timeout", "0.5", "plan")

@@ -168,7 +168,8 @@ def test_malformed_records_are_reported_not_fatal(members: Members) -> None:
     with structlog.testing.capture_logs() as logs:
         m0.client.put(keys.node("junk"), b"{not json")
         m0.client.put(keys.plan(7), b'{"gen": 7}')
-        bad = lambda: {e.get("key") for e in logs if e["event"] == "rendezvous.malformed_record"}
+        def bad() -> set:
+            return {e.get("key") for e in logs if e["event"] == "rendezvous.malformed_record"}
         members.cycle_until(lambda: {keys.node("junk"), keys.plan(7)} <= bad(), timeout=3)
     assert m0.plan.gen == 1  # the bad plan was not taken
     assert all("malformed record at" in e["error"] for e in logs if e["event"] == "rendezvous.malformed_record")

@@ -118,8 +118,8 @@ def stream(url: str, body: dict, timeout: float = 120, on_event: Callable[[dict]
                                  headers={"Content-Type": "application/json"})
     events = []
     with urllib.request.urlopen(req, timeout=timeout) as resp:
-        for line in resp:
-            line = line.strip()
+        for raw in resp:
+            line = raw.strip()
             if line.startswith(b"data: "):
                 payload = line[6:].decode()
                 if payload == "[DONE]":
@@ -172,7 +172,8 @@ def test_api_end_to_end_and_bad_requests(deploy) -> None:
     assert get(url, "/nope")[0] == 404
     # Queue capacity 1: of requests arriving together, one runs and the rest get 503 + Retry-After.
     results: list[tuple[int, dict, dict]] = []
-    burst = [threading.Thread(target=lambda: results.append(post(url, {"prompt": "long", "max_tokens": 480, "temperature": 0})))
+    long = {"prompt": "long", "max_tokens": 480, "temperature": 0}
+    burst = [threading.Thread(target=lambda: results.append(post(url, long)))
              for _ in range(4)]
     for t in burst:
         t.start()
@@ -252,7 +253,11 @@ def test_long_prompts_fill_in_chunks_between_decode_steps_with_the_same_tokens(d
         d.publish(1, [("n0", 0)])
         url = d.url(w)
         got: dict[int, list[int]] = {}
-        threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, post(url, prompts[i])[1]["choices"][0]["token_ids"]))
+
+        def one(i: int) -> None:
+            got[i] = post(url, prompts[i])[1]["choices"][0]["token_ids"]
+
+        threads = [threading.Thread(target=one, args=(i,))
                    for i in range(len(prompts))]
         for t in threads:
             t.start()

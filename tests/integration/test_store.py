@@ -21,8 +21,9 @@ import torch.distributed as dist
 
 from rallypoint.errors import EtcdUnavailable, StoreTimeout
 from rallypoint.protocol.keys import ClusterKeys
-from rallypoint.rendezvous.etcd import EtcdClient, EtcdSettings
+from rallypoint.rendezvous.etcd import EtcdClient, EtcdSettings, PrefixWatch
 from rallypoint.rendezvous.store import EtcdStore, StoreUnavailable, StoreWaitTimeout
+from rallypoint.testing.daemons import wait_for
 from rallypoint.testing.etcd_server import INSTALL_HINT, EtcdCluster, etcd_binary, free_port
 
 pytestmark = [pytest.mark.etcd, pytest.mark.skipif(etcd_binary() is None, reason=INSTALL_HINT)]
@@ -94,8 +95,28 @@ def test_wait_timeout_names_only_the_missing_keys(store: EtcdStore) -> None:
     assert 0.3 <= time.monotonic() - t0 < 1.5
 
 
-def test_wait_wakes_on_the_watch_event(store: EtcdStore) -> None:
+def test_wait_wakes_on_the_watch_event(store: EtcdStore, store_client: EtcdClient,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The waiter finds neither key, watches, takes "a"'s event and waits on; "b"'s event wakes it.
+    (Its watch is observed: each read it begins on the watch is counted.)"""
     done: list[float] = []
+    watches: list[PrefixWatch] = []
+    reads: list[int] = []  # one entry per read of an event the waiter began on its watch
+    open_watch = store_client.watch_prefix
+
+    def watch_prefix(prefix: str, start_revision: int, sink=None) -> PrefixWatch:
+        w = open_watch(prefix, start_revision, sink)
+        read = w.get
+
+        def counted_read(timeout: float | None = None):
+            reads.append(1)
+            return read(timeout)
+
+        w.get = counted_read  # type: ignore[method-assign]
+        watches.append(w)
+        return w
+
+    monkeypatch.setattr(store_client, "watch_prefix", watch_prefix)
 
     def waiter() -> None:
         store.wait(["a", "b"], timedelta(seconds=5))
@@ -103,14 +124,17 @@ def test_wait_wakes_on_the_watch_event(store: EtcdStore) -> None:
 
     t = threading.Thread(target=waiter)
     t.start()
-    time.sleep(0.2)
+    wait_for("the waiter to block on its watch", lambda: reads, timeout=5, every=0.005)
+    assert len(watches) == 1 and not done
     store.set("a", b"1")
-    time.sleep(0.1)
+    # It took "a"'s event and went back to waiting for "b" (a second read on the watch).
+    wait_for("the waiter to take a's event and wait on", lambda: len(reads) >= 2, timeout=5, every=0.005)
     assert not done, "returned before every key was set"
     set_at = time.monotonic()
     store.set("b", b"2")
     t.join(5)
     assert done and done[0] - set_at < 0.5
+    assert len(watches) == 1  # one watch saw both events
 
 
 def test_add_is_atomic_across_threads(store: EtcdStore, store_client: EtcdClient,
@@ -198,7 +222,9 @@ def test_keys_vanish_with_the_lease(store_client: EtcdClient, prefix: str) -> No
     owned.compare_set("cas", "", "x")
     owned.append("app", "y")
     owned.multi_set(["m"], ["z"])
-    assert all(kv.lease == lease.id for kv in store_client.get_prefix(prefix)[0])
+    kvs = store_client.get_prefix(prefix)[0]
+    assert sorted(kv.key[len(prefix):] for kv in kvs) == ["addr", "app", "cas", "ctr", "m"]
+    assert all(kv.lease == lease.id for kv in kvs)
     store_client.release(lease)
     assert owned.num_keys() == 0
     assert not owned.check(["addr"])

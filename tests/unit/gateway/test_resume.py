@@ -17,6 +17,7 @@ from rallypoint.api.responses import DONE, sse
 from rallypoint.api.server import ServerThread
 from rallypoint.gateway.resume import NoUpstream, Progress, RequestRejected
 from rallypoint.gateway.resume import stream_completion as stream_async
+from rallypoint.gateway.routes import serving_drivers
 
 
 def stream_completion(*args: Any, **kw: Any) -> list[dict[str, Any]]:
@@ -24,7 +25,6 @@ def stream_completion(*args: Any, **kw: Any) -> list[dict[str, Any]]:
     async def collect() -> list[dict[str, Any]]:
         return [c async for c in stream_async(*args, **kw)]
     return asyncio.run(collect())
-from rallypoint.gateway.routes import serving_drivers
 
 ANSWER = list(range(100, 112))  # the "model": token i of every completion is 100 + i
 

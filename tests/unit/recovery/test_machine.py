@@ -94,7 +94,7 @@ def test_events_round_trip_and_reject_garbage() -> None:
 
 
 def test_the_all_reduce_probes_first_step_ends_a_recovery_like_a_first_token() -> None:
-    events = [x for x in recovery() if x.kind != ev.FIRST_TOKEN and x.kind != ev.SERVING]
+    events = [x for x in recovery() if x.kind not in (ev.FIRST_TOKEN, ev.SERVING)]
     events.append(e(2, ev.FIRST_STEP, 100.95, by="a/0"))
     m = RecoveryMachine()
     assert [t.phase for x in events if (t := m.apply(x)) is not None][-1] == SERVING
