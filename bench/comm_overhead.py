@@ -123,7 +123,8 @@ def table(rows: list[dict], world: int, device: str) -> str:
         d = r["rallypoint_median_us"] - r["raw_median_us"]
         b = r["rallypoint_b2b_us"] - r["raw_b2b_us"]
         lines.append(f"{r['op']:<11} {fmt(r['bytes']):>7} | {r['raw_median_us']:9.1f} "
-                     f"{r['rallypoint_median_us']:13.1f} {d:+8.1f} us {100 * d / r['raw_median_us']:+5.1f}% | {r['raw_b2b_us']:10.1f} "
+                     f"{r['rallypoint_median_us']:13.1f} {d:+8.1f} us {100 * d / r['raw_median_us']:+5.1f}% | "
+                     f"{r['raw_b2b_us']:10.1f} "
                      f"{r['rallypoint_b2b_us']:10.1f} {b:+7.1f} us")
     return "\n".join(lines)
 

@@ -118,13 +118,13 @@ def run_torchrun(workload: str, kills: int, root: Path, model: Path, rng: random
         restart = 0
         for i in range(kills):
             time.sleep(rng.uniform(0.5, 1.0))
-            pid = wait_for("rank 1's pid", lambda: next((n["pid"] for n in read() if n["kind"] == "start"
-                                                         and n["rank"] == 1 and n["restart"] == restart), None),
+            pid = wait_for("rank 1's pid", lambda r=restart: next((n["pid"] for n in read() if n["kind"] == "start"
+                                                                  and n["rank"] == 1 and n["restart"] == r), None),
                            RESUME_TIMEOUT, POLL)
             at = kill_pid(pid)
             try:
-                nxt = wait_for("torchrun resumed", lambda: next((n for n in read() if n["kind"] == "first_step"
-                                                                and n["restart"] > restart), None),
+                nxt = wait_for("torchrun resumed", lambda r=restart: next((n for n in read() if n["kind"] == "first_step"
+                                                                         and n["restart"] > r), None),
                                RESUME_TIMEOUT, POLL)
                 run.kills.append(Kill(at, nxt["at"] - at, nxt["restart"] - restart))
                 restart = nxt["restart"]
@@ -209,11 +209,11 @@ def run_rallypoint(workload: str, kills: int, root: Path, model: Path, etcd: Etc
         wait_for("rallypoint's first step", lambda: first_after(0), 120, POLL)
         for i in range(kills):
             g = gen()
-            pid = wait_for("rank 1 serving and a warm spare", lambda: ready(g), 120, POLL)
+            pid = wait_for("rank 1 serving and a warm spare", lambda g=g: ready(g), 120, POLL)
             time.sleep(rng.uniform(0.5, 1.0))
             at = kill_pid(pid)
             try:
-                resumed = wait_for("rallypoint resumed", lambda: first_after(g), RESUME_TIMEOUT, 0.02)
+                resumed = wait_for("rallypoint resumed", lambda g=g: first_after(g), RESUME_TIMEOUT, 0.02)
                 run.kills.append(Kill(at, resumed - at, gen() - g))
             except AssertionError:  # wait_for's timeout
                 run.kills.append(Kill(at, None))
