@@ -39,12 +39,18 @@ def complete(url: str, prompt: str, max_tokens: int, stream: bool = False) -> tu
         if not stream:
             choice = json.loads(resp.read())["choices"][0]
             return choice["text"], choice["token_ids"]
-        text, ids = "", []
+        text = ""
+        ids: list[int] = []
         for line in resp:
             if line.startswith(b"data: {"):
                 choice = json.loads(line[6:])["choices"][0]
                 text, ids = text + choice["text"], ids + choice["token_ids"]
         return text, ids
+
+
+def show_plan(client: EtcdClient, keys: ClusterKeys) -> str:
+    plan = latest_plan(client, keys)
+    return format_plan(plan) if plan is not None else "(no plan in etcd)"
 
 
 def worker_of(daemon: DaemonProcess) -> psutil.Process:
@@ -107,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             for d in daemons:
                 d.start()
             url = wait_file(work / "node-a" / "api-0.url")
-            print(f"\nthe daemons agreed on:\n{format_plan(latest_plan(client, keys))}\n")
+            print(f"\nthe daemons agreed on:\n{show_plan(client, keys)}\n")
             print(f"the replica's API is at {url}")
             prompt = "rallypoint keeps serving when"
             text, ids = complete(url, prompt, args.tokens)
@@ -126,14 +132,16 @@ def main(argv: list[str] | None = None) -> int:
             _text2, ids2 = result["r"]
             print(f"the stream finished {took:.2f} s after the kill: "
                   f"{'identical tokens' if ids2 == ids else 'DIFFERENT tokens'} ({len(ids2)} tokens)")
-            print(f"\n{format_plan(latest_plan(client, keys))}\n")
+            print(f"\n{show_plan(client, keys)}\n")
             show_rallyctl(client, keys, etcd.endpoints)
             show_metrics(work / "node-b")
         finally:
             client.close()
-            for d in daemons:
+            started = [d for d in daemons if d.proc is not None]
+            for d in started:
                 d.signal(signal.SIGTERM)
-            for d in daemons:
+            for d in started:
+                assert d.proc is not None
                 try:
                     d.proc.wait(timeout=15)
                 except Exception:

@@ -56,7 +56,7 @@ def cluster_view(client: EtcdClient, keys: ClusterKeys, cluster: str) -> dict[st
         except ValueError:
             pass
     leader = client.get(keys.leader)
-    rec = client.get(keys.recovery)
+    recovery = client.get(keys.recovery)
     return status_data(cluster, records, statuses, plans[-1] if plans else None,
-                       leader.value.decode() if leader else None, json.loads(rec.value) if rec else None,
+                       leader.value.decode() if leader else None, json.loads(recovery.value) if recovery else None,
                        _names_under(client, keys.cordoned), _names_under(client, keys.draining))

@@ -27,10 +27,11 @@ from rallypoint.log import get_logger
 
 log = get_logger("comm")
 
+# torch's stubs type ReduceOp.SUM as ReduceOp.RedOpType, which the options' reduceOp setter accepts
 _SUM = dist.AllreduceOptions()
-_SUM.reduceOp = dist.ReduceOp.SUM
+_SUM.reduceOp = dist.ReduceOp.SUM  # type: ignore[assignment]
 _RS_SUM = dist.ReduceScatterOptions()
-_RS_SUM.reduceOp = dist.ReduceOp.SUM
+_RS_SUM.reduceOp = dist.ReduceOp.SUM  # type: ignore[assignment]
 _A2A = dist.AllToAllOptions()
 _NOT_REDUCIBLE = {torch.bool, torch.complex32, torch.complex64, torch.complex128}
 
@@ -152,23 +153,28 @@ class Comm:
         for t in (size, header, *tensors.values()):
             if t.device != g.device:
                 raise GroupError(f"send_dict on {g.label}: tensor on {t.device}, group runs on {g.device}")
-            self._run(g, "send", t.numel() * t.element_size(),
-                      lambda t=t: g.backend.send([t.contiguous()], dst, 0))  # type: ignore[misc]
+            self._send(g, t, dst)
 
     def recv_dict(self, src: int, group: str = "pp") -> dict[str, torch.Tensor]:
         """Receive the named tensors ``send_dict`` sent from rank-in-group ``src``."""
         g = self._group(group, None)
         size = torch.empty(1, dtype=torch.int64, device=g.device)
-        self._run(g, "recv", 8, lambda: g.backend.recv([size], src, 0))
+        self._recv(g, size, src)
         header = torch.empty(int(self._host(g, size)[0]), dtype=torch.uint8, device=g.device)
-        self._run(g, "recv", header.numel(), lambda: g.backend.recv([header], src, 0))
+        self._recv(g, header, src)
         meta = json.loads(bytes(self._host(g, header).tolist()).decode())
         out = {}
         for name, (shape, dtype) in meta.items():
             t = torch.empty(shape, dtype=getattr(torch, dtype), device=g.device)
-            self._run(g, "recv", t.numel() * t.element_size(), lambda t=t: g.backend.recv([t], src, 0))  # type: ignore[misc]
+            self._recv(g, t, src)
             out[name] = t
         return out
+
+    def _send(self, g: Group, t: torch.Tensor, dst: int) -> None:
+        self._run(g, "send", t.numel() * t.element_size(), lambda: g.backend.send([t.contiguous()], dst, 0))
+
+    def _recv(self, g: Group, t: torch.Tensor, src: int) -> None:
+        self._run(g, "recv", t.numel() * t.element_size(), lambda: g.backend.recv([t], src, 0))
 
     def synchronize(self) -> None:
         """``torch.cuda.synchronize()`` that raises ``GenerationAborted`` if an abort woke it."""

@@ -19,7 +19,7 @@ import os
 import re
 import socket
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
@@ -92,9 +92,9 @@ class EtcdConfig:
 
     def to_settings(self) -> EtcdSettings:
         """Return the ``EtcdSettings`` that ``EtcdClient`` takes (durations as float seconds)."""
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return EtcdSettings(**{k: v.total_seconds() if isinstance(v, timedelta) else v
-                               for k, v in values.items()})
+        values: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        settings: dict[str, Any] = {k: v.total_seconds() if isinstance(v, timedelta) else v for k, v in values.items()}
+        return EtcdSettings(**settings)
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ class RendezvousConfig:
     last_call: timedelta = _opt(_secs(0.5), "seconds", ge=0)
     min_nodes: int = _opt(1, "int", ge=1)
     max_nodes: int = _opt(0, "int", ge=0)
-    heartbeat: timedelta = _opt(None, "seconds", gt=0)  # type: ignore[assignment]
+    heartbeat: timedelta = _opt(None, "seconds", gt=0)  # None until __post_init__ fills it in
 
     def __post_init__(self) -> None:
         if self.heartbeat is None:
@@ -363,9 +363,11 @@ def _native(kind: str, raw: Any, text: bool) -> Any:
         if math.isfinite(value):
             return value
     if kind == "bool":
+        if isinstance(raw, bool):
+            return raw
         word = raw.strip().lower() if isinstance(raw, str) else None
-        if isinstance(raw, bool) or word == "auto" or (text and word in _BOOL_WORDS):
-            return raw if isinstance(raw, bool) else _BOOL_WORDS.get(word)  # "auto" -> None
+        if word is not None and (word == "auto" or (text and word in _BOOL_WORDS)):
+            return _BOOL_WORDS.get(word)  # "auto" -> None
     if kind == "endpoints":
         items = raw.split(",") if isinstance(raw, str) else raw
         if isinstance(items, list) and all(isinstance(e, str) for e in items):
@@ -395,7 +397,7 @@ def _validated(meta: Mapping[str, Any], value: Any) -> Any:
         if not _ENDPOINT.fullmatch(endpoint):
             raise _Invalid(f"bad endpoint {_show(endpoint)}, expected host:port or "
                            "http(s)://host:port")
-    converters = {"seconds": _secs, "path": Path, "choice": str.lower}
+    converters: dict[str, Callable[[Any], Any]] = {"seconds": _secs, "path": Path, "choice": str.lower}
     return converters.get(kind, lambda v: v)(value)
 
 

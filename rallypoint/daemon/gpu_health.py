@@ -28,7 +28,7 @@ FATAL_XIDS = frozenset({48, 61, 62, 63, 64, 68, 69, 74, 79, 92, 94, 95, 119, 120
 def load_nvml() -> ModuleType | None:
     """``pynvml``, initialised, or None when it is missing or NVML does not start."""
     try:
-        import pynvml  # type: ignore[import-not-found]
+        import pynvml
     except ImportError:
         return None
     try:
@@ -103,7 +103,7 @@ class GpuHealth:
         if self._events is None:
             return []
         n = self.nvml
-        out = []
+        out: list[tuple[int, int]] = []
         while True:
             try:
                 data = n.nvmlEventSetWait(self._events, 0)

@@ -20,8 +20,8 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Callable, Iterable
-from http.server import ThreadingHTTPServer
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -131,8 +131,10 @@ class DaemonMetrics:
         if (d := now.get("resumed", 0) - before.get("resumed", 0)) > 0:
             self.resumed.labels(**self.labels).inc(d)
 
-    def serve(self, host: str, port: int) -> ThreadingHTTPServer:
-        """Serve ``/metrics`` from a background thread; raises OSError when the port is taken."""
+    def serve(self, host: str, port: int) -> WSGIServer:
+        """Serve ``/metrics`` from a background thread; raises OSError when the port is taken.
+
+        The server is prometheus_client's threading ``WSGIServer`` (an ``http.server.HTTPServer``)."""
         from prometheus_client.exposition import start_http_server
 
         server, _ = start_http_server(port, addr=host, registry=self.registry)

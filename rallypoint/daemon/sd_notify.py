@@ -26,7 +26,7 @@ class Notifier:
 
     def send(self, **fields: str | int) -> None:
         """Send ``KEY=value`` lines, e.g. ``send(READY=1, STATUS="serving gen 3")``."""
-        if self._sock is None:
+        if self._sock is None or self.address is None:
             return
         msg = "\n".join(f"{k}={v}" for k, v in fields.items()).encode()
         try:

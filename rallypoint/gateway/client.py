@@ -25,7 +25,7 @@ class CompletionClient:
                  read_timeout: float = 600.0, api_key: str | None = None) -> None:
         if not callable(gateways) and not gateways:
             raise ValueError("CompletionClient needs at least one gateway URL")
-        self.gateways = gateways if callable(gateways) else list(gateways)
+        self.gateways: list[str] | Callable[[], list[str]] = gateways if callable(gateways) else list(gateways)
         self.timeout, self.read_timeout = timeout, read_timeout
         self.headers = bearer(api_key)
 
@@ -39,7 +39,8 @@ class CompletionClient:
             RequestRejected: the request is malformed (HTTP 4xx).
             NoUpstream: no gateway could finish it within ``timeout``.
         """
-        urls = self.gateways if callable(self.gateways) else (lambda: self.gateways)
+        gateways = self.gateways
+        urls: Callable[[], list[str]] = gateways if callable(gateways) else (lambda: gateways)
         if body.get("seed") is None:  # one seed for every gateway it may go through
             body = {**body, "seed": secrets.randbits(63)}
         loop = asyncio.new_event_loop()

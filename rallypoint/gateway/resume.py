@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,7 +64,7 @@ def upstream_client(max_connections: int | None = None) -> httpx.AsyncClient:
                              timeout=httpx.Timeout(connect=5.0, read=None, write=10.0, pool=None))
 
 
-async def _events(resp: httpx.Response, read_timeout: float) -> AsyncIterator[dict[str, Any] | None]:
+async def _events(resp: httpx.Response, read_timeout: float) -> AsyncGenerator[dict[str, Any] | None, None]:
     """The stream's chunks (None for ``[DONE]``). Read as bytes, not lines: one await per network
     read, however many events it holds. A silent upstream is a broken one: each read must come
     within ``read_timeout`` (a timer per read, not one around the generator: a timeout must not
@@ -93,7 +93,7 @@ async def stream_completion(body: dict[str, Any], upstreams: Callable[[], list[s
                             path: str = "/v1/completions", client: httpx.AsyncClient | None = None,
                             headers: dict[str, str] | None = None,
                             wait_change: Callable[[list[str], float], Awaitable[None]] | None = None,
-                            ) -> AsyncIterator[dict[str, Any]]:
+                            ) -> AsyncGenerator[dict[str, Any], None]:
     """Yield the completion's chunks as the upstreams send them (OpenAI chunks of either kind).
 
     Args:

@@ -17,19 +17,29 @@ from rallypoint.protocol.grid import group_members
 
 
 class SlotLike(Protocol):
-    rank: int
-    node: str
-    local_rank: int
+    """What ``groups/`` needs of a rank slot (read-only: ``RankSlot`` is a frozen dataclass)."""
+
+    @property
+    def rank(self) -> int: ...
+    @property
+    def node(self) -> str: ...
+    @property
+    def local_rank(self) -> int: ...
 
 
 class PlanLike(Protocol):
-    """What ``groups/`` needs of a plan (``rendezvous.records.Plan`` satisfies it)."""
+    """What ``groups/`` needs of a plan (``rendezvous.records.Plan``, a frozen dataclass, satisfies it)."""
 
-    gen: int
-    tp: int
-    pp: int
-    dp: int
-    ranks: Sequence[SlotLike]
+    @property
+    def gen(self) -> int: ...
+    @property
+    def tp(self) -> int: ...
+    @property
+    def pp(self) -> int: ...
+    @property
+    def dp(self) -> int: ...
+    @property
+    def ranks(self) -> Sequence[SlotLike]: ...
 
 
 @dataclass(frozen=True)

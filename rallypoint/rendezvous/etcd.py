@@ -118,7 +118,7 @@ def _kv(raw: Any) -> KeyValue:
 def _translate(exc: BaseException, what: str, endpoint: str) -> EtcdError:
     if isinstance(exc, grpc.RpcError):
         code = exc.code() if hasattr(exc, "code") else None
-        if code in _UNAVAILABLE_CODES:
+        if code is not None and code in _UNAVAILABLE_CODES:
             return EtcdUnavailable(f"{what}: etcd at {endpoint} unavailable ({code.name})")
         details = exc.details() if hasattr(exc, "details") else str(exc)
         if code == grpc.StatusCode.NOT_FOUND and "lease not found" in str(details):
@@ -227,7 +227,7 @@ class EtcdClient:
         if state.attempt_number in (1, 2, 4) or state.attempt_number % 8 == 0:
             exc = state.outcome.exception() if state.outcome else None
             log.warning("etcd.retrying", attempt=state.attempt_number, endpoints=list(self.settings.endpoints),
-                        error=str(exc), waited=round(state.seconds_since_start, 2))
+                        error=str(exc), waited=round(state.seconds_since_start or 0.0, 2))
 
     def _call_once(self, what: str, fn: Callable[[Any], Any]) -> Any:
         self.requests += 1

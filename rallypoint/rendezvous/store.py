@@ -61,6 +61,10 @@ class EtcdStore(dist.Store):
         timeout: default deadline of ``get``/``wait``; zero waits forever. ``set_timeout`` changes it.
     """
 
+    # dist.Store's ``timeout`` property (what ``set_timeout`` sets), which torch's stubs leave out;
+    # an annotation only: the C++ property stays in charge at run time
+    timeout: timedelta
+
     def __init__(self, client: EtcdClient, prefix: str, lease: int | None = None,
                  timeout: timedelta = timedelta(seconds=30)) -> None:
         super().__init__()

@@ -22,9 +22,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 BOS, EOS, EOT = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"
 BOS_ID, EOS_ID, EOT_ID = 0, 1, 2
@@ -84,7 +87,7 @@ CASES: tuple[Case, ...] = (
 )
 
 
-def build_model(case: Case, seed: int = 0) -> torch.nn.Module:
+def build_model(case: Case, seed: int = 0) -> PreTrainedModel:
     """The case's transformers model, float32, eval, with seeded weights (see the module docstring)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -106,7 +109,7 @@ def build_model(case: Case, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def save_checkpoint(case: Case, path: str | Path, seed: int = 0) -> torch.nn.Module:
+def save_checkpoint(case: Case, path: str | Path, seed: int = 0) -> PreTrainedModel:
     """Build the case's model, ``save_pretrained`` it and the tokenizer into ``path``; return the model."""
     path = Path(path)
     model = build_model(case, seed)

@@ -77,9 +77,11 @@ class Agent:
         out["all_to_all"] = comm.all_to_all(rows, in_splits, out_splits, group=g)[:, 0].tolist()
         if cmd.get("pp") and gs.pp_size > 1:
             if gs.is_first_stage:
+                assert gs.pp_next is not None
                 comm.send_dict({"h": torch.full((2, 3), 7.0, device=dev),
                                 "pos": torch.arange(5, device=dev)}, dst=gs.pp_next, group="pp")
             else:
+                assert gs.pp_prev is not None
                 got = comm.recv_dict(src=gs.pp_prev, group="pp")
                 out["recv_dict"] = {k: [list(v.shape), str(v.dtype), v.flatten().tolist()] for k, v in got.items()}
         return out

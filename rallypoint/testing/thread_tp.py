@@ -30,8 +30,9 @@ class ThreadGroup:
         """Every rank's ``t``, in rank order."""
         self.slots[rank] = t
         self.barrier.wait()
-        out = list(self.slots)
+        out = [s for s in self.slots if s is not None]
         self.barrier.wait()  # nobody overwrites a slot before everyone has read them
+        assert len(out) == self.size  # every rank filled its slot before the first barrier
         return out
 
 

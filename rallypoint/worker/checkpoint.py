@@ -25,6 +25,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -44,7 +45,7 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}"
                  "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
                  "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
 
-_COMMON = dict(vocab_size=VOCAB, bos_token_id=BOS_ID, eos_token_ids=(EOS_ID,), rms_norm_eps=1e-5)
+_COMMON: dict[str, Any] = dict(vocab_size=VOCAB, bos_token_id=BOS_ID, eos_token_ids=(EOS_ID,), rms_norm_eps=1e-5)
 SIZES: dict[str, ModelConfig] = {
     # ~0.24 M params, 1 MB in float32; TP up to 4 (8 heads, 4 KV heads), PP up to 4.
     "tiny": ModelConfig(hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=8,

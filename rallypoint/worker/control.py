@@ -40,7 +40,7 @@ class Controller:
 
     def __init__(self, client: EtcdClient, cluster: str, seat: tuple[str, int] | None,
                  on_abort: Callable[[int, tuple[int, ...], str], None],
-                 on_drain: Callable[[set[str]], None] | None = None) -> None:
+                 on_drain: Callable[[set[str]], object] | None = None) -> None:
         self.client = client
         self.keys = ClusterKeys(cluster)
         self.seat = seat
@@ -129,8 +129,8 @@ class Controller:
         with self._cond:
             ok = self._cond.wait_for(lambda: (p := self._latest()) is not None and p.gen > after, timeout)
             if not ok:
-                raise RendezvousTimeout(f"no released plan after gen {after} for seat "
-                                        f"{self.seat[0]}/{self.seat[1]} within {timeout:g}s")
+                seat = f"{self.seat[0]}/{self.seat[1]}" if self.seat is not None else "(none yet)"
+                raise RendezvousTimeout(f"no released plan after gen {after} for seat {seat} within {timeout:g}s")
             plan = self._latest()
             assert plan is not None
             return plan

@@ -19,12 +19,17 @@ all-reduces too, and must be captured again after every group rebuild (a new com
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 import torch._dynamo
 
 from rallypoint.log import get_logger
 from rallypoint.worker.engine import KV_FLOOR
+from rallypoint.worker.model import StageModel
+
+if TYPE_CHECKING:
+    from torch.cuda import _POOL_HANDLE
 
 log = get_logger("graphs")
 
@@ -64,14 +69,14 @@ class DecodeGraphs:
     [B, 1, V]`` (a view of a static buffer, valid until the next call).
     """
 
-    def __init__(self, model: torch.nn.Module, max_batch: int, max_seq: int, device: torch.device,
+    def __init__(self, model: StageModel, max_batch: int, max_seq: int, device: torch.device,
                  compile: bool = False) -> None:
         self.model, self.max_batch, self.max_seq, self.device = model, max_batch, max_seq, device
         self.buckets = batch_buckets(max_batch)
         self.x = torch.zeros(max_batch, 1, dtype=torch.int64, device=device)
         self.pos = torch.zeros(max_batch, 1, dtype=torch.int64, device=device)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.pool: tuple[int, int] | None = None
+        self.pool: _POOL_HANDLE | None = None
         self.capture_seconds = 0.0
         self.compile_seconds = 0.0
         if compile:

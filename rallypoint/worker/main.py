@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -43,6 +44,12 @@ from rallypoint.worker.engine import Driver, EngineSettings, serve_generation, w
 from rallypoint.worker.requests import RequestQueue
 from rallypoint.worker.runtime import RankRuntime
 from rallypoint.worker.title import set_title, spare_title, worker_title
+
+if TYPE_CHECKING:
+    from rallypoint.worker.graphs import DecodeGraphs
+    from rallypoint.worker.model import StageModel
+    from rallypoint.worker.model_config import ModelConfig
+    from rallypoint.worker.tokenizer import Tokenizer
 
 os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
 
@@ -88,8 +95,9 @@ class Worker:
         self.log = get_logger("worker", node=args.node, local_rank=args.local_rank)
         self.runtime = RankRuntime(runtime_settings(args))
         self.probe = args.workload == "allreduce-probe"
-        self.config = None if self.probe else ModelConfig.from_dir(args.model)
-        self.tokenizer = None if self.probe else load_tokenizer(args.model)
+        # an all-reduce probe has no model: config and tokenizer stay None
+        self.config: ModelConfig | None = None if self.probe else ModelConfig.from_dir(args.model)
+        self.tokenizer: Tokenizer | None = None if self.probe else load_tokenizer(args.model)
         self.controller = Controller(self.runtime.client, args.cluster, None, self._on_abort,
                                      lambda _: self._close_if_draining())
         self.events = EventLog(self.runtime.client, self.runtime.keys, by=args.node)
@@ -101,8 +109,8 @@ class Worker:
         self.settings = EngineSettings(max_batch=args.max_batch, max_seq=args.max_seq,
                                        prefill_tokens=args.prefill_tokens, overlap=args.overlap == "on")
         self.queue = RequestQueue(capacity=args.queue_capacity)
-        self.model = None
-        self.graphs = None  # worker.graphs.DecodeGraphs of self.model, on a GPU with TP=1 and PP=1
+        self.model: StageModel | None = None
+        self.graphs: DecodeGraphs | None = None  # of self.model, on a GPU with TP=1 and PP=1
         self.shard: ShardKey | None = None
         self.driver: Driver | None = None
         self.api: ApiServer | None = None
@@ -199,6 +207,7 @@ class Worker:
             self.log.error("worker.preload_failed", error=str(exc))
             self.model = self.graphs = self.shard = None
             return
+        assert self.model is not None  # _ensure_shard loaded it
         captured = self.graphs.capture_all() if self.graphs is not None else 0.0
         warm_prefill(self.model, self.settings.max_seq, self.settings.prefill_tokens)
         self.model.reset_cache()
@@ -220,22 +229,23 @@ class Worker:
         if key == self.shard and self.model is not None:
             self.model.reset_cache()
             return 0.0
+        assert self.config is not None, "an all-reduce probe loads no shard"
         t0 = time.monotonic()
         self.model = self.graphs = None
         layers = layers_for(self.config.num_hidden_layers, key.pp_rank, key.pp_size)
         device = self._seat_device()
         if device.type == "cuda":
             torch.cuda.set_device(device)  # this thread's current device
-        self.model = load_stage(self.args.model, self.config, key.tp_rank, key.tp_size, layers,
+        self.model = model = load_stage(self.args.model, self.config, key.tp_rank, key.tp_size, layers,
                                 first=key.pp_rank == 0, last=key.pp_rank == key.pp_size - 1,
                                 device=device, dtype=self._dtype(), comm=TPAdapter(self.runtime))
         if not (self.settings.max_batch and self.settings.max_seq):
             self._size_cache(key, device)
-        self.model.setup_cache(self.settings.max_batch, self.settings.max_seq)
+        model.setup_cache(self.settings.max_batch, self.settings.max_seq)
         self.graphs = None
         if device.type == "cuda" and key.tp_size == 1 and key.pp_size == 1 and self.args.cuda_graphs == "on":
             from rallypoint.worker.graphs import DecodeGraphs
-            self.graphs = DecodeGraphs(self.model, self.settings.max_batch, self.settings.max_seq, device,
+            self.graphs = DecodeGraphs(model, self.settings.max_batch, self.settings.max_seq, device,
                                        compile=compile)
         self.shard = key
         took = time.monotonic() - t0
@@ -253,6 +263,7 @@ class Worker:
         else:
             import psutil
             free = psutil.virtual_memory().available
+        assert self.config is not None
         layers = len(layers_for(self.config.num_hidden_layers, key.pp_rank, key.pp_size))
         size = size_cache(self.config, layers, key.tp_size, self._dtype().itemsize, free, self.settings.max_batch,
                           self.settings.max_seq, self.args.kv_memory_fraction)
@@ -298,11 +309,13 @@ class Worker:
         """Serve the replica's API (once), and say where in the seat's URL file."""
         if self.api is None:
             self._open_api()
+        assert self.api is not None
         if self.args.api_url_file:
             with open(self.args.api_url_file, "w") as f:
                 f.write(self.api.url)
 
     def _open_api(self) -> None:
+        assert self.config is not None and self.tokenizer is not None, "an all-reduce probe serves no API"
         fe = Frontend(queue=self.queue, tokenizer=self.tokenizer, vocab_size=self.config.vocab_size,
                       state=lambda: (self.state, self.gen), model=served_model_name(self.args.model),
                       max_context=self.settings.max_seq, stream_interval=self.args.stream_interval,
@@ -359,6 +372,7 @@ class Worker:
             self.log.info("worker.serving", gen=plan.gen, rank=groups.rank, driver=is_driver,
                           shard_seconds=round(loaded, 3))
             self.events.emit(plan.gen, ev.SERVING, rank=groups.rank, driver=is_driver)
+            assert self.model is not None and self.runtime.comm is not None  # loaded and built above
             try:
                 nxt = serve_generation(self.model, self.runtime.comm, groups, self.settings, self.runtime.device,
                                        self.driver if is_driver else None, self._should_switch, self.graphs)
@@ -415,6 +429,7 @@ class Worker:
             latest = self.controller.latest()
             return latest is not None and latest.gen > plan.gen
 
+        assert self.runtime.comm is not None  # the groups were just built
         try:
             res = probe_generation(self.runtime.comm, groups, self.runtime.device, newer, self.stopping.is_set, first)
             self.log.info("worker.probe_switch", gen=plan.gen, calls=res.calls, wrong=res.wrong)
@@ -518,7 +533,11 @@ def main(argv: list[str] | None = None) -> int:
         set_title(spare_title(args.cluster, args.node, "warming up"))
     warm = warm_up(args.device) if args.spare else 0.0
     worker = Worker(args)
-    signal.signal(signal.SIGTERM, lambda *_: (worker.stopping.set(), handoff.ready.set()))
+    def on_sigterm(*_: object) -> None:
+        worker.stopping.set()
+        handoff.ready.set()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     channel = None
     if args.channel:
         try:

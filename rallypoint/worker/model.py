@@ -28,8 +28,8 @@ RoPE convention, so real HF Llama checkpoints load unchanged.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Iterable
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -352,8 +352,15 @@ class StageModel(nn.Module):
         self._compiled: list[Callable[..., Tensor]] | None = None  # compile_decode()
         self._compiled_rows = 0
 
+    def decoder_layers(self) -> Iterable[DecoderLayer]:
+        """This stage's decoder layers in order (``self.layers``' values, typed as what they are)."""
+        return cast("Iterable[DecoderLayer]", self.layers.values())
+
     def _reduce(self, t: Tensor) -> Tensor:
-        return t if self.tp_size == 1 else self.comm.all_reduce(t)
+        if self.tp_size == 1:
+            return t
+        assert self.comm is not None  # forward checked it
+        return self.comm.all_reduce(t)
 
     def _rope(self, input_pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         # input_pos: [S] or [B, S] -> cos, sin: [B or 1, 1, S, Dh], looked up in a table of every
@@ -391,7 +398,7 @@ class StageModel(nn.Module):
         cos, sin = self._rope(input_pos, h.dtype)
         masks = self._masks(input_pos, h.shape[1], kv_len, h.dtype)
         compiled = self._compiled if h.shape[1] == 1 and rows is None and h.shape[0] <= self._compiled_rows else None
-        for i, layer in enumerate(self.layers.values()):
+        for i, layer in enumerate(self.decoder_layers()):
             attn = layer.self_attn
             mask = masks.get(attn.window, attn.heads // attn.kv_heads)
             h = (compiled[i] if compiled else layer)(h, cos, sin, input_pos, mask, self._reduce, rows, kv_len)
@@ -401,13 +408,14 @@ class StageModel(nn.Module):
             h = h.gather(1, last.view(-1, 1, 1).expand(-1, 1, h.shape[-1]))          # [B, 1, D]
         logits = self.lm_head(self.norm(h))                                          # [B, S or 1, V/tp]
         if self.tp_size > 1:
+            assert self.comm is not None  # checked above
             logits = self.comm.all_gather(logits, dim=-1)                            # [B, S, V]
         return logits.float()
 
     def fuse(self) -> StageModel:
         """Fuse each layer's q/k/v and gate/up projections into one matmul each (fewer kernels per
         step; the parameters stay, as views). Call once the weights are loaded."""
-        for layer in self.layers.values():
+        for layer in self.decoder_layers():
             layer.self_attn.fuse()
             layer.mlp.fuse()
         return self
@@ -428,12 +436,12 @@ class StageModel(nn.Module):
         """
         self._compiled_rows = max_rows
         self._compiled = [torch.compile(layer, backend=backend, dynamic=True, fullgraph=True)
-                          for layer in self.layers.values()]
+                          for layer in self.decoder_layers()]
         return self
 
     def _masks(self, input_pos: Tensor, s: int, kv_len: int | None, dtype: torch.dtype) -> Masks:
         qpos = input_pos if input_pos.dim() == 2 else input_pos[None]                 # [B or 1, S]
-        cache = next((layer.self_attn.kv_cache for layer in self.layers.values()), None)
+        cache = next((layer.self_attn.kv_cache for layer in self.decoder_layers()), None)
         if cache is None:
             return Masks(qpos, qpos, dtype)                                           # T = S: within the input
         t = cache.k.shape[2] if kv_len is None else kv_len
@@ -445,20 +453,20 @@ class StageModel(nn.Module):
         if max_seq > self.config.max_position_embeddings:
             raise ValueError(f"max_seq {max_seq} > max_position_embeddings {self.config.max_position_embeddings}")
         ref = next(self.parameters())
-        for layer in self.layers.values():
+        for layer in self.decoder_layers():
             attn = layer.self_attn
             attn.kv_cache = KVCache(max_batch, attn.kv_heads, max_seq, attn.head_dim,
                                     dtype or ref.dtype, torch.device(device) if device else ref.device)
 
     def reset_cache(self) -> None:
         """Zero every layer's KV cache (kept allocated)."""
-        for layer in self.layers.values():
+        for layer in self.decoder_layers():
             if layer.self_attn.kv_cache is not None:
                 layer.self_attn.kv_cache.reset()
 
     def drop_cache(self) -> None:
         """Free every layer's KV cache; ``forward`` then attends only within its input."""
-        for layer in self.layers.values():
+        for layer in self.decoder_layers():
             layer.self_attn.kv_cache = None
 
     def hf_names(self) -> dict[str, str]:

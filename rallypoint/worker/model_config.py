@@ -262,7 +262,7 @@ class ModelConfig:
         heads = d["num_attention_heads"]
         kv_heads = d.get("num_key_value_heads")
         kv_heads = kv_heads if kv_heads is not None else (fam.num_key_value_heads or heads)
-        head_dim = d.get("head_dim") if d.get("head_dim") is not None else (fam.head_dim or 0)
+        head_dim = d["head_dim"] if d.get("head_dim") is not None else (fam.head_dim or 0)
         max_pos = d.get("max_position_embeddings", fam.max_position_embeddings)
         attention_bias = _bool(d, "attention_bias", False, where)
         window, layer_types = _attention_layout(d, fam, mt, where)
@@ -460,7 +460,8 @@ def _rope_norm(rp: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _attention_layout(d: dict[str, Any], fam: _Family, mt: str, where: str) -> tuple[int | None, list[str] | None]:
+def _attention_layout(d: dict[str, Any], fam: _Family, mt: str,
+                      where: str) -> tuple[int | None, tuple[str, ...] | None]:
     """``(sliding_window, layer_types)`` as transformers derives them for ``mt``.
 
     Mistral slides every layer when ``sliding_window`` is set. Qwen2/Qwen3 use the window only with
@@ -482,4 +483,4 @@ def _attention_layout(d: dict[str, Any], fam: _Family, mt: str, where: str) -> t
         types = [SLIDING if window is not None and i >= first else FULL for i in range(d["num_hidden_layers"])]
     if not isinstance(types, list):
         raise CheckpointError(f"{where}: layer_types must be a list, got {types!r}")
-    return window, types
+    return window, tuple(types)

@@ -23,13 +23,18 @@ class StageComm(Protocol):
 
 
 class StageGroups(Protocol):
-    """What the pipeline needs of a ``GroupSet``."""
+    """What the pipeline needs of a ``GroupSet`` (read-only, as its properties are)."""
 
-    pp_size: int
-    is_first_stage: bool
-    is_last_stage: bool
-    pp_next: int | None
-    pp_prev: int | None
+    @property
+    def pp_size(self) -> int: ...
+    @property
+    def is_first_stage(self) -> bool: ...
+    @property
+    def is_last_stage(self) -> bool: ...
+    @property
+    def pp_next(self) -> int | None: ...
+    @property
+    def pp_prev(self) -> int | None: ...
 
 
 @torch.no_grad()
@@ -54,11 +59,13 @@ def pipeline_forward(stage: StageModel, comm: StageComm, groups: StageGroups, x:
             raise ValueError("the first stage needs the token ids and their positions")
         h = stage(x, input_pos, rows)                                             # [B, S, D] or logits
     else:
+        assert groups.pp_prev is not None  # every stage but the first has a previous one
         got = comm.recv_dict(src=groups.pp_prev, group="pp")
         input_pos, rows = got["pos"], got.get("rows")                             # [S] or [B, S]; [B]
         h = stage(got["h"], input_pos, rows)                                      # [B, S, D] or logits
     if groups.is_last_stage:
         return h
+    assert groups.pp_next is not None  # every stage but the last has a next one
     comm.send_dict({"h": h, "pos": input_pos, **({"rows": rows} if rows is not None else {})},
                    dst=groups.pp_next, group="pp")
     return None

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import jinja2
 from jinja2 import nodes
@@ -198,7 +198,8 @@ def _chat_template(path: Path, cfg: dict[str, Any]) -> str | None:
 class _GenerationTag(Extension):
     """``{% generation %}...{% endgeneration %}`` (marks assistant text for training masks): renders its body."""
 
-    tags: ClassVar[set[str]] = {"generation"}
+    # jinja2's Extension declares ``tags`` as a plain (instance) set attribute, so no ClassVar here
+    tags = {"generation"}  # noqa: RUF012
 
     def parse(self, parser: Any) -> nodes.Node:
         lineno = next(parser.stream).lineno
