@@ -24,7 +24,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from http.server import ThreadingHTTPServer
+from http.server import HTTPServer
 from types import FrameType
 from typing import Any
 
@@ -45,27 +45,26 @@ from rallypoint.protocol import channel as msgs
 from rallypoint.protocol.keys import ClusterKeys
 from rallypoint.protocol.orders import wait_drained
 from rallypoint.recovery import events as ev
-from rallypoint.recovery.coordinator import (
-    BUG,
-    IDLE,
+from rallypoint.recovery.coordinator import BUG, IDLE, Policy, RecoveryCoordinator
+from rallypoint.recovery.events import EventLog
+from rallypoint.recovery.inbox import (
     DiagnosisWritten,
     EventWritten,
     GpuUnhealthy,
     KillOrdered,
     Observation,
-    Policy,
     PredecessorLost,
-    RecoveryCoordinator,
     WorkerExited,
 )
-from rallypoint.recovery.events import EventLog
 from rallypoint.recovery.machine import RecoveryMachine
 from rallypoint.recovery.retention import PRUNE_EVERY, keep_from, prune_history
-from rallypoint.rendezvous.etcd import EtcdClient, PrefixWatch
+from rallypoint.rendezvous.etcd import EtcdClient, PrefixWatch, WatchEvent
 from rallypoint.rendezvous.records import ClusterSpec, Plan
 from rallypoint.rendezvous.rendezvous import Rendezvous, RendezvousSettings, local_record
 
 __all__ = ["BUG", "Daemon", "cluster_spec"]
+
+_CLOSED = WatchEvent("closed", "", b"", 0)  # queued by shutdown after a followed watch is closed
 
 
 def cluster_spec(cfg: Config) -> ClusterSpec:
@@ -112,7 +111,7 @@ class Daemon:
         self.rendezvous.on_lost = self.coordinator.nodes_lost  # called on the loop, before the plan is written
         self.metrics_url: str | None = None
         self.gateway_url: str | None = None
-        self._metrics_server: ThreadingHTTPServer | None = None
+        self._metrics_server: HTTPServer | None = None
         self.gateway: Gateway | None = None
         self._etcd_ok = False
         self._watches: list[PrefixWatch] = []
@@ -190,7 +189,7 @@ class Daemon:
         self._watches.append(watch)
 
         def loop() -> None:
-            while (e := watch.get()) is not None:
+            while (e := watch.get()) is not None and e is not _CLOSED:
                 if e.kind == "put":
                     self.coordinator.observe(observation(e.key, e.value))
 
@@ -409,7 +408,7 @@ class Daemon:
         self.log.info("rallyd.cycle", said=said)
         for w in self._watches:
             w.close()
-            w.events.put(None)
+            w.events.put(_CLOSED)  # ends its _follow thread
         if self.supervisor is not None:
             self.supervisor.stop_all()
         try:

@@ -1,9 +1,10 @@
 """The worker processes of this node: start them on their seats, notice at once when one dies.
 
 One thread per child blocks in ``wait()``, so an exit is seen within milliseconds (no polling
-interval to wait out) and reported through ``on_exit`` from that thread. Restarts are budgeted per
-window: past the budget a seat stays down and the daemon reports the cluster degraded, rather than
-restarting in a loop. Children run in their own session and are killed by PID, never orphaned.
+interval to wait out) and reported through ``on_exit`` from that thread. Whether a failed seat is
+restarted is not decided here (``recovery.coordinator`` decides, and budgets cold restarts per
+window); spares that die on their own are budgeted here, so a spare that cannot start does not
+loop. Children run in their own session and are killed by PID, never orphaned.
 
 Warm spares are worker processes started with no seat (``local_rank`` None): they import torch,
 bring CUDA up and open their etcd session, then say hello on the local channel and wait.
@@ -73,7 +74,8 @@ class Supervisor:
         log_dir: where each worker's stdout/stderr go.
         on_exit: called as ``on_exit(worker, returncode)`` from the watcher thread, for exits the
             supervisor did not ask for (seats only: a spare that dies is simply replaced).
-        budget, window: at most ``budget`` restarts per ``window`` seconds.
+        budget, window: at most ``budget`` spares replaced per ``window`` seconds after dying
+            on their own.
         spares: warm spares to keep.
         channel: the local control channel the spares say hello on (needed for spares).
         seat_params: extra fields of an ``adopt`` message for a seat (its API port, URL file).
@@ -94,7 +96,6 @@ class Supervisor:
         self.want_spares = spares if channel is not None else 0
         self.channel = channel
         self.seat_params = seat_params or (lambda lr: {})
-        self.restarts = RestartBudget(budget, window)
         self.spare_crashes = RestartBudget(budget, window)  # spares that died on their own
         self._lock = threading.Lock()
         self._start_lock = threading.Lock()
@@ -180,18 +181,13 @@ class Supervisor:
         return w
 
     def ensure(self, local_rank: int, after_gen: int = 0) -> WorkerProcess:
-        """The live worker of seat ``local_rank``, started if there is none (atomic: the exit
-        watcher and the daemon's loop may both ask at once, and a seat gets one process)."""
+        """The live worker of seat ``local_rank``, started if there is none (atomic: a seat gets
+        one process, whoever asks)."""
         with self._start_lock:
             w = self.workers.get(local_rank)
             if w is not None and w.proc.poll() is None:
                 return w
             return self.start(local_rank, after_gen)
-
-    def may_restart(self) -> bool:
-        """True (and counted) while the restart budget of the window is not spent."""
-        with self._lock:
-            return self.restarts.take()
 
     def _watch(self, w: WorkerProcess) -> None:
         code = w.proc.wait()

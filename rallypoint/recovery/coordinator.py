@@ -5,9 +5,10 @@ watchdog names one of our seats stuck (an etcd watch), an operator orders a dril
 watch), NVML reports a GPU gone (a poller): each used to act where it was seen, so two sightings
 of one failure (the diagnosis, then the exit it causes) could race each other's choices. Now
 whoever sees something only *records* it: ``RecoveryCoordinator.observe`` puts an observation in
-a thread-safe ``Inbox``. The daemon's loop calls ``run_cycle()`` once per cycle; it takes what
-was recorded, in arrival order, decides and acts, and returns one sentence saying what it did
-(Patroni's HA loop: "no recovery needed", "ordered abort of gen 4 rank(s) [1]: ...").
+a thread-safe ``Inbox`` (``recovery/inbox.py``). The daemon's loop calls ``run_cycle()`` once per
+cycle; it takes what was recorded, in arrival order, decides and acts, and returns one sentence
+saying what it did (Patroni's HA loop: "no recovery needed", "ordered abort of gen 4 rank(s) [1]:
+...").
 
 **Latency.** Recovery start time is a product metric (kill -> serving in 0.1-0.3 s), so recording
 must not mean waiting for the next cycle: ``Inbox.put`` calls the loop's ``wake`` (rallyd's loop
@@ -30,7 +31,6 @@ import json
 import signal
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -40,6 +40,16 @@ from rallypoint.protocol import exit_codes
 from rallypoint.protocol.keys import ClusterKeys
 from rallypoint.recovery import events as ev
 from rallypoint.recovery.events import Event
+from rallypoint.recovery.inbox import (
+    DiagnosisWritten,
+    EventWritten,
+    GpuUnhealthy,
+    Inbox,
+    KillOrdered,
+    Observation,
+    PredecessorLost,
+    WorkerExited,
+)
 from rallypoint.recovery.machine import RecoveryMachine, Transition
 from rallypoint.recovery.strategy import RESTART, SHRINK, SPARE, Decision, RestartBudget, choose
 from rallypoint.rendezvous.records import Plan
@@ -52,98 +62,6 @@ if TYPE_CHECKING:
 IDLE = "no recovery needed"
 BUG = "unexpected error in the loop, please report it as a BUG"
 HOW = {SPARE: "a warm spare took the seat", RESTART: "restarted in place", SHRINK: "seat left out"}
-
-
-# -- observations: what watcher threads record -----------------------------------------------
-
-
-@dataclass(frozen=True)
-class WorkerExited:
-    """A seat's worker exited without being asked to (``plan``: the generation it was in)."""
-
-    plan: Plan | None
-    local_rank: int
-    pid: int
-    code: int
-
-
-@dataclass(frozen=True)
-class DiagnosisWritten:
-    """A watchdog's diagnosis appeared under ``status/diagnosis/`` (raw, parsed on the loop)."""
-
-    key: str
-    value: bytes
-
-
-@dataclass(frozen=True)
-class KillOrdered:
-    """``rallyctl kill`` asked for a signal to one of this node's seats (``control/kill/``)."""
-
-    key: str
-    value: bytes
-
-
-@dataclass(frozen=True)
-class EventWritten:
-    """A recovery event of the cluster appeared under ``events/`` (folded into the phase)."""
-
-    key: str
-    value: bytes
-
-
-@dataclass(frozen=True)
-class GpuUnhealthy:
-    """NVML says GPU ``gpu`` (the seat of the same local rank) is unhealthy."""
-
-    gpu: int
-    why: str
-
-
-@dataclass(frozen=True)
-class PredecessorLost:
-    """This rallyd started into a released ``plan`` naming its node: its predecessor's ranks died."""
-
-    plan: Plan
-
-
-Observation = WorkerExited | DiagnosisWritten | KillOrdered | EventWritten | GpuUnhealthy | PredecessorLost
-
-
-class Inbox:
-    """Observations recorded by any thread, taken by the loop in arrival order.
-
-    Args:
-        wake: called after each ``put`` to end the loop's current wait early (any thread).
-    """
-
-    def __init__(self, wake: Callable[[], None] | None = None) -> None:
-        self._items: deque[Observation] = deque()
-        self._lock = threading.Lock()
-        self._arrived = threading.Event()
-        self._wake = wake
-
-    def put(self, obs: Observation) -> None:
-        with self._lock:
-            self._items.append(obs)
-        self._arrived.set()
-        if self._wake is not None:
-            self._wake()
-
-    def take(self) -> list[Observation]:
-        """Everything recorded since the last ``take``, oldest first."""
-        with self._lock:
-            items = list(self._items)
-            self._items.clear()
-            self._arrived.clear()
-        return items
-
-    def wait(self, timeout: float) -> bool:
-        """Block until something is recorded (True) or ``timeout`` seconds pass (False)."""
-        return self._arrived.wait(timeout)
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._items)
 
 
 # -- what the coordinator acts through ---------------------------------------------------------

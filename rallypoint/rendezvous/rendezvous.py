@@ -361,7 +361,7 @@ class Rendezvous:
                     self._emit(current.gen, "layout_ok")
                     return f"gen {current.gen} fits again"
                 return ""
-        if replan is not None and set(current.members) == live:
+        if replan is not None and current is not None and set(current.members) == live:
             try:
                 plan = make_plan(self.gen + 1, self._placeable(), self.settings.spec, replan[1], self.settings.node,
                                  previous=current)
@@ -388,7 +388,7 @@ class Rendezvous:
         self._last_problem = ""
         self._capacity_changed = False
         lost = sorted(set(current.members) - live) if current is not None else []
-        if lost and self.on_lost is not None:
+        if lost and current is not None and self.on_lost is not None:
             # Their ranks' peers may be blocked on them in a collective that no error will end
             # (NCCL does not see a dead peer): have the groups that contain them aborted now.
             self.on_lost(current, lost)
