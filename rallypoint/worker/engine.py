@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -43,6 +44,8 @@ _TEMP_SCALE = 1_000_000  # temperatures travel as integers in the int64 header
 
 
 class StageLike(Protocol):
+    def parameters(self) -> Iterator[torch.nn.Parameter]: ...
+
     def forward(self, x: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None = None,
                 kv_len: int | None = None, last: torch.Tensor | None = None) -> torch.Tensor: ...
 
@@ -178,6 +181,7 @@ def step(model: StageLike, comm: Comm, groups: GroupSet, max_batch: int, device:
                 comm.broadcast(x, src=0, group="tp")
             x = x.view(b, s)
     else:
+        assert groups.pp_prev is not None, "a later stage has a previous one"
         got = comm.recv_dict(src=groups.pp_prev, group="pp")
         hdr_dev, x = got["hdr"], got.get("h")
         hdr = hdr_dev.cpu()
@@ -189,12 +193,14 @@ def step(model: StageLike, comm: Comm, groups: GroupSet, max_batch: int, device:
             hdr_dev = hdr_dev.to(device, non_blocking=True)  # one copy; every field is a slice of it
         starts = _field(hdr_dev, mb, STARTS, b)
         pos = starts[:, None] + torch.arange(s, device=device)[None, :]                  # [B, S]
+        assert x is not None, "a compute step carries its tokens or hidden states"
         if kind == DECODE:
             out = decode(x, pos, kv_len) if decode is not None else model.forward(x, pos, None, kv_len)
         else:
             last = _field(hdr_dev, mb, LENS, b) - 1 if groups.is_last_stage else None
             out = model.forward(x, pos, _field(hdr_dev, mb, ROWS, b), kv_len, last)
     if not groups.is_last_stage:
+        assert groups.pp_next is not None, "an earlier stage has a next one"
         comm.send_dict({"hdr": hdr_dev.to(device), **({"h": out} if out is not None else {})}, dst=groups.pp_next,
                        group="pp")
     nxt = None
