@@ -107,6 +107,10 @@ class RendezvousConfig:
         min_nodes: nodes needed before a plan is written.
         max_nodes: most nodes admitted to a generation; 0 means unlimited.
         heartbeat: the loop's period; ``lease_ttl / 3`` when not given.
+        keep_generations: generations of history the leader keeps in etcd before the newest
+            released one (plans, releases, orders, events, group stores); older ones are deleted
+            (``recovery.retention``), so etcd's key count levels off instead of growing with
+            every recovery. ``rallyctl plan``/``events`` see this far back.
     """
 
     lease_ttl: timedelta = _opt(_secs(3.0), "seconds", gt=0)
@@ -114,6 +118,7 @@ class RendezvousConfig:
     min_nodes: int = _opt(1, "int", ge=1)
     max_nodes: int = _opt(0, "int", ge=0)
     heartbeat: timedelta = _opt(None, "seconds", gt=0)  # None until __post_init__ fills it in
+    keep_generations: int = _opt(100, "int", ge=1)
 
     def __post_init__(self) -> None:
         if self.heartbeat is None:

@@ -250,13 +250,14 @@ class Daemon:
         """As leader, delete the generations before the window (``recovery.retention``), so etcd
         holds a window of history rather than all of it. A failure is retried at the next release."""
         try:
-            counts = prune_history(self.client, self.keys, released_gen)
+            counts = prune_history(self.client, self.keys, released_gen, keep=self.cfg.rendezvous.keep_generations)
         except EtcdError as exc:
             self.log.warning("leader.prune_failed", gen=released_gen, error=str(exc))
             return
         self._pruned_at = released_gen
         if counts:
-            self.log.info("leader.pruned", gen=released_gen, before_gen=keep_from(released_gen),
+            self.log.info("leader.pruned", gen=released_gen,
+                          before_gen=keep_from(released_gen, self.cfg.rendezvous.keep_generations),
                           deleted=sum(counts.values()), **counts)
 
     # -- the loop ---------------------------------------------------------------------------

@@ -3,8 +3,8 @@
 All keys sit under ``/rallypoint/<cluster>/``; every generation in a key is zero-padded to
 ``GEN_WIDTH`` digits so that keys sort by generation. The lifetimes, in short (each method says its
 own): *leased* keys vanish with their writer's lease; *pruned* keys are deleted by the leader
-(``recovery.retention.prune_history``: the generations more than 100 before the newest released
-one; a taint also has to be that old, see ``taint``); the rest are *permanent* until someone
+(``recovery.retention.prune_history``: the generations more than ``[rendezvous] keep_generations``
+(100) before the newest released one; a taint also has to be that old, see ``taint``); the rest are *permanent* until someone
 named deletes them, or forever. ``ClusterKeys.older_than`` lists the pruned ranges; leased keys of
 a generation are in it too (a daemon or worker that lives long would keep every one on its lease).
 

@@ -18,6 +18,7 @@ left behind.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import random
 import sys
@@ -38,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenarios", default="", help="comma-separated (default: all that fit the nodes)")
     ap.add_argument("--runs", type=int, default=3, help="runs of each scenario")
     ap.add_argument("--soak", type=float, default=900.0, help="soak seconds after the scenarios (0: none)")
+    ap.add_argument("--keep-generations", type=int, default=0,
+                    help="the daemons' [rendezvous] keep_generations (0: their default, 100): a smaller "
+                         "window lets a soak reach the level etcd's key count settles at")
     ap.add_argument("--sample-every", type=float, default=300.0,
                     help="seconds between two measures of etcd's key count and database size (0: start and end)")
     ap.add_argument("--mtbf", type=float, default=20.0, help="mean seconds between soak faults")
@@ -56,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.root is not None and args.root.exists() and any(args.root.iterdir()):
         ap.error(f"--root {args.root} is not empty (an earlier run's etcd data would not form a new "
                  "cluster): remove it or name another")
+    if args.keep_generations:  # the daemons take it from their environment, as from a systemd EnvironmentFile
+        os.environ["RALLYPOINT_RENDEZVOUS_KEEP_GENERATIONS"] = str(args.keep_generations)
     root = args.root or Path(tempfile.mkdtemp(prefix="rallypoint-chaos-"))
     rng = random.Random(args.seed)
     t0 = time.time()
