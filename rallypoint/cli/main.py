@@ -173,7 +173,7 @@ def cmd_kill(args: argparse.Namespace) -> int:
 
 
 def cmd_make_model(args: argparse.Namespace) -> int:
-    """Write a seeded random checkpoint (Llama, Mistral, Qwen2 or Qwen3) in Hugging Face format."""
+    """Write a seeded random checkpoint (Llama, Mistral, Qwen2, Qwen3, or Mixtral: ``moe``) in Hugging Face format."""
     from rallypoint.worker.checkpoint import make_model
 
     path = make_model(args.dir, args.size, seed=args.seed, arch=args.arch)
@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-model", help="write a seeded random checkpoint in Hugging Face format")
     p.add_argument("dir")
     p.add_argument("--size", default="tiny", choices=("tiny", "small", "1b"))
-    p.add_argument("--arch", default="llama", choices=("llama", "mistral", "qwen2", "qwen3"))
+    p.add_argument("--arch", default="llama", choices=("llama", "mistral", "qwen2", "qwen3", "mixtral", "moe"),
+                   help="the family's layout; moe: Mixtral's (8 experts, 2 per token)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_make_model)
     return ap

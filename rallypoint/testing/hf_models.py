@@ -2,15 +2,19 @@
 
 The parity tests (``tests/integration/test_hf_parity.py`` on the CPU, ``tests/gpu/
 test_transformers_parity.py`` on a GPU) build the same matrix: each ``Case`` is one family with the
-features that change the math (rope scaling, tied embeddings, biases, q/k norms, sliding windows),
-made by transformers itself (``AutoModelForCausalLM.from_config``, then ``save_pretrained``), so
-what we read is what transformers writes. ``old_spelling`` rewrites ``config.json`` the way
+features that change the math (rope scaling, tied embeddings, biases, q/k norms, sliding windows,
+Mixtral's sparse mixture of experts), made by transformers itself
+(``AutoModelForCausalLM.from_config``, then ``save_pretrained``), so what we read is what
+transformers writes. ``old_spelling`` rewrites ``config.json`` the way
 transformers 4 wrote it (top-level ``rope_theta`` and ``rope_scaling``, ``torch_dtype``).
 
 Weights are redrawn after init so the logits have clear winners (transformers' own init, std
 0.02, gives near-ties that make greedy comparisons a coin toss): embedding N(0, 1), projections
-N(0, 1/in_features), biases N(0, 1/16), norm scales 1 + N(0, 0.2^2) (so a norm read from the
-wrong tensor shows).
+N(0, 1/in_features) (a router's too, so routing is decided, and the experts' stacked
+``[experts, out, in]`` tensors), biases N(0, 1/16), norm scales 1 + N(0, 0.2^2) (so a norm read
+from the wrong tensor shows). transformers keeps a Mixtral's experts stacked in memory and writes
+them one tensor per expert (``block_sparse_moe.experts.{i}.w1``), the layout of the published
+checkpoints.
 
 The tokenizer is a byte-level BPE trained on a few sentences, with Llama 3's special tokens and
 post-processor (BOS before every text) and a Llama-3-style chat template, saved through
@@ -84,6 +88,7 @@ CASES: tuple[Case, ...] = (
     Case("qwen2-bias", "qwen2"),
     Case("qwen2-sliding-layers", "qwen2", dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)),
     Case("qwen3-qk-norm-tied", "qwen3", dict(head_dim=32, tie_word_embeddings=True)),
+    Case("mixtral-moe", "mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
 )
 
 
@@ -105,7 +110,7 @@ def build_model(case: Case, seed: int = 0) -> PreTrainedModel:
             elif "embed_tokens" in name:
                 p.copy_(noise)
             else:
-                p.copy_(noise * p.shape[1] ** -0.5)
+                p.copy_(noise * p.shape[-1] ** -0.5)  # [out, in], or [experts, out, in]
     return model
 
 

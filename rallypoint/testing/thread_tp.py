@@ -1,16 +1,16 @@
 """Tensor-parallel collectives between threads of one process: the TP math without process groups.
 
-``run_tp(size, fn)`` calls ``fn(rank, comm)`` on ``size`` threads whose ``comm`` all-reduces and
-all-gathers among them (sums in rank order, so results are deterministic). A test can then load
-every rank's shard in one process and check that the slices and the reductions add up, at a
-fraction of the cost of starting rank processes.
+``run_tp(size, fn)`` calls ``fn(rank, comm)`` on ``size`` threads whose ``comm`` all-reduces,
+all-gathers and all-to-alls among them (sums in rank order, so results are deterministic). A test
+can then load every rank's shard in one process and check that the slices, the reductions and a
+mixture of experts' dispatch add up, at a fraction of the cost of starting rank processes.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -23,10 +23,10 @@ class ThreadGroup:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.slots: list[Tensor | None] = [None] * size
+        self.slots: list[Any] = [None] * size
         self.barrier = threading.Barrier(size, timeout=60)
 
-    def exchange(self, rank: int, t: Tensor) -> list[Tensor]:
+    def exchange(self, rank: int, t: T) -> list[T]:
         """Every rank's ``t``, in rank order."""
         self.slots[rank] = t
         self.barrier.wait()
@@ -37,7 +37,7 @@ class ThreadGroup:
 
 
 class ThreadComm:
-    """``model.TPComm`` for one rank of a ``ThreadGroup``."""
+    """``model.ModelComm`` for one rank of a ``ThreadGroup`` (the EP group is the TP group)."""
 
     def __init__(self, group: ThreadGroup, rank: int) -> None:
         self.group, self.rank = group, rank
@@ -51,6 +51,12 @@ class ThreadComm:
 
     def all_gather(self, t: Tensor, dim: int = -1) -> Tensor:
         return torch.cat(self.group.exchange(self.rank, t), dim=dim)
+
+    def all_to_all(self, t: Tensor, in_splits: Sequence[int], out_splits: Sequence[int]) -> Tensor:
+        parts = self.group.exchange(self.rank, t.split(list(in_splits)))   # every rank's chunks, by destination
+        mine = [p[self.rank] for p in parts]
+        assert [len(m) for m in mine] == list(out_splits), (out_splits, [len(m) for m in mine])
+        return torch.cat(mine)
 
 
 def run_tp(size: int, fn: Callable[[int, ThreadComm], T]) -> list[T]:

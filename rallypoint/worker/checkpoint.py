@@ -1,4 +1,5 @@
-"""Seeded random checkpoints in Hugging Face format (Llama, Mistral, Qwen2, Qwen3) and their byte-level tokenizer.
+"""Seeded random checkpoints in Hugging Face format (Llama, Mistral, Qwen2, Qwen3, Mixtral) and their byte-level
+tokenizer.
 
 ``make_model(dir, size, seed, arch)`` writes ``config.json`` and ``generation_config.json`` with
 the keys transformers writes for that family, the tokenizer files (``tokenizer.json``,
@@ -8,13 +9,17 @@ the keys transformers writes for that family, the tokenizer files (``tokenizer.j
 and seed, same bytes; ``AutoModelForCausalLM`` and ``AutoTokenizer`` load the result.
 
 Weights are drawn so activations stay O(1) and greedy decoding has clear winners: embedding
-N(0, 1), every projection N(0, 1/in_features) (the LM head too, so logits are O(1)), biases
-N(0, 1/16), norms ones.
+N(0, 1), every projection N(0, 1/in_features) (the LM head and a mixture of experts' router too,
+so logits are O(1) and routing is decided), biases N(0, 1/16), norms ones.
+
+``arch="moe"`` is ``"mixtral"``: Mixtral's layout, 8 experts per layer of the size's MLP width,
+2 per token, so a tiny one spreads over up to 8 EP ranks.
 
 The tokenizer is byte-level: ids 0..255 are the bytes of the UTF-8 text, ``<s>`` (256) and
 ``</s>`` (257) are special, and its post-processor puts ``<s>`` before every text, as Llama's does.
 
-Command line: ``python -m rallypoint.worker.checkpoint DIR --size tiny --arch llama --seed 0``.
+Command line: ``python -m rallypoint.worker.checkpoint DIR --size tiny --arch llama --seed 0`` (or
+``rallyctl make-model``).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers, processors
 
 from rallypoint.errors import CheckpointError
-from rallypoint.worker.model_config import CONFIG_FILE, FAMILIES, HF_VERSION, ModelConfig, Rope
+from rallypoint.worker.model_config import CONFIG_FILE, FAMILIES, HF_VERSION, MOE_FAMILIES, ModelConfig, Rope
 from rallypoint.worker.tokenizer import CHAT_TEMPLATE_FILE, GENERATION_CONFIG, TOKENIZER_CONFIG, TOKENIZER_FILE
 
 WEIGHTS_FILE = "model.safetensors"
@@ -41,6 +46,9 @@ INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 1 << 30  # 1 GiB: "1b" (2 GB in bf16) is written as 2 shards
 BOS_ID, EOS_ID, VOCAB = 256, 257, 320  # bytes 0..255, two specials, padded to a multiple of 64
 BOS, EOS = "<s>", "</s>"
+ARCH_ALIASES = {"moe": "mixtral"}
+ARCHS = (*FAMILIES, *ARCH_ALIASES)  # what make_model's arch takes
+MOE_EXPERTS, MOE_TOP_K = 8, 2        # Mixtral 8x7B's
 CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}"
                  "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
                  "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
@@ -64,14 +72,18 @@ def arch_config(config: ModelConfig, arch: str) -> ModelConfig:
     """``config``'s shape as family ``arch``, with what that family's checkpoints have.
 
     Mistral: a sliding window of 1/16 of the context; Qwen2: q/k/v biases; Qwen3: q/k norms and
-    tied embeddings (as Qwen3's small models).
+    tied embeddings (as Qwen3's small models); Mixtral (``moe``): ``MOE_EXPERTS`` experts per layer,
+    each as wide as the dense MLP, ``MOE_TOP_K`` per token, full attention (as Mixtral 8x7B).
     """
+    arch = ARCH_ALIASES.get(arch, arch)
     if arch not in FAMILIES:
-        raise CheckpointError(f"unknown arch {arch!r}; choose one of {', '.join(FAMILIES)}")
+        raise CheckpointError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
     window = max(8, config.max_position_embeddings // 16) if arch == "mistral" else None
     tied = True if arch == "qwen3" else config.tie_word_embeddings
+    moe = arch in MOE_FAMILIES
     return replace(config, model_type=arch, qkv_bias=arch == "qwen2", o_bias=False, qk_norm=arch == "qwen3",
-                   sliding_window=window, layer_types=None, tie_word_embeddings=tied)
+                   sliding_window=window, layer_types=None, tie_word_embeddings=tied,
+                   num_experts=MOE_EXPERTS if moe else 0, num_experts_per_tok=MOE_TOP_K if moe else 0)
 
 
 # -- tokenizer -------------------------------------------------------------------------------
@@ -121,10 +133,15 @@ def tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             out[p + "self_attn.o_proj.bias"] = (d,)
         if config.qk_norm:
             out.update({p + "self_attn.q_norm.weight": (dh,), p + "self_attn.k_norm.weight": (dh,)})
-        out.update({
-            p + "mlp.gate_proj.weight": (i, d), p + "mlp.up_proj.weight": (i, d), p + "mlp.down_proj.weight": (d, i),
-            p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
-        })
+        if config.num_experts:  # Mixtral's names; experts in index order, so an EP rank's lie together
+            out[p + "block_sparse_moe.gate.weight"] = (config.num_experts, d)
+            for e in range(config.num_experts):
+                x = f"{p}block_sparse_moe.experts.{e}."
+                out.update({x + "w1.weight": (i, d), x + "w2.weight": (d, i), x + "w3.weight": (i, d)})
+        else:
+            out.update({p + "mlp.gate_proj.weight": (i, d), p + "mlp.up_proj.weight": (i, d),
+                        p + "mlp.down_proj.weight": (d, i)})
+        out.update({p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,)})
     out["model.norm.weight"] = (d,)
     if not config.tie_word_embeddings:
         out["lm_head.weight"] = (config.vocab_size, d)
@@ -169,8 +186,8 @@ def make_model(path: str | Path, size: str | ModelConfig = "tiny", seed: int = 0
         size: ``tiny``, ``small``, ``1b`` (see ``SIZES``, all Llama) or a ``ModelConfig``.
         seed: the random seed; the same size, arch and seed give the same tensors.
         max_shard_bytes: above this total the weights are split into HF shard files with an index.
-        arch: ``llama``, ``mistral``, ``qwen2`` or ``qwen3`` (see ``arch_config``); None keeps
-            ``size``'s own family.
+        arch: ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``mixtral`` or ``moe`` (Mixtral's layout;
+            see ``arch_config``); None keeps ``size``'s own family.
 
     Returns:
         ``path`` as a ``Path``.
@@ -216,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                                  description="Write a seeded random checkpoint in HF format.")
     ap.add_argument("dir")
     ap.add_argument("--size", default="tiny", choices=sorted(SIZES))
-    ap.add_argument("--arch", default="llama", choices=FAMILIES)
+    ap.add_argument("--arch", default="llama", choices=ARCHS)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-shard-bytes", type=int, default=DEFAULT_SHARD_BYTES)
     args = ap.parse_args(argv)

@@ -1,8 +1,9 @@
 """A Llama-family decoder in plain PyTorch (gpt-fast style), built directly at one rank's shard size.
 
-One class covers Llama, Mistral, Qwen2 and Qwen3 (``ModelConfig.model_type``): they differ only in
-q/k/v (and o) biases, per-head q/k RMSNorm before RoPE (Qwen3), and sliding-window attention
-(Mistral, Qwen2/3 layers marked sliding).
+One class covers Llama, Mistral, Qwen2, Qwen3 and Mixtral (``ModelConfig.model_type``): they differ
+only in q/k/v (and o) biases, per-head q/k RMSNorm before RoPE (Qwen3), sliding-window attention
+(Mistral, Mixtral, Qwen2/3 layers marked sliding), and Mixtral's sparse mixture of experts in
+place of the MLP (``SparseMoE``).
 
 One ``StageModel`` is one pipeline stage of one tensor-parallel rank: the layers in ``layers`` (global
 indices), plus the embedding on the first stage and the final norm + LM head on the last.
@@ -19,16 +20,23 @@ Tensor parallelism (Megatron layout):
 - the LM head's vocabulary slices are all-gathered along the last dim, so every last-stage rank
   ends with the full logits (and computes the same greedy token).
 
-With ``tp_size == 1`` no communication happens, so the same class is the single-process float32
-reference. Names of parameters are HF's without the ``model.`` prefix (``layers.3.mlp.up_proj.weight``),
-so a checkpoint tensor maps to a parameter by a string edit. Attention uses the HF "rotate_half"
-RoPE convention, so real HF Llama checkpoints load unchanged.
+Expert parallelism (a mixture of experts' layers): each of the ``ep_size`` ranks of the EP group
+holds ``num_experts / ep_size`` whole experts (never split by TP) and a copy of the router. A
+token goes to the ranks holding its chosen experts and its expert outputs come back, an
+all-to-all each way after one of the row counts (see ``SparseMoE``). The ranks of a TP group see
+the same tokens, so each sends only its share of them and the results are all-gathered over TP.
+
+With ``tp_size == 1`` and ``ep_size == 1`` no communication happens, so the same class is the
+single-process float32 reference. Names of parameters are HF's without the ``model.`` prefix
+(``layers.3.mlp.up_proj.weight``, ``layers.3.block_sparse_moe.experts.5.w1.weight``), so a
+checkpoint tensor maps to a parameter by a string edit. Attention uses the HF "rotate_half" RoPE
+convention, so real HF Llama checkpoints load unchanged.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol, cast
 
 import torch
@@ -45,6 +53,8 @@ SPLIT_DIM: dict[str, int | None] = {
     "gate_proj.weight": 0, "up_proj.weight": 0, "down_proj.weight": 1, "lm_head.weight": 0,
     "embed_tokens.weight": None, "input_layernorm.weight": None, "q_norm.weight": None, "k_norm.weight": None,
     "post_attention_layernorm.weight": None, "norm.weight": None,
+    # Mixtral's block_sparse_moe: the router is replicated, an expert lives whole on its EP rank
+    "gate.weight": None, "w1.weight": None, "w2.weight": None, "w3.weight": None,
 }
 
 
@@ -54,6 +64,12 @@ class TPComm(Protocol):
     def all_reduce(self, t: Tensor) -> Tensor: ...
 
     def all_gather(self, t: Tensor, dim: int = -1) -> Tensor: ...
+
+
+class ModelComm(TPComm, Protocol):
+    """The TP collectives plus the EP all-to-all a mixture of experts needs (``Comm`` has it on ``ep``)."""
+
+    def all_to_all(self, t: Tensor, in_splits: Sequence[int], out_splits: Sequence[int]) -> Tensor: ...
 
 
 def split_dim(name: str) -> int | None:
@@ -264,21 +280,130 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class DecoderLayer(nn.Module):
-    """Pre-norm attention then pre-norm MLP, each added to the residual after its TP all-reduce."""
+def route(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    """Mixtral's routing (transformers' ``MixtralTopKRouter``): softmax over every expert in float32,
+    keep the ``top_k`` most probable, renormalize their probabilities to sum to 1.
 
-    def __init__(self, config: ModelConfig, tp_size: int, layer: int) -> None:
+    Returns ``(weights [N, top_k] float32, experts [N, top_k] int64)``, most probable first.
+    """
+    # logits: [N, E]
+    weights, experts = logits.float().softmax(dim=-1).topk(top_k, dim=-1)            # [N, k], [N, k]
+    return weights / weights.sum(dim=-1, keepdim=True), experts
+
+
+class Expert(nn.Module):
+    """One Mixtral expert: SwiGLU with HF's names (``w1`` gate, ``w3`` up, ``w2`` down), whole on one rank."""
+
+    def __init__(self, hidden: int, inner: int) -> None:
+        super().__init__()
+        self.w1 = Linear(hidden, inner)
+        self.w2 = Linear(inner, hidden)
+        self.w3 = Linear(hidden, inner)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: [M, D] -> [M, D]
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class SparseMoE(nn.Module):
+    """Mixtral's ``block_sparse_moe`` with its experts spread over the EP group.
+
+    EP rank ``r`` of ``ep_size`` holds experts ``r * L .. (r + 1) * L - 1`` (``L = num_experts /
+    ep_size``), named by their global index as in the checkpoint (``experts.5.w1``), so a rank
+    reads only its own. A token's hidden state is sent to the rank of each expert chosen for it
+    and the expert outputs come back to it (``dispatch``: an all-to-all of the counts, then one
+    each way), where they are weighted and summed.
+
+    The ranks of a TP group hold the same tokens (the attention's all-reduce replicated them), so
+    TP rank ``t`` routes only rows ``t * P .. (t + 1) * P - 1`` (``P = ceil(N / tp_size)``) and the
+    results are all-gathered over TP: no expert computes a token twice.
+    """
+
+    def __init__(self, config: ModelConfig, tp_rank: int = 0, tp_size: int = 1, ep_rank: int = 0,
+                 ep_size: int = 1) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = config.num_experts, config.num_experts_per_tok
+        self.tp_rank, self.tp_size, self.ep_rank, self.ep_size = tp_rank, tp_size, ep_rank, ep_size
+        self.local = config.num_experts // ep_size                                  # experts per EP rank
+        self.gate = Linear(config.hidden_size, config.num_experts)
+        first = ep_rank * self.local
+        self.experts = nn.ModuleDict({str(e): Expert(config.hidden_size, config.intermediate_size)
+                                      for e in range(first, first + self.local)})
+
+    def forward(self, x: Tensor, comm: ModelComm | None) -> Tensor:
+        # x: [B, S, D] (the same on every TP rank) -> [B, S, D]
+        b, s, d = x.shape
+        x = x.reshape(b * s, d)
+        if self.tp_size == 1:
+            return self.mix(x, comm).view(b, s, d)
+        assert comm is not None  # StageModel.forward checked it
+        share = -(-x.shape[0] // self.tp_size)                                        # P = ceil(N / tp)
+        y = self.mix(x[self.tp_rank * share:(self.tp_rank + 1) * share], comm)         # [<= P, D]
+        y = F.pad(y, (0, 0, 0, share - y.shape[0]))                                   # [P, D]
+        return comm.all_gather(y, dim=0)[:b * s].view(b, s, d)                        # [tp * P, D] -> [N, D]
+
+    def mix(self, x: Tensor, comm: ModelComm | None) -> Tensor:
+        """The weighted sum of each token's chosen experts. x: [N, D] -> [N, D]."""
+        weights, experts = route(self.gate(x), self.top_k)                           # [N, k], [N, k]
+        chosen = experts.flatten()                                                    # [N*k] expert per (token, slot)
+        order = chosen.argsort(stable=True)                                           # pairs grouped by expert
+        token = order // self.top_k                                                   # [N*k] token of each pair
+        counts = torch.bincount(chosen, minlength=self.num_experts)                   # [E] pairs per expert
+        out = self.dispatch(x[token], counts, comm)                                   # [N*k, D] in `order`
+        w = weights.flatten()[order, None]                                            # [N*k, 1] float32
+        return torch.zeros_like(x).index_add_(0, token, (out * w).to(x.dtype))       # as transformers sums them
+
+    def dispatch(self, rows: Tensor, counts: Tensor, comm: ModelComm | None) -> Tensor:
+        """Run each row through its expert, wherever that expert lives; rows come back in order.
+
+        ``rows`` ``[M, D]`` are grouped by expert, ``counts`` ``[E]`` rows per expert. Experts are
+        laid out by EP rank, so the groups are also in rank order: one all-to-all of the counts
+        tells each rank what it receives, one sends the rows, one brings the outputs back.
+        """
+        if self.ep_size == 1:
+            return self.run_experts(rows, counts.tolist())
+        assert comm is not None  # StageModel.forward checked it
+        ep, local = self.ep_size, self.local
+        got = comm.all_to_all(counts, [local] * ep, [local] * ep).view(ep, local)     # [src, my expert] rows
+        send, recv = counts.view(ep, local).sum(1).tolist(), got.sum(1).tolist()      # rows to / from each rank
+        theirs = comm.all_to_all(rows, send, recv)                                    # by source, then expert
+        mine = torch.arange(local, device=rows.device).repeat(ep).repeat_interleave(got.flatten())
+        by_expert = mine.argsort(stable=True)                                         # regroup by my expert
+        out = torch.empty_like(theirs)
+        out[by_expert] = self.run_experts(theirs[by_expert], got.sum(0).tolist())
+        return comm.all_to_all(out, recv, send)                                       # back, in `rows`' order
+
+    def run_experts(self, rows: Tensor, counts: list[int]) -> Tensor:
+        """This rank's experts over ``rows`` grouped by expert (``counts[j]`` rows for its j-th)."""
+        parts = rows.split(counts)
+        return torch.cat([expert(part) if len(part) else part for expert, part in zip(self.experts.values(), parts)])
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention then pre-norm MLP (or sparse mixture of experts), each added to the residual
+    after its TP all-reduce (the mixture of experts combines its own outputs)."""
+
+    def __init__(self, config: ModelConfig, tp_size: int, layer: int, tp_rank: int = 0, ep_rank: int = 0,
+                 ep_size: int = 1) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, tp_size, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config, tp_size)
+        self.sparse = config.num_experts > 0
+        if self.sparse:  # HF's name for Mixtral's block
+            self.block_sparse_moe = SparseMoE(config, tp_rank, tp_size, ep_rank, ep_size)
+        else:
+            self.mlp = MLP(config, tp_size)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, mask: Tensor,
-                reduce: Callable[[Tensor], Tensor], rows: Tensor | None = None, kv_len: int | None = None) -> Tensor:
+                reduce: Callable[[Tensor], Tensor], rows: Tensor | None = None, kv_len: int | None = None,
+                comm: ModelComm | None = None) -> Tensor:
         # x: [B, S, D] -> [B, S, D]
-        attn, mlp = self.self_attn, self.mlp
+        attn = self.self_attn
         h = x + attn.o_proj.finish(reduce(attn(self.input_layernorm(x), cos, sin, input_pos, mask, rows, kv_len)))
+        if self.sparse:
+            return h + self.block_sparse_moe(self.post_attention_layernorm(h), comm)
+        mlp = self.mlp
         return h + mlp.down_proj.finish(reduce(mlp(self.post_attention_layernorm(h))))
 
 
@@ -330,21 +455,31 @@ class StageModel(nn.Module):
         layers: the global indices of this stage's decoder layers.
         first: this stage owns the embedding (takes token ids).
         last: this stage owns the final norm and LM head (returns logits).
-        comm: the TP collectives; ``forward`` needs it when ``tp_size > 1`` (it may be set later).
+        comm: the TP collectives, and for a mixture of experts the EP all-to-all; ``forward`` needs
+            it when ``tp_size > 1`` or ``ep_size > 1`` (it may be set later).
+        ep_rank, ep_size: this rank's place in the EP group that holds a mixture of experts' experts
+            (default: the TP group's, experts spread over the TP ranks); ignored by a dense model.
     """
 
     def __init__(self, config: ModelConfig, tp_rank: int = 0, tp_size: int = 1, layers: range | None = None,
-                 first: bool = True, last: bool = True, comm: TPComm | None = None) -> None:
+                 first: bool = True, last: bool = True, comm: TPComm | None = None,
+                 ep_rank: int | None = None, ep_size: int | None = None) -> None:
         super().__init__()
-        config.check_parallel(tp_size, 1)
+        ep_rank, ep_size = (tp_rank, tp_size) if ep_size is None else (ep_rank or 0, ep_size)
+        if not config.num_experts:
+            ep_rank, ep_size = 0, 1
+        config.check_parallel(tp_size, 1, ep_size)
         if not 0 <= tp_rank < tp_size:
             raise ValueError(f"tp_rank {tp_rank} is outside tp_size {tp_size}")
-        self.config, self.tp_rank, self.tp_size = config, tp_rank, tp_size
+        if not 0 <= ep_rank < ep_size:
+            raise ValueError(f"ep_rank {ep_rank} is outside ep_size {ep_size}")
+        self.config, self.tp_rank, self.tp_size, self.ep_rank, self.ep_size = config, tp_rank, tp_size, ep_rank, ep_size
         self.layer_ids = range(config.num_hidden_layers) if layers is None else layers
         self.first, self.last, self.comm = first, last, comm
         if first:
             self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(config, tp_size, i) for i in self.layer_ids})
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(config, tp_size, i, tp_rank, ep_rank, ep_size)
+                                     for i in self.layer_ids})
         if last:
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
             self.lm_head = Linear(config.hidden_size, config.vocab_size // tp_size)
@@ -392,8 +527,10 @@ class StageModel(nn.Module):
             Hidden states ``[B, S, D]``, or on the last stage float32 logits ``[B, S, V]`` (``[B, 1, V]``
             with ``last``).
         """
-        if self.tp_size > 1 and self.comm is None:
-            raise RuntimeError(f"TP rank {self.tp_rank}/{self.tp_size}: forward needs a comm (set stage.comm)")
+        if (self.tp_size > 1 or self.ep_size > 1) and self.comm is None:
+            raise RuntimeError(f"TP rank {self.tp_rank}/{self.tp_size}, EP rank {self.ep_rank}/{self.ep_size}: "
+                               "forward needs a comm (set stage.comm)")
+        moe_comm = cast("ModelComm | None", self.comm)  # a mixture of experts' comm has all_to_all too
         h = self.embed_tokens(x) if self.first else x                               # [B, S, D]
         cos, sin = self._rope(input_pos, h.dtype)
         masks = self._masks(input_pos, h.shape[1], kv_len, h.dtype)
@@ -401,7 +538,10 @@ class StageModel(nn.Module):
         for i, layer in enumerate(self.decoder_layers()):
             attn = layer.self_attn
             mask = masks.get(attn.window, attn.heads // attn.kv_heads)
-            h = (compiled[i] if compiled else layer)(h, cos, sin, input_pos, mask, self._reduce, rows, kv_len)
+            if compiled:
+                h = compiled[i](h, cos, sin, input_pos, mask, self._reduce, rows, kv_len)
+            else:
+                h = layer(h, cos, sin, input_pos, mask, self._reduce, rows, kv_len, moe_comm)
         if not self.last:
             return h
         if last is not None:
@@ -417,7 +557,8 @@ class StageModel(nn.Module):
         step; the parameters stay, as views). Call once the weights are loaded."""
         for layer in self.decoder_layers():
             layer.self_attn.fuse()
-            layer.mlp.fuse()
+            if not layer.sparse:
+                layer.mlp.fuse()
         return self
 
     def compile_decode(self, max_rows: int = 1 << 30, backend: str = "inductor") -> StageModel:
@@ -434,6 +575,8 @@ class StageModel(nn.Module):
         model, torch 2.11) they replay 20 % faster up to 16 rows and up to 2.3x slower at 256,
         where the kernels inductor writes for dynamic shapes lose to the eager ones.
         """
+        if self.config.num_experts:
+            raise ValueError("a mixture of experts decodes eagerly: its routing sizes every step's work on the host")
         self._compiled_rows = max_rows
         self._compiled = [torch.compile(layer, backend=backend, dynamic=True, fullgraph=True)
                           for layer in self.decoder_layers()]

@@ -1,4 +1,4 @@
-"""A decoder's shape and math, read from a Hugging Face ``config.json`` (Llama, Mistral, Qwen2, Qwen3).
+"""A decoder's shape and math, read from a Hugging Face ``config.json`` (Llama, Mistral, Qwen2, Qwen3, Mixtral).
 
 ``ModelConfig`` is frozen and validated at load, and every error names the file and the key, so a
 bad checkpoint is refused before a single tensor is read. Every key of ``config.json`` is either
@@ -8,9 +8,13 @@ default would serve other tokens than ``transformers`` does. A key that is missi
 default of transformers' config class for that family, as ``from_pretrained`` does.
 
 Both spellings of the rotary parameters are read: transformers 5's ``rope_parameters`` dict and the
-older top-level ``rope_theta`` plus ``rope_scaling``. ``check_parallel(tp, pp)`` says whether the
-model can be split that way (heads, KV heads, MLP width and vocabulary must divide by TP; there
-must be at least one layer per PP stage).
+older top-level ``rope_theta`` plus ``rope_scaling``. ``check_parallel(tp, pp, ep)`` says whether the
+model can be split that way (heads, KV heads, MLP width and vocabulary must divide by TP, a
+mixture of experts' experts by EP; there must be at least one layer per PP stage).
+
+Mixtral is Mistral's attention with a sparse mixture of experts in place of every MLP
+(``num_local_experts`` SwiGLU experts, ``num_experts_per_tok`` of them per token), read into
+``num_experts`` and ``num_experts_per_tok``; a dense model has ``num_experts == 0``.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import torch
 from rallypoint.errors import CheckpointError
 
 CONFIG_FILE = "config.json"
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral")
+MOE_FAMILIES = ("mixtral",)  # every layer's MLP is a sparse mixture of experts
 ROPE_TYPES = ("default", "linear", "llama3")
 FULL, SLIDING = "full_attention", "sliding_attention"
 HF_VERSION = "5.24.0"  # the transformers release whose config.json layout to_hf_dict writes
@@ -49,6 +54,9 @@ IGNORED_KEYS = frozenset({
     "encoder_repetition_penalty", "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
     "bad_words_ids", "num_return_sequences", "forced_bos_token_id", "forced_eos_token_id",
     "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
+    # mixture-of-experts training: the router's auxiliary loss, and jitter noise transformers applies
+    # to the router's input only in training mode
+    "output_router_logits", "router_aux_loss_coef", "router_jitter_noise",
 })
 
 _COMMON_KEYS = frozenset({
@@ -70,6 +78,8 @@ class _Family:
     head_dim: int | None             # None: hidden_size // num_attention_heads
     max_position_embeddings: int
     sliding_window: int | None = None
+    rope_theta: float = 10000.0     # transformers' ``default_theta`` of the config class
+    rms_norm_eps: float = 1e-6
 
 
 _FAMILY = {
@@ -77,7 +87,10 @@ _FAMILY = {
     "mistral": _Family("MistralForCausalLM", _COMMON_KEYS | {"sliding_window"}, 8, None, 131072, 4096),
     "qwen2": _Family("Qwen2ForCausalLM", _COMMON_KEYS | _QWEN_KEYS | {"use_mrope"}, 32, None, 32768, 4096),
     "qwen3": _Family("Qwen3ForCausalLM", _COMMON_KEYS | _QWEN_KEYS | {"attention_bias"}, 32, 128, 32768, 4096),
+    "mixtral": _Family("MixtralForCausalLM", _COMMON_KEYS | {"sliding_window", "num_local_experts", "num_experts_per_tok"},
+                       8, None, 131072, None, 1e6, 1e-5),
 }
+_MIXTRAL_EXPERTS, _MIXTRAL_TOP_K = 8, 2  # MixtralConfig's defaults
 
 # rope_parameters keys each rope type reads (besides rope_type / type / rope_theta / partial_rotary_factor)
 _ROPE_KEYS = {
@@ -129,6 +142,10 @@ class ModelConfig:
         layer_types: ``full_attention`` or ``sliding_attention`` per layer (Qwen2/Qwen3); None:
             every layer is sliding when ``sliding_window`` is set, else full (``attention_types``
             resolves it).
+        num_experts: experts of each layer's sparse mixture of experts (Mixtral's ``num_local_experts``);
+            0 for a dense model (one MLP per layer).
+        num_experts_per_tok: experts each token is routed to (softmax over every expert, the top
+            ``num_experts_per_tok`` kept and renormalized to sum to 1, as Mixtral does).
         torch_dtype: the dtype the weights are stored in (``float32``, ``float16``, ``bfloat16``).
         eos_token_ids: ``eos_token_id`` (HF allows a list).
         source: the file this config was read from ("" when built in code).
@@ -151,6 +168,8 @@ class ModelConfig:
     qk_norm: bool = False
     sliding_window: int | None = None
     layer_types: tuple[str, ...] | None = None
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
     torch_dtype: str = "float32"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -226,6 +245,17 @@ class ModelConfig:
             raise CheckpointError(f"{where}: q/k norms are part of qwen3, and only of qwen3 (model_type {t!r})")
         if t == "llama" and self.sliding_window is not None:
             raise CheckpointError(f"{where}: llama has no sliding-window attention")
+        if t == "mixtral" and (self.qkv_bias or self.o_bias):
+            raise CheckpointError(f"{where}: mixtral has no attention biases")
+        if (self.num_experts != 0) != (t in MOE_FAMILIES):
+            raise CheckpointError(f"{where}: a mixture of experts is part of {', '.join(MOE_FAMILIES)}, and every "
+                                  f"such layer has one (model_type {t!r}, num_experts {self.num_experts!r})")
+        if self.num_experts:
+            _check_positive_int(self.num_experts, "num_local_experts", where)
+            _check_positive_int(self.num_experts_per_tok, "num_experts_per_tok", where)
+            if self.num_experts_per_tok > self.num_experts:
+                raise CheckpointError(f"{where}: num_experts_per_tok {self.num_experts_per_tok} > num_local_experts "
+                                      f"{self.num_experts}")
 
     # -- reading and writing -----------------------------------------------------------------
 
@@ -267,15 +297,18 @@ class ModelConfig:
         attention_bias = _bool(d, "attention_bias", False, where)
         window, layer_types = _attention_layout(d, fam, mt, where)
         dtype = d.get("dtype") or d.get("torch_dtype") or "float32"
+        moe = mt in MOE_FAMILIES
         try:
             return cls(
                 vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
                 num_hidden_layers=d["num_hidden_layers"], num_attention_heads=heads, num_key_value_heads=kv_heads,
-                model_type=mt, head_dim=head_dim, rms_norm_eps=_float(d, "rms_norm_eps", 1e-6, where),
-                rope=_rope(d, max_pos, where), max_position_embeddings=max_pos,
+                model_type=mt, head_dim=head_dim, rms_norm_eps=_float(d, "rms_norm_eps", fam.rms_norm_eps, where),
+                rope=_rope(d, max_pos, fam.rope_theta, where), max_position_embeddings=max_pos,
                 tie_word_embeddings=_bool(d, "tie_word_embeddings", False, where),
                 qkv_bias=attention_bias or mt == "qwen2", o_bias=attention_bias, qk_norm=mt == "qwen3",
                 sliding_window=window, layer_types=layer_types, torch_dtype=dtype,
+                num_experts=d.get("num_local_experts", _MIXTRAL_EXPERTS) if moe else 0,
+                num_experts_per_tok=d.get("num_experts_per_tok", _MIXTRAL_TOP_K) if moe else 0,
                 bos_token_id=_token_ids(d, "bos_token_id", where)[0] if d.get("bos_token_id") is not None else None,
                 eos_token_ids=_token_ids(d, "eos_token_id", where), source=source)
         except (TypeError, ValueError) as exc:
@@ -317,8 +350,11 @@ class ModelConfig:
             d["head_dim"] = self.head_dim
         if self.model_type == "llama":
             d.update(attention_bias=self.o_bias, mlp_bias=False, pretraining_tp=1)
-        if self.model_type == "mistral":
+        if self.model_type in ("mistral", "mixtral"):
             d["sliding_window"] = self.sliding_window
+        if self.model_type == "mixtral":
+            d.update(num_local_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
+                     output_router_logits=False, router_aux_loss_coef=0.001, router_jitter_noise=0.0)
         if self.model_type in ("qwen2", "qwen3"):
             sliding = [i for i, t in enumerate(self.attention_types) if t == SLIDING]
             d.update(layer_types=list(self.attention_types), use_sliding_window=self.sliding_window is not None,
@@ -356,25 +392,31 @@ class ModelConfig:
         return self.sliding_window if self.attention_types[layer] == SLIDING else None
 
     def num_params(self) -> int:
-        """Parameter count of the whole model (the LM head counted once when tied)."""
+        """Parameter count of the whole model (the LM head counted once when tied; every expert counted)."""
         h, i = self.hidden_size, self.intermediate_size
-        layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * i + 2 * h
+        mlp = 3 * h * i if not self.num_experts else self.num_experts * (3 * h * i + h)  # experts and router row
+        layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + mlp + 2 * h
         layer += (self.q_size + 2 * self.kv_size) * self.qkv_bias + h * self.o_bias + 2 * self.head_dim * self.qk_norm
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         return self.vocab_size * h + self.num_hidden_layers * layer + h + head
 
-    def check_parallel(self, tp: int, pp: int) -> None:
-        """Raise ``CheckpointError`` unless the model splits over ``tp`` x ``pp`` ranks.
+    def check_parallel(self, tp: int, pp: int, ep: int = 1) -> None:
+        """Raise ``CheckpointError`` unless the model splits over ``tp`` x ``pp`` ranks, with its
+        experts over ``ep`` ranks.
 
         TP splits attention heads, KV heads, the MLP width and the vocabulary (LM head) evenly;
-        PP gives every stage at least one layer.
+        EP gives each rank the same number of whole experts (experts are never split by TP); PP
+        gives every stage at least one layer.
         """
         where = self.source or "<ModelConfig>"
-        if tp < 1 or pp < 1:
-            raise CheckpointError(f"{where}: tp and pp must be >= 1, got tp={tp} pp={pp}")
-        for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size"):
+        if tp < 1 or pp < 1 or ep < 1:
+            raise CheckpointError(f"{where}: tp, pp and ep must be >= 1, got tp={tp} pp={pp} ep={ep}")
+        split = ("num_attention_heads", "num_key_value_heads", "vocab_size")
+        for key in split if self.num_experts else (*split, "intermediate_size"):
             if getattr(self, key) % tp:
                 raise CheckpointError(f"{where}: {key}={getattr(self, key)} is not divisible by tp={tp}")
+        if self.num_experts % ep:
+            raise CheckpointError(f"{where}: num_local_experts={self.num_experts} is not divisible by ep={ep}")
         if self.num_hidden_layers < pp:
             raise CheckpointError(f"{where}: num_hidden_layers={self.num_hidden_layers} < pp={pp} "
                                   "(every pipeline stage needs at least one layer)")
@@ -410,7 +452,7 @@ def _token_ids(d: dict[str, Any], key: str, where: str) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def _rope(d: dict[str, Any], max_pos: int, where: str) -> Rope:
+def _rope(d: dict[str, Any], max_pos: int, default_theta: float, where: str) -> Rope:
     """``Rope`` from either spelling, resolved the way transformers 5 standardizes it.
 
     transformers reads ``rope_scaling`` in preference to ``rope_parameters`` and fills the dict's
@@ -442,7 +484,7 @@ def _rope(d: dict[str, Any], max_pos: int, where: str) -> Rope:
     missing = sorted(_ROPE_KEYS[kind] - {"original_max_position_embeddings"} - set(rp))
     if missing:
         raise CheckpointError(f"{where}: {key}.{missing[0]} is required for rope_type {kind!r}")
-    theta = _float(rp, "rope_theta", _float(d, "rope_theta", 10000.0, where), f"{where}: {key}")
+    theta = _float(rp, "rope_theta", _float(d, "rope_theta", default_theta, where), f"{where}: {key}")
     if kind == "default":
         return Rope(theta=theta)
     factor = _float(rp, "factor", 1.0, f"{where}: {key}")
@@ -464,14 +506,14 @@ def _attention_layout(d: dict[str, Any], fam: _Family, mt: str,
                       where: str) -> tuple[int | None, tuple[str, ...] | None]:
     """``(sliding_window, layer_types)`` as transformers derives them for ``mt``.
 
-    Mistral slides every layer when ``sliding_window`` is set. Qwen2/Qwen3 use the window only with
+    Mistral and Mixtral slide every layer when ``sliding_window`` is set. Qwen2/Qwen3 use the window only with
     ``use_sliding_window``, and then on the layers ``layer_types`` marks sliding (by default those
     from ``max_window_layers`` on).
     """
     if mt == "llama":
         return None, None
     window = d.get("sliding_window", fam.sliding_window)
-    if mt == "mistral":
+    if mt in ("mistral", "mixtral"):
         return window, None
     use = _bool(d, "use_sliding_window", False, where)
     window = window if use else None

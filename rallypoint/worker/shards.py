@@ -1,4 +1,5 @@
-"""Load one rank's shard of a HF checkpoint (Llama, Mistral, Qwen2, Qwen3), reading only the rows or columns it owns.
+"""Load one rank's shard of a HF checkpoint (Llama, Mistral, Qwen2, Qwen3, Mixtral), reading only the rows or
+columns it owns, and of a mixture of experts only the experts its EP rank holds.
 
 ``load_stage`` builds the ``StageModel`` on the ``meta`` device (no full-size init), reads each of
 its parameters with ``safe_open(...).get_slice(name)[rows or cols]`` from the file the index names,
@@ -111,7 +112,7 @@ class CheckpointReader:
 def load_stage(ckpt_dir: str | Path, config: ModelConfig | None = None, tp_rank: int = 0, tp_size: int = 1,
                layers: range | None = None, first: bool = True, last: bool = True,
                device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-               comm: TPComm | None = None) -> StageModel:
+               comm: TPComm | None = None, ep_rank: int | None = None, ep_size: int | None = None) -> StageModel:
     """Build this rank's ``StageModel`` and fill it with its slices of the checkpoint.
 
     Args:
@@ -125,20 +126,24 @@ def load_stage(ckpt_dir: str | Path, config: ModelConfig | None = None, tp_rank:
         device: where the weights go.
         dtype: the compute dtype; weights are read in the checkpoint's dtype, then cast (default:
             the checkpoint's ``torch_dtype``).
-        comm: the TP collectives (needed when ``tp_size > 1``).
+        comm: the TP collectives (needed when ``tp_size > 1``), with the EP all-to-all for a mixture
+            of experts spread over more than one rank.
+        ep_rank: this rank's index in the EP group (a mixture of experts reads only its experts).
+        ep_size: the EP group size (default: experts spread over the TP group, ``ep_rank = tp_rank``).
 
     Raises:
-        CheckpointError: the config does not split over ``tp_size``, a layer index is out of range,
+        CheckpointError: the config does not split over ``tp_size`` (experts over ``ep_size``), a layer
+            index is out of range,
             or a tensor cannot be read (the message names the tensor and the file).
     """
     config = config or ModelConfig.from_dir(ckpt_dir)
-    config.check_parallel(tp_size, 1)
+    config.check_parallel(tp_size, 1, ep_size or tp_size)
     layers = range(config.num_hidden_layers) if layers is None else layers
     if len(layers) and (min(layers) < 0 or max(layers) >= config.num_hidden_layers):
         raise CheckpointError(f"{ckpt_dir}: layers {layers} outside 0..{config.num_hidden_layers - 1}")
     dtype = dtype or config.dtype
     with torch.device("meta"):
-        model = StageModel(config, tp_rank, tp_size, layers, first, last, comm)
+        model = StageModel(config, tp_rank, tp_size, layers, first, last, comm, ep_rank, ep_size)
     shapes = tensor_shapes(config)  # a tied LM head reads model.embed_tokens.weight (in every config)
     state = {}
     with CheckpointReader(ckpt_dir) as reader:

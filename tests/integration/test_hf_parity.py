@@ -4,12 +4,14 @@ Each case of ``rallypoint.testing.hf_models.CASES`` (Llama with llama3 rope scal
 embeddings in transformers 5's spelling; Llama with linear scaling, attention biases and the old
 ``rope_theta``/``rope_scaling`` spelling; Mistral with a sliding window shorter than the prompts;
 Qwen2 with q/k/v biases, and with sliding layers from ``max_window_layers`` on; Qwen3 with q/k
-norms and tied embeddings) is built and saved by transformers, then read by ``load_stage``:
+norms and tied embeddings; Mixtral with 4 experts, 2 per token) is built and saved by
+transformers, then read by ``load_stage``:
 
 * the prefill logits of every prompt match transformers' (max relative error < 1e-4);
 * greedy decoding with our KV cache (``sampling.generate``) gives exactly the tokens of
   ``generate(do_sample=False)`` (EOS cleared, so neither side stops early), with TP=1 and with TP=2
-  (two ranks on threads: sliced biases, replicated q/k norms, all-reduced partial sums);
+  (two ranks on threads: sliced biases, replicated q/k norms, all-reduced partial sums; Mixtral's
+  experts split over the two, EP=2, tokens dispatched by all-to-all);
 * text is tokenized as ``AutoTokenizer`` does (BOS from the post-processor), decoded the same,
   and chats render as ``apply_chat_template(..., tokenize=False, add_generation_prompt=True)``.
 
@@ -87,9 +89,11 @@ def test_config_is_read_as_transformers_reads_it(built: Built) -> None:
     assert c.rope.to_hf() == {k: v for k, v in hf.rope_parameters.items() if k != "partial_rotary_factor"}
     assert c.qkv_bias == (built.case.model_type == "qwen2" or bool(getattr(hf, "attention_bias", False)))
     assert c.qk_norm == (built.case.model_type == "qwen3")
+    assert (c.num_experts, c.num_experts_per_tok) == (getattr(hf, "num_local_experts", 0),
+                                                      getattr(hf, "num_experts_per_tok", 0))
     layer_types = getattr(hf, "layer_types", None) or ["full_attention"] * hf.num_hidden_layers
     assert [c.window(i) for i in range(c.num_hidden_layers)] == [
-        hf.sliding_window if t == "sliding_attention" or built.case.model_type == "mistral" else None
+        hf.sliding_window if t == "sliding_attention" or built.case.model_type in ("mistral", "mixtral") else None
         for t in layer_types]
     if built.case.old_spelling:  # transformers reads the rewritten file back to the same parameters
         read = AutoConfig.from_pretrained(built.path).rope_parameters

@@ -39,6 +39,11 @@ HF_WRITES: dict[str, dict[str, Any]] = {
               "layer_types": ["full_attention", "full_attention"], "max_position_embeddings": 32768,
               "max_window_layers": 28, "sliding_window": None, "tie_word_embeddings": True,
               "use_sliding_window": False, "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}},
+    "mixtral": {**COMMON, "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "bos_token_id": 1,
+                "eos_token_id": 2, "head_dim": None, "max_position_embeddings": 131072, "num_experts_per_tok": 2,
+                "num_local_experts": 4, "output_router_logits": False, "rms_norm_eps": 1e-05,
+                "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0, "sliding_window": None,
+                "tie_word_embeddings": False, "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"}},
 }
 
 
@@ -58,13 +63,16 @@ def refused(tmp_path: Path, d: dict[str, Any], *needles: str) -> str:
 # -- what transformers writes ------------------------------------------------------------------
 
 def test_each_family_as_transformers_writes_it() -> None:
-    llama, mistral, qwen2, qwen3 = (ModelConfig.from_dict(HF_WRITES[f], f) for f in FAMILIES)
+    llama, mistral, qwen2, qwen3, mixtral = (ModelConfig.from_dict(HF_WRITES[f], f) for f in FAMILIES)
     assert llama.rope == Rope(500000.0, "llama3", 8.0, 1.0, 4.0, 64) and llama.tie_word_embeddings
     assert not llama.qkv_bias and llama.eos_token_ids == (2,) and llama.head_dim == 16
     assert [mistral.window(i) for i in range(2)] == [8, 8] and not mistral.tie_word_embeddings
     assert qwen2.qkv_bias and not qwen2.o_bias and qwen2.window(1) is None and qwen2.eos_token_ids == ()
     assert qwen3.qk_norm and qwen3.head_dim == 32 and qwen3.q_size == 128 and qwen3.tie_word_embeddings
     assert {c.rms_norm_eps for c in (llama, mistral, qwen2, qwen3)} == {1e-6}
+    assert (mixtral.num_experts, mixtral.num_experts_per_tok, mixtral.head_dim, mixtral.window(0)) == (4, 2, 16, None)
+    assert mixtral.rope == Rope(1e6) and not mixtral.qkv_bias and not mixtral.qk_norm
+    assert not any(c.num_experts for c in (llama, mistral, qwen2, qwen3))
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
@@ -112,6 +120,8 @@ def test_missing_keys_take_transformers_defaults() -> None:
                 ours.tie_word_embeddings, ours.rope.to_hf(), [ours.window(i) for i in range(2)]) == (
             hf.num_key_value_heads, getattr(hf, "head_dim", None) or 32, hf.rms_norm_eps, hf.max_position_embeddings,
             hf.tie_word_embeddings, hf.rope_parameters, hf_windows), family
+        assert (ours.num_experts, ours.num_experts_per_tok) == (
+            getattr(hf, "num_local_experts", 0), getattr(hf, "num_experts_per_tok", 0)), family
 
 
 # -- refusals ----------------------------------------------------------------------------------
@@ -122,6 +132,22 @@ def test_unknown_key_refused_naming_key_and_file(tmp_path: Path) -> None:
     refused(tmp_path, {**HF_WRITES["llama"], "sliding_window": 4096}, "'sliding_window'")  # llama has none
     refused(tmp_path, {**HF_WRITES["mistral"], "layer_types": ["full_attention"] * 2}, "'layer_types'")
     refused(tmp_path, {**HF_WRITES["qwen2"], "quantization_config": {"quant_method": "fp8"}}, "'quantization_config'")
+
+
+def test_moe_keys_refused_where_not_understood(tmp_path: Path) -> None:
+    """Another MoE family's keys change the routing or the experts: never read into Mixtral's math."""
+    for key, value in [("moe_intermediate_size", 32), ("num_experts", 4), ("norm_topk_prob", False),
+                       ("shared_expert_intermediate_size", 64), ("decoder_sparse_step", 2), ("mlp_only_layers", [0]),
+                       ("n_shared_experts", 1), ("routed_scaling_factor", 2.5), ("scoring_func", "sigmoid")]:
+        refused(tmp_path, {**HF_WRITES["mixtral"], key: value}, repr(key), "not understood for model_type 'mixtral'")
+    refused(tmp_path, {**HF_WRITES["mistral"], "num_local_experts": 8}, "'num_local_experts'", "'mistral'")
+    refused(tmp_path, {**HF_WRITES["llama"], "num_experts_per_tok": 2}, "'num_experts_per_tok'")
+    refused(tmp_path, {**HF_WRITES["mixtral"], "num_experts_per_tok": 5}, "num_experts_per_tok 5 > num_local_experts 4")
+    refused(tmp_path, {**HF_WRITES["mixtral"], "num_local_experts": 0}, "num_experts 0")
+    refused(tmp_path, {**HF_WRITES["mixtral"], "num_experts_per_tok": "2"}, "num_experts_per_tok must be a positive")
+    refused(tmp_path, {**HF_WRITES["mixtral"], "attention_bias": True}, "'attention_bias'")
+    with pytest.raises(CheckpointError, match="mixture of experts is part of mixtral"):
+        replace(SIZES["tiny"], num_experts=8, num_experts_per_tok=2)  # a llama with experts
 
 
 def test_model_type_and_math_values_refused(tmp_path: Path) -> None:
@@ -165,3 +191,10 @@ def test_shape_errors_and_parallel_splits(tmp_path: Path) -> None:
         c.check_parallel(1, 5)
     with pytest.raises(CheckpointError, match="qwen2 has q/k/v biases"):
         replace(c, model_type="qwen2")
+    moe = arch_config(c, "moe")  # experts split whole over EP, never over TP: their width need not divide
+    moe.check_parallel(4, 1, 8)
+    replace(moe, intermediate_size=190).check_parallel(4, 1, 4)
+    with pytest.raises(CheckpointError, match="num_local_experts=8 is not divisible by ep=3"):
+        moe.check_parallel(1, 1, 3)
+    with pytest.raises(CheckpointError, match="intermediate_size=190 is not divisible by tp=4"):
+        replace(c, intermediate_size=190).check_parallel(4, 1)
