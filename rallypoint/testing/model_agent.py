@@ -2,11 +2,16 @@
 
 It extends ``rank_agent``'s protocol (configure, primitives, loop, abort, stats, exit) with:
 
-- ``load``: read this rank's shard of a HF checkpoint for its place in the current plan;
+- ``load``: read this rank's shard of a HF checkpoint for its place in the current plan (a mixture
+  of experts' experts spread over the plan's ``ep`` group when the process builds one, over its
+  TP group otherwise);
 - ``generate``: prefill a prompt batch, then greedy-decode with the KV cache through the pipeline
   (``rows``: place the batch in those cache rows, with per-row positions ``[B, S]``).
   The last stage picks the tokens and sends them back to the first stage (``share_tokens``); every
   rank replies with the tokens it saw and, on the last stage, the logits of every forward.
+  Each DP replica decodes its own prompts; with a mixture of experts over the ``ep`` group (every
+  TP rank of every replica, per stage) the replicas step together, their tokens meeting in the
+  experts' all-to-alls.
 
 ``ModelRankPool`` starts and reuses such processes from a test (like ``ranks.RankPool``).
 """
@@ -21,6 +26,7 @@ import torch
 
 from rallypoint.protocol.grid import layers_for
 from rallypoint.testing.rank_agent import Agent, serve
+from rallypoint.worker.main import TPAdapter
 from rallypoint.worker.model import StageModel
 from rallypoint.worker.model_config import ModelConfig
 from rallypoint.worker.pipeline import pipeline_forward, share_tokens
@@ -38,14 +44,20 @@ class ModelAgent(Agent):
         assert gs is not None
         t0 = time.monotonic()
         config = ModelConfig.from_dir(cmd["ckpt"])
-        config.check_parallel(gs.tp_size, gs.pp_size)
+        ep = gs.groups.get("ep")
+        ep_rank, ep_size = (ep.rank_in_group, ep.world_size) if ep is not None else (gs.tp_rank, gs.tp_size)
+        config.check_parallel(gs.tp_size, gs.pp_size, ep_size)
         layers = layers_for(config.num_hidden_layers, gs.pp_rank, gs.pp_size)
         self.stage = None  # drop the previous shard before reading the next
         self.stage = load_stage(cmd["ckpt"], config, gs.tp_rank, gs.tp_size, layers, gs.is_first_stage,
                                 gs.is_last_stage, self.rt.device, getattr(torch, cmd.get("dtype", "float32")),
-                                comm=self.rt.comm)
+                                comm=self.rt.comm if ep is not None else TPAdapter(self.rt),  # all_to_all on tp
+                                ep_rank=ep_rank, ep_size=ep_size)
+        experts = sorted({int(name.split(".experts.")[1].split(".")[0]) for name, _ in self.stage.named_parameters()
+                          if ".experts." in name})
         return {"layers": list(layers), "first": gs.is_first_stage, "last": gs.is_last_stage,
-                "tp_rank": gs.tp_rank, "pp_rank": gs.pp_rank, "seconds": time.monotonic() - t0}
+                "tp_rank": gs.tp_rank, "pp_rank": gs.pp_rank, "dp_rank": gs.dp_rank, "ep_rank": ep_rank,
+                "experts": experts, "seconds": time.monotonic() - t0}
 
     @torch.no_grad()
     def generate(self, cmd: dict[str, Any]) -> dict[str, Any]:
@@ -74,7 +86,7 @@ class ModelAgent(Agent):
             if tok is not None:
                 tokens_out.append(tok.tolist())
                 x, pos = tok[:, None], pos[..., -1:] + 1                                 # [B, 1], [1] or [B, 1]
-        return {"tp_rank": gs.tp_rank, "pp_rank": gs.pp_rank, "seconds": time.monotonic() - t0,
+        return {"tp_rank": gs.tp_rank, "pp_rank": gs.pp_rank, "dp_rank": gs.dp_rank, "seconds": time.monotonic() - t0,
                 "tokens": [list(t) for t in zip(*tokens_out)] if tokens_out else None,  # [B, steps]
                 "logits": logits_out if gs.is_last_stage else None}
 

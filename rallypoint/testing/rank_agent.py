@@ -144,11 +144,13 @@ def serve(agent_cls: type, default_floor: float = 1.0) -> int:
     ap.add_argument("--endpoints", required=True)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--deadline-floor", type=float, default=default_floor)
+    ap.add_argument("--groups", default="tp,pp,dp", help="the groups each plan builds, comma-separated")
     args = ap.parse_args()
     configure_logging("info", json=True)
     rt = RankRuntime(RuntimeSettings(
         cluster=args.cluster, device=args.device, deadline_floor=args.deadline_floor,
-        etcd=EtcdSettings(endpoints=endpoints_from(args.endpoints), request_timeout=1.0, retry_deadline=5.0)))
+        etcd=EtcdSettings(endpoints=endpoints_from(args.endpoints), request_timeout=1.0, retry_deadline=5.0),
+        group_names=tuple(args.groups.split(","))))
     agent = agent_cls(rt)
     work: queue.Queue[dict[str, Any] | None] = queue.Queue()
 

@@ -21,12 +21,13 @@ class RankProcess:
 
     def __init__(self, endpoints: tuple[str, ...], cluster: str, log_path: Path,
                  device: str = "cpu", deadline_floor: float = 1.0, env: dict[str, str] | None = None,
-                 module: str = "rallypoint.testing.rank_agent") -> None:
+                 module: str = "rallypoint.testing.rank_agent", groups: str = "tp,pp,dp") -> None:
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 (the child's stdout, for its lifetime)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", module, "--cluster", cluster,
-             "--endpoints", ",".join(endpoints), "--device", device, "--deadline-floor", str(deadline_floor)],
+             "--endpoints", ",".join(endpoints), "--device", device, "--deadline-floor", str(deadline_floor),
+             "--groups", groups],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
             env={**os.environ, **(env or {})}, start_new_session=True)
         self.replies: queue.Queue[dict[str, Any]] = queue.Queue()

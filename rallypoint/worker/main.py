@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -65,7 +66,9 @@ class ShardKey:
 
 
 class TPAdapter:
-    """The model's view of its TP group: all-reduce and all-gather on ``tp``."""
+    """The model's view of its TP group: all-reduce and all-gather on ``tp``, and a mixture of
+    experts' all-to-all on ``tp`` too: a serving replica spreads its experts over its TP ranks
+    (EP = TP inside the replica), the one layout the engine's lockstep replicas can drive."""
 
     def __init__(self, runtime: RankRuntime) -> None:
         self.runtime = runtime
@@ -77,6 +80,10 @@ class TPAdapter:
     def all_gather(self, t: torch.Tensor, dim: int = -1) -> torch.Tensor:
         assert self.runtime.comm is not None
         return self.runtime.comm.all_gather(t, dim, "tp")
+
+    def all_to_all(self, t: torch.Tensor, in_splits: Sequence[int], out_splits: Sequence[int]) -> torch.Tensor:
+        assert self.runtime.comm is not None
+        return self.runtime.comm.all_to_all(t, in_splits, out_splits, "tp")
 
 
 class Worker:
@@ -243,14 +250,18 @@ class Worker:
             self._size_cache(key, device)
         model.setup_cache(self.settings.max_batch, self.settings.max_seq)
         self.graphs = None
-        if device.type == "cuda" and key.tp_size == 1 and key.pp_size == 1 and self.args.cuda_graphs == "on":
+        # a mixture of experts decodes eagerly: its routing sizes each step's work on the host
+        if device.type == "cuda" and key.tp_size == 1 and key.pp_size == 1 and self.args.cuda_graphs == "on" \
+                and not self.config.num_experts:
             from rallypoint.worker.graphs import DecodeGraphs
             self.graphs = DecodeGraphs(model, self.settings.max_batch, self.settings.max_seq, device,
                                        compile=compile)
         self.shard = key
         took = time.monotonic() - t0
+        per = self.config.num_experts // key.tp_size  # a mixture of experts: this TP rank's experts
+        experts = {"experts": [key.tp_rank * per, (key.tp_rank + 1) * per]} if per else {}
         self.log.info("worker.shard_loaded", tp_rank=key.tp_rank, tp=key.tp_size, pp_rank=key.pp_rank,
-                      pp=key.pp_size, layers=[layers.start, layers.stop], seconds=round(took, 3))
+                      pp=key.pp_size, layers=[layers.start, layers.stop], seconds=round(took, 3), **experts)
         return took
 
     def _size_cache(self, key: ShardKey, device: torch.device) -> None:
