@@ -33,7 +33,9 @@ def drivers(gateway: str) -> list[str]:
         return json.loads(err.read())["drivers"]
 
 
-def run_streams(client: CompletionClient, requests: list[dict]) -> tuple[dict[int, Progress], list[threading.Thread]]:
+def run_streams(client: CompletionClient,
+                requests: list[dict]) -> tuple[dict[int, Progress], list[threading.Thread]]:
+    """Stream every request from a thread of its own; return once each has its first token."""
     got: dict[int, Progress] = {}
 
     def one(i: int) -> None:
@@ -49,6 +51,20 @@ def run_streams(client: CompletionClient, requests: list[dict]) -> tuple[dict[in
     return got, threads
 
 
+def assert_in_flight(got: dict[int, Progress], requests: list[dict]) -> None:
+    """Every stream has tokens and none has finished: a fault now hits them all mid-stream."""
+    progress = {i: (len(p.tokens), p.finish_reason) for i, p in got.items()}
+    assert all(0 < n < requests[i]["max_tokens"] and why is None for i, (n, why) in progress.items()), \
+        f"not all in flight (tokens, finish reason): {progress}"
+
+
+def join(threads: list[threading.Thread], got: dict[int, Progress]) -> None:
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a stream never ended"
+    assert all(p.finish_reason == "length" for p in got.values()), {i: p.finish_reason for i, p in got.items()}
+
+
 def test_driver_death_and_gateway_death_lose_nothing(etcd: EtcdCluster, client: EtcdClient, cluster_name: str,
                                                      tmp_path: Path) -> None:
     """c (leader, no rank), a (rank 0: the driver), b (rank 1). SIGKILL a's worker mid-stream: a's
@@ -62,7 +78,8 @@ def test_driver_death_and_gateway_death_lose_nothing(etcd: EtcdCluster, client: 
         gw = {n: wait_file(tmp_path / n / "gateway.url").strip() for n in ("a", "b", "c")}
         wait_for("a's gateway sees the driver", lambda: drivers(gw["a"]), timeout=30, every=0.2)
 
-        requests = [{"prompt": f"gateway {i}: how vexingly quick", "max_tokens": 60, "temperature": 0} for i in range(3)]
+        requests = [{"prompt": f"gateway {i}: how vexingly quick", "max_tokens": 60, "temperature": 0}
+                    for i in range(3)]
         direct = CompletionClient([gw["c"]])  # through a gateway with no rank of its own
         reference = [direct.complete(r).tokens for r in requests]
         assert all(len(t) == 60 for t in reference)
@@ -70,22 +87,23 @@ def test_driver_death_and_gateway_death_lose_nothing(etcd: EtcdCluster, client: 
         # 1. the driver dies; the client's gateway (a, same node) survives and resumes.
         on_a = CompletionClient([gw["a"]])
         got, threads = run_streams(on_a, requests)
-        psutil.Process(seat_pid(daemons["a"], 0)).kill()
-        for t in threads:
-            t.join(timeout=120)
+        victim = seat_pid(daemons["a"], 0)
+        assert_in_flight(got, requests)
+        psutil.Process(victim).kill()
+        join(threads, got)
         assert [got[i].tokens for i in range(len(requests))] == reference
         assert all(got[i].resumes == 0 for i in got)  # the client saw one unbroken stream
         m = scrape_metrics(tmp_path / "a")
-        assert m[("rallypoint_gateway_resumes_total", ())] >= 1
+        assert m[("rallypoint_gateway_resumes_total", ())] >= len(requests)  # a's gateway resumed each one
         assert m[("rallypoint_gateway_requests_total", (("outcome", "completed"),))] == len(requests)
 
         # 2. the whole node a dies (the driver and the client's gateway with it).
         failover = CompletionClient([gw["a"], gw["b"], gw["c"]])
         wait_for("a serves again", lambda: drivers(gw["a"]), timeout=60, every=0.2)
         got, threads = run_streams(failover, requests)
+        assert_in_flight(got, requests)
         daemons["a"].kill_node()
-        for t in threads:
-            t.join(timeout=120)
+        join(threads, got)
         assert [got[i].tokens for i in range(len(requests))] == reference
         assert all(got[i].resumes >= 1 and got[i].upstreams[-1] != gw["a"] for i in got)
 
@@ -131,7 +149,7 @@ def test_routes_keep_the_last_drivers_read_while_etcd_is_stopped(tmp_path: Path)
             t0 = time.monotonic()
             for _ in range(20):  # a background read is stuck on etcd through all of these
                 assert routes() == ["http://a", "http://b"]
-                time.sleep(0.05)
+                time.sleep(0.05)  # deliberate: the calls span 1 s of the outage (20 refresh periods)
             assert time.monotonic() - t0 < 1.9  # never waited out the 2 s retry deadline
         finally:
             os.kill(etcd.members[0].pid, signal.SIGCONT)

@@ -11,7 +11,7 @@ from pathlib import Path
 from rallypoint.protocol.keys import ClusterKeys
 from rallypoint.rendezvous.etcd import EtcdClient
 from rallypoint.rendezvous.records import Plan
-from rallypoint.testing.daemons import DaemonProcess, daemon_args, wait_file
+from rallypoint.testing.daemons import DaemonProcess, daemon_args, wait_file, wait_for
 from rallypoint.testing.etcd_server import EtcdCluster
 from rallypoint.worker.checkpoint import make_model
 from tests.conftest import make_client
@@ -43,11 +43,11 @@ def test_etcd_outage_keeps_serving(tmp_path: Path) -> None:
 
         t = threading.Thread(target=client_loop)
         t.start()
-        time.sleep(1.0)
+        wait_for("the client's first answer", lambda: results, timeout=30, every=0.02)
         member = etcd.members[0]
         t_stop = time.monotonic()
         member.proc.send_signal(signal.SIGSTOP)
-        time.sleep(10.0)
+        time.sleep(10.0)  # deliberate: the outage under test lasts 10 s (several 3 s leases)
         member.proc.send_signal(signal.SIGCONT)
         t_cont = time.monotonic()
         during = [r for when, r in results if t_stop + 0.5 < when < t_cont]
@@ -56,16 +56,18 @@ def test_etcd_outage_keeps_serving(tmp_path: Path) -> None:
         # Afterwards the daemons reconnect: both nodes registered again and a plan holds them both.
         client: EtcdClient = make_client(etcd.endpoints, retry_deadline=20.0)
         keys = ClusterKeys(cluster)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+
+        def registered() -> bool:
             kvs, _ = client.get_prefix(keys.nodes)
             plans, _ = client.get_prefix(keys.plans)
-            if len(kvs) == 2 and plans and Plan.from_json(plans[-1].key, plans[-1].value).members == ("a", "b"):
-                break
-            time.sleep(0.2)
-        else:
-            raise AssertionError("the daemons did not re-register after the outage")
-        time.sleep(2.0)
+            return (len(kvs) == 2 and bool(plans)
+                    and Plan.from_json(plans[-1].key, plans[-1].value).members == ("a", "b"))
+
+        wait_for("both daemons registered again after the outage, in the newest plan", registered, timeout=30,
+                 every=0.2)
+        t_back = time.monotonic()
+        wait_for("answers after the daemons are back", lambda: len([1 for when, _ in results if when > t_back]) >= 3,
+                 timeout=30, every=0.05)
         stop.set()
         t.join(timeout=60)
         assert all(r == reference for _, r in results), [r for _, r in results if r != reference][:3]

@@ -37,12 +37,10 @@ def spawn(etcd: EtcdCluster, cluster_name: str, tmp_path: Path) -> Iterator:
 
 
 def wait_gone(client: EtcdClient, key: str, timeout: float) -> float:
+    """Seconds until ``key`` is deleted (its lease ran out)."""
     t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if client.get(key) is None:
-            return time.monotonic() - t0
-        time.sleep(0.02)
-    raise AssertionError(f"{key} still present after {timeout}s")
+    wait_for(f"{key} to be deleted", lambda: client.get(key) is None, timeout=timeout, every=0.02)
+    return time.monotonic() - t0
 
 
 def latest_plan(client: EtcdClient, keys: ClusterKeys) -> Plan:
@@ -93,13 +91,8 @@ def test_leader_failover_when_leader_is_killed(spawn, client: EtcdClient, cluste
         d.wait_log("released", timeout=15)
     a.signal(signal.SIGKILL)
     t0 = time.monotonic()
-    while time.monotonic() - t0 < TTL + 3:
-        held = client.get(keys.leader)
-        if held is not None and held.value.decode() in ("b", "c"):
-            break
-        time.sleep(0.02)
-    else:
-        raise AssertionError("no new leader")
+    held = wait_for("a new leader (b or c)", lambda: (kv := client.get(keys.leader)) is not None
+                    and kv.value.decode() in ("b", "c") and kv, timeout=TTL + 3, every=0.02)
     assert time.monotonic() - t0 <= TTL + 0.5
     new = b if held.value == b"b" else c
     new.wait_log("left a", timeout=5)

@@ -19,6 +19,7 @@ from rallypoint.testing.daemons import DaemonProcess, daemon_args, scrape_metric
 from rallypoint.testing.etcd_server import EtcdCluster
 from rallypoint.worker.checkpoint import make_model
 from rallypoint.worker.title import describe
+from tests.conftest import make_client
 from tests.integration.test_serving import post, stream
 
 
@@ -63,15 +64,28 @@ def start_streams(url: str, requests: list[dict]) -> Streams:
 def start_leader_then_pair(daemons: dict[str, DaemonProcess], etcd: EtcdCluster, cluster_name: str,
                            tmp_path: Path, model: Path) -> None:
     """Three nodes, one rank slot each, TP=2: c first (the leader, left without a rank), then a
-    and b, which join inside the 2 s last call: a/0 is rank 0 (the driver), b/0 rank 1. Each is
-    put in ``daemons`` as it starts, so the caller's cleanup stops whatever did start."""
-    for node in ("c", "a", "b"):
-        args = daemon_args(etcd.endpoints, cluster_name, "--tp", "2", "--cpu-ranks", "1",
-                           "--rendezvous-last-call", "2",
-                           "--state-dir", str(tmp_path / node), "--worker-model", str(model))
-        daemons[node] = DaemonProcess(node, args, tmp_path / f"{node}.log").start()
-        if node == "c":
-            daemons[node].wait_log("became leader", timeout=30)
+    and b: a/0 is rank 0 (the driver), b/0 rank 1. c is cordoned until that first generation is
+    released, so it comes out that way however late a and b arrive (a rallyd can take seconds to
+    start on a loaded host), then uncordoned: a rank may move to c later. Each daemon is put in
+    ``daemons`` as it starts, so the caller's cleanup stops whatever did start."""
+    keys = ClusterKeys(cluster_name)
+    client = make_client(etcd.endpoints)
+    try:
+        client.put(keys.cordoned_of("c"), json.dumps({"by": "test: no rank for the leader at first"}))
+        for node in ("c", "a", "b"):
+            args = daemon_args(etcd.endpoints, cluster_name, "--tp", "2", "--cpu-ranks", "1",
+                               "--rendezvous-last-call", "2",
+                               "--state-dir", str(tmp_path / node), "--worker-model", str(model))
+            daemons[node] = DaemonProcess(node, args, tmp_path / f"{node}.log").start()
+            if node == "c":
+                daemons[node].wait_log("became leader", timeout=30)
+        daemons["c"].wait_log('"rallyd.generation_released"', timeout=90)
+        first = next(json.loads(x) for x in daemons["c"].log_text().splitlines()
+                     if '"rallyd.generation_released"' in x)
+        assert first["layout"] == {"0": "a/0", "1": "b/0"}, first
+        client.delete(keys.cordoned_of("c"))  # the same placement: no new generation for it
+    finally:
+        client.close()
 
 
 def worker_pid(daemon: DaemonProcess) -> int:
@@ -109,7 +123,7 @@ def check_metrics_after_recovery(tmp_path: Path, fault: str) -> None:
         assert x[("rallypoint_etcd_reachable", ())] == 1
     a, b = m["a"], m["b"]
     assert a[("rallypoint_requests_total", (("outcome", "accepted"),))] == 12  # 6 reference + 6 streamed
-    assert a[("rallypoint_requests_resumed_total", ())] >= 1  # the streams were held over the abort
+    assert a[("rallypoint_requests_resumed_total", ())] >= 6  # all 6 streams were held over the abort
     assert a[("rallypoint_requests_in_flight", ())] == 0
     assert b[("rallypoint_requests_total", (("outcome", "accepted"),))] == 0  # b holds no driver
     assert b[("rallypoint_worker_replacements_total", (("strategy", "restart"),))] == 1
@@ -140,11 +154,7 @@ def test_request_stream_lives_through_a_failed_worker(etcd: EtcdCluster, client:
         t_kill = time.monotonic()
         psutil.Process(victim).send_signal(getattr(signal, fault))
         # The owning daemon notices the exit (after killing the stuck worker) and orders the abort.
-        while time.monotonic() - t_kill < 10:
-            kvs, _ = client.get_prefix(keys.aborts)
-            if kvs:
-                break
-            time.sleep(0.005)
+        kvs = wait_for("the abort order", lambda: client.get_prefix(keys.aborts)[0], timeout=10, every=0.005)
         detected = time.monotonic() - t_kill
         order = json.loads(kvs[0].value)
         assert order["gen"] == 1 and order["ranks"] == [1] and "exited" in order["reason"]
@@ -186,15 +196,18 @@ def test_request_stream_lives_through_a_lost_node(etcd: EtcdCluster, client: Etc
         daemons["b" if victim == "rank-node" else "c"].kill_node()
         got = streams.join()
         assert [got[i] for i in range(len(requests))] == reference
+        if victim == "rank-node":  # a's driver held every stream over the abort of b's rank
+            wait_for("a's count of the streams it held", lambda: scrape_metrics(tmp_path / "a").get(
+                ("rallypoint_requests_resumed_total", ()), 0) >= len(requests), timeout=15, every=0.3)
         expected_nodes = ("a", "c") if victim == "rank-node" else ("a", "b")
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:  # the lost node's lease runs out, the (new) leader re-plans
+
+        def replanned() -> Plan | None:  # the lost node's lease runs out, the (new) leader re-plans
             kvs, _ = client.get_prefix(keys.plans)
             last = Plan.from_json(kvs[-1].key, kvs[-1].value)
-            if last.members == expected_nodes:
-                break
-            time.sleep(0.1)
-        assert last.members == expected_nodes and {s.node for s in last.ranks} <= set(expected_nodes)
+            return last if last.members == expected_nodes else None
+
+        last = wait_for(f"a plan of {expected_nodes}", replanned, timeout=15, every=0.1)
+        assert {s.node for s in last.ranks} <= set(expected_nodes)
         assert last.leader in expected_nodes
         # The replica serves in the new generation too, with the same tokens.
         assert post(url, requests[0])[1]["choices"][0]["token_ids"] == reference[0]

@@ -11,11 +11,18 @@ from pathlib import Path
 
 from rallypoint.daemon.config import Config
 from rallypoint.daemon.supervisor import Supervisor, WorkerCommand
+from rallypoint.testing.daemons import wait_for
 from rallypoint.worker.args import parse_args, runtime_settings
 
 
 def sleeper(local_rank: int | None, after_gen: int) -> list[str]:
     return [sys.executable, "-c", "import time; time.sleep(30)"]
+
+
+def watchers_done(*seats: int) -> bool:
+    """No exit watcher of these seats is still running: any exit report they make has been made."""
+    names = {f"watch-worker-{s}" for s in seats}
+    return not any(t.name in names and t.is_alive() for t in threading.enumerate())
 
 
 def test_ensure_starts_one_process_per_seat_and_exits_are_reported(tmp_path: Path) -> None:
@@ -25,13 +32,11 @@ def test_ensure_starts_one_process_per_seat_and_exits_are_reported(tmp_path: Pat
         first = sup.ensure(0)
         assert sup.ensure(0) is first  # a live worker is not started twice
         first.proc.kill()
-        deadline = time.monotonic() + 5
-        while not exits and time.monotonic() < deadline:
-            time.sleep(0.005)
+        wait_for("the exit report", lambda: exits, timeout=5, every=0.005)
         assert exits == [(0, -9)]
         assert sup.ensure(0).pid != first.pid
         sup.stop(0)  # asked for: not reported
-        time.sleep(0.2)
+        wait_for("seat 0's exit watchers to finish", lambda: watchers_done(0), timeout=5, every=0.01)
         assert exits == [(0, -9)] and sup.alive() == {}
     finally:
         sup.stop_all()
@@ -51,9 +56,8 @@ def deaf(local_rank: int | None, after_gen: int) -> list[str]:
 
 
 def wait_ready(tmp_path: Path, local_rank: int) -> None:
-    deadline = time.monotonic() + 10
-    while "ready" not in (tmp_path / f"worker-{local_rank}.log").read_text() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(f"worker {local_rank} to say ready",
+             lambda: "ready" in (tmp_path / f"worker-{local_rank}.log").read_text(), timeout=10, every=0.01)
 
 
 def test_a_dropped_seat_is_asked_to_exit_and_killed_only_after_its_grace(tmp_path: Path) -> None:
@@ -71,8 +75,9 @@ def test_a_dropped_seat_is_asked_to_exit_and_killed_only_after_its_grace(tmp_pat
         wait_ready(tmp_path / "deaf", 1)
         stuck.retire(1, grace=0.5)
         assert v.proc.wait(timeout=5) == -9  # it ignored SIGTERM: killed once the grace ran out
-        time.sleep(0.2)
-        assert exits == [] and not polite.retiring and not stuck.retiring  # asked for: not reported
+        wait_for("both retirements done", lambda: not polite.retiring and not stuck.retiring and watchers_done(0, 1),
+                 timeout=5, every=0.01)
+        assert exits == []  # asked for: not reported
     finally:
         polite.stop_all()
         stuck.stop_all()
@@ -106,14 +111,13 @@ def test_a_worker_outlives_the_thread_that_started_it(tmp_path: Path) -> None:
 
     def short_lived() -> None:
         started.append(sup.ensure(0))
-        time.sleep(1.0)  # still here when the child sets its parent-death signal
+        wait_ready(tmp_path, 0)  # still here when the child sets its parent-death signal (then says ready)
 
     t = threading.Thread(target=short_lived)
     t.start()
     t.join()
     try:
-        wait_ready(tmp_path, 0)
-        time.sleep(0.3)
+        time.sleep(0.3)  # deliberate: time for a parent-death SIGKILL, had the thread's end sent one, to land
         assert started[0].proc.poll() is None, f"the worker died with its starting thread: {started[0].proc.poll()}"
     finally:
         sup.stop_all()

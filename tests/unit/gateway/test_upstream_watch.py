@@ -27,7 +27,7 @@ def test_waiters_wake_on_a_change_and_share_one_poller() -> None:
             return time.monotonic() - t0
 
         tasks = [asyncio.create_task(waiter()) for _ in range(200)]
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # deliberate: 0.2 s (~40 polls) of no change, in which none may wake
         before = calls
         assert not any(t.done() for t in tasks)  # nothing changed: all still wait
         routes.append("http://driver")

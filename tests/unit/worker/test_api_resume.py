@@ -14,6 +14,7 @@ import time
 import httpx
 import pytest
 
+from rallypoint.testing.daemons import wait_for
 from rallypoint.worker.api import ApiServer, Frontend
 from rallypoint.worker.checkpoint import make_model
 from rallypoint.worker.requests import RequestQueue
@@ -74,9 +75,7 @@ def test_a_client_that_hangs_up_cancels_its_request(api) -> None:
         assert r.status_code == 200
         req = fe.queue.take(1, timeout=5)[0]  # what a driver would run
         assert not req.done
-    deadline = time.monotonic() + 10
-    while not req.done and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for("the hung-up request to end", lambda: req.done, timeout=10, every=0.01)
     assert req.finish_reason == "abandoned"
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import httpx
 import torch
 
+from rallypoint.testing.daemons import wait_for
 from rallypoint.worker.api import ApiServer, Frontend
 from rallypoint.worker.checkpoint import make_model
 from rallypoint.worker.engine import Driver, EngineSettings
@@ -38,9 +38,7 @@ def test_held_and_queued_requests_end_with_an_error_and_new_ones_are_refused(tmp
 
         t = threading.Thread(target=stream)
         t.start()
-        deadline = time.monotonic() + 10
-        while queue.waiting < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for("the streamed request to be queued", lambda: queue.waiting >= 2, timeout=10, every=0.01)
         assert queue.waiting == 2
         driver.hold()  # the generation switched; this seat does not drive in the next
         moved = driver.hand_off("a/0 does not drive a replica in generation 5")
