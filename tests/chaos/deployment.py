@@ -85,7 +85,7 @@ class Deployment:
                 code = d.proc.poll() if d is not None and d.proc is not None else None
                 if code is None or code <= 0:
                     continue
-                time.sleep(1.0)
+                time.sleep(1.0)  # deliberate: RestartSec=1s
                 with self._lock:
                     if self._stopping.is_set() or self.daemons.get(name) is not d:
                         continue  # restored meanwhile, or the deployment is stopping

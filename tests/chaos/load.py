@@ -37,6 +37,7 @@ class Load:
     reference: dict[int, list[int]] = field(default_factory=dict)
     outcomes: list[Outcome] = field(default_factory=list)
     in_flight: dict[int, float] = field(default_factory=dict)  # client -> when its current request was sent
+    progress: dict[int, Progress] = field(default_factory=dict)  # client -> its current request's progress
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
 
@@ -67,6 +68,7 @@ class Load:
             i = rng.randrange(len(PROMPTS))
             p = Progress()
             t0 = time.time()
+            self.progress[c] = p
             self.in_flight[c] = t0
             error = None
             try:
@@ -84,6 +86,11 @@ class Load:
             t.join(timeout=timeout)
         self._threads.clear()
         self._stop.clear()
+
+    def mid_stream(self) -> int:
+        """How many requests have tokens back and are not finished yet."""
+        return sum(1 for c, p in list(self.progress.items())
+                   if c in self.in_flight and p.tokens and p.finish_reason is None)
 
     def since(self, t: float) -> list[Outcome]:
         return [o for o in list(self.outcomes) if o.finished >= t]

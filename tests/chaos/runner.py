@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rallypoint.recovery import events as ev
+from rallypoint.testing.daemons import wait_for
 from tests.chaos.deployment import Deployment
 from tests.chaos.invariants import check_all
 from tests.chaos.load import Load
@@ -31,7 +32,20 @@ class RunResult:
     lost: int
     resumed: int
     problems: list[str] = field(default_factory=list)
-    timeline: list[tuple[float, float, int]] = field(default_factory=list)  # requests: start, end (from the fault), resumes
+    # requests: start, end (from the fault), resumes
+    timeline: list[tuple[float, float, int]] = field(default_factory=list)
+    in_flight: int = 0  # requests sent before the fault that finished after it
+
+
+def until(condition: Callable[[], object], timeout: float, every: float = 0.1) -> bool:
+    """Poll ``condition`` until it holds (True) or ``timeout`` passes (False): for waits whose
+    failure the invariants report afterwards, not by raising here."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(every)
+    return True
 
 
 @dataclass
@@ -54,9 +68,10 @@ class Chaos:
         load.start()
         return cls(d, load, log=log)
 
-    def run(self, name: str, rng: random.Random, settle: float = 2.0) -> RunResult:
+    def run(self, name: str, rng: random.Random) -> RunResult:
         d = self.deployment
-        time.sleep(settle)  # some requests in flight before the fault
+        # The fault is to strike requests mid-stream (the run counts those it did: in_flight).
+        wait_for("a request streaming before the fault", self.load.mid_stream, timeout=60, every=0.02)
         t_window = time.time()
         fault: Fault = SCENARIOS[name](d, rng)
         if fault.restore_first:
@@ -64,25 +79,28 @@ class Chaos:
         back = d.wait_serving(120, after_gen=fault.gen_before if fault.replan else 0)
         fault.restore()
         serving_end = d.wait_serving(120) is not None
-        time.sleep(settle)  # requests started during the recovery finish
-        deadline = time.monotonic() + 30  # on a slow host: until one request has finished since the fault
-        while not any(o.finished >= fault.at for o in list(self.load.outcomes)) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        # The requests sent before now (during the fault and the recovery) finish, to be checked;
+        # one that never does is reported by the invariants (nothing_stuck).
+        cutoff = time.time()
+        until(lambda: all(t0 > cutoff for t0 in list(self.load.in_flight.values())), timeout=30)
+        # on a slow host: until one request has finished since the fault
+        until(lambda: any(o.finished >= fault.at for o in list(self.load.outcomes)), timeout=30, every=0.2)
         first = [e.at for e in d.events() if e.at >= fault.at - 0.05 and (
             e.kind in DETECTED or (e.kind == ev.PLAN_WRITTEN and e.gen > fault.gen_before))]
         outcomes = self.load.since(t_window)
-        problems = check_all(d, self.load, fault, outcomes, serving_end and back is not None)
+        problems = fault.problems + check_all(d, self.load, fault, outcomes, serving_end and back is not None)
         r = RunResult(name, fault.note, not problems, round(min(first) - fault.at, 3) if first else None,
                       round(back - fault.at, 3) if back else None, len(outcomes),
                       len(self.load.lost(outcomes)), sum(o.resumes for o in outcomes), problems,
-                      [(round(o.started - fault.at, 2), round(o.finished - fault.at, 2), o.resumes) for o in outcomes])
+                      [(round(o.started - fault.at, 2), round(o.finished - fault.at, 2), o.resumes) for o in outcomes],
+                      in_flight=sum(1 for o in outcomes if o.started <= fault.at <= o.finished))
         self.results.append(r)
         slowest = max((o.finished - o.started for o in outcomes), default=0.0)
         restarted = [f"rallyd of {n} exited with code {c} on its own and was restarted (Restart=on-failure)"
                      for at, n, c in d.restarted_on_failure if at >= t_window]
         self.log(f"{name:<20} {'survived' if r.survived else 'FAILED':<9} detection {r.detection}s  "
-                 f"serving after {r.to_serving}s  requests {r.requests} (resumed {r.resumed}, slowest "
-                 f"{slowest:.1f}s) lost {r.lost}  ({fault.note})"
+                 f"serving after {r.to_serving}s  requests {r.requests} ({r.in_flight} in flight at the fault, "
+                 f"resumed {r.resumed}, slowest {slowest:.1f}s) lost {r.lost}  ({fault.note})"
                  + "".join(f"\n    - {p}" for p in problems) + "".join(f"\n    . {x}" for x in restarted))
         return r
 
@@ -92,17 +110,18 @@ class Chaos:
         (no new fault after the monotonic time ``stop_by``)."""
         end = min(time.monotonic() + seconds, stop_by)
         while time.monotonic() < end:
+            # deliberate: the time between faults is the point (exponential, mean mtbf)
             time.sleep(min(rng.expovariate(1.0 / mtbf), max(0.0, end - time.monotonic())))
             if time.monotonic() >= end:
                 break
-            r = self.run(rng.choice(names), rng, settle=0.5)
+            r = self.run(rng.choice(names), rng)
             r.scenario = f"soak:{r.scenario}"
 
     def stop(self) -> list[str]:
         """Stop the load and the deployment; return leftover processes (there must be none)."""
         self.load.stop()
         self.deployment.stop()
-        time.sleep(0.5)
+        until(lambda: not self.deployment.processes(), timeout=10, every=0.1)  # killed ones take a moment
         return [f"pid {p.pid} left running" for p in self.deployment.processes()]
 
 

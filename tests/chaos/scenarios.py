@@ -33,6 +33,7 @@ class Fault:
     restore: Callable[[], None] = lambda: None
     restore_first: bool = False  # no replica fits without what was hit: serving waits for the restore
     note: str = ""
+    problems: list[str] = field(default_factory=list)  # the fault did not strike as its name says
 
 
 def _gen(d: Deployment) -> int:
@@ -73,12 +74,15 @@ def _restart_node(d: Deployment, node: str) -> Callable[[], None]:
     return restore
 
 
-def _wait_event(d: Deployment, kinds: tuple[str, ...], after: float, min_gen: int = 0, timeout: float = 20.0) -> None:
+def _wait_event(d: Deployment, kinds: tuple[str, ...], after: float, min_gen: int = 0, timeout: float = 20.0) -> bool:
+    """Block until an event of ``kinds`` (of generation ``min_gen`` or later) is recorded after
+    ``after``; False if none came within ``timeout``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if any(e.kind in kinds and e.at >= after and e.gen >= min_gen for e in d.events()):
-            return
+            return True
         time.sleep(0.02)
+    return False
 
 
 def kill_rank(d: Deployment, rng: random.Random) -> Fault:
@@ -140,7 +144,7 @@ def etcd_all_stop(d: Deployment, rng: random.Random) -> Fault:
     gen, t = _gen(d), time.time()
     for m in d.etcd.members:
         _signal(m.pid, signal.SIGSTOP)
-    time.sleep(10.0)
+    time.sleep(10.0)  # deliberate: the outage lasts 10 s (longer than the daemons' 3 s leases)
     for m in d.etcd.members:
         _signal(m.pid, signal.SIGCONT)
     return Fault("etcd_all_stop", t, gen, replan=False, note="every etcd member stopped for 10 s")
@@ -149,7 +153,7 @@ def etcd_all_stop(d: Deployment, rng: random.Random) -> Fault:
 def slow_rank(d: Deployment, rng: random.Random) -> Fault:
     rank, node, pid = _pick_rank(d, rng)
     gen, t = _gen(d), time.time()
-    for _ in range(5):
+    for _ in range(5):  # deliberate: the fault is this timing (stalls shorter than the 1 s deadline floor)
         _signal(pid, signal.SIGSTOP)
         time.sleep(0.3)
         _signal(pid, signal.SIGCONT)
@@ -179,13 +183,16 @@ def second_failure(d: Deployment, rng: random.Random) -> Fault:
     others = {r: v for r, v in d.rank_pids().items() if r != rank}
     gen, t = _gen(d), time.time()
     _signal(pid, signal.SIGKILL)
-    _wait_event(d, (ev.ABORT_ORDERED,), t)
-    time.sleep(0.3)
+    problems = [] if _wait_event(d, (ev.ABORT_ORDERED,), t) else ["no abort order within 20 s of the first kill"]
+    time.sleep(0.3)  # deliberate: the second kill lands 0.3 s into the recovery, not with the first
     victims, now = [pid], _gen(d)  # the survivors may be in the next generation already
+    t2 = time.time()
     for _, other in others.values():
         _signal(other, signal.SIGKILL)
         victims.append(other)
-    return Fault("second_failure", t, gen, victims, hit_in={v: now for v in victims[1:]},
+    if any(e.kind == ev.SERVING and e.gen > gen and e.at <= t2 for e in d.events()):
+        problems.append("the first recovery was over before the second kill: no second failure during one")
+    return Fault("second_failure", t, gen, victims, hit_in={v: now for v in victims[1:]}, problems=problems,
                  note=f"rank {rank}, then {sorted(others)} 0.3 s after the abort order")
 
 
@@ -195,12 +202,14 @@ def kill_in_rendezvous(d: Deployment, rng: random.Random) -> Fault:
     others = {r: v for r, v in d.rank_pids().items() if r != rank}
     gen, t = _gen(d), time.time()
     _signal(pid, signal.SIGKILL)
-    _wait_event(d, (ev.PLAN_WRITTEN,), t, min_gen=gen + 1)
+    written = _wait_event(d, (ev.PLAN_WRITTEN,), t, min_gen=gen + 1)
     victims, now = [pid], _gen(d)  # the others are members of gen+1 (and may have written into it)
     for _, other in others.values():
         _signal(other, signal.SIGKILL)
         victims.append(other)
-    return Fault("kill_in_rendezvous", t, gen, victims, hit_in={v: now for v in victims[1:]},
+    problems = [] if written else [
+        f"no plan for generation {gen + 1} within 20 s: the second kill was not mid-rendezvous"]
+    return Fault("kill_in_rendezvous", t, gen, victims, hit_in={v: now for v in victims[1:]}, problems=problems,
                  note="second kill as generation gen+1 was written")
 
 

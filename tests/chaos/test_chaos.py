@@ -32,6 +32,7 @@ def chaos(tmp_path_factory: pytest.TempPathFactory):
 def test_the_cluster_survives(chaos: Chaos, scenario: str) -> None:
     r = chaos.run(scenario, random.Random(f"ci-{scenario}"))
     assert r.survived, "\n".join(r.problems)
+    assert r.in_flight > 0, "no request was in flight when the fault struck"
     assert r.lost == 0 and r.requests > 0 and r.to_serving is not None
     if scenario in ("kill_rank", "stop_rank", "kill_node"):
         assert r.detection is not None and r.detection < 10
