@@ -432,23 +432,13 @@ def serve_generation(model: StageLike, comm: Comm, groups: GroupSet, settings: E
         GenerationAborted: a collective of this generation was aborted; the caller holds the
             requests (driver) and waits for the next plan.
     """
-    if driver is not None and settings.overlap and groups.tp_size == 1 and groups.pp_size == 1:
-        return _serve_overlapped(model, comm, groups, settings, device, driver, should_stop, decode)
+    if driver is not None:
+        overlap = settings.overlap and groups.tp_size == 1 and groups.pp_size == 1
+        return _drive(model, comm, groups, settings, device, driver, should_stop, decode, overlap)
     while True:
-        if driver is not None:
-            if not driver.busy:
-                driver.queue.wait(settings.idle_every)  # an idle step, unless a request arrives first
-            hdr, tokens, produced = driver.plan()
-            hdr, nxt = step(model, comm, groups, settings.max_batch, device, hdr, tokens, decode)
-            if int(hdr[0]) == SWITCH:
-                return int(hdr[3])
-            driver.done(produced, nxt)
-            if should_stop():
-                return 0
-        else:
-            hdr, _ = step(model, comm, groups, settings.max_batch, device, decode=decode)
-            if int(hdr[0]) == SWITCH:
-                return int(hdr[3])
+        hdr, _ = step(model, comm, groups, settings.max_batch, device, decode=decode)
+        if int(hdr[0]) == SWITCH:
+            return int(hdr[3])
 
 
 class _Launched:
@@ -472,11 +462,11 @@ class _Launched:
         return self._host
 
 
-def _serve_overlapped(model: StageLike, comm: Comm, groups: GroupSet, settings: EngineSettings,
-                      device: torch.device, driver: Driver, should_stop: Any,
-                      decode: DecodeRunner | None) -> int:
-    """``serve_generation`` for a whole model on one rank: while decode steps follow each other
-    with the same rows, the next step is launched (fed the launched one's tokens, on the device)
+def _drive(model: StageLike, comm: Comm, groups: GroupSet, settings: EngineSettings,
+           device: torch.device, driver: Driver, should_stop: Any, decode: DecodeRunner | None,
+           overlap: bool) -> int:
+    """``serve_generation``'s driver loop: plan, step, done. With ``overlap`` (a whole model on
+    one rank), while decode steps follow each other with the same rows, the next step is launched (fed the launched one's tokens, on the device)
     before the launched one's tokens are read, so the host's scheduling, commits and streaming
     run while the GPU computes instead of between its steps. A step is still confirmed only
     once the step after it has finished (``Driver.done``), so an abort loses nothing new."""
@@ -490,7 +480,8 @@ def _serve_overlapped(model: StageLike, comm: Comm, groups: GroupSet, settings: 
             if int(hdr[0]) == SWITCH:
                 return int(hdr[3])
             launched = _Launched(hdr, produced, nxt)
-        ahead = driver.plan_ahead(launched.hdr, launched.produced, launched.nxt) if launched.nxt is not None else None
+        ahead = (driver.plan_ahead(launched.hdr, launched.produced, launched.nxt)
+                 if overlap and launched.nxt is not None else None)
         if ahead is not None:
             a_hdr, a_tokens, a_produced = ahead
             a_hdr, a_nxt = step(model, comm, groups, settings.max_batch, device, a_hdr, a_tokens, decode)

@@ -33,10 +33,11 @@ from rallypoint.protocol.orders import order_abort
 from rallypoint.rendezvous.records import Plan, RankSlot
 from rallypoint.testing.daemons import wait_for
 from rallypoint.testing.etcd_server import EtcdCluster
-from rallypoint.testing.ranks import RankPool, RankProcess
+from rallypoint.testing.ranks import RankPool
 from rallypoint.worker.checkpoint import EOS_ID, make_model
 from rallypoint.worker.sampling import generate
 from rallypoint.worker.shards import load_stage
+from tests.integration.test_model_parallel import run_all
 from tests.integration.test_serving import Deployment, post, stream
 
 EXPERTS = 8
@@ -75,14 +76,6 @@ def pool(etcd: EtcdCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     p.spawn(4)  # every case reuses these
     yield p
     p.close()
-
-
-def run_all(procs: list[RankProcess], cmd: str, per_proc: list[dict] | None = None, **kw) -> list[dict]:
-    ids = [p.send(cmd, **{**kw, **(per_proc[i] if per_proc else {})}) for i, p in enumerate(procs)]
-    out = [p.result(i, timeout=60) for p, i in zip(procs, ids)]
-    for r in out:
-        assert r["ok"], r
-    return out
 
 
 @pytest.mark.parametrize("tp,pp,dp", [(1, 1, 2), (1, 1, 4), (2, 1, 2), (1, 2, 2)],
