@@ -466,8 +466,9 @@ def _drive(model: StageLike, comm: Comm, groups: GroupSet, settings: EngineSetti
            device: torch.device, driver: Driver, should_stop: Any, decode: DecodeRunner | None,
            overlap: bool) -> int:
     """``serve_generation``'s driver loop: plan, step, done. With ``overlap`` (a whole model on
-    one rank), while decode steps follow each other with the same rows, the next step is launched (fed the launched one's tokens, on the device)
-    before the launched one's tokens are read, so the host's scheduling, commits and streaming
+    one rank), while decode steps follow each other with the same rows, the next step is
+    launched (fed the launched one's tokens, on the device) before the launched one's tokens
+    are read, so the host's scheduling, commits and streaming
     run while the GPU computes instead of between its steps. A step is still confirmed only
     once the step after it has finished (``Driver.done``), so an abort loses nothing new."""
     launched: _Launched | None = None
