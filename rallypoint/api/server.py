@@ -75,24 +75,36 @@ def base_app(title: str, api_key: str | None = None) -> FastAPI:
     return app
 
 
+def listen(host: str, port: int, backlog: int = 4096) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (0: a free port).
+
+    Raises:
+        OSError: the address cannot be bound.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.listen(backlog)
+    return sock
+
+
 class ServerThread:
-    """uvicorn serving ``app`` on ``host:port`` (0: a free port) from a thread of its own.
+    """uvicorn serving ``app`` on ``host:port`` (0: a free port), or on a listening ``sock`` made
+    elsewhere, from a thread of its own.
 
     Raises:
         OSError: the address cannot be bound (at construction, not later in the thread).
     """
 
-    def __init__(self, app: Any, host: str, port: int, name: str, backlog: int = 4096) -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            self.sock.bind((host, port))
-        except OSError:
-            self.sock.close()
-            raise
-        self.sock.listen(backlog)
-        self.host, self.port = host, self.sock.getsockname()[1]
+    def __init__(self, app: Any, host: str, port: int, name: str, backlog: int = 4096,
+                 sock: socket.socket | None = None) -> None:
+        self.sock = sock if sock is not None else listen(host, port, backlog)
+        self.host, self.port = self.sock.getsockname()[:2]
         config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", backlog=backlog,
                                 timeout_keep_alive=30, timeout_graceful_shutdown=1)
         self.server = uvicorn.Server(config)

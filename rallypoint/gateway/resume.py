@@ -73,7 +73,8 @@ async def _events(resp: httpx.Response, read_timeout: float) -> AsyncGenerator[d
     buf = b""
     while True:
         try:
-            got = await asyncio.wait_for(reads.__anext__(), read_timeout)
+            async with asyncio.timeout(read_timeout):  # no task per read, unlike wait_for before 3.12
+                got = await reads.__anext__()
             buf += got.replace(b"\r\n", b"\n") if b"\r" in got else got
         except StopAsyncIteration:
             return

@@ -6,8 +6,10 @@ restarts), so they live with neither.
 
 BAD_CHECKPOINT = 3  # its shard failed to load: a restart onto the same files would fail the same way
 BUILD_STUCK = 4     # a group build hung where no abort reaches it (a blocking NCCL init): start afresh
+API_LOST = 6        # its API process died: the replica cannot take requests; start afresh
 
-MEANING = {BAD_CHECKPOINT: "its shard failed to load", BUILD_STUCK: "a group build hung"}
+MEANING = {BAD_CHECKPOINT: "its shard failed to load", BUILD_STUCK: "a group build hung",
+           API_LOST: "its API process died"}
 
 
 def describe(code: int) -> str:

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -27,10 +28,29 @@ from rallypoint.api.schema import ChatCompletionRequest, CompletionRequest
 from rallypoint.api.server import ServerThread, base_app, error
 from rallypoint.api.text import TextStream
 from rallypoint.log import get_logger
-from rallypoint.worker.requests import BadRequest, QueueFull, Request, RequestQueue, SamplingParams
+from rallypoint.worker.requests import BadRequest, QueueFull, Request, SamplingParams
 from rallypoint.worker.tokenizer import ChatTemplateError, NoChatTemplate, Tokenizer
 
 log = get_logger("api")
+
+
+class Admission(Protocol):
+    """Where the API puts requests: the driver's ``RequestQueue`` (API on a thread of the driver)
+    or the API process's mirror of it (``api_process.MirrorQueue``)."""
+
+    def submit(self, req: Request) -> Request: ...
+
+    @property
+    def closed(self) -> str | None: ...
+
+    @property
+    def waiting(self) -> int: ...
+
+    @property
+    def running(self) -> int: ...
+
+    @property
+    def counts(self) -> dict[str, int]: ...
 
 
 @dataclass
@@ -57,7 +77,7 @@ class Frontend:
             One stream alone is never held. 0: off.
     """
 
-    queue: RequestQueue
+    queue: Admission
     tokenizer: Tokenizer
     vocab_size: int
     state: Callable[[], tuple[str, int]]
@@ -168,7 +188,7 @@ class _ReplicaCollector:
         yield GaugeMetricFamily("rallypoint_generation", "generation this replica serves", value=gen)
         yield GaugeMetricFamily("rallypoint_serving", "1 while the replica serves", value=1 if state == "serving" else 0)
         yield GaugeMetricFamily("rallypoint_requests_waiting", "requests queued", value=q.waiting)
-        yield GaugeMetricFamily("rallypoint_requests_in_flight", "requests being generated", value=len(q.in_flight))
+        yield GaugeMetricFamily("rallypoint_requests_in_flight", "requests being generated", value=q.running)
         total = CounterMetricFamily("rallypoint_requests", "requests by outcome", labels=["outcome"])
         for outcome, n in sorted(q.counts.items()):
             total.add_metric([outcome], n)
@@ -183,7 +203,7 @@ def build_app(fe: Frontend, api_key: str | None = None) -> FastAPI:
     async def health() -> JSONResponse:
         state, gen = fe.state()
         return JSONResponse({"status": state, "generation": gen, "waiting": fe.queue.waiting,
-                             "in_flight": len(fe.queue.in_flight)}, status_code=200 if state == "serving" else 503)
+                             "in_flight": fe.queue.running}, status_code=200 if state == "serving" else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -258,9 +278,9 @@ class ApiServer(ServerThread):
     """The replica's HTTP server, on a thread beside the serving loop."""
 
     def __init__(self, frontend: Frontend, host: str = "127.0.0.1", port: int = 0,
-                 api_key: str | None = None) -> None:
+                 api_key: str | None = None, sock: socket.socket | None = None) -> None:
         self.frontend = frontend
-        super().__init__(build_app(frontend, api_key), host, port, name="rallypoint-api")
+        super().__init__(build_app(frontend, api_key), host, port, name="rallypoint-api", sock=sock)
 
     def serve_in_thread(self) -> ApiServer:
         self.start()

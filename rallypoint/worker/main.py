@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from rallypoint.api import API_KEY_ENV, served_model_name
+from rallypoint.api import served_model_name
 from rallypoint.errors import CheckpointError, EtcdError, GenerationAborted, GroupError, RallypointError
 from rallypoint.groups.group_set import GroupSet
 from rallypoint.groups.topology import rank_at
@@ -36,7 +36,7 @@ from rallypoint.protocol.orders import mark_drained, request_replan
 from rallypoint.recovery import events as ev
 from rallypoint.recovery.events import EventLog
 from rallypoint.rendezvous.records import Plan
-from rallypoint.worker.api import ApiServer, Frontend
+from rallypoint.worker.api_link import ApiProcess, ServeSpec
 from rallypoint.worker.args import parse_args, runtime_settings
 from rallypoint.worker.build_guard import BuildGuard
 from rallypoint.worker.channel import ChannelClient, SeatHandoff
@@ -50,7 +50,6 @@ if TYPE_CHECKING:
     from rallypoint.worker.graphs import DecodeGraphs
     from rallypoint.worker.model import StageModel
     from rallypoint.worker.model_config import ModelConfig
-    from rallypoint.worker.tokenizer import Tokenizer
 
 os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
 
@@ -95,7 +94,6 @@ class Worker:
 
     def __init__(self, args: argparse.Namespace) -> None:
         from rallypoint.worker.model_config import ModelConfig
-        from rallypoint.worker.tokenizer import load_tokenizer
 
         self.args = args
         self.seat: tuple[str, int] | None = None
@@ -104,7 +102,6 @@ class Worker:
         self.probe = args.workload == "allreduce-probe"
         # an all-reduce probe has no model: config and tokenizer stay None
         self.config: ModelConfig | None = None if self.probe else ModelConfig.from_dir(args.model)
-        self.tokenizer: Tokenizer | None = None if self.probe else load_tokenizer(args.model)
         self.controller = Controller(self.runtime.client, args.cluster, None, self._on_abort,
                                      lambda _: self._close_if_draining())
         self.events = EventLog(self.runtime.client, self.runtime.keys, by=args.node)
@@ -120,7 +117,14 @@ class Worker:
         self.graphs: DecodeGraphs | None = None  # of self.model, on a GPU with TP=1 and PP=1
         self.shard: ShardKey | None = None
         self.driver: Driver | None = None
-        self.api: ApiServer | None = None
+        # The replica's HTTP API runs in a process of its own (api_link: why), started now so its
+        # imports and tokenizer load overlap this process's model load; it listens once this
+        # worker drives a replica (or, for a spare with free ports, once warm).
+        self.api: ApiProcess | None = None if self.probe else ApiProcess(
+            self.queue, args.model, self.config.vocab_size if self.config else 0, served_model_name(args.model),
+            lambda: (self.state, self.gen), title=f"rallypoint api (cluster {args.cluster}, node {args.node}, "
+                                                  f"worker pid {os.getpid()})", on_lost=self._api_lost)
+        self.api_url: str | None = None
         self.state, self.gen = "starting", args.after_gen
         self.plan: Plan | None = None
         self.replica = -1
@@ -318,21 +322,27 @@ class Worker:
 
     def _start_api(self) -> None:
         """Serve the replica's API (once), and say where in the seat's URL file."""
-        if self.api is None:
+        if self.api_url is None:
             self._open_api()
-        assert self.api is not None
+        assert self.api_url is not None
         if self.args.api_url_file:
             with open(self.args.api_url_file, "w") as f:
-                f.write(self.api.url)
+                f.write(self.api_url)
+
+    def _api_lost(self, code: int) -> None:
+        """The API process died: this replica can no longer take or answer requests. End the
+        process (the gateway resumes its streams elsewhere) and let rallyd start the seat afresh."""
+        self.log.error("worker.api_lost", api_exit_code=code, exit_code=exit_codes.API_LOST)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_codes.API_LOST)
 
     def _open_api(self) -> None:
-        assert self.config is not None and self.tokenizer is not None, "an all-reduce probe serves no API"
-        fe = Frontend(queue=self.queue, tokenizer=self.tokenizer, vocab_size=self.config.vocab_size,
-                      state=lambda: (self.state, self.gen), model=served_model_name(self.args.model),
-                      max_context=self.settings.max_seq, stream_interval=self.args.stream_interval,
-                      max_chunk_rate=self.args.max_chunk_rate)
-        self.api = ApiServer(fe, self.args.api_host, self.args.api_port, api_key=os.environ.get(API_KEY_ENV))
-        self.api.serve_in_thread()
+        assert self.api is not None, "an all-reduce probe serves no API"
+        self.api_url = self.api.serve(ServeSpec(self.args.api_host, self.args.api_port, self.settings.max_seq,
+                                                self.args.stream_interval, self.args.max_chunk_rate,
+                                                self.queue.capacity))
+        self.log.info("worker.api_serving", url=self.api_url, api_pid=self.api.proc.pid)
 
     def run(self) -> int:
         assert self.seat is not None, "take_seat first"
@@ -404,6 +414,8 @@ class Worker:
         abort every group and end the etcd session, so nothing is left for exit-time destructors
         (torch's NCCL threads torn down by the interpreter abort the process)."""
         self.events.close()
+        if self.api is not None:
+            self.api.close()
         try:
             self.runtime.close()
         except RallypointError as exc:
@@ -522,8 +534,8 @@ def start_beats(channel: ChannelClient, worker: Worker, every: float = 0.5) -> N
         while not worker.stopping.is_set():
             q = worker.queue
             if not channel.send(msgs.beat(os.getpid(), worker.state, worker.gen, worker.args.local_rank,
-                                          worker.replica, worker.driver is not None, q.waiting, len(q.in_flight),
-                                          dict(q.counts), worker.api.url if worker.api is not None else None)):
+                                          worker.replica, worker.driver is not None, q.waiting, q.running,
+                                          dict(q.counts), worker.api_url)):
                 return
             worker.beat_now.wait(every)
             worker.beat_now.clear()

@@ -105,6 +105,7 @@ class Request:
     fed: int | None = None  # while resuming: how many committed tokens the new KV cache holds again
     error: str | None = None
     eos: frozenset[int] = frozenset()  # token ids that end it (when ``params.stop_at_eos``)
+    on_cancel: Callable[[str], None] | None = field(default=None, repr=False)  # told of a cancel (API process)
     _cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
     _listeners: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
@@ -166,9 +167,36 @@ class Request:
         """End the request now (a stop string matched, the client went away): the driver frees
         its row at the next step and commits nothing more."""
         with self._cond:
-            if not self.done:
-                self.finish_reason = reason
-                self._changed()
+            if self.done:
+                return
+            self.finish_reason = reason
+            self._changed()
+        if self.on_cancel is not None:
+            self.on_cancel(reason)
+
+    def listen(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` (under the request's lock: keep it short) whenever tokens commit or it ends."""
+        with self._cond:
+            self._listeners.append(wake)
+
+    def unlisten(self, wake: Callable[[], None]) -> None:
+        with self._cond:
+            if wake in self._listeners:
+                self._listeners.remove(wake)
+
+    def snapshot(self, start: int) -> tuple[list[int], str | None, str | None]:
+        """(committed tokens past ``start``, finish reason, error), read together."""
+        with self._cond:
+            return self.committed[start:], self.finish_reason, self.error
+
+    def mirror(self, new: list[int], finish: str | None, error: str | None) -> None:
+        """Apply what the request's driver reported (this copy lives in the API process): more
+        committed tokens, and its end. A copy already ended here (cancelled) only gains tokens."""
+        with self._cond:
+            self.committed += new
+            if finish is not None and not self.done:
+                self.finish_reason, self.error = finish, error
+            self._changed()
 
     def _changed(self) -> None:
         """Wake whoever waits on this request (threads and event loops); holds ``_cond``."""
@@ -216,8 +244,7 @@ class Request:
         def wake() -> None:
             waker.wake(changed)
 
-        with self._cond:
-            self._listeners.append(wake)
+        self.listen(wake)
         try:
             sent = start
             deadline = time.monotonic() + timeout
@@ -234,12 +261,12 @@ class Request:
                 if left <= 0:
                     return
                 try:
-                    await asyncio.wait_for(changed.wait(), left)
+                    async with asyncio.timeout(left):  # no task per wait, unlike wait_for before 3.12
+                        await changed.wait()
                 except TimeoutError:
                     return
         finally:
-            with self._cond:
-                self._listeners.remove(wake)
+            self.unlisten(wake)
 
 
 class RequestQueue:
@@ -331,3 +358,8 @@ class RequestQueue:
     @property
     def waiting(self) -> int:
         return self._waiting.qsize()
+
+    @property
+    def running(self) -> int:
+        """Requests being generated now."""
+        return len(self.in_flight)

@@ -46,9 +46,9 @@ def describe(cmdline: list[str] | str) -> ProcessInfo | None:
     cmd = cmdline if isinstance(cmdline, str) else " ".join(cmdline)
     if m := _TITLE.search(cmd):
         return ProcessInfo(m[1], m[2], int(m[3]) if m[3] is not None else None)
-    if "rallypoint.worker" not in cmd:
-        return None
     args = cmd.split()
+    if "rallypoint.worker" not in args:  # ``-m rallypoint.worker``, not another module under it
+        return None
     cluster = args[args.index("--cluster") + 1] if "--cluster" in args[:-1] else ""
     if "--spare" in args:
         return ProcessInfo("spare", cluster, None)
