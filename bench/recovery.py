@@ -1,5 +1,5 @@
-"""Recovery breakdown: SIGKILL a rank under a request stream, with a warm spare and with a cold
-restart, side by side in one run.
+"""Recovery breakdown: SIGKILL a rank under a request stream, with a warm spare, a cold restart in
+the standby interpreter and a cold restart from scratch, side by side in one run.
 
 One rallyd serves TP=2 (``--gpus 2``), or TP=2 x DP=2 (``--gpus 4``), or two CPU ranks
 (``--gpus 0``). A client streams a long greedy completion from replica 0; the bench SIGKILLs the
@@ -10,14 +10,19 @@ gateway, which resumes the request on the replacement (a warm spare has the mode
 its CUDA graphs captured while it waits):
 
     kill -> detected (rallyd reaped the exit) -> abort ordered -> survivor's TP group aborted
-         -> replacement (spare adopted / process started) -> plan N+1 written -> released
+         -> replacement (spare adopted / process started) -> worker up (a restarted process said
+         hello to rallyd: interpreter up, imports done) -> plan N+1 written -> released
          -> groups built (last rank) -> shard loaded (last rank) -> first token at the client
 
-and checks the stream's tokens against a failure-free run. ``--modes cold,spare`` runs both
-strategies, each on a fresh daemon, ``--runs`` kills each.
+and checks the stream's tokens against a failure-free run. ``--modes cold,standby,spare`` runs
+the three, each on a fresh daemon, ``--runs`` kills each: ``cold`` restarts the seat in a new
+interpreter (``[worker] standby`` off), ``standby`` in the standby interpreter rallyd keeps
+(torch imported; the bench waits for it to be ready before each kill), ``spare`` hands the seat
+to a warm spare.
 
     python bench/recovery.py --gpus 2 --model /tmp/rp-1b         # GPU machine
     python bench/recovery.py --gpus 0 --size tiny --runs 2        # CPU smoke run
+    python bench/recovery.py --gpus 0 --size tiny --modes cold,standby --runs 3
     python bench/recovery.py --tp 1 --gpus 1 --runs 10 --model /tmp/rp-1b --dtype float32
 """
 
@@ -46,8 +51,8 @@ from rallypoint.rendezvous.etcd import EtcdClient, EtcdSettings
 from rallypoint.testing.daemons import DaemonProcess, daemon_args
 from rallypoint.testing.etcd_server import EtcdCluster
 
-COLUMNS = ("detected", "abort_ordered", "aborted", "replacement", "planned", "released", "groups_built",
-           "shard_loaded", "first_token", "client_token")
+COLUMNS = ("detected", "abort_ordered", "aborted", "replacement", "worker_up", "planned", "released",
+           "groups_built", "shard_loaded", "first_token", "client_token")
 
 
 def ts(line: dict) -> float:
@@ -104,6 +109,27 @@ def wait_spare(daemon: DaemonProcess, after: float, timeout: float = 120) -> Non
     raise SystemExit("no warm spare came up")
 
 
+def wait_standby(daemon: DaemonProcess, timeout: float = 120) -> None:
+    """Block until rallyd's standby interpreter has its imports done (its title says ready)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(" ".join(p.cmdline()).startswith("rallypoint standby (") and "ready" in " ".join(p.cmdline())
+               for p in psutil.Process(daemon.pid).children()):
+            return
+        time.sleep(0.1)
+    raise SystemExit("no standby interpreter came up")
+
+
+def worker_up(daemon: DaemonProcess, seat: int, t_kill: float) -> float | None:
+    """Seconds from the kill to the hello on rallyd's channel of the process restarted on ``seat``
+    (its interpreter up, or the standby handed the argv; imports done, its Worker built); None
+    when no process was started there (a spare took the seat)."""
+    lines = [e for e in log_lines(daemon.log_path) if ts(e) >= t_kill]
+    pid = next((e["pid"] for e in lines if e.get("event") == "supervisor.started" and e.get("local_rank") == seat), None)
+    hello = next((ts(e) for e in lines if e.get("event") == "rallyd.worker_connected" and e.get("pid") == pid), None)
+    return hello - t_kill if pid is not None and hello is not None else None
+
+
 def one_run(url: str, body: dict, reference: list[int], daemon: DaemonProcess, client: EtcdClient,
             keys: ClusterKeys, gen: int, state: Path, victim_seat: int = 1) -> dict:
     stamps: list[tuple[float, list[int]]] = []
@@ -122,6 +148,7 @@ def one_run(url: str, body: dict, reference: list[int], daemon: DaemonProcess, c
     aborted = [ts(e) for e in log_lines(state / "logs" / "worker-0.log")  # seat 0 is never the victim
                if e.get("event") == "groups.aborted" and ts(e) >= t_kill]
     phases["aborted"] = min(aborted) - t_kill if aborted else None
+    phases["worker_up"] = worker_up(daemon, victim_seat, t_kill)
     # The first token the client saw from the new generation (tokens committed before the kill may
     # still be on their way just after it).
     built = phases.get("groups_built")
@@ -143,6 +170,7 @@ def run_mode(mode: str, args: argparse.Namespace, model: Path, work: Path, etcd:
     node_args = ["--tp", str(args.tp), "--state-dir", str(state), "--worker-model", str(model),
                  "--worker-max-seq", "512", "--worker-restart-budget", "100", "--worker-dtype", args.dtype,
                  "--spares", "1" if mode == "spare" else "0",
+                 "--no-worker-standby" if mode == "cold" else "--worker-standby",
                  "--worker-compile" if args.compile == "on" else "--no-worker-compile",
                  "--worker-overlap" if args.overlap == "on" else "--no-worker-overlap"]
     node_args += ["--gpus", str(args.gpus)] if args.gpus else ["--cpu-ranks", str(args.tp)]
@@ -165,6 +193,8 @@ def run_mode(mode: str, args: argparse.Namespace, model: Path, work: Path, etcd:
         for run in range(args.runs):
             if mode == "spare":
                 wait_spare(daemon, after=0 if run == 0 else results[-1]["killed_at"])
+            if mode == "standby":
+                wait_standby(daemon)
             t_before = time.time()
             r = one_run(url, body, reference, daemon, client, keys, gen=run + 1, state=state,
                         victim_seat=0 if args.tp == 1 else 1)
@@ -189,7 +219,8 @@ def main() -> int:
     ap.add_argument("--size", default="1b")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=200)
-    ap.add_argument("--modes", default="cold,spare")
+    ap.add_argument("--modes", default="cold,standby,spare",
+                    help="cold: a new interpreter; standby: the standby interpreter; spare: a warm spare")
     ap.add_argument("--dtype", default="auto", help="the workers' dtype (auto: bf16 on GPU)")
     ap.add_argument("--compile", default="on", choices=("on", "off"), help="[worker] compile (GPU decode layers)")
     ap.add_argument("--overlap", default="on", choices=("on", "off"), help="[worker] overlap (TP=1 decode)")

@@ -222,6 +222,10 @@ class WorkerConfig:
         stall_timeout: a seat's worker that sends no heartbeat (every 0.5 s) for this long is
             frozen (stopped, stuck in the kernel, its interpreter wedged) and is replaced, even
             when no collective of its peers is waiting on it; 0 turns the check off.
+        standby: keep one standby interpreter (torch and the worker's modules imported, the CUDA
+            driver initialised, no seat) that the next worker rallyd starts runs in, so a cold
+            restart skips the seconds of Python and torch start-up. It costs one idle process
+            (a few hundred MB of host memory, no CUDA context); off: every worker starts afresh.
     """
 
     model: str | None = _opt(None, "str")
@@ -243,6 +247,7 @@ class WorkerConfig:
     restart_window: timedelta = _opt(_secs(60.0), "seconds", gt=0)
     drain_timeout: timedelta = _opt(_secs(30.0), "seconds", ge=0)
     stall_timeout: timedelta = _opt(_secs(3.0), "seconds", ge=0)
+    standby: bool = _opt(True, "bool")
 
 
 @dataclass(frozen=True)

@@ -129,7 +129,7 @@ class Daemon:
         env = {API_KEY_ENV: cfg.gateway.api_key} if cfg.gateway.api_key else None
         return Supervisor(command, cfg.state_dir / "logs", self._on_worker_exit, w.restart_budget,
                           w.restart_window.total_seconds(), env=env, spares=cfg.layout.spares,
-                          channel=self.channel, seat_params=command.seat_params)
+                          channel=self.channel, seat_params=command.seat_params, standby=w.standby)
 
     def _on_channel_message(self, peer: Peer, msg: dict) -> None:
         if msg.get("op") == msgs.HELLO:
@@ -173,6 +173,7 @@ class Daemon:
         self._follow(self.keys.kills_of(self.cfg.node), KillOrdered, "rallyd-drills")
         if self.supervisor is not None:
             self.supervisor.fill_spares()
+            self.supervisor.fill_standby()
             if self.cfg.layout.node_gpus() > 0 and (nvml := load_nvml()) is not None:
                 self.mechanics.gpu_health = GpuHealth(self.cfg.layout.node_gpus(), nvml)
                 self.log.info("rallyd.gpu_health_on", gpus=self.cfg.layout.node_gpus())

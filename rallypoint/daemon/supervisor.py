@@ -9,11 +9,20 @@ loop. Children run in their own session and are killed by PID, never orphaned.
 Warm spares are worker processes started with no seat (``local_rank`` None): they import torch,
 bring CUDA up and open their etcd session, then say hello on the local channel and wait.
 ``adopt_spare`` hands one a failed worker's seat and starts the next spare behind it.
+
+A standby interpreter (``[worker] standby``, ``worker.standby``) is one process with a worker's
+imports done (torch, rallypoint's worker modules, the CUDA driver) and no seat, blocked on its
+stdin. ``start`` hands it the next worker's argv instead of starting a new interpreter, so a cold
+restart skips Python and torch start-up (seconds on a GPU host), then starts the next standby
+behind it. Unlike a spare it holds nothing deployment-specific, so one is kept by default; it is
+rallyd's own child like any worker, so once handed a seat it is watched, reported and killed as
+one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -48,6 +57,8 @@ class WorkerProcess:
     started: float = field(default_factory=time.monotonic)
     after_gen: int = 0
     expected_exit: bool = False
+    standby: bool = False  # a standby interpreter not yet handed a worker's argv
+    from_standby: bool = False  # this worker runs in what was the standby
 
     @property
     def pid(self) -> int:
@@ -63,6 +74,7 @@ class WorkerProcess:
 
 ExitCallback = Callable[[WorkerProcess, int], None]
 Command = Callable[[int | None, int], list[str]]
+WORKER_MODULE = ["-m", "rallypoint.worker"]  # argv[1:3] of a worker a standby can become
 
 
 class Supervisor:
@@ -79,12 +91,15 @@ class Supervisor:
         spares: warm spares to keep.
         channel: the local control channel the spares say hello on (needed for spares).
         seat_params: extra fields of an ``adopt`` message for a seat (its API port, URL file).
+        standby: keep a standby interpreter for ``start`` to hand workers to (when ``command``
+            starts ``python -m rallypoint.worker``); one that dies on its own is replaced within
+            the same budget as spares.
     """
 
     def __init__(self, command: Command, log_dir: Path, on_exit: ExitCallback, budget: int = 5,
                  window: float = 60.0, env: dict[str, str] | None = None, spares: int = 0,
                  channel: ChannelServer | None = None,
-                 seat_params: Callable[[int], dict] | None = None) -> None:
+                 seat_params: Callable[[int], dict] | None = None, standby: bool = False) -> None:
         self.command = command
         self.log_dir = log_dir
         self.on_exit = on_exit
@@ -97,8 +112,12 @@ class Supervisor:
         self.channel = channel
         self.seat_params = seat_params or (lambda lr: {})
         self.spare_crashes = RestartBudget(budget, window)  # spares that died on their own
+        self.want_standby = standby
+        self.standby: WorkerProcess | None = None
+        self.standby_crashes = RestartBudget(budget, window)  # standbys that died on their own
         self._lock = threading.Lock()
         self._start_lock = threading.Lock()
+        self._standby_lock = threading.Lock()  # one standby started at a time
         self._stopping = False
         # Every child is forked from this one long-lived thread: Linux sends a worker's
         # parent-death signal (``--die-with-parent``) when the *thread* that forked it ends, and
@@ -116,21 +135,82 @@ class Supervisor:
                 self._kill(old, signal.SIGKILL)  # it had its chance; the seat gets one process
             self._forget_api(local_rank)
         name = f"worker-{local_rank}" if local_rank is not None else f"spare-{time.time_ns()}"
-        out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (the child's stdout, for its lifetime)
-        proc = self._spawner.submit(subprocess.Popen, self.command(local_rank, after_gen), stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=out, start_new_session=True,
-                                    env={**os.environ, **self.env}).result()
-        out.close()
-        w = WorkerProcess(local_rank, proc, after_gen=after_gen)
-        with self._lock:
-            if local_rank is None:
-                self.spares.append(w)
-            else:
-                self.workers[local_rank] = w
-        threading.Thread(target=self._watch, args=(w,), name=f"watch-{name}", daemon=True).start()
-        log.info("supervisor.started", local_rank=local_rank, pid=proc.pid, after_gen=after_gen,
-                 spare=local_rank is None)
+        argv, log_path = self.command(local_rank, after_gen), self.log_dir / f"{name}.log"
+        w = self._hand_to_standby(local_rank, after_gen, argv, log_path)
+        if w is None:
+            w = WorkerProcess(local_rank, self._spawn(argv, log_path, subprocess.DEVNULL), after_gen=after_gen)
+            with self._lock:
+                self._register(w)
+            threading.Thread(target=self._watch, args=(w,), name=f"watch-{name}", daemon=True).start()
+        log.info("supervisor.started", local_rank=local_rank, pid=w.pid, after_gen=after_gen,
+                 spare=local_rank is None, standby=w.from_standby)
         return w
+
+    def _spawn(self, argv: list[str], log_path: Path, stdin: int) -> subprocess.Popen:
+        """Start ``argv`` from the spawner thread, in a session of its own, output to ``log_path``."""
+        out = open(log_path, "ab")  # noqa: SIM115 (the child's stdout, for its lifetime)
+        try:
+            return self._spawner.submit(subprocess.Popen, argv, stdin=stdin, stdout=out, stderr=out, bufsize=0,
+                                        start_new_session=True, env={**os.environ, **self.env}).result()
+        finally:
+            out.close()
+
+    def _register(self, w: WorkerProcess) -> None:
+        """``w`` becomes the seat's worker, or a spare (call with ``_lock`` held)."""
+        if w.local_rank is None:
+            self.spares.append(w)
+        else:
+            self.workers[w.local_rank] = w
+
+    def _hand_to_standby(self, local_rank: int | None, after_gen: int, argv: list[str],
+                         log_path: Path) -> WorkerProcess | None:
+        """Make the standby this worker: write it ``argv`` (less the interpreter) and the log path,
+        and register it. None when there is no standby, or it died before it was handed the line:
+        the caller starts the worker fresh."""
+        if argv[1:3] != WORKER_MODULE:
+            return None
+        with self._lock:
+            w, self.standby = self.standby, None
+        if w is None or w.proc.stdin is None:
+            return None
+        try:
+            w.proc.stdin.write(json.dumps({"argv": argv[3:], "log": str(log_path)}).encode() + b"\n")
+            w.proc.stdin.close()
+        except OSError:  # it died: its watcher replaces it (within the budget)
+            return None
+        with self._lock:
+            # Its watcher tells a standby's death from a worker's by ``standby``, read under this
+            # lock after the exit: one already seen stays a standby's (and we start afresh).
+            if w.proc.returncode is not None:
+                return None
+            w.standby, w.from_standby = False, True
+            w.local_rank, w.after_gen, w.started = local_rank, after_gen, time.monotonic()
+            self._register(w)
+        if not self._stopping:
+            threading.Thread(target=self.fill_standby, name="refill-standby", daemon=True).start()
+        return w
+
+    def fill_standby(self) -> None:
+        """Start the standby interpreter, if one is wanted and none is there.
+
+        Its argv is ``python -m rallypoint.worker --standby`` with the workers' cluster and node
+        (its process title) and device (``cuda``: it initialises the CUDA driver too)."""
+        with self._standby_lock:
+            if self._stopping or not self.want_standby or self.standby is not None:
+                return
+            like = self.command(None, 0)  # a spare's argv, for the flags a standby takes
+            if like[1:3] != WORKER_MODULE:
+                return  # not rallypoint workers (a test's stand-in): nothing to pre-import
+            keep = [x for f in ("--cluster", "--node", "--device") if f in like[:-1]
+                    for x in (f, like[like.index(f) + 1])]
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            proc = self._spawn([*like[:3], "--standby", *keep], self.log_dir / f"standby-{time.time_ns()}.log",
+                               subprocess.PIPE)
+            w = WorkerProcess(None, proc, standby=True)
+            with self._lock:
+                self.standby = w
+            threading.Thread(target=self._watch, args=(w,), name=f"watch-standby-{proc.pid}", daemon=True).start()
+        log.info("supervisor.standby_started", pid=proc.pid)
 
     def _forget_api(self, local_rank: int) -> None:
         """The seat's published API URL belongs to its previous process: remove it until the new
@@ -193,6 +273,19 @@ class Supervisor:
         code = w.proc.wait()
         if w.expected_exit:
             return
+        with self._lock:  # see _hand_to_standby
+            standby = w.standby
+            if self.standby is w:
+                self.standby = None
+        if standby:  # died before it was handed a worker: nobody depended on it
+            log.warning("supervisor.standby_exited", pid=w.pid, code=code)
+            if self._stopping:
+                return
+            if self.standby_crashes.take():  # budgeted, so a standby that cannot start does not loop
+                self.fill_standby()
+            else:
+                log.error("supervisor.standby_failing", budget=self.budget, window=self.window)
+            return
         if w.local_rank is None:  # a spare: nobody depended on it
             with self._lock:
                 if w in self.spares:
@@ -250,10 +343,11 @@ class Supervisor:
         self._stopping = True
         for lr in list(self.workers):
             self.stop(lr, sig)
-        with self._lock:
+        with self._standby_lock, self._lock:  # a standby being started is there once it is
             spares, self.spares = self.spares, []
             retiring, self.retiring = list(self.retiring.values()), {}
-        for w in spares + retiring:
+            standby, self.standby = [self.standby] if self.standby else [], None
+        for w in spares + retiring + standby:
             self._kill(w, sig)
 
     @staticmethod

@@ -95,10 +95,15 @@ def kill_tree(pid: int) -> list[int]:
 
 
 def daemon_args(endpoints: tuple[str, ...], cluster: str, *extra: str) -> list[str]:
-    """Flags for a CPU-only test daemon on ``cluster``."""
+    """Flags for a CPU-only test daemon on ``cluster``.
+
+    Without the standby interpreter (``[worker] standby``) unless ``extra`` turns it on
+    (``--worker-standby``): each standby imports torch (2-3 s of CPU), one per daemon and one more
+    after each worker start, which cost the restart tests a quarter more CPU on a 2-core CI
+    machine (two such tests: 40 s of CPU without, 52 s with) for no test that is about it."""
     return ["--cluster", cluster, "--etcd-endpoints", ",".join(endpoints), "--gpus", "0",
             "--config", os.devnull, "--metrics-port", "0",
-            "--gateway-port", "0", *extra]
+            "--gateway-port", "0", "--no-worker-standby", *extra]
 
 
 def wait_file(path: Path, timeout: float = 90) -> str:

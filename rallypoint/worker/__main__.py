@@ -1,7 +1,10 @@
 import os
 import sys
 
-from rallypoint.worker.main import main
+if "--standby" in sys.argv[1:]:  # a pre-imported interpreter that waits for a worker's argv
+    from rallypoint.worker.standby import main
+else:
+    from rallypoint.worker.main import main
 
 code = main()
 sys.stdout.flush()

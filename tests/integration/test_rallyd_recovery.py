@@ -130,6 +130,48 @@ def test_a_spare_of_a_one_rank_replica_has_the_model_loaded_before_it_is_needed(
         daemon.stop()
 
 
+def standby_pids(daemon: DaemonProcess, doing: str = "") -> list[int]:
+    """The daemon's standby interpreters (``worker.standby``), those whose title says ``doing``."""
+    return [p.pid for p in psutil.Process(daemon.pid).children()
+            if (t := " ".join(p.cmdline())).startswith("rallypoint standby (") and doing in t]
+
+
+def test_a_cold_restart_runs_in_the_standby_interpreter(etcd: EtcdCluster, client: EtcdClient, cluster_name: str,
+                                                        tmp_path: Path) -> None:
+    """``[worker] standby`` on, no spares, TP=1: rallyd keeps a standby interpreter (torch and the
+    worker's modules imported). The driver is SIGKILLed mid-stream: the seat restarts cold in the
+    standby (its pid, rallyd logs ``standby: true``), a new standby starts behind it, and the streams
+    (through rallyd's gateway) finish with the failure-free tokens."""
+    model = make_model(tmp_path / "model", "tiny", seed=11)
+    keys = ClusterKeys(cluster_name)
+    args = daemon_args(etcd.endpoints, cluster_name, "--tp", "1", "--cpu-ranks", "1", "--worker-standby",
+                       "--state-dir", str(tmp_path / "a"), "--worker-model", str(model))
+    daemon = DaemonProcess("a", args, tmp_path / "a.log").start()
+    try:
+        url = wait_file(tmp_path / "a" / "api-0.url")
+        gateway = wait_file(tmp_path / "a" / "gateway.url").strip()
+        standby = wait_for("a standby with its imports done", lambda: standby_pids(daemon, "ready"), timeout=60)
+        assert len(standby) == 1
+        requests = [{"prompt": f"standby {i}: jinxed wizards", "max_tokens": 40, "temperature": 0} for i in range(2)]
+        reference = [post(url, r)[1]["choices"][0]["token_ids"] for r in requests]
+        streams = start_streams(gateway, requests)
+        victim = seat_pid(daemon, 0)
+        streams.assert_in_flight()
+        psutil.Process(victim).kill()
+        got = streams.join()
+        assert [got[i] for i in range(len(requests))] == reference
+        assert seat_pid(daemon, 0) == standby[0]  # the restarted worker is the former standby
+        started = [json.loads(x) for x in daemon.log_text().splitlines() if '"supervisor.started"' in x]
+        assert started[-1]["pid"] == standby[0] and started[-1]["local_rank"] == 0 and started[-1]["standby"] is True
+        assert '"worker.standby_taken"' in (tmp_path / "a" / "logs" / "worker-0.log").read_text()
+        wait_for("a new standby", lambda: [p for p in standby_pids(daemon) if p != standby[0]], timeout=10)
+        repl = wait_for("the replacement event", lambda: [e for e in read_events(client, keys, 1)
+                                                          if e.kind == ev.REPLACEMENT])
+        assert repl[0].detail["strategy"] == "restart"
+    finally:
+        daemon.stop()
+
+
 @pytest.mark.parametrize("lease_ran_out", [False, True], ids=["before-its-lease-ran-out", "after-its-lease-ran-out"])
 def test_a_node_restarted_at_once_does_not_rejoin_the_dead_generation(
         etcd: EtcdCluster, client: EtcdClient, cluster_name: str, tmp_path: Path, lease_ran_out: bool) -> None:

@@ -9,9 +9,12 @@ from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
+import psutil
+
 from rallypoint.daemon.config import Config
 from rallypoint.daemon.supervisor import Supervisor, WorkerCommand
 from rallypoint.testing.daemons import wait_for
+from rallypoint.testing.etcd_server import EtcdCluster
 from rallypoint.worker.args import parse_args, runtime_settings
 
 
@@ -139,3 +142,63 @@ def test_collective_settings_reach_the_workers_runtime(tmp_path: Path) -> None:
         rt = runtime_settings(args)
         assert (rt.deadline_floor, rt.deadline_k, rt.build_timeout, rt.device) == (2.5, 7.5, 12.0, "cpu")
 
+
+
+def title(pid: int) -> str:
+    return " ".join(psutil.Process(pid).cmdline()).strip()
+
+
+def test_a_seat_starts_in_the_standby_interpreter_and_a_new_one_takes_its_place(
+        etcd: EtcdCluster, cluster_name: str, tmp_path: Path) -> None:
+    """``[worker] standby``: a seat's worker runs in the standby that was waiting (same pid, its
+    title says it took the seat), a new standby starts behind it, a standby killed before use is
+    replaced (no seat exit reported), the seat's exit is reported as any worker's, and
+    ``stop_all`` leaves no process behind."""
+    cfg = Config()
+    cfg = replace(cfg, cluster=cluster_name, node="n", state_dir=tmp_path, etcd=replace(cfg.etcd, endpoints=etcd.endpoints),
+                  layout=replace(cfg.layout, gpus=0), worker=replace(cfg.worker, workload="allreduce-probe"))
+    exits: list[tuple[int, int]] = []
+    sup = Supervisor(WorkerCommand.from_config(cfg, None), tmp_path / "logs",
+                     on_exit=lambda w, c: exits.append((w.local_rank, c)), standby=True)
+    pids: set[int] = set()
+    try:
+        sup.fill_standby()
+        first = sup.standby
+        assert first is not None and first.standby
+        pids.add(first.pid)
+        wait_for("the standby's imports", lambda: title(first.pid) == f"rallypoint standby (cluster {cluster_name}, "
+                 "node n, ready)", timeout=60, every=0.05)
+        w = sup.ensure(0)
+        assert w is first and w.pid == first.pid and w.from_standby and not w.standby and w.local_rank == 0
+        assert sup.alive() == {0: w}
+        wait_for("the worker's own title", lambda: title(w.pid) == f"rallypoint worker (cluster {cluster_name}, "
+                 "seat n/0, waiting for a plan)", timeout=30, every=0.05)
+        assert '"worker.standby_taken"' in (tmp_path / "logs" / "worker-0.log").read_text()
+        second = wait_for("a new standby", lambda: sup.standby, timeout=10, every=0.01)
+        pids.add(second.pid)
+        assert second.pid != first.pid and second.standby
+        second.proc.kill()  # dies before use: replaced, and it was no seat
+        third = wait_for("the standby replaced", lambda: (s := sup.standby) is not None and s is not second and s,
+                         timeout=10, every=0.01)
+        pids.add(third.pid)
+        assert second.proc.wait(timeout=5) == -9 and exits == []
+        pids.update(p.pid for p in psutil.Process(w.pid).children(recursive=True))
+        w.proc.kill()  # the seat's worker, once a standby: its exit is a seat's
+        wait_for("the seat's exit report", lambda: exits, timeout=5, every=0.005)
+        assert exits == [(0, -9)]
+        wait_for("the third standby's imports", lambda: "ready" in title(third.pid), timeout=60, every=0.05)
+    finally:
+        sup.stop_all()
+    assert sup.standby is None and not [p for p in pids if psutil.pid_exists(p)]
+
+
+def test_without_a_standby_a_worker_starts_afresh(tmp_path: Path) -> None:
+    """Standby on, but workers that are not ``rallypoint.worker`` (or no standby alive): a plain
+    start, and no standby is ever started."""
+    sup = Supervisor(sleeper, tmp_path, on_exit=lambda w, c: None, standby=True)
+    try:
+        sup.fill_standby()
+        w = sup.ensure(0)
+        assert sup.standby is None and not w.from_standby and w.proc.poll() is None
+    finally:
+        sup.stop_all()
