@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -262,11 +262,16 @@ class Worker:
                                        compile=compile)
         self.shard = key
         took = time.monotonic() - t0
-        per = self.config.num_experts // key.tp_size  # a mixture of experts: this TP rank's experts
-        experts = {"experts": [key.tp_rank * per, (key.tp_rank + 1) * per]} if per else {}
         self.log.info("worker.shard_loaded", tp_rank=key.tp_rank, tp=key.tp_size, pp_rank=key.pp_rank,
-                      pp=key.pp_size, layers=[layers.start, layers.stop], seconds=round(took, 3), **experts)
+                      pp=key.pp_size, layers=[layers.start, layers.stop], seconds=round(took, 3),
+                      **self._experts(key))
         return took
+
+    def _experts(self, key: ShardKey | None) -> dict[str, Any]:
+        """A mixture of experts: ``{"experts": [first, end)}`` this shard holds (its EP rank's share,
+        EP = TP), for the log and the shard_loaded event; {} for a dense model."""
+        per = self.config.num_experts // key.tp_size if self.config is not None and key is not None else 0
+        return {"experts": [key.tp_rank * per, (key.tp_rank + 1) * per]} if per and key is not None else {}
 
     def _size_cache(self, key: ShardKey, device: torch.device) -> None:
         """``--max-batch 0`` / ``--max-seq 0``: size the KV cache from the memory the weights left,
@@ -373,7 +378,8 @@ class Worker:
             self.gen, self.plan = plan.gen, plan
             self.replica = plan.replica_of(groups.rank)
             self.events.emit(plan.gen, ev.GROUPS_BUILT, rank=groups.rank, carried=list(groups.carried))
-            self.events.emit(plan.gen, ev.SHARD_LOADED, rank=groups.rank, seconds=round(loaded, 4))
+            self.events.emit(plan.gen, ev.SHARD_LOADED, rank=groups.rank, seconds=round(loaded, 4),
+                             **self._experts(self.shard))
             if self.probe:
                 self.title("all-reduce probe", groups.rank)
                 self._run_probe(plan, groups)

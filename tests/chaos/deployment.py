@@ -37,13 +37,15 @@ class PlanWrite:
 class Deployment:
     """Args: root: a scratch directory; nodes: how many rallyd; tp: ranks per replica; gpus: 0 for
     CPU ranks (gloo), else the host's GPUs: node ``n<i>`` sees GPU ``(i-1) % gpus`` alone (NCCL,
-    float32 weights, so a resumed request draws the reference's tokens)."""
+    float32 weights, so a resumed request draws the reference's tokens); arch: the tiny model's
+    layout, ``llama`` or ``moe`` (Mixtral's: experts split over each replica's TP ranks, EP = TP)."""
 
     root: Path
     nodes: int = 3
     tp: int = 2
     cluster: str = field(default_factory=lambda: f"chaos-{secrets.token_hex(3)}")  # two runs never mix
     gpus: int = 0
+    arch: str = "llama"
     extra: tuple[str, ...] = ()
     etcd: EtcdCluster | None = None
     daemons: dict[str, DaemonProcess] = field(default_factory=dict)
@@ -66,7 +68,7 @@ class Deployment:
         # compacted every minute, as a production etcd is: watches then meet compacted history
         self.etcd = EtcdCluster(3, root=self.root / "etcd", compaction="1m").start()
         self.client = EtcdClient(EtcdSettings(endpoints=self.etcd.endpoints, request_timeout=2.0, retry_deadline=30.0))
-        make_model(self.root / "model", "tiny", seed=0)
+        make_model(self.root / "model", "tiny", seed=0, arch=self.arch)
         self._watch_plans()
         for name in self.names():
             self.start_node(name)

@@ -48,13 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--nodes", type=int, default=0, help="rallyd daemons (default: 3 on CPU, one per GPU)")
     ap.add_argument("--gpus", type=int, default=0, help="GPUs of this host to use (0: CPU ranks, gloo)")
+    ap.add_argument("--arch", default="llama", choices=("llama", "moe"),
+                    help="the tiny model's layout (moe: Mixtral's, experts split over each replica's TP ranks)")
     ap.add_argument("--budget", type=float, default=0.0,
                     help="start no new fault after this many seconds, then report (0: no limit)")
     ap.add_argument("--json", type=Path, default=Path("chaos-report.json"))
     ap.add_argument("--root", type=Path, default=None, help="scratch directory (default: a new temp dir)")
     args = ap.parse_args(argv)
     nodes = args.nodes or args.gpus or 3
-    names = [n for n in args.scenarios.split(",") if n] or [n for n in SCENARIOS if nodes > 2 or n not in NEED_ROOM]
+    names = [n for n in args.scenarios.split(",") if n] or [
+        n for n in SCENARIOS if (nodes > 2 or n not in NEED_ROOM) and (args.arch == "moe" or n != "kill_ep_rank")]
     if unknown := [n for n in names if n not in SCENARIOS]:
         ap.error(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
     if args.root is not None and args.root.exists() and any(args.root.iterdir()):
@@ -70,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.time() - t0:7.1f}s] {line}", flush=True)
 
     ranks = f"one GPU each (of {args.gpus}), NCCL" if args.gpus else "one CPU rank each, gloo"
-    say(f"deployment in {root}: 3 etcd members, {nodes} rallyd ({ranks}), TP=2, seed {args.seed}")
-    chaos = Chaos.start(root, nodes=nodes, seed=args.seed, gpus=args.gpus, log=say)
+    say(f"deployment in {root}: 3 etcd members, {nodes} rallyd ({ranks}), TP=2, {args.arch}, seed {args.seed}")
+    chaos = Chaos.start(root, nodes=nodes, seed=args.seed, gpus=args.gpus, log=say, arch=args.arch)
     footprint = {"start": measure(chaos.deployment)}
     say(f"etcd at the start: {footprint['start'].line()}")
     sampling = threading.Event()

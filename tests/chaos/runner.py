@@ -59,8 +59,8 @@ class Chaos:
 
     @classmethod
     def start(cls, root: Path, nodes: int = 3, clients: int = 3, seed: int = 0, gpus: int = 0,
-              log=print) -> Chaos:
-        d = Deployment(root, nodes=nodes, gpus=gpus).start()
+              log=print, arch: str = "llama") -> Chaos:
+        d = Deployment(root, nodes=nodes, gpus=gpus, arch=arch).start()
         if d.wait_serving(120) is None:
             raise RuntimeError(f"the deployment never served; logs in {root}")
         load = Load(d.gateways, clients=clients, seed=seed)
@@ -88,7 +88,8 @@ class Chaos:
         first = [e.at for e in d.events() if e.at >= fault.at - 0.05 and (
             e.kind in DETECTED or (e.kind == ev.PLAN_WRITTEN and e.gen > fault.gen_before))]
         outcomes = self.load.since(t_window)
-        problems = fault.problems + check_all(d, self.load, fault, outcomes, serving_end and back is not None)
+        problems = fault.problems + fault.after() + check_all(d, self.load, fault, outcomes,
+                                                             serving_end and back is not None)
         r = RunResult(name, fault.note, not problems, round(min(first) - fault.at, 3) if first else None,
                       round(back - fault.at, 3) if back else None, len(outcomes),
                       len(self.load.lost(outcomes)), sum(o.resumes for o in outcomes), problems,

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from rallypoint.recovery import events as ev
+from rallypoint.worker.checkpoint import MOE_EXPERTS
 from tests.chaos.deployment import Deployment
 
 
@@ -32,6 +33,7 @@ class Fault:
     replan: bool = True  # a newer generation must serve afterwards
     restore: Callable[[], None] = lambda: None
     restore_first: bool = False  # no replica fits without what was hit: serving waits for the restore
+    after: Callable[[], list[str]] = list  # checks of its own once the cluster serves again
     note: str = ""
     problems: list[str] = field(default_factory=list)  # the fault did not strike as its name says
 
@@ -90,6 +92,36 @@ def kill_rank(d: Deployment, rng: random.Random) -> Fault:
     gen, t = _gen(d), time.time()
     _signal(pid, signal.SIGKILL)
     return Fault("kill_rank", t, gen, [pid], note=f"rank {rank} ({node}, pid {pid})")
+
+
+def kill_ep_rank(d: Deployment, rng: random.Random) -> Fault:
+    """SIGKILL a rank of an expert-parallel group (a MoE deployment: each replica's experts are
+    split over its TP ranks): the survivors rebuild that group with the replacement, which loads
+    only its own share of the experts, the survivors load nothing, and the streams in flight
+    finish with the failure-free tokens."""
+    rank, node, pid = _pick_rank(d, rng)
+    gen, t = _gen(d), time.time()
+    _signal(pid, signal.SIGKILL)
+    f = Fault("kill_ep_rank", t, gen, [pid], note=f"EP rank {rank % d.tp} of replica {rank // d.tp} "
+                                                 f"({node}, pid {pid})")
+    if d.arch != "moe" or d.tp < 2:
+        f.problems.append(f"the deployment has no expert-parallel group (arch {d.arch}, TP {d.tp})")
+
+    def loads() -> list[str]:
+        plan = d.latest_plan()
+        if plan is None or plan.gen <= gen:
+            return [f"no generation after {gen} to check the expert loads of"]
+        loaded = [e for e in d.events() if e.kind == ev.SHARD_LOADED and e.gen == plan.gen]
+        moved = [e for e in loaded if e.detail.get("seconds", 0) > 0]
+        problems = [f"gen {plan.gen}: rank {e.detail.get('rank')} loaded experts {e.detail.get('experts')}, "
+                    f"not one EP rank's share of {d.tp}" for e in moved
+                    if not e.detail.get("experts") or len(range(*e.detail["experts"])) * d.tp != MOE_EXPERTS]
+        if len(moved) != 1:
+            problems.append(f"gen {plan.gen}: {len(moved)} ranks loaded weights; the replacement alone should")
+        return problems
+
+    f.after = loads
+    return f
 
 
 def stop_rank(d: Deployment, rng: random.Random) -> Fault:
@@ -230,8 +262,9 @@ def join_leave(d: Deployment, rng: random.Random) -> Fault:
 
 
 SCENARIOS: dict[str, Callable[[Deployment, random.Random], Fault]] = {
-    f.__name__: f for f in (kill_rank, stop_rank, kill_daemon, kill_node, etcd_leader, etcd_follower, etcd_all_stop,
-                            slow_rank, corrupt_shard, second_failure, kill_in_rendezvous, join_leave)}
+    f.__name__: f for f in (kill_rank, kill_ep_rank, stop_rank, kill_daemon, kill_node, etcd_leader, etcd_follower,
+                            etcd_all_stop, slow_rank, corrupt_shard, second_failure, kill_in_rendezvous, join_leave)}
 NEED_ROOM = ("corrupt_shard", "join_leave")  # a replica must move to (or grow onto) another node
-CI_SUBSET = ("kill_rank", "stop_rank", "kill_node", "etcd_leader")
+CI_SUBSET = ("kill_rank", "stop_rank", "kill_node", "etcd_leader", "kill_ep_rank")  # kill_ep_rank last: a third
+# kill of the same seat within its restart window before kill_node would leave no room for a replica
 SOAK = ("kill_rank", "stop_rank", "kill_daemon", "kill_node", "etcd_leader", "etcd_follower", "slow_rank")
