@@ -8,7 +8,7 @@ store, watchdog and progress publishing running), then times, alternating rounds
 * back-to-back: ``--iters`` calls then one synchronize, per-call average (CPU-side overhead shows
   here when the GPU is not the bottleneck).
 
-Ops: all_reduce and all_gather, fp32, at 4 KiB, 1 MiB and 64 MiB (``--sizes``). Rank 0 prints a
+Ops: all_reduce, all_gather and all_to_all (equal splits), fp32, at 4 KiB, 1 MiB and 64 MiB (``--sizes``). Rank 0 prints a
 table and writes ``--json``. Needs an etcd binary on PATH (started here on free loopback ports).
 
     python bench/comm_overhead.py --gpus 2
@@ -76,14 +76,20 @@ def worker(rank: int, world: int, port: int, endpoints: list[str], args: argpars
     assert comm is not None
     rows = []
     for nbytes in args.sizes:
-        n = max(1, nbytes // 4)
+        n = max(world, nbytes // 4)
+        n -= n % world  # all_to_all sends equal blocks to every rank
         x = torch.ones(n, device=device)
         gathered = torch.empty(n * world, device=device)
         # default arguments bind this size's tensors into the lambdas
+        a2a_out, splits = torch.empty(n, device=device), [n // world] * world
         ops = {
             "all_reduce": (lambda x=x: dist.all_reduce(x), lambda x=x: comm.all_reduce(x, "tp")),
             "all_gather": (lambda x=x, g=gathered: dist.all_gather_into_tensor(g, x),
                            lambda x=x, g=gathered: comm.all_gather(x, dim=0, group="tp", out=g)),
+            # the MoE dispatch/combine primitive (rallypoint allocates its output per call, as the
+            # expert-parallel layer uses it)
+            "all_to_all": (lambda x=x, o=a2a_out, s=splits: dist.all_to_all_single(o, x, s, s),
+                           lambda x=x, s=splits: comm.all_to_all(x, s, s, group="tp")),
         }
         for op, (raw, ours) in ops.items():
             for fn in (raw, ours):  # warm up both paths

@@ -23,6 +23,7 @@ to a warm spare.
     python bench/recovery.py --gpus 2 --model /tmp/rp-1b         # GPU machine
     python bench/recovery.py --gpus 0 --size tiny --runs 2        # CPU smoke run
     python bench/recovery.py --gpus 0 --size tiny --modes cold,standby --runs 3
+    python bench/recovery.py --gpus 0 --size tiny --arch moe --runs 3  # an expert-parallel rank killed
     python bench/recovery.py --tp 1 --gpus 1 --runs 10 --model /tmp/rp-1b --dtype float32
 """
 
@@ -217,6 +218,8 @@ def main() -> int:
     ap.add_argument("--tp", type=int, default=2, choices=(1, 2), help="1: a one-rank replica, its driver killed")
     ap.add_argument("--model", type=Path)
     ap.add_argument("--size", default="1b")
+    ap.add_argument("--arch", default=None, choices=("llama", "moe"),
+                    help="the written model's layout (moe: Mixtral's; with TP=2 the victim is an EP rank)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--modes", default="cold,standby,spare",
@@ -230,7 +233,7 @@ def main() -> int:
     model = args.model or work / "model"
     if not (model / "config.json").exists():
         from rallypoint.worker.checkpoint import make_model
-        make_model(model, args.size, seed=0)
+        make_model(model, args.size, seed=0, arch=args.arch)
     results: dict[str, list[dict]] = {}
     with EtcdCluster(1) as etcd:
         for mode in args.modes.split(","):
