@@ -47,7 +47,7 @@ def describe(cmdline: list[str] | str) -> ProcessInfo | None:
     if m := _TITLE.search(cmd):
         return ProcessInfo(m[1], m[2], int(m[3]) if m[3] is not None else None)
     args = cmd.split()
-    if "rallypoint.worker" not in args:  # ``-m rallypoint.worker``, not another module under it
+    if "rallypoint.worker" not in args or "--standby" in args:  # a worker, not another module or the standby
         return None
     cluster = args[args.index("--cluster") + 1] if "--cluster" in args[:-1] else ""
     if "--spare" in args:

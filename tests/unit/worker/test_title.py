@@ -19,3 +19,5 @@ def test_a_command_line_before_the_title_is_set_reads_the_same() -> None:
     assert describe(argv[:6] + ["--spare"]) == ProcessInfo("spare", "demo", None)
     assert describe(["python3", "-m", "rallypoint.daemon", "--cluster", "demo"]) is None
     assert describe("rallypoint workers are great") is None
+    assert describe("/usr/bin/python3 -m rallypoint.worker.api_process --fd 5 --model m") is None
+    assert describe("/usr/bin/python3 -m rallypoint.worker --standby") is None  # not a worker until handed a seat
