@@ -179,6 +179,10 @@ class CollectivesConfig:
     build_timeout: timedelta = _opt(_secs(30.0), "seconds", gt=0)
 
 
+GPU_KV_DEFAULT = (0, 0)  # [worker] max_batch, max_seq unset on a GPU node: sized from its memory
+CPU_KV_DEFAULT = (8, 512)  # and on a CPU node: small, a demo's or a test's
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     """``[worker]``: the rank processes rallyd starts for the seats a plan gives this node.
@@ -189,8 +193,10 @@ class WorkerConfig:
             on its TP group in a loop (fabric burn-in, and recovery timed without model loading).
         dtype: weights' dtype; ``auto`` is bfloat16 on GPUs, float32 on CPU.
         max_batch: KV-cache rows per replica (requests decoded together); 0: as many as fit in
-            ``kv_memory_fraction`` of the memory left after the weights (at most 256).
+            ``kv_memory_fraction`` of the memory left after the weights (at most 256). Unset: 0
+            on GPU nodes, 8 on CPU nodes.
         max_seq: positions per row (prompt + completion); 0: the model's context (at most 8192).
+            Unset: 0 on GPU nodes, 512 on CPU nodes.
         kv_memory_fraction: the share of free memory ``max_batch = 0`` fills with the KV cache
             (the rest is for activations and CUDA graphs).
         stream_interval: after a streamed chunk a driver waits this long before the next, so the
@@ -231,8 +237,8 @@ class WorkerConfig:
     model: str | None = _opt(None, "str")
     workload: str = _opt("serve", "choice", choices=("serve", "allreduce-probe"))
     dtype: str = _opt("auto", "choice", choices=("auto", "float32", "bfloat16", "float16"))
-    max_batch: int = _opt(8, "int", ge=0)
-    max_seq: int = _opt(512, "int", ge=0)
+    max_batch: int | None = _opt(None, "int", ge=0)  # None: by device (kv_size)
+    max_seq: int | None = _opt(None, "int", ge=0)
     kv_memory_fraction: float = _opt(0.8, "float", gt=0)
     queue_capacity: int = _opt(1024, "int", ge=1)
     cuda_graphs: bool = _opt(True, "bool")
@@ -248,6 +254,12 @@ class WorkerConfig:
     drain_timeout: timedelta = _opt(_secs(30.0), "seconds", ge=0)
     stall_timeout: timedelta = _opt(_secs(3.0), "seconds", ge=0)
     standby: bool = _opt(True, "bool")
+
+    def kv_size(self, gpu: bool) -> tuple[int, int]:
+        """(max_batch, max_seq) for a node with or without GPUs: as set, else the device's default."""
+        default = GPU_KV_DEFAULT if gpu else CPU_KV_DEFAULT
+        return (self.max_batch if self.max_batch is not None else default[0],
+                self.max_seq if self.max_seq is not None else default[1])
 
 
 @dataclass(frozen=True)
@@ -566,7 +578,7 @@ def _check(c: Config, origin: Mapping[str, str], check_node: bool) -> None:
             section, name = key.split(".")
             _fail(f"[{section}] {name} = {_s(value)} must be < [rendezvous] lease_ttl{bound} = "
                   f"{_s(limit)}", origin, key, "rendezvous.lease_ttl")
-    if 0 < c.worker.max_seq < 16:
+    if c.worker.max_seq is not None and 0 < c.worker.max_seq < 16:
         _fail(f"[worker] max_seq = {c.worker.max_seq} is too short (16 at least, or 0: the model's context)",
               origin, "worker.max_seq")
     if not c.worker.kv_memory_fraction < 1:

@@ -402,7 +402,7 @@ class WorkerCommand:
         w, lay = cfg.worker, cfg.layout
         device = "cuda" if lay.node_gpus() > 0 else "cpu"
         return cls(cfg.cluster, ",".join(cfg.etcd.endpoints), cfg.node, w.model or "", device, w.dtype,
-                   w.max_batch, w.max_seq, w.api_host, w.api_port, cfg.collectives.deadline_floor.total_seconds(),
+                   *w.kv_size(device == "cuda"), w.api_host, w.api_port, cfg.collectives.deadline_floor.total_seconds(),
                    cfg.state_dir, channel, w.workload, deadline_k=cfg.collectives.deadline_k,
                    build_timeout=cfg.collectives.build_timeout.total_seconds(),
                    queue_capacity=w.queue_capacity, cuda_graphs=w.cuda_graphs, compile=w.compile, overlap=w.overlap,

@@ -36,7 +36,7 @@ from rallypoint.worker.requests import QueueFull, Request, RequestQueue, Samplin
 log = get_logger("api_link")
 
 # driver -> API process
-SERVE = "serve"  # (SERVE, ServeSpec), then the listening socket (SCM_RIGHTS): serve on it
+SERVE = "serve"  # (SERVE, ServeSpec, Stats), then the listening socket (SCM_RIGHTS): serve on it
 UPDATES = "updates"  # (UPDATES, [(id, new tokens, finish reason, error)], Stats)
 STOP = "stop"  # (STOP,): finish the open responses and exit
 # API process -> driver
@@ -116,7 +116,7 @@ class ApiProcess:
         host, port = sock.getsockname()[:2]
         try:
             with self._send_lock:
-                self.conn.send((SERVE, spec))
+                self.conn.send((SERVE, spec, self.stats()))  # its /health is right from the first request
                 send_handle(self.conn, sock.fileno(), self.proc.pid)
         finally:
             sock.close()  # the API process holds it now; this copy would keep accepting if it died

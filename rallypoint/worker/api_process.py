@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             queue.apply(msg[1], msg[2])
         elif kind == link.SERVE and server is None:
             spec: link.ServeSpec = msg[1]
+            queue.stats = msg[2]
             sock = socket.socket(fileno=recv_handle(conn))  # bound and listening: the driver's
             queue.capacity = spec.capacity
             fe = Frontend(queue=queue, tokenizer=tokenizer, vocab_size=args.vocab_size, state=queue.state,

@@ -343,7 +343,8 @@ def test_example_loads(monkeypatch):
 
 def test_example_documents_every_key_with_its_default(tmp_path):
     section, shown, active = "", set(), []
-    site = {"node", "ca_cert", "cert_key", "cert_cert", "user", "password", "json", "model", "api_key"}
+    site = {"node", "ca_cert", "cert_key", "cert_cert", "user", "password", "json", "model", "api_key",
+            "max_batch", "max_seq"}  # site- or device-specific: their default is "unset"
     for line in EXAMPLE.read_text().splitlines():
         if m := re.fullmatch(r"\[(\w+)\]", line):
             section = m[1]
@@ -356,3 +357,11 @@ def test_example_documents_every_key_with_its_default(tmp_path):
     assert shown == expected
     c = load_config(write(tmp_path, "\n".join(active)), {})  # every default, written out
     assert replace(c, path=None) == Config()
+
+
+def test_kv_size_defaults_by_device_and_explicit_values_win(tmp_path):
+    unset = load_config(write(tmp_path, "[worker]\n"), {}).worker
+    assert unset.kv_size(gpu=True) == (0, 0)  # sized from the GPU's free memory, the model's context
+    assert unset.kv_size(gpu=False) == (8, 512)
+    given = load_config(write(tmp_path, "[worker]\nmax_batch = 32\nmax_seq = 0\n"), {}).worker
+    assert given.kv_size(gpu=True) == given.kv_size(gpu=False) == (32, 0)
