@@ -437,8 +437,9 @@ def main() -> int:
     own.add_argument("--model", type=Path, help="checkpoint directory to serve (written if missing)")
     own.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     own.add_argument("--dp", type=int, default=1, help="replicas (one CPU rank or GPU each)")
-    own.add_argument("--max-batch", type=int, help="[worker] max_batch: KV-cache rows per replica (default N)")
-    own.add_argument("--max-seq", type=int, help="[worker] max_seq (default P + T rounded up to 64)")
+    own.add_argument("--max-batch", type=int,
+                     help="[worker] max_batch: KV-cache rows per replica (default N; 0: sized from free memory)")
+    own.add_argument("--max-seq", type=int, help="[worker] max_seq (default P + T rounded up to 64; 0: the model's context)")
     own.add_argument("--queue-capacity", type=int, help="[worker] queue_capacity (default max(N, 1024))")
     own.add_argument("--dtype", default="auto")
     own.add_argument("--compile", default="on", choices=("on", "off"),
@@ -454,9 +455,9 @@ def main() -> int:
     own.add_argument("--start-timeout", type=float, default=300.0)
     args = ap.parse_args()
     n, T, P = args.clients, args.max_tokens, args.prompt_tokens
-    args.max_batch = args.max_batch or n
+    args.max_batch = n if args.max_batch is None else args.max_batch  # 0: sized from free memory
     args.queue_capacity = args.queue_capacity or max(n, 1024)
-    args.max_seq = args.max_seq or max(64, -(-(P + T + 1) // 64) * 64)
+    args.max_seq = max(64, -(-(P + T + 1) // 64) * 64) if args.max_seq is None else args.max_seq  # 0: the context
 
     soft, hard = raise_nofile()
     print(f"RLIMIT_NOFILE: soft {soft}, hard {hard}")
