@@ -89,6 +89,12 @@ CASES: tuple[Case, ...] = (
     Case("qwen2-sliding-layers", "qwen2", dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)),
     Case("qwen3-qk-norm-tied", "qwen3", dict(head_dim=32, tie_word_embeddings=True)),
     Case("mixtral-moe", "mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
+    # Qwen3-MoE: narrow experts, weights not renormalized, a dense first layer (as mlp_only_layers)
+    Case("qwen3-moe-dense-first", "qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                                    norm_topk_prob=False, mlp_only_layers=[0])),
+    # and every other layer sparse (decoder_sparse_step), the chosen experts' weights renormalized
+    Case("qwen3-moe-sparse-step", "qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                                    norm_topk_prob=True, decoder_sparse_step=2)),
 )
 
 

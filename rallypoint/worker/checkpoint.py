@@ -81,9 +81,13 @@ def arch_config(config: ModelConfig, arch: str) -> ModelConfig:
     window = max(8, config.max_position_embeddings // 16) if arch == "mistral" else None
     tied = True if arch == "qwen3" else config.tie_word_embeddings
     moe = arch in MOE_FAMILIES
-    return replace(config, model_type=arch, qkv_bias=arch == "qwen2", o_bias=False, qk_norm=arch == "qwen3",
-                   sliding_window=window, layer_types=None, tie_word_embeddings=tied,
-                   num_experts=MOE_EXPERTS if moe else 0, num_experts_per_tok=MOE_TOP_K if moe else 0)
+    qwen_moe = arch == "qwen3_moe"  # experts a quarter of the dense width, weights not renormalized, as Qwen3-30B-A3B
+    return replace(config, model_type=arch, qkv_bias=arch == "qwen2", o_bias=False,
+                   qk_norm=arch in ("qwen3", "qwen3_moe"), sliding_window=window, layer_types=None,
+                   tie_word_embeddings=tied, num_experts=MOE_EXPERTS if moe else 0,
+                   num_experts_per_tok=MOE_TOP_K if moe else 0,
+                   moe_intermediate_size=config.intermediate_size // 4 if qwen_moe else 0,
+                   norm_topk_prob=not qwen_moe, dense_layers=())
 
 
 # -- tokenizer -------------------------------------------------------------------------------
@@ -133,11 +137,16 @@ def tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             out[p + "self_attn.o_proj.bias"] = (d,)
         if config.qk_norm:
             out.update({p + "self_attn.q_norm.weight": (dh,), p + "self_attn.k_norm.weight": (dh,)})
-        if config.num_experts:  # Mixtral's names; experts in index order, so an EP rank's lie together
+        if config.is_sparse(n) and config.model_type == "mixtral":  # experts in index order: an EP rank's lie together
             out[p + "block_sparse_moe.gate.weight"] = (config.num_experts, d)
             for e in range(config.num_experts):
-                x = f"{p}block_sparse_moe.experts.{e}."
-                out.update({x + "w1.weight": (i, d), x + "w2.weight": (d, i), x + "w3.weight": (i, d)})
+                x, w = f"{p}block_sparse_moe.experts.{e}.", config.expert_size
+                out.update({x + "w1.weight": (w, d), x + "w2.weight": (d, w), x + "w3.weight": (w, d)})
+        elif config.is_sparse(n):  # Qwen3-MoE
+            out[p + "mlp.gate.weight"] = (config.num_experts, d)
+            for e in range(config.num_experts):
+                x, w = f"{p}mlp.experts.{e}.", config.expert_size
+                out.update({x + "gate_proj.weight": (w, d), x + "up_proj.weight": (w, d), x + "down_proj.weight": (d, w)})
         else:
             out.update({p + "mlp.gate_proj.weight": (i, d), p + "mlp.up_proj.weight": (i, d),
                         p + "mlp.down_proj.weight": (d, i)})
@@ -186,7 +195,7 @@ def make_model(path: str | Path, size: str | ModelConfig = "tiny", seed: int = 0
         size: ``tiny``, ``small``, ``1b`` (see ``SIZES``, all Llama) or a ``ModelConfig``.
         seed: the random seed; the same size, arch and seed give the same tensors.
         max_shard_bytes: above this total the weights are split into HF shard files with an index.
-        arch: ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``mixtral`` or ``moe`` (Mixtral's layout;
+        arch: ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``mixtral``, ``qwen3_moe`` or ``moe`` (Mixtral's layout;
             see ``arch_config``); None keeps ``size``'s own family.
 
     Returns:

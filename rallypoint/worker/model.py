@@ -73,8 +73,9 @@ class ModelComm(TPComm, Protocol):
 
 
 def split_dim(name: str) -> int | None:
-    """TP split dimension of parameter ``name`` (see ``SPLIT_DIM``)."""
-    return SPLIT_DIM[".".join(name.split(".")[-2:])]
+    """TP split dimension of parameter ``name`` (see ``SPLIT_DIM``); an expert is never split (a
+    Qwen3-MoE expert's ``gate_proj`` is whole on its EP rank, a dense MLP's is split)."""
+    return None if ".experts." in name else SPLIT_DIM[".".join(name.split(".")[-2:])]
 
 
 class Linear(nn.Linear):
@@ -280,15 +281,16 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def route(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
-    """Mixtral's routing (transformers' ``MixtralTopKRouter``): softmax over every expert in float32,
-    keep the ``top_k`` most probable, renormalize their probabilities to sum to 1.
+def route(logits: Tensor, top_k: int, normalize: bool = True) -> tuple[Tensor, Tensor]:
+    """Mixtral's and Qwen3-MoE's routing (transformers' ``MixtralTopKRouter``,
+    ``Qwen3MoeTopKRouter``): softmax over every expert in float32, keep the ``top_k`` most probable,
+    renormalize their probabilities to sum to 1 when ``normalize`` (Qwen3-MoE's ``norm_topk_prob``).
 
     Returns ``(weights [N, top_k] float32, experts [N, top_k] int64)``, most probable first.
     """
     # logits: [N, E]
     weights, experts = logits.float().softmax(dim=-1).topk(top_k, dim=-1)            # [N, k], [N, k]
-    return weights / weights.sum(dim=-1, keepdim=True), experts
+    return (weights / weights.sum(dim=-1, keepdim=True) if normalize else weights), experts
 
 
 class Expert(nn.Module):
@@ -305,8 +307,22 @@ class Expert(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+class QwenExpert(nn.Module):
+    """One Qwen3-MoE expert: SwiGLU with HF's names (``gate_proj``, ``up_proj``, ``down_proj``), whole on one rank."""
+
+    def __init__(self, hidden: int, inner: int) -> None:
+        super().__init__()
+        self.gate_proj = Linear(hidden, inner)
+        self.up_proj = Linear(hidden, inner)
+        self.down_proj = Linear(inner, hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: [M, D] -> [M, D]
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
 class SparseMoE(nn.Module):
-    """Mixtral's ``block_sparse_moe`` with its experts spread over the EP group.
+    """Mixtral's ``block_sparse_moe`` (Qwen3-MoE's sparse ``mlp``) with its experts spread over the EP group.
 
     EP rank ``r`` of ``ep_size`` holds experts ``r * L .. (r + 1) * L - 1`` (``L = num_experts /
     ep_size``), named by their global index as in the checkpoint (``experts.5.w1``), so a rank
@@ -323,11 +339,13 @@ class SparseMoE(nn.Module):
                  ep_size: int = 1) -> None:
         super().__init__()
         self.num_experts, self.top_k = config.num_experts, config.num_experts_per_tok
+        self.normalize = config.norm_topk_prob
         self.tp_rank, self.tp_size, self.ep_rank, self.ep_size = tp_rank, tp_size, ep_rank, ep_size
         self.local = config.num_experts // ep_size                                  # experts per EP rank
         self.gate = Linear(config.hidden_size, config.num_experts)
         first = ep_rank * self.local
-        self.experts = nn.ModuleDict({str(e): Expert(config.hidden_size, config.intermediate_size)
+        kind = QwenExpert if config.model_type == "qwen3_moe" else Expert
+        self.experts = nn.ModuleDict({str(e): kind(config.hidden_size, config.expert_size)
                                       for e in range(first, first + self.local)})
 
     def forward(self, x: Tensor, comm: ModelComm | None) -> Tensor:
@@ -344,7 +362,7 @@ class SparseMoE(nn.Module):
 
     def mix(self, x: Tensor, comm: ModelComm | None) -> Tensor:
         """The weighted sum of each token's chosen experts. x: [N, D] -> [N, D]."""
-        weights, experts = route(self.gate(x), self.top_k)                           # [N, k], [N, k]
+        weights, experts = route(self.gate(x), self.top_k, self.normalize)           # [N, k], [N, k]
         chosen = experts.flatten()                                                    # [N*k] expert per (token, slot)
         order = chosen.argsort(stable=True)                                           # pairs grouped by expert
         token = order // self.top_k                                                   # [N*k] token of each pair
@@ -389,9 +407,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, tp_size, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.sparse = config.num_experts > 0
-        if self.sparse:  # HF's name for Mixtral's block
+        self.sparse = config.is_sparse(layer)
+        self.mlp: MLP | SparseMoE
+        if self.sparse and config.model_type == "mixtral":  # HF's name for Mixtral's block
             self.block_sparse_moe = SparseMoE(config, tp_rank, tp_size, ep_rank, ep_size)
+        elif self.sparse:  # Qwen3-MoE keeps the name mlp
+            self.mlp = SparseMoE(config, tp_rank, tp_size, ep_rank, ep_size)
         else:
             self.mlp = MLP(config, tp_size)
 
@@ -402,8 +423,9 @@ class DecoderLayer(nn.Module):
         attn = self.self_attn
         h = x + attn.o_proj.finish(reduce(attn(self.input_layernorm(x), cos, sin, input_pos, mask, rows, kv_len)))
         if self.sparse:
-            return h + self.block_sparse_moe(self.post_attention_layernorm(h), comm)
-        mlp = self.mlp
+            moe = cast(SparseMoE, getattr(self, "block_sparse_moe", None) or self.mlp)
+            return h + moe(self.post_attention_layernorm(h), comm)
+        mlp = cast(MLP, self.mlp)
         return h + mlp.down_proj.finish(reduce(mlp(self.post_attention_layernorm(h))))
 
 
@@ -558,7 +580,7 @@ class StageModel(nn.Module):
         for layer in self.decoder_layers():
             layer.self_attn.fuse()
             if not layer.sparse:
-                layer.mlp.fuse()
+                cast(MLP, layer.mlp).fuse()
         return self
 
     def compile_decode(self, max_rows: int = 1 << 30, backend: str = "inductor") -> StageModel:

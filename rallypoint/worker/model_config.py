@@ -1,4 +1,5 @@
-"""A decoder's shape and math, read from a Hugging Face ``config.json`` (Llama, Mistral, Qwen2, Qwen3, Mixtral).
+"""A decoder's shape and math, read from a Hugging Face ``config.json`` (Llama, Mistral, Qwen2, Qwen3,
+Mixtral, Qwen3-MoE).
 
 ``ModelConfig`` is frozen and validated at load, and every error names the file and the key, so a
 bad checkpoint is refused before a single tensor is read. Every key of ``config.json`` is either
@@ -14,7 +15,10 @@ mixture of experts' experts by EP; there must be at least one layer per PP stage
 
 Mixtral is Mistral's attention with a sparse mixture of experts in place of every MLP
 (``num_local_experts`` SwiGLU experts, ``num_experts_per_tok`` of them per token), read into
-``num_experts`` and ``num_experts_per_tok``; a dense model has ``num_experts == 0``.
+``num_experts`` and ``num_experts_per_tok``; a dense model has ``num_experts == 0``. Qwen3-MoE is
+Qwen3's attention with ``num_experts`` experts of ``moe_intermediate_size`` each; ``norm_topk_prob``
+says whether the chosen experts' weights are renormalized to sum to 1 (Mixtral always does), and
+layers listed in ``mlp_only_layers``, or off the ``decoder_sparse_step`` rhythm, keep a dense MLP.
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ import torch
 from rallypoint.errors import CheckpointError
 
 CONFIG_FILE = "config.json"
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral")
-MOE_FAMILIES = ("mixtral",)  # every layer's MLP is a sparse mixture of experts
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
+MOE_FAMILIES = ("mixtral", "qwen3_moe")  # a layer's MLP may be a sparse mixture of experts
 ROPE_TYPES = ("default", "linear", "llama3")
 FULL, SLIDING = "full_attention", "sliding_attention"
 HF_VERSION = "5.24.0"  # the transformers release whose config.json layout to_hf_dict writes
@@ -89,7 +93,13 @@ _FAMILY = {
     "qwen3": _Family("Qwen3ForCausalLM", _COMMON_KEYS | _QWEN_KEYS | {"attention_bias"}, 32, 128, 32768, 4096),
     "mixtral": _Family("MixtralForCausalLM", _COMMON_KEYS | {"sliding_window", "num_local_experts", "num_experts_per_tok"},
                        8, None, 131072, None, 1e6, 1e-5),
+    "qwen3_moe": _Family("Qwen3MoeForCausalLM", _COMMON_KEYS | {"attention_bias", "use_sliding_window", "sliding_window",
+                                                                "decoder_sparse_step", "moe_intermediate_size",
+                                                                "num_experts", "num_local_experts", "num_experts_per_tok",
+                                                                "norm_topk_prob", "mlp_only_layers"},
+                         4, None, 32768, 4096),
 }
+_QWEN3_MOE = dict(num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768)  # Qwen3MoeConfig's defaults
 _MIXTRAL_EXPERTS, _MIXTRAL_TOP_K = 8, 2  # MixtralConfig's defaults
 
 # rope_parameters keys each rope type reads (besides rope_type / type / rope_theta / partial_rotary_factor)
@@ -145,7 +155,11 @@ class ModelConfig:
         num_experts: experts of each layer's sparse mixture of experts (Mixtral's ``num_local_experts``);
             0 for a dense model (one MLP per layer).
         num_experts_per_tok: experts each token is routed to (softmax over every expert, the top
-            ``num_experts_per_tok`` kept and renormalized to sum to 1, as Mixtral does).
+            ``num_experts_per_tok`` kept; renormalized to sum to 1 when ``norm_topk_prob``).
+        moe_intermediate_size: an expert's width (Qwen3-MoE); 0: ``intermediate_size`` (Mixtral).
+        norm_topk_prob: renormalize the chosen experts' weights (Mixtral: always; Qwen3-MoE: its key).
+        dense_layers: layers that keep a dense MLP in a mixture-of-experts model (Qwen3-MoE's
+            ``mlp_only_layers`` and the layers off its ``decoder_sparse_step``).
         torch_dtype: the dtype the weights are stored in (``float32``, ``float16``, ``bfloat16``).
         eos_token_ids: ``eos_token_id`` (HF allows a list).
         source: the file this config was read from ("" when built in code).
@@ -170,6 +184,9 @@ class ModelConfig:
     layer_types: tuple[str, ...] | None = None
     num_experts: int = 0
     num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    dense_layers: tuple[int, ...] = ()
     torch_dtype: str = "float32"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -239,10 +256,19 @@ class ModelConfig:
                                   f"(got qkv_bias={self.qkv_bias}, o_bias={self.o_bias})")
         if t == "mistral" and (self.qkv_bias or self.o_bias):
             raise CheckpointError(f"{where}: mistral has no attention biases")
-        if t in ("llama", "qwen3") and self.qkv_bias != self.o_bias:
+        if t in ("llama", "qwen3", "qwen3_moe") and self.qkv_bias != self.o_bias:
             raise CheckpointError(f"{where}: {t}'s attention_bias sets q/k/v and o_proj biases together")
-        if self.qk_norm != (t == "qwen3"):
-            raise CheckpointError(f"{where}: q/k norms are part of qwen3, and only of qwen3 (model_type {t!r})")
+        if self.qk_norm != (t in ("qwen3", "qwen3_moe")):
+            raise CheckpointError(f"{where}: q/k norms are part of qwen3 and qwen3_moe, and only of them "
+                                  f"(model_type {t!r})")
+        if t == "qwen3_moe" and self.sliding_window is not None:
+            raise CheckpointError(f"{where}: use_sliding_window=true is not supported for qwen3_moe")
+        if t != "qwen3_moe" and (self.moe_intermediate_size or not self.norm_topk_prob or self.dense_layers):
+            raise CheckpointError(f"{where}: moe_intermediate_size, norm_topk_prob and dense layers are "
+                                  f"qwen3_moe's (model_type {t!r})")
+        if any(not 0 <= i < self.num_hidden_layers for i in self.dense_layers):
+            raise CheckpointError(f"{where}: mlp_only_layers {list(self.dense_layers)} name layers outside "
+                                  f"0..{self.num_hidden_layers - 1}")
         if t == "llama" and self.sliding_window is not None:
             raise CheckpointError(f"{where}: llama has no sliding-window attention")
         if t == "mixtral" and (self.qkv_bias or self.o_bias):
@@ -298,6 +324,10 @@ class ModelConfig:
         window, layer_types = _attention_layout(d, fam, mt, where)
         dtype = d.get("dtype") or d.get("torch_dtype") or "float32"
         moe = mt in MOE_FAMILIES
+        experts, top_k = (d.get("num_local_experts", _MIXTRAL_EXPERTS), d.get("num_experts_per_tok", _MIXTRAL_TOP_K)) \
+            if mt == "mixtral" else (_qwen3_moe_experts(d, where),
+                                     d.get("num_experts_per_tok", _QWEN3_MOE["num_experts_per_tok"])) if moe else (0, 0)
+        qwen_moe = _qwen3_moe(d, where) if mt == "qwen3_moe" else {}
         try:
             return cls(
                 vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
@@ -305,10 +335,9 @@ class ModelConfig:
                 model_type=mt, head_dim=head_dim, rms_norm_eps=_float(d, "rms_norm_eps", fam.rms_norm_eps, where),
                 rope=_rope(d, max_pos, fam.rope_theta, where), max_position_embeddings=max_pos,
                 tie_word_embeddings=_bool(d, "tie_word_embeddings", False, where),
-                qkv_bias=attention_bias or mt == "qwen2", o_bias=attention_bias, qk_norm=mt == "qwen3",
+                qkv_bias=attention_bias or mt == "qwen2", o_bias=attention_bias, qk_norm=mt in ("qwen3", "qwen3_moe"),
                 sliding_window=window, layer_types=layer_types, torch_dtype=dtype,
-                num_experts=d.get("num_local_experts", _MIXTRAL_EXPERTS) if moe else 0,
-                num_experts_per_tok=d.get("num_experts_per_tok", _MIXTRAL_TOP_K) if moe else 0,
+                num_experts=experts, num_experts_per_tok=top_k, **qwen_moe,
                 bos_token_id=_token_ids(d, "bos_token_id", where)[0] if d.get("bos_token_id") is not None else None,
                 eos_token_ids=_token_ids(d, "eos_token_id", where), source=source)
         except (TypeError, ValueError) as exc:
@@ -346,7 +375,7 @@ class ModelConfig:
             num_key_value_heads=self.num_key_value_heads, pad_token_id=None, rms_norm_eps=self.rms_norm_eps,
             rope_parameters=self.rope.to_hf(), tie_word_embeddings=self.tie_word_embeddings,
             transformers_version=HF_VERSION, use_cache=True, vocab_size=self.vocab_size)
-        if self.model_type != "qwen2" or self.head_dim != self.hidden_size // self.num_attention_heads:
+        if self.model_type not in ("qwen2", "qwen3_moe") or self.head_dim != self.hidden_size // self.num_attention_heads:
             d["head_dim"] = self.head_dim
         if self.model_type == "llama":
             d.update(attention_bias=self.o_bias, mlp_bias=False, pretraining_tp=1)
@@ -362,6 +391,12 @@ class ModelConfig:
                      max_window_layers=sliding[0] if sliding else self.num_hidden_layers)
         if self.model_type == "qwen3":
             d["attention_bias"] = self.o_bias
+        if self.model_type == "qwen3_moe":
+            d.update(attention_bias=self.o_bias, use_sliding_window=False, sliding_window=None,
+                     num_local_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
+                     moe_intermediate_size=self.expert_size, norm_topk_prob=self.norm_topk_prob,
+                     decoder_sparse_step=1, mlp_only_layers=list(self.dense_layers),
+                     output_router_logits=False, router_aux_loss_coef=0.001)
         return dict(sorted(d.items()))
 
     # -- derived -----------------------------------------------------------------------------
@@ -379,6 +414,15 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_key_value_heads * self.head_dim
 
+    @property
+    def expert_size(self) -> int:
+        """An expert's width (Qwen3-MoE's ``moe_intermediate_size``, Mixtral's ``intermediate_size``)."""
+        return self.moe_intermediate_size or self.intermediate_size
+
+    def is_sparse(self, layer: int) -> bool:
+        """Whether layer ``layer``'s MLP is a sparse mixture of experts."""
+        return self.num_experts > 0 and layer not in self.dense_layers
+
     def _uniform_types(self) -> tuple[str, ...]:
         return (SLIDING if self.sliding_window else FULL,) * self.num_hidden_layers
 
@@ -394,11 +438,12 @@ class ModelConfig:
     def num_params(self) -> int:
         """Parameter count of the whole model (the LM head counted once when tied; every expert counted)."""
         h, i = self.hidden_size, self.intermediate_size
-        mlp = 3 * h * i if not self.num_experts else self.num_experts * (3 * h * i + h)  # experts and router row
-        layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + mlp + 2 * h
+        sparse = self.num_experts * (3 * h * self.expert_size + h)  # experts and router rows
+        layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 2 * h
         layer += (self.q_size + 2 * self.kv_size) * self.qkv_bias + h * self.o_bias + 2 * self.head_dim * self.qk_norm
+        mlps = sum(sparse if self.is_sparse(n) else 3 * h * i for n in range(self.num_hidden_layers))
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
-        return self.vocab_size * h + self.num_hidden_layers * layer + h + head
+        return self.vocab_size * h + self.num_hidden_layers * layer + mlps + h + head
 
     def check_parallel(self, tp: int, pp: int, ep: int = 1) -> None:
         """Raise ``CheckpointError`` unless the model splits over ``tp`` x ``pp`` ranks, with its
@@ -412,7 +457,7 @@ class ModelConfig:
         if tp < 1 or pp < 1 or ep < 1:
             raise CheckpointError(f"{where}: tp, pp and ep must be >= 1, got tp={tp} pp={pp} ep={ep}")
         split = ("num_attention_heads", "num_key_value_heads", "vocab_size")
-        for key in split if self.num_experts else (*split, "intermediate_size"):
+        for key in split if self.num_experts and not self.dense_layers else (*split, "intermediate_size"):
             if getattr(self, key) % tp:
                 raise CheckpointError(f"{where}: {key}={getattr(self, key)} is not divisible by tp={tp}")
         if self.num_experts % ep:
@@ -450,6 +495,29 @@ def _token_ids(d: dict[str, Any], key: str, where: str) -> tuple[int, ...]:
     if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
         raise CheckpointError(f"{where}: {key} must be a token id or a list of them, got {value!r}")
     return tuple(ids)
+
+
+def _qwen3_moe_experts(d: dict[str, Any], where: str) -> Any:
+    """Qwen3-MoE's expert count: ``num_experts`` (the hub's spelling) or ``num_local_experts`` (what
+    transformers 5.25 writes); both given must agree."""
+    a, b = d.get("num_experts"), d.get("num_local_experts")
+    if a is not None and b is not None and a != b:
+        raise CheckpointError(f"{where}: num_experts {a!r} disagrees with num_local_experts {b!r}")
+    return a if a is not None else b if b is not None else _QWEN3_MOE["num_experts"]
+
+
+def _qwen3_moe(d: dict[str, Any], where: str) -> dict[str, Any]:
+    """Qwen3-MoE's expert width, weight normalization and dense layers, as transformers reads them."""
+    step = d.get("decoder_sparse_step", 1)
+    _check_positive_int(step, "decoder_sparse_step", where)
+    only = d.get("mlp_only_layers") or []
+    if not isinstance(only, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in only):
+        raise CheckpointError(f"{where}: mlp_only_layers must be a list of layer indices, got {only!r}")
+    dense = sorted(set(only) | {n for n in range(d["num_hidden_layers"]) if (n + 1) % step})
+    width = d.get("moe_intermediate_size", _QWEN3_MOE["moe_intermediate_size"])
+    _check_positive_int(width, "moe_intermediate_size", where)
+    return dict(moe_intermediate_size=width, norm_topk_prob=_bool(d, "norm_topk_prob", False, where),
+                dense_layers=tuple(dense))
 
 
 def _rope(d: dict[str, Any], max_pos: int, default_theta: float, where: str) -> Rope:
@@ -517,6 +585,8 @@ def _attention_layout(d: dict[str, Any], fam: _Family, mt: str,
         return window, None
     use = _bool(d, "use_sliding_window", False, where)
     window = window if use else None
+    if mt == "qwen3_moe":
+        return window, None  # every layer alike (a window is refused in _check_family)
     first = d.get("max_window_layers", 28)
     if not isinstance(first, int) or isinstance(first, bool) or first < 0:
         raise CheckpointError(f"{where}: max_window_layers must be an integer >= 0, got {first!r}")

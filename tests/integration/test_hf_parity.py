@@ -88,9 +88,13 @@ def test_config_is_read_as_transformers_reads_it(built: Built) -> None:
     assert c.tie_word_embeddings == hf.tie_word_embeddings
     assert c.rope.to_hf() == {k: v for k, v in hf.rope_parameters.items() if k != "partial_rotary_factor"}
     assert c.qkv_bias == (built.case.model_type == "qwen2" or bool(getattr(hf, "attention_bias", False)))
-    assert c.qk_norm == (built.case.model_type == "qwen3")
+    assert c.qk_norm == (built.case.model_type in ("qwen3", "qwen3_moe"))
     assert (c.num_experts, c.num_experts_per_tok) == (getattr(hf, "num_local_experts", 0),
                                                       getattr(hf, "num_experts_per_tok", 0))
+    if built.case.model_type == "qwen3_moe":
+        assert (c.expert_size, c.norm_topk_prob) == (hf.moe_intermediate_size, hf.norm_topk_prob)
+        assert [c.is_sparse(i) for i in range(c.num_hidden_layers)] == [
+            i not in hf.mlp_only_layers and (i + 1) % hf.decoder_sparse_step == 0 for i in range(hf.num_hidden_layers)]
     layer_types = getattr(hf, "layer_types", None) or ["full_attention"] * hf.num_hidden_layers
     assert [c.window(i) for i in range(c.num_hidden_layers)] == [
         hf.sliding_window if t == "sliding_attention" or built.case.model_type in ("mistral", "mixtral") else None

@@ -44,6 +44,12 @@ HF_WRITES: dict[str, dict[str, Any]] = {
                 "num_local_experts": 4, "output_router_logits": False, "rms_norm_eps": 1e-05,
                 "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0, "sliding_window": None,
                 "tie_word_embeddings": False, "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"}},
+    "qwen3_moe": {**COMMON, "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "attention_bias": False,
+                  "bos_token_id": None, "decoder_sparse_step": 1, "eos_token_id": None, "max_position_embeddings": 32768,
+                  "mlp_only_layers": [0], "moe_intermediate_size": 48, "norm_topk_prob": False,
+                  "num_experts_per_tok": 2, "num_local_experts": 4, "output_router_logits": False,
+                  "router_aux_loss_coef": 0.001, "sliding_window": None, "tie_word_embeddings": False,
+                  "use_sliding_window": False, "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}},
 }
 
 
@@ -63,7 +69,7 @@ def refused(tmp_path: Path, d: dict[str, Any], *needles: str) -> str:
 # -- what transformers writes ------------------------------------------------------------------
 
 def test_each_family_as_transformers_writes_it() -> None:
-    llama, mistral, qwen2, qwen3, mixtral = (ModelConfig.from_dict(HF_WRITES[f], f) for f in FAMILIES)
+    llama, mistral, qwen2, qwen3, mixtral, qwen3_moe = (ModelConfig.from_dict(HF_WRITES[f], f) for f in FAMILIES)
     assert llama.rope == Rope(500000.0, "llama3", 8.0, 1.0, 4.0, 64) and llama.tie_word_embeddings
     assert not llama.qkv_bias and llama.eos_token_ids == (2,) and llama.head_dim == 16
     assert [mistral.window(i) for i in range(2)] == [8, 8] and not mistral.tie_word_embeddings
@@ -73,6 +79,22 @@ def test_each_family_as_transformers_writes_it() -> None:
     assert (mixtral.num_experts, mixtral.num_experts_per_tok, mixtral.head_dim, mixtral.window(0)) == (4, 2, 16, None)
     assert mixtral.rope == Rope(1e6) and not mixtral.qkv_bias and not mixtral.qk_norm
     assert not any(c.num_experts for c in (llama, mistral, qwen2, qwen3))
+    assert (qwen3_moe.num_experts, qwen3_moe.num_experts_per_tok, qwen3_moe.expert_size) == (4, 2, 48)
+    assert qwen3_moe.qk_norm and not qwen3_moe.norm_topk_prob and qwen3_moe.head_dim == 16
+    assert [qwen3_moe.is_sparse(i) for i in range(2)] == [False, True]  # mlp_only_layers [0]
+    assert mixtral.norm_topk_prob and [mixtral.is_sparse(i) for i in range(2)] == [True, True]
+
+
+def test_qwen3_moe_keys_are_checked(tmp_path: Path) -> None:
+    d = HF_WRITES["qwen3_moe"]
+    assert ModelConfig.from_dict({**d, "num_experts": 4}).num_experts == 4  # the hub's spelling as well
+    refused(tmp_path, {**d, "num_experts": 8}, "num_experts 8 disagrees with num_local_experts 4")
+    refused(tmp_path, {**d, "use_sliding_window": True, "sliding_window": 16}, "use_sliding_window=true")
+    refused(tmp_path, {**d, "mlp_only_layers": [5]}, "mlp_only_layers [5]", "outside 0..1")
+    refused(tmp_path, {**d, "decoder_sparse_step": 0}, "decoder_sparse_step must be a positive integer")
+    refused(tmp_path, {**d, "norm_topk_prob": "yes"}, "norm_topk_prob must be true or false")
+    every_other = ModelConfig.from_dict({**d, "mlp_only_layers": [], "decoder_sparse_step": 2})
+    assert [every_other.is_sparse(i) for i in range(2)] == [False, True]
 
 
 @pytest.mark.parametrize("arch", FAMILIES)

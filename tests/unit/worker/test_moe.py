@@ -10,6 +10,7 @@ Real rank processes over gloo: ``tests/integration/test_expert_parallel.py``.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,35 @@ def test_mixture_matches_transformers_block() -> None:
         hf.experts.down_proj[e].copy_(ex.w2.weight)
     x = torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(4))
     assert torch.allclose(m(x, None), hf(x), atol=1e-6)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("normalize", [False, True])
+def test_qwen3_moe_mixture_matches_transformers_block(normalize: bool) -> None:
+    """Qwen3-MoE: narrower experts named like a dense MLP, and (``norm_topk_prob`` false) the chosen
+    experts' softmax weights used as they are."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    config = arch_config(replace(CONFIG, model_type="llama", num_experts=0, num_experts_per_tok=0), "qwen3_moe")
+    config = replace(config, norm_topk_prob=normalize)
+    torch.manual_seed(5)
+    m = SparseMoE(config).eval()
+    for p in m.parameters():
+        p.copy_(torch.randn(p.shape) * p.shape[-1] ** -0.5)
+    assert sorted(m.experts["0"].state_dict()) == ["down_proj.weight", "gate_proj.weight", "up_proj.weight"]
+    hf_config = transformers.Qwen3MoeConfig(hidden_size=16, moe_intermediate_size=config.expert_size, num_experts=8,
+                                            num_experts_per_tok=2, norm_topk_prob=normalize)
+    hf = Qwen3MoeSparseMoeBlock(hf_config).eval()
+    hf.gate.weight.copy_(m.gate.weight)
+    for e in range(8):
+        ex = m.experts[str(e)]
+        hf.experts.gate_up_proj[e].copy_(torch.cat([ex.gate_proj.weight, ex.up_proj.weight]))
+        hf.experts.down_proj[e].copy_(ex.down_proj.weight)
+    x = torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(6))
+    assert torch.allclose(m(x, None), hf(x), atol=1e-6)
+    weights, _ = route(m.gate(x.view(-1, 16)), 2, normalize)
+    assert torch.allclose(weights.sum(-1), torch.ones(18)) == normalize
 
 
 def shard_of(full: SparseMoE, rank: int, size: int, tp_size: int = 1) -> SparseMoE:
