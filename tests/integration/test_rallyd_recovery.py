@@ -152,7 +152,7 @@ def test_a_cold_restart_runs_in_the_standby_interpreter(etcd: EtcdCluster, clien
         gateway = wait_file(tmp_path / "a" / "gateway.url").strip()
         standby = wait_for("a standby with its imports done", lambda: standby_pids(daemon, "ready"), timeout=60)
         assert len(standby) == 1
-        requests = [{"prompt": f"standby {i}: jinxed wizards", "max_tokens": 40, "temperature": 0} for i in range(2)]
+        requests = [{"prompt": f"standby {i}: jinxed wizards", "max_tokens": 160, "temperature": 0} for i in range(2)]
         reference = [post(url, r)[1]["choices"][0]["token_ids"] for r in requests]
         streams = start_streams(gateway, requests)
         victim = seat_pid(daemon, 0)
