@@ -36,9 +36,10 @@ log = get_logger("api")
 
 class Admission(Protocol):
     """Where the API puts requests: the driver's ``RequestQueue`` (API on a thread of the driver)
-    or the API process's mirror of it (``api_process.MirrorQueue``)."""
+    or the API process's mirror of it (``api_process.MirrorQueue``, which waits for the driver's
+    answer: a full or draining queue is a 503 whichever process sees it first)."""
 
-    def submit(self, req: Request) -> Request: ...
+    async def submit_async(self, req: Request) -> Request: ...
 
     @property
     def closed(self) -> str | None: ...
@@ -115,7 +116,7 @@ class Frontend:
             raise BadRequest(f"{field}: token id {bad[0]} outside the vocabulary (0..{self.vocab_size - 1})")
         return list(ids)
 
-    def admit(self, body: CompletionRequest | ChatCompletionRequest) -> Request:
+    async def admit(self, body: CompletionRequest | ChatCompletionRequest) -> Request:
         """A ``Request`` for ``body``, queued unless the tokens it resumes from already finish it.
 
         Raises:
@@ -141,7 +142,7 @@ class Frontend:
         if body.resume_tokens:
             req.resume_from(body.resume_tokens)  # already complete (its driver died before [DONE]): done
         if not req.done:
-            self.queue.submit(req)
+            await self.queue.submit_async(req)
         return req
 
     # -- answering -----------------------------------------------------------------------------
@@ -226,7 +227,7 @@ def build_app(fe: Frontend, api_key: str | None = None) -> FastAPI:
 
 async def _answer(fe: Frontend, kind: str, body: CompletionRequest | ChatCompletionRequest) -> Response:
     try:
-        req = fe.admit(body)
+        req = await fe.admit(body)
     except BadRequest as exc:
         return error(400, str(exc))
     except QueueFull as exc:

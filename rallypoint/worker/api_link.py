@@ -31,7 +31,7 @@ from typing import Any
 
 from rallypoint.api.server import listen
 from rallypoint.log import get_logger
-from rallypoint.worker.requests import QueueFull, Request, RequestQueue, SamplingParams
+from rallypoint.worker.requests import Draining, QueueFull, Request, RequestQueue, SamplingParams
 
 log = get_logger("api_link")
 
@@ -39,6 +39,7 @@ log = get_logger("api_link")
 SERVE = "serve"  # (SERVE, ServeSpec, Stats), then the listening socket (SCM_RIGHTS): serve on it
 UPDATES = "updates"  # (UPDATES, [(id, new tokens, finish reason, error)], Stats)
 STOP = "stop"  # (STOP,): finish the open responses and exit
+ANSWER = "answer"  # (ANSWER, id, None) accepted, or (ANSWER, id, (why, retry_after, draining)) refused
 # API process -> driver
 SUBMIT = "submit"  # (SUBMIT, id, prompt, SamplingParams, eos, resume tokens, created)
 CANCEL = "cancel"  # (CANCEL, id, reason)
@@ -176,12 +177,18 @@ class ApiProcess:
 
         with self._lock:
             self._tracked[rid] = (req, changed)
-            self._sent[rid] = len(req.committed)
+            self._sent[rid] = len(req.committed)  # the tokens it resumes from: the API has them
         req.listen(changed)
         try:
             self.queue.submit(req)
-        except QueueFull as exc:  # the mirror admitted it, the queue did not (closed meanwhile)
-            req.fail(str(exc))
+        except QueueFull as exc:  # closed or full since the API process last heard: it answers 503
+            req.unlisten(changed)
+            with self._lock:
+                self._tracked.pop(rid, None)
+                self._sent.pop(rid, None)
+            self._send((ANSWER, rid, (str(exc), exc.retry_after, isinstance(exc, Draining))))
+            return
+        self._send((ANSWER, rid, None))
 
     # -- driver -> API process -------------------------------------------------------------------
 

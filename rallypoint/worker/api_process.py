@@ -10,6 +10,7 @@ once per step. When the socket closes (the worker died) it exits at once.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import socket
 import sys
@@ -29,19 +30,31 @@ log = get_logger("api_process")
 
 
 class MirrorQueue:
-    """The API's view of the driver's queue: admits requests (capacity and draining as the
-    driver last reported), sends them across, and applies the driver's updates to them."""
+    """The API's view of the driver's queue: admits requests (the driver answers each one),
+    sends them across, and applies the driver's updates to them."""
 
-    def __init__(self, conn: Connection, capacity: int = 1024, retry_after: float = 1.0) -> None:
+    def __init__(self, conn: Connection, capacity: int = 1024, retry_after: float = 1.0,
+                 answer_timeout: float = 10.0) -> None:
         self.conn, self.capacity, self.retry_after = conn, capacity, retry_after
+        self.answer_timeout = answer_timeout
         self.live: dict[str, Request] = {}  # accepted, not yet reported finished by the driver
+        self._answers: dict[str, asyncio.Future[tuple[str, float, bool] | None]] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.stats: link.Stats = ("starting", 0, None, 0, 0, {})
         self.rejected = 0
         self._lock = threading.Lock()
 
     # -- what Frontend reads (worker.api.Admission) ------------------------------------------------
 
-    def submit(self, req: Request) -> Request:
+    async def submit_async(self, req: Request) -> Request:
+        """Admit ``req`` once the driver has: refused here at once when the driver last reported
+        its queue closed or this process holds ``capacity`` requests, else sent across and
+        answered by the driver's queue itself (closed or full meanwhile: the same 503).
+
+        Raises:
+            Draining, QueueFull: refused (the message says why); also when the driver does not
+                answer within ``answer_timeout`` (it is stopped or gone).
+        """
         with self._lock:
             if self.closed:
                 self.rejected += 1
@@ -50,9 +63,27 @@ class MirrorQueue:
                 self.rejected += 1
                 raise QueueFull(self.retry_after)
             self.live[req.id] = req
+            self.loop = asyncio.get_running_loop()
+            answer = self._answers[req.id] = self.loop.create_future()
         req.on_cancel = lambda reason: self._send((link.CANCEL, req.id, reason))
         self._send((link.SUBMIT, req.id, req.prompt, req.params, req.eos, req.committed, req.created))
-        return req
+        try:
+            refused = await asyncio.wait_for(answer, self.answer_timeout)
+        except TimeoutError:  # the driver is stopped or wedged; should it take it later, it ends it
+            self._send((link.CANCEL, req.id, "refused"))
+            refused = (f"the replica's driver did not take the request in {self.answer_timeout:g}s",
+                       self.retry_after, False)
+        finally:
+            self._answers.pop(req.id, None)
+        if refused is None:
+            return req
+        with self._lock:
+            self.live.pop(req.id, None)  # the driver's queue counted the refusal
+        why, retry_after, draining = refused
+        req.on_cancel = None
+        req.cancel("refused")
+        raise Draining(why.removeprefix("not accepting requests: "), retry_after) if draining \
+            else QueueFull(retry_after)
 
     def state(self) -> tuple[str, int]:
         return self.stats[0], self.stats[1]
@@ -88,8 +119,19 @@ class MirrorQueue:
                     del self.live[rid]
             req.mirror(new, finish, error)
 
+    def answer(self, rid: str, refused: tuple[str, float, bool] | None) -> None:
+        """The driver took the request (None) or refused it: wake its ``submit_async``."""
+        fut = self._answers.get(rid)
+        if fut is not None and self.loop is not None:
+            self.loop.call_soon_threadsafe(_settle, fut, refused)
+
     def _send(self, msg: tuple) -> None:
         self.conn.send(msg)  # only the event loop's thread sends
+
+
+def _settle(fut: asyncio.Future[tuple[str, float, bool] | None], refused: tuple[str, float, bool] | None) -> None:
+    if not fut.done():  # its wait may have timed out
+        fut.set_result(refused)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         kind = msg[0]
         if kind == link.UPDATES:
             queue.apply(msg[1], msg[2])
+        elif kind == link.ANSWER:
+            queue.answer(msg[1], msg[2])
         elif kind == link.SERVE and server is None:
             spec: link.ServeSpec = msg[1]
             queue.stats = msg[2]

@@ -297,6 +297,10 @@ class RequestQueue:
         self._arrived.set()
         return req
 
+    async def submit_async(self, req: Request) -> Request:
+        """``submit`` for the API's event loop (``worker.api.Admission``): it never blocks."""
+        return self.submit(req)
+
     def wait(self, timeout: float) -> bool:
         """Block until a request is waiting (True) or ``timeout`` passes (False): an idle driver
         starts a request when it arrives, not at its next idle step (up to ``idle_every`` later)."""

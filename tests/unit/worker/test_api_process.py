@@ -144,3 +144,22 @@ def test_an_address_in_use_is_a_clear_error(model_dir: str) -> None:
     finally:
         proc.close()
         taken.close()
+
+
+def test_the_drivers_queue_has_the_last_word_on_admission(model_dir: str) -> None:
+    """The API process admits by what the driver last reported; the driver's own queue answers each
+    request, so one it refuses (full, or draining since) is a 503 with Retry-After, never a 500."""
+    queue = RequestQueue(capacity=1)
+    proc = ApiProcess(queue, model_dir, 320, "m", lambda: ("serving", 1))
+    try:
+        url = proc.serve(ServeSpec("127.0.0.1", 0, 128, 0.0, 0.0, 8))  # the API process would take 8
+        with httpx.Client(timeout=10) as client, client.stream(
+                "POST", url + "/v1/completions", json={"prompt": [5], "max_tokens": 5, "stream": True}) as first:
+            assert first.status_code == 200 and queue.waiting == 1  # answered: it is in the driver's queue
+            r = client.post(url + "/v1/completions", json={"prompt": [6], "max_tokens": 5})
+            assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+            assert "queue full" in r.json()["error"]["message"] and queue.waiting == 1
+        wait_for("the refusal counted once", lambda: 'rallypoint_requests_total{outcome="rejected"} 1.0'
+                 in httpx.get(url + "/metrics", timeout=5).text, timeout=5, every=0.02)
+    finally:
+        proc.close()
