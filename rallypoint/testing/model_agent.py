@@ -91,6 +91,66 @@ class ModelAgent(Agent):
                 "logits": logits_out if gs.is_last_stage else None}
 
 
+    # -- disaggregated prefill/decode: the KV of one request over a group (worker.kv_transfer) --
+
+    def _step(self, x: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        gs, comm, stage = self.rt.groups, self.rt.comm, self.stage
+        assert gs is not None and comm is not None and stage is not None
+        logits = pipeline_forward(stage, comm, gs, x, pos, rows)
+        assert logits is not None, "one stage holds the whole model here"
+        return sample(logits, 0.0)                                                       # [1]
+
+    @torch.no_grad()
+    def kv_prefill_send(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Prefill ``prompt`` (one request) in cache row 0, send its KV and first token to
+        ``dst`` over ``group``, then decode ``steps`` more tokens here (the colocated reference)."""
+        from rallypoint.worker import kv_transfer
+
+        assert self.stage is not None and self.rt.comm is not None
+        dev, s = self.rt.device, len(cmd["prompt"])
+        self.stage.setup_cache(cmd.get("max_rows", 1), cmd["max_seq"], device=dev)
+        rows = torch.tensor([0], device=dev)
+        tok = self._step(torch.tensor([cmd["prompt"]], device=dev), torch.arange(s, device=dev)[None], rows)
+        t0 = time.monotonic()
+        kv_transfer.send(self.rt.comm, cmd["dst"], cmd["rid"], kv_transfer.row_kv(self.stage, 0, s), int(tok[0]),
+                         cmd.get("group", "dp"))
+        sent = time.monotonic() - t0
+        tokens = [int(tok[0])]
+        for n in range(cmd["steps"]):
+            tok = self._step(tok[:, None], torch.tensor([[s + n]], device=dev), rows)
+            tokens.append(int(tok[0]))
+        return {"tokens": tokens, "send_seconds": sent}
+
+    @torch.no_grad()
+    def kv_receive_decode(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Receive one request's KV from ``src`` over ``group`` into a ``KVBuffer``, place it in
+        cache row ``row``, and decode ``steps`` tokens from its first token. A transfer that
+        breaks off answers ``error`` (and what the buffer still holds)."""
+        from rallypoint.worker import kv_transfer
+
+        assert self.stage is not None and self.rt.comm is not None
+        dev, row = self.rt.device, cmd["row"]
+        self.stage.setup_cache(row + 1, cmd["max_seq"], device=dev)
+        buffer = kv_transfer.KVBuffer()
+        t0 = time.monotonic()
+        try:
+            entry = buffer.receive(self.rt.comm, cmd["src"], cmd.get("group", "dp"))
+        except kv_transfer.TransferError as exc:
+            return {"error": str(exc), "buffered": len(buffer), "freed": buffer.freed,
+                    "seconds": time.monotonic() - t0}
+        received = time.monotonic() - t0
+        entry = buffer.take(entry.rid)
+        kv_transfer.place(self.stage, row, entry.layers)
+        s, rows = entry.length, torch.tensor([row], device=dev)
+        tok = torch.tensor([entry.first_token], device=dev)
+        tokens = [entry.first_token]
+        for n in range(cmd["steps"]):
+            tok = self._step(tok[:, None], torch.tensor([[s + n]], device=dev), rows)
+            tokens.append(int(tok[0]))
+        return {"rid": entry.rid, "tokens": tokens, "length": s, "buffered": len(buffer), "freed": buffer.freed,
+                "receive_seconds": received}
+
+
 def main() -> int:
     return serve(ModelAgent, default_floor=5.0)
 
