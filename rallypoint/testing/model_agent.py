@@ -110,7 +110,9 @@ class ModelAgent(Agent):
         dev, s = self.rt.device, len(cmd["prompt"])
         self.stage.setup_cache(cmd.get("max_rows", 1), cmd["max_seq"], device=dev)
         rows = torch.tensor([0], device=dev)
+        t0 = time.monotonic()
         tok = self._step(torch.tensor([cmd["prompt"]], device=dev), torch.arange(s, device=dev)[None], rows)
+        prefill = time.monotonic() - t0
         t0 = time.monotonic()
         kv_transfer.send(self.rt.comm, cmd["dst"], cmd["rid"], kv_transfer.row_kv(self.stage, 0, s), int(tok[0]),
                          cmd.get("group", "dp"))
@@ -119,7 +121,7 @@ class ModelAgent(Agent):
         for n in range(cmd["steps"]):
             tok = self._step(tok[:, None], torch.tensor([[s + n]], device=dev), rows)
             tokens.append(int(tok[0]))
-        return {"tokens": tokens, "send_seconds": sent}
+        return {"tokens": tokens, "prefill_seconds": prefill, "send_seconds": sent}
 
     @torch.no_grad()
     def kv_receive_decode(self, cmd: dict[str, Any]) -> dict[str, Any]:
