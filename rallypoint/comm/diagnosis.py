@@ -77,8 +77,8 @@ class ProgressRecord:
             d = json.loads(raw)
             return cls(str(d["seat"]), int(d["gen"]), int(d["rank"]), int(d["pid"]), str(d["host"]),
                        float(d["time"]), {str(k): [int(v[0]), int(v[1])] for k, v in d["groups"].items()})
-        except (ValueError, KeyError, TypeError, IndexError) as exc:
-            raise MalformedRecord(key, f"bad progress record: {exc}") from None
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+            raise MalformedRecord(key, f"bad progress record: {exc!r}") from None
 
 
 class ProgressBoard:

@@ -27,14 +27,26 @@ def _load(key: str, raw: bytes | str) -> dict[str, Any]:
     return data
 
 
-def _field(key: str, data: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+_REQUIRED: Any = object()
+
+
+def _field(key: str, data: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = _REQUIRED) -> Any:
+    """``data[name]``, checked to be of ``kind`` (a bool is not an int); ``default`` when absent, if given."""
     if name not in data:
+        if default is not _REQUIRED:
+            return default
         raise MalformedRecord(key, f"missing field {name!r}")
     value = data[name]
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if not isinstance(value, kind) or (isinstance(value, bool) and bool not in kinds):
         raise MalformedRecord(key, f"field {name!r} should be {_kind_name(kind)}, got {value!r}")
     return value
+
+
+def _names(key: str, values: list[Any]) -> tuple[str, ...]:
+    if not all(isinstance(v, str) for v in values):
+        raise MalformedRecord(key, f"members must be node names, got {values!r}")
+    return tuple(values)
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
@@ -75,7 +87,7 @@ class NodeRecord:
             slots=_field(key, d, "slots", int), version=_field(key, d, "version", str),
             pid=_field(key, d, "pid", int), started=float(_field(key, d, "started", (int, float))),
             cordoned=bool(d.get("cordoned", False)),
-            bad_seats=tuple(sorted(int(x) for x in d.get("bad_seats", []) if isinstance(x, int))),
+            bad_seats=tuple(sorted(int(x) for x in _field(key, d, "bad_seats", list, []) if isinstance(x, int))),
         )
         if not key.endswith("/" + rec.node):
             raise MalformedRecord(key, f"node field {rec.node!r} does not match the key")
@@ -170,7 +182,7 @@ class Plan:
         plan = cls(
             gen=_field(key, d, "gen", int), tp=_field(key, d, "tp", int), pp=_field(key, d, "pp", int),
             dp=_field(key, d, "dp", int), ranks=ranks,
-            members=tuple(_field(key, d, "members", list)), reason=_field(key, d, "reason", str),
+            members=_names(key, _field(key, d, "members", list)), reason=_field(key, d, "reason", str),
             leader=_field(key, d, "leader", str), time=float(_field(key, d, "time", (int, float))),
         )
         plan.validate(key)
