@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--nodes", type=int, default=0, help="rallyd daemons (default: 3 on CPU, one per GPU)")
     ap.add_argument("--gpus", type=int, default=0, help="GPUs of this host to use (0: CPU ranks, gloo)")
+    ap.add_argument("--clients", type=int, default=3,
+                    help="concurrent clients, each streaming one request after another (faults under load)")
     ap.add_argument("--arch", default="llama", choices=("llama", "moe"),
                     help="the tiny model's layout (moe: Mixtral's, experts split over each replica's TP ranks)")
     ap.add_argument("--budget", type=float, default=0.0,
@@ -73,8 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.time() - t0:7.1f}s] {line}", flush=True)
 
     ranks = f"one GPU each (of {args.gpus}), NCCL" if args.gpus else "one CPU rank each, gloo"
-    say(f"deployment in {root}: 3 etcd members, {nodes} rallyd ({ranks}), TP=2, {args.arch}, seed {args.seed}")
-    chaos = Chaos.start(root, nodes=nodes, seed=args.seed, gpus=args.gpus, log=say, arch=args.arch)
+    say(f"deployment in {root}: 3 etcd members, {nodes} rallyd ({ranks}), TP=2, {args.arch}, "
+        f"{args.clients} clients, seed {args.seed}")
+    chaos = Chaos.start(root, nodes=nodes, clients=args.clients, seed=args.seed, gpus=args.gpus, log=say,
+                        arch=args.arch)
     footprint = {"start": measure(chaos.deployment)}
     say(f"etcd at the start: {footprint['start'].line()}")
     sampling = threading.Event()
