@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from rallypoint.api.responses import error_body
 from rallypoint.api.schema import field_error
+from rallypoint.api.sockets import listen
 
 MAX_BODY = 1 << 20
 OPEN_PATHS = frozenset({"/health"})
@@ -73,24 +74,6 @@ def base_app(title: str, api_key: str | None = None) -> FastAPI:
 
     app.add_middleware(_Guard, api_key=api_key or None)
     return app
-
-
-def listen(host: str, port: int, backlog: int = 4096) -> socket.socket:
-    """A listening TCP socket on ``host:port`` (0: a free port).
-
-    Raises:
-        OSError: the address cannot be bound.
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    sock.listen(backlog)
-    return sock
 
 
 class ServerThread:

@@ -173,13 +173,18 @@ def cmd_kill(args: argparse.Namespace) -> int:
 
 
 def cmd_make_model(args: argparse.Namespace) -> int:
-    """Write a seeded random checkpoint (Llama, Mistral, Qwen2, Qwen3, or Mixtral: ``moe``) in Hugging Face format."""
+    """Write a seeded random checkpoint (Llama, Mistral, Qwen2, Qwen3, Mixtral (``moe``) or Qwen3-MoE) in
+    Hugging Face format."""
     from rallypoint.worker.checkpoint import make_model
 
     path = make_model(args.dir, args.size, seed=args.seed, arch=args.arch)
     print(json.dumps({"path": str(path), "size": args.size, "arch": args.arch, "seed": args.seed}) if args.json else
           f"wrote a {args.size} {args.arch} checkpoint (seed {args.seed}) to {path}")
     return 0
+
+
+# worker.checkpoint.ARCHS, spelled out: that module imports torch, which rallyctl's start must not pay for
+MAKE_MODEL_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "moe")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-model", help="write a seeded random checkpoint in Hugging Face format")
     p.add_argument("dir")
     p.add_argument("--size", default="tiny", choices=("tiny", "small", "1b"))
-    p.add_argument("--arch", default="llama", choices=("llama", "mistral", "qwen2", "qwen3", "mixtral", "moe"),
+    p.add_argument("--arch", default="llama", choices=MAKE_MODEL_ARCHS,
                    help="the family's layout; moe: Mixtral's (8 experts, 2 per token)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_make_model)

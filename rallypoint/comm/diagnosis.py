@@ -75,9 +75,12 @@ class ProgressRecord:
     def from_json(cls, key: str, raw: bytes) -> ProgressRecord:
         try:
             d = json.loads(raw)
+            groups = d["groups"]
+            if not isinstance(groups, dict):
+                raise TypeError(f"field 'groups' should be an object, got {groups!r}")
             return cls(str(d["seat"]), int(d["gen"]), int(d["rank"]), int(d["pid"]), str(d["host"]),
-                       float(d["time"]), {str(k): [int(v[0]), int(v[1])] for k, v in d["groups"].items()})
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+                       float(d["time"]), {str(k): [int(v[0]), int(v[1])] for k, v in groups.items()})
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
             raise MalformedRecord(key, f"bad progress record: {exc!r}") from None
 
 

@@ -29,7 +29,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.reduction import send_handle
 from typing import Any
 
-from rallypoint.api.server import listen
+from rallypoint.api.sockets import listen
 from rallypoint.log import get_logger
 from rallypoint.worker.requests import Draining, QueueFull, Request, RequestQueue, SamplingParams
 

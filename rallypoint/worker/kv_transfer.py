@@ -118,7 +118,7 @@ class KVBuffer:
                 entry.layers.append((part["k"], part["v"]))
             entry.complete = True
             return entry
-        except Exception as exc:
+        except (RallypointError, RuntimeError, KeyError, ValueError) as exc:  # a peer lost, an abort, a bad header
             got = f"request {entry.rid}, {len(entry.layers)} layer(s) received" if entry else "before its header"
             if entry is not None:
                 self.drop(entry.rid, "failed")

@@ -124,7 +124,6 @@ class Worker:
             self.queue, args.model, self.config.vocab_size if self.config else 0, served_model_name(args.model),
             lambda: (self.state, self.gen), title=f"rallypoint api (cluster {args.cluster}, node {args.node}, "
                                                   f"worker pid {os.getpid()})", on_lost=self._api_lost)
-        self.api_url: str | None = None
         self.state, self.gen = "starting", args.after_gen
         self.plan: Plan | None = None
         self.replica = -1
@@ -332,6 +331,11 @@ class Worker:
             return torch.bfloat16 if self.runtime.device.type == "cuda" else torch.float32
         return getattr(torch, self.args.dtype)
 
+    @property
+    def api_url(self) -> str | None:
+        """Where the replica's API listens, once it does."""
+        return self.api.url if self.api is not None else None
+
     def _start_api(self) -> None:
         """Serve the replica's API (once), and say where in the seat's URL file."""
         if self.api_url is None:
@@ -351,10 +355,9 @@ class Worker:
 
     def _open_api(self) -> None:
         assert self.api is not None, "an all-reduce probe serves no API"
-        self.api_url = self.api.serve(ServeSpec(self.args.api_host, self.args.api_port, self.settings.max_seq,
-                                                self.args.stream_interval, self.args.max_chunk_rate,
-                                                self.queue.capacity))
-        self.log.info("worker.api_serving", url=self.api_url, api_pid=self.api.proc.pid)
+        url = self.api.serve(ServeSpec(self.args.api_host, self.args.api_port, self.settings.max_seq,
+                                       self.args.stream_interval, self.args.max_chunk_rate, self.queue.capacity))
+        self.log.info("worker.api_serving", url=url, api_pid=self.api.proc.pid)
 
     def run(self) -> int:
         assert self.seat is not None, "take_seat first"

@@ -259,11 +259,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU over this rank's ``intermediate_size / tp`` slice."""
+    """SwiGLU over this rank's ``intermediate_size / tp`` slice (``width`` instead of
+    ``intermediate_size``: a Qwen3-MoE expert, whole on its rank, is this with ``tp_size`` 1)."""
 
-    def __init__(self, config: ModelConfig, tp_size: int) -> None:
+    def __init__(self, config: ModelConfig, tp_size: int, width: int | None = None) -> None:
         super().__init__()
-        d, i = config.hidden_size, config.intermediate_size // tp_size
+        d, i = config.hidden_size, (width or config.intermediate_size) // tp_size
         self.gate_proj = Linear(d, i)
         self.up_proj = Linear(d, i)
         self.down_proj = RowLinear(i, d)
@@ -307,20 +308,6 @@ class Expert(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-class QwenExpert(nn.Module):
-    """One Qwen3-MoE expert: SwiGLU with HF's names (``gate_proj``, ``up_proj``, ``down_proj``), whole on one rank."""
-
-    def __init__(self, hidden: int, inner: int) -> None:
-        super().__init__()
-        self.gate_proj = Linear(hidden, inner)
-        self.up_proj = Linear(hidden, inner)
-        self.down_proj = Linear(inner, hidden)
-
-    def forward(self, x: Tensor) -> Tensor:
-        # x: [M, D] -> [M, D]
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class SparseMoE(nn.Module):
     """Mixtral's ``block_sparse_moe`` (Qwen3-MoE's sparse ``mlp``) with its experts spread over the EP group.
 
@@ -344,8 +331,8 @@ class SparseMoE(nn.Module):
         self.local = config.num_experts // ep_size                                  # experts per EP rank
         self.gate = Linear(config.hidden_size, config.num_experts)
         first = ep_rank * self.local
-        kind = QwenExpert if config.model_type == "qwen3_moe" else Expert
-        self.experts = nn.ModuleDict({str(e): kind(config.hidden_size, config.expert_size)
+        self.experts = nn.ModuleDict({str(e): MLP(config, 1, config.expert_size) if config.model_type == "qwen3_moe"
+                                      else Expert(config.hidden_size, config.expert_size)
                                       for e in range(first, first + self.local)})
 
     def forward(self, x: Tensor, comm: ModelComm | None) -> Tensor:

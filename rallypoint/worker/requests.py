@@ -238,7 +238,8 @@ class Request:
         """Committed tokens past ``start`` as they arrive (each yield a list of new ones) until
         finished or ``timeout``, without a thread per waiting request (the driver's thread wakes
         the loop). One timer per request, not one per wait: 256 streams wait thousands of
-        times a second, and a timer each cost the API's loop a sixth of its time."""
+        times a second, and a wait under ``asyncio.timeout`` costs about 3.7 us against 0.2 us
+        for a plain one (uvloop, this project's CPU VM)."""
         loop = asyncio.get_running_loop()
         waker = LoopWaker.of(loop)
         changed = asyncio.Event()

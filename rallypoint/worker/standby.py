@@ -1,8 +1,8 @@
 """A standby interpreter: a worker's start-up done ahead, so a cold restart skips it.
 
 Why: a worker started cold (no warm spare ready) first spends seconds on things that do not
-depend on its seat: starting Python and importing torch, safetensors, tokenizers, FastAPI and
-rallypoint's worker modules (about 2.5 s on CPU, 4-5 s on a GPU host), then the CUDA driver's
+depend on its seat: starting Python and importing torch, safetensors and rallypoint's worker
+modules (about 2.5 s on CPU, 4-5 s on a GPU host), then the CUDA driver's
 initialisation. rallyd keeps one ``python -m rallypoint.worker --standby`` process that has done
 all that and blocks on its stdin. A start (a restart, a seat, a spare) writes it one JSON line,
 ``{"argv": [worker arguments], "log": "/path/worker-N.log"}``; the standby points its
@@ -24,14 +24,9 @@ import os
 import sys
 import time
 
-from rallypoint.worker.title import set_title, spare_title, worker_title
+from rallypoint.worker.title import set_title, spare_title, standby_title, worker_title
 
 BAD_ORDER = 2  # the line was not an order (protocol.exit_codes has no code for it): argparse's
-
-
-def standby_title(cluster: str, node: str, doing: str) -> str:
-    """``rallypoint standby (cluster demo, node node-a, ready)``: not a worker (``title.describe``)."""
-    return f"rallypoint standby (cluster {cluster}, node {node}, {doing})"
 
 
 def parse_order(line: bytes) -> tuple[list[str], str]:
@@ -52,8 +47,7 @@ def preimport(device: str) -> None:
     import rallypoint.worker.graphs
     import rallypoint.worker.probe
     import rallypoint.worker.shards
-    import rallypoint.worker.sizing
-    import rallypoint.worker.tokenizer  # noqa: F401
+    import rallypoint.worker.sizing  # noqa: F401
 
     if device.startswith("cuda"):
         import torch

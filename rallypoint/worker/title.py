@@ -25,6 +25,12 @@ def spare_title(cluster: str, node: str, doing: str) -> str:
     return f"rallypoint spare (cluster {cluster}, node {node}, {doing})"
 
 
+def standby_title(cluster: str, node: str, doing: str) -> str:
+    """``rallypoint standby (cluster demo, node node-a, ready)``: a standby interpreter, not yet a
+    worker (``describe`` says None)."""
+    return f"rallypoint standby (cluster {cluster}, node {node}, {doing})"
+
+
 def set_title(title: str) -> None:
     setproctitle(title)
 

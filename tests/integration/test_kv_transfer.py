@@ -14,12 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from rallypoint.rendezvous.records import Plan, RankSlot
 from rallypoint.testing.etcd_server import EtcdCluster
 from rallypoint.testing.ranks import RankPool, RankProcess
 from rallypoint.worker.checkpoint import make_model
-from rallypoint.worker.kv_transfer import KVBuffer, KVEntry, TransferError
+from rallypoint.worker.kv_transfer import KVBuffer, KVEntry, TransferError, send
 from tests.integration.test_model_parallel import run_all
 
 PROMPT = [256, 84, 104, 101, 32, 113, 117, 105, 99, 107, 32, 98, 114, 111, 119, 110]  # 16 positions
@@ -88,3 +89,34 @@ def test_every_entry_leaves_the_buffer_exactly_once() -> None:
     assert buf.expire(now=104.0) == [] and buf.expire(now=106.0) == ["b"]
     assert len(buf) == 0 and buf.freed == {"taken": 1, "failed": 0, "peer_died": 2, "expired": 1}
     assert not buf.drop("b", "failed")  # freed once only
+
+
+class ScriptedComm:
+    """Plays back a sender's messages, then fails as a lost peer does (pure logic: the buffer's
+    side of a transfer that breaks off mid-way; the real peer death is the test above)."""
+
+    def __init__(self, messages: list[dict[str, torch.Tensor]]) -> None:
+        self.messages = messages
+
+    def send_dict(self, tensors: dict[str, torch.Tensor], dst: int, group: str = "pp") -> None:
+        self.messages.append(tensors)
+
+    def recv_dict(self, src: int, group: str = "pp") -> dict[str, torch.Tensor]:
+        if not self.messages:
+            raise RuntimeError("Connection closed by peer")
+        return self.messages.pop(0)
+
+
+def test_a_transfer_broken_off_mid_way_frees_what_arrived_and_says_how_far_it_got() -> None:
+    layers = [(torch.ones(2, 5, 4), torch.zeros(2, 5, 4))] * 3
+    sent = ScriptedComm([])
+    send(sent, 1, "cmpl-x", layers, first_token=9)
+    buf = KVBuffer()
+    with pytest.raises(TransferError, match=r"broke off \(request cmpl-x, 2 layer\(s\) received\): Connection closed"):
+        buf.receive(ScriptedComm(sent.messages[:3]), src=0)  # the header and 2 of the 3 layers
+    assert len(buf) == 0 and buf.freed["failed"] == 1
+    whole = buf.receive(ScriptedComm(list(sent.messages)), src=0)
+    assert (whole.rid, whole.first_token, whole.length, whole.complete) == ("cmpl-x", 9, 5, True)
+    with pytest.raises(TransferError, match=r"broke off \(before its header\)"):
+        buf.receive(ScriptedComm([{"meta": torch.tensor([1, 2])}]), src=0)  # no request id: not a header
+    assert list(buf.entries) == ["cmpl-x"]

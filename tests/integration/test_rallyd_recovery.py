@@ -46,6 +46,20 @@ def spare_pids(daemon: DaemonProcess) -> list[int]:
     return [p.pid for p in workers(daemon) if (i := describe(p.cmdline())) and i.kind == "spare"]
 
 
+def kill_mid_stream(victim_daemon: DaemonProcess, stream_url: str, reference_url: str, requests: list[dict]) -> int:
+    """Stream ``requests`` from ``stream_url``, SIGKILL the victim daemon's seat-0 worker while
+    every one is mid-stream, and check each finished with its failure-free tokens (asked of
+    ``reference_url`` first). Returns the killed worker's pid."""
+    reference = [post(reference_url, r)[1]["choices"][0]["token_ids"] for r in requests]
+    streams = start_streams(stream_url, requests)
+    victim = seat_pid(victim_daemon, 0)
+    streams.assert_in_flight()
+    psutil.Process(victim).kill()
+    got = streams.join()
+    assert [got[i] for i in range(len(requests))] == reference
+    return victim
+
+
 def test_warm_spare_takes_the_dead_workers_seat(etcd: EtcdCluster, client: EtcdClient, cluster_name: str,
                                                 tmp_path: Path) -> None:
     """b keeps one warm spare; b's worker is SIGKILLed mid-stream: the spare (already past
@@ -65,14 +79,8 @@ def test_warm_spare_takes_the_dead_workers_seat(etcd: EtcdCluster, client: EtcdC
         assert len(spare) == 1
         title = " ".join(psutil.Process(spare[0]).cmdline()).strip()  # ps tells a waiting spare from a worker
         assert title == f"rallypoint spare (cluster {cluster_name}, node b, waiting for a seat)", title
-        requests = [{"prompt": f"spare {i}: pack my box", "max_tokens": 40, "temperature": 0} for i in range(4)]
-        reference = [post(url, r)[1]["choices"][0]["token_ids"] for r in requests]
-        streams = start_streams(url, requests)
-        victim = seat_pid(daemons[1], 0)
-        streams.assert_in_flight()
-        psutil.Process(victim).kill()
-        got = streams.join()
-        assert [got[i] for i in range(len(requests))] == reference
+        victim = kill_mid_stream(daemons[1], url, url, [{"prompt": f"spare {i}: pack my box", "max_tokens": 40,
+                                                         "temperature": 0} for i in range(4)])
         adopted = daemons[1].wait_log('"supervisor.spare_adopted"')
         assert adopted and f'"pid": {spare[0]}' in daemons[1].log_text()  # the spare holds the seat now
         assert psutil.pid_exists(spare[0]) and not psutil.pid_exists(victim)
@@ -113,14 +121,8 @@ def test_a_spare_of_a_one_rank_replica_has_the_model_loaded_before_it_is_needed(
         gateway = wait_file(tmp_path / "a" / "gateway.url").strip()
         spare = wait_for("a preloaded spare", lambda: [p for p in spare_pids(daemon)
                          if "waiting for a seat" in " ".join(psutil.Process(p).cmdline())], timeout=60)
-        requests = [{"prompt": f"preloaded {i}", "max_tokens": 40, "temperature": 0} for i in range(2)]
-        reference = [post(url, r)[1]["choices"][0]["token_ids"] for r in requests]
-        streams = start_streams(gateway, requests)
-        victim = seat_pid(daemon, 0)
-        streams.assert_in_flight()
-        psutil.Process(victim).kill()
-        got = streams.join()
-        assert [got[i] for i in range(len(requests))] == reference
+        kill_mid_stream(daemon, gateway, url, [{"prompt": f"preloaded {i}", "max_tokens": 40, "temperature": 0}
+                                               for i in range(2)])
         daemon.wait_log('"supervisor.spare_adopted"')
         assert seat_pid(daemon, 0) == spare[0]
         loaded = wait_for("gen 2's shard_loaded", lambda: [e for e in read_events(client, keys, 2)
@@ -152,14 +154,8 @@ def test_a_cold_restart_runs_in_the_standby_interpreter(etcd: EtcdCluster, clien
         gateway = wait_file(tmp_path / "a" / "gateway.url").strip()
         standby = wait_for("a standby with its imports done", lambda: standby_pids(daemon, "ready"), timeout=60)
         assert len(standby) == 1
-        requests = [{"prompt": f"standby {i}: jinxed wizards", "max_tokens": 160, "temperature": 0} for i in range(2)]
-        reference = [post(url, r)[1]["choices"][0]["token_ids"] for r in requests]
-        streams = start_streams(gateway, requests)
-        victim = seat_pid(daemon, 0)
-        streams.assert_in_flight()
-        psutil.Process(victim).kill()
-        got = streams.join()
-        assert [got[i] for i in range(len(requests))] == reference
+        kill_mid_stream(daemon, gateway, url, [{"prompt": f"standby {i}: jinxed wizards", "max_tokens": 160,
+                                                "temperature": 0} for i in range(2)])
         assert seat_pid(daemon, 0) == standby[0]  # the restarted worker is the former standby
         started = [json.loads(x) for x in daemon.log_text().splitlines() if '"supervisor.started"' in x]
         assert started[-1]["pid"] == standby[0] and started[-1]["local_rank"] == 0 and started[-1]["standby"] is True

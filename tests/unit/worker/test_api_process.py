@@ -57,7 +57,7 @@ def events(text: str) -> list[dict]:
     return [json.loads(x[6:]) for x in text.split("\n\n") if x.startswith("data: {")]
 
 
-def test_tokens_cross_once_per_commit_and_health_and_metrics_show_the_driver(api) -> None:
+def test_tokens_and_ends_cross_and_health_and_metrics_show_the_driver(api) -> None:
     queue, _, url, _ = api
     stop = threading.Event()
     t = threading.Thread(target=drive, args=(queue, [11, 12, 13, 14, 15, 16], stop), daemon=True)

@@ -81,6 +81,17 @@ def test_mixture_matches_per_token_loop() -> None:
     assert torch.equal(m(x[:, :0], None), x[:, :0])  # no tokens, nothing to do
 
 
+def matches_hf_block(m: SparseMoE, hf: torch.nn.Module, gate: str, up: str, down: str, seed: int) -> bool:
+    """Copy ``m``'s router and experts (named ``gate``/``up``/``down``) into transformers' block ``hf``
+    (fused ``gate_up_proj``); whether both give the same output on a random batch."""
+    hf.gate.weight.copy_(m.gate.weight)
+    for e, ex in m.experts.items():
+        hf.experts.gate_up_proj[int(e)].copy_(torch.cat([getattr(ex, gate).weight, getattr(ex, up).weight]))
+        hf.experts.down_proj[int(e)].copy_(getattr(ex, down).weight)
+    x = torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(seed))
+    return torch.allclose(m(x, None), hf(x), atol=1e-6)
+
+
 @torch.no_grad()
 def test_mixture_matches_transformers_block() -> None:
     transformers = pytest.importorskip("transformers")
@@ -89,14 +100,7 @@ def test_mixture_matches_transformers_block() -> None:
     m = moe(3)
     hf_config = transformers.MixtralConfig(hidden_size=16, intermediate_size=24, num_local_experts=8,
                                            num_experts_per_tok=2)
-    hf = MixtralSparseMoeBlock(hf_config).eval()
-    hf.gate.weight.copy_(m.gate.weight)
-    for e in range(8):
-        ex = m.experts[str(e)]
-        hf.experts.gate_up_proj[e].copy_(torch.cat([ex.w1.weight, ex.w3.weight]))
-        hf.experts.down_proj[e].copy_(ex.w2.weight)
-    x = torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(4))
-    assert torch.allclose(m(x, None), hf(x), atol=1e-6)
+    assert matches_hf_block(m, MixtralSparseMoeBlock(hf_config).eval(), "w1", "w3", "w2", seed=4)
 
 
 @torch.no_grad()
@@ -116,14 +120,8 @@ def test_qwen3_moe_mixture_matches_transformers_block(normalize: bool) -> None:
     assert sorted(m.experts["0"].state_dict()) == ["down_proj.weight", "gate_proj.weight", "up_proj.weight"]
     hf_config = transformers.Qwen3MoeConfig(hidden_size=16, moe_intermediate_size=config.expert_size, num_experts=8,
                                             num_experts_per_tok=2, norm_topk_prob=normalize)
-    hf = Qwen3MoeSparseMoeBlock(hf_config).eval()
-    hf.gate.weight.copy_(m.gate.weight)
-    for e in range(8):
-        ex = m.experts[str(e)]
-        hf.experts.gate_up_proj[e].copy_(torch.cat([ex.gate_proj.weight, ex.up_proj.weight]))
-        hf.experts.down_proj[e].copy_(ex.down_proj.weight)
+    assert matches_hf_block(m, Qwen3MoeSparseMoeBlock(hf_config).eval(), "gate_proj", "up_proj", "down_proj", seed=6)
     x = torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(6))
-    assert torch.allclose(m(x, None), hf(x), atol=1e-6)
     weights, _ = route(m.gate(x.view(-1, 16)), 2, normalize)
     assert torch.allclose(weights.sum(-1), torch.ones(18)) == normalize
 
@@ -213,3 +211,13 @@ def test_rallyctl_make_model_arch_moe(tmp_path: Path, capsys: pytest.CaptureFixt
     assert rallyctl(["--json", "make-model", str(tmp_path / "m"), "--arch", "moe", "--seed", "3"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["arch"] == "moe"
     assert ModelConfig.from_dir(tmp_path / "m").model_type == "mixtral"
+
+
+def test_rallyctl_make_model_takes_every_arch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from rallypoint.cli.main import MAKE_MODEL_ARCHS
+    from rallypoint.cli.main import main as rallyctl
+    from rallypoint.worker.checkpoint import ARCHS
+
+    assert sorted(MAKE_MODEL_ARCHS) == sorted(ARCHS)  # the CLI's copy of the list is whole
+    assert rallyctl(["--json", "make-model", str(tmp_path / "q"), "--arch", "qwen3_moe", "--seed", "3"]) == 0
+    assert ModelConfig.from_dir(tmp_path / "q").model_type == "qwen3_moe"

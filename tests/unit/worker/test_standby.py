@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from rallypoint.worker.standby import parse_order, seat_title, standby_title
-from rallypoint.worker.title import ProcessInfo, describe
+from rallypoint.worker.standby import parse_order, seat_title
+from rallypoint.worker.title import ProcessInfo, describe, standby_title
 
 
 def test_an_order_is_an_argv_of_strings_and_a_log_path() -> None:
