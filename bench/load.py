@@ -8,11 +8,14 @@ temperature 0, ``max_tokens`` T, a distinct prompt of about P tokens). Per clien
   mid-stream), ``timeout``, ``http_<status>`` (any status but 200), or the exception's type;
 * whether the stream completed: ``data: [DONE]`` arrived, a ``finish_reason`` was given, and
   (where chunks carry ``token_ids``) exactly T tokens came unless the finish reason is ``stop``;
-* time to first token (from sending the request), stream duration, tokens received;
+* when the response's headers came (direct: the driver's queue took the request; the gateway
+  answers with its first chunk), time to first token (both from sending the request), stream
+  duration, tokens received;
 * correctness under load: for up to ``--check`` clients (spread over all N) the tokens equal a
   sequential, one-client-at-a-time reference run of the same prompt, done before the load.
 
-It runs the same N clients (same prompts) once per target, one after the other: ``direct`` sends
+It runs the same N clients (same prompts) once per target, one after the other (``--rounds R``:
+R times in turn, with the median per target): ``direct`` sends
 each client straight to a replica's driver (the drivers of the gateway's ``/health``, round robin),
 ``gateway`` through rallyd's gateway, so the gateway's overhead shows side by side. It prints one
 table row per target (clients, distinct connections, errors, incomplete streams, tokens delivered /
@@ -34,6 +37,7 @@ first (rallyd and its workers, started from here, inherit it).
     python bench/load.py --clients 64 --max-tokens 16
     python bench/load.py --clients 1000 --max-tokens 16 --json load-cpu.json
     python bench/load.py --clients 256 --model-size 1b --device cuda --max-tokens 128
+    python bench/load.py --clients 256 --model-size 1b --device cuda --max-tokens 128 --client-procs 8
     python bench/load.py --clients 64 --gateway http://10.0.0.5:8437   # an existing deployment
                                                      # (--api-key, or $RALLYPOINT_GATEWAY_API_KEY)
 
@@ -52,6 +56,7 @@ import asyncio
 import importlib.metadata
 import json
 import math
+import multiprocessing as mp
 import os
 import platform
 import resource
@@ -62,6 +67,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -127,6 +133,8 @@ class Deployment:
                      "--worker-overlap" if a.overlap == "on" else "--no-worker-overlap"]
         node_args += ["--gpus", str(a.dp)] if a.device == "cuda" else ["--cpu-ranks", str(a.dp)]
         node_args += ["--worker-queue-capacity", str(a.queue_capacity)]
+        if a.gateway_processes is not None:
+            node_args += ["--gateway-processes", str(a.gateway_processes)]
         self.daemon = DaemonProcess("n0", daemon_args(self.etcd.endpoints, "load") + node_args,
                                     self.work / "rallyd.log").start()
         url = wait_file(state / "gateway.url", timeout=120).strip()
@@ -202,6 +210,7 @@ class ClientResult:
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     chunks: int = 0  # chunks that carried text or tokens
+    admitted: float | None = None  # the response's headers arrived (the server took the request)
     ttft: float | None = None
     duration: float | None = None
     local_port: int | None = None
@@ -252,6 +261,7 @@ async def one_client(http: httpx.AsyncClient, index: int, url: str, body: dict, 
         async with asyncio.timeout(timeout):
             async with http.stream("POST", url.rstrip("/") + "/v1/completions", json=body) as resp:
                 r.status = resp.status_code
+                r.admitted = time.perf_counter() - t0
                 stream = resp.extensions.get("network_stream")
                 addr = stream.get_extra_info("client_addr") if stream is not None else None
                 r.local_port = addr[1] if addr else None
@@ -295,23 +305,77 @@ def request_body(prompt: str, max_tokens: int) -> dict:
     return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
 
 
-async def run_clients(urls: list[str], prompts: list[str], max_tokens: int, timeout: float,
-                      connect_timeout: float, headers: dict[str, str]) -> tuple[list[ClientResult], float]:
-    """All clients at once, one connection each (client i goes to ``urls[i % len(urls)]``);
-    returns their results and the wall time from release to the last one's end."""
-    n = len(prompts)
-    limits = httpx.Limits(max_connections=n, max_keepalive_connections=0)  # never share or reuse one
+async def run_slice(items: list[tuple[int, str, str]], max_tokens: int, timeout: float, connect_timeout: float,
+                    headers: dict[str, str], release_at: float | None) -> tuple[list[ClientResult], float, float]:
+    """Clients ``(index, url, prompt)`` on one connection each, all released together at the
+    monotonic time ``release_at`` (None: 0.1 s from now, once every task waits); returns their
+    results, the release time and the time the last one ended (monotonic; CLOCK_MONOTONIC is
+    one clock for every process of the host)."""
+    limits = httpx.Limits(max_connections=len(items), max_keepalive_connections=0)  # never share or reuse one
     tmo = httpx.Timeout(timeout, connect=connect_timeout, pool=None)
     async with httpx.AsyncClient(limits=limits, timeout=tmo, headers=headers) as http:
         go = asyncio.Event()
-        tasks = [asyncio.create_task(one_client(http, i, urls[i % len(urls)], request_body(p, max_tokens), go,
-                                                max_tokens, timeout))
-                 for i, p in enumerate(prompts)]
-        await asyncio.sleep(0.1)  # every task is parked on ``go``
-        t0 = time.perf_counter()
+        tasks = [asyncio.create_task(one_client(http, i, url, request_body(p, max_tokens), go, max_tokens, timeout))
+                 for i, url, p in items]
+        release_at = time.monotonic() + 0.1 if release_at is None else release_at
+        await asyncio.sleep(max(0.0, release_at - time.monotonic()))  # every task is parked on ``go``
         go.set()
         results = await asyncio.gather(*tasks)
-        return list(results), time.perf_counter() - t0
+        return list(results), release_at, time.monotonic()
+
+
+def _client_process(conn: Any, items: list[tuple[int, str, str]], max_tokens: int, timeout: float,
+                    connect_timeout: float, headers: dict[str, str]) -> None:
+    """One load process of ``--client-procs``: says it is ready, waits for the release time, runs
+    its clients, sends back their results."""
+    conn.send("ready")
+    release_at = conn.recv()
+    conn.send(asyncio.run(run_slice(items, max_tokens, timeout, connect_timeout, headers, release_at)))
+    conn.close()
+
+
+def run_clients(urls: list[str], prompts: list[str], max_tokens: int, timeout: float, connect_timeout: float,
+                headers: dict[str, str], procs: int = 1) -> tuple[list[ClientResult], float]:
+    """All clients at once, one connection each (client i goes to ``urls[i % len(urls)]``), from
+    ``procs`` processes (client i in process i % procs); returns their results and the wall time
+    from release to the last one's end.
+
+    One process of Python HTTP clients is itself a limit: opening 256 connections and parsing
+    their chunks costs its event loop about as much as the server's (it ran at 40-92 % of a core
+    in the 256-stream runs). Users are many processes on many hosts; ``procs`` > 1 comes closer.
+    """
+    items = [(i, urls[i % len(urls)], p) for i, p in enumerate(prompts)]
+    if procs <= 1:
+        results, start, end = asyncio.run(run_slice(items, max_tokens, timeout, connect_timeout, headers, None))
+        return results, end - start
+    ctx = mp.get_context("spawn")  # a fresh interpreter: no threads or torch inherited
+    links, children = [], []
+    for k in range(procs):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_client_process, args=(child, items[k::procs], max_tokens, timeout,
+                                                         connect_timeout, headers), daemon=True)
+        proc.start()
+        links.append(parent)
+        children.append(proc)
+    try:
+        for link in links:
+            if not link.poll(60) or link.recv() != "ready":
+                raise SystemExit("a load process did not start")
+        release_at = time.monotonic() + 0.2
+        for link in links:
+            link.send(release_at)
+        results: list[ClientResult] = []
+        end = release_at
+        for link in links:
+            part, _, part_end = link.recv()
+            results += part
+            end = max(end, part_end)
+        return sorted(results, key=lambda r: r.index), end - release_at
+    finally:
+        for proc in children:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
 
 
 async def reference_run(url: str, prompts: dict[int, str], max_tokens: int, timeout: float,
@@ -341,6 +405,7 @@ def summarize(results: list[ClientResult], wall: float, max_tokens: int) -> dict
         if r.error:
             errors[r.error] = errors.get(r.error, 0) + 1
     ttft = [r.ttft for r in results if r.ttft is not None]
+    admitted = [r.admitted for r in results if r.admitted is not None]
     dur = [r.duration for r in results if r.complete]
     # per token after the first: what one stream's decode costs through this target
     itl = [(r.duration - r.ttft) / (r.n_tokens - 1) for r in results
@@ -353,6 +418,7 @@ def summarize(results: list[ClientResult], wall: float, max_tokens: int) -> dict
             "incomplete": sum(1 for r in results if not r.error and not r.complete),
             "completed": sum(1 for r in results if r.complete),
             "tokens_delivered": delivered, "tokens_expected": len(results) * max_tokens,
+            "admitted_p50": pct(admitted, 0.5), "admitted_p99": pct(admitted, 0.99),
             "ttft_p50": pct(ttft, 0.5), "ttft_p99": pct(ttft, 0.99),
             "duration_p50": pct(dur, 0.5), "duration_p99": pct(dur, 0.99),
             "ms_per_token_p50": 1e3 * m if (m := pct(itl, 0.5)) is not None else None,
@@ -367,14 +433,15 @@ def fmt(v: float | None, spec: str = ".3f") -> str:
 def print_table(summaries: dict[str, dict]) -> None:
     """One row per target. conns: distinct connections that got an HTTP answer; ref match:
     streams equal to the sequential reference / streams checked."""
-    rows = [("target", "clients", "conns", "errors", "incomplete", "tokens", "TTFT p50/p99 s",
+    rows = [("target", "clients", "conns", "errors", "incomplete", "tokens", "headers p50/p99 s", "TTFT p50/p99 s",
              "stream p50/p99 s", "ms/token p50", "tok/s", "wall s", "ref match")]
     for name, s in summaries.items():
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(s["errors_by_kind"].items()))
         errors = f"{s['errors']}" + (f" ({kinds})" if kinds else "")
         rows.append((name, str(s["clients"]), str(s["connections"]), errors,
                      str(s["incomplete"]), f"{s['tokens_delivered']}/{s['tokens_expected']}",
-                     f"{fmt(s['ttft_p50'])}/{fmt(s['ttft_p99'])}", f"{fmt(s['duration_p50'])}/{fmt(s['duration_p99'])}",
+                     f"{fmt(s['admitted_p50'])}/{fmt(s['admitted_p99'])}", f"{fmt(s['ttft_p50'])}/{fmt(s['ttft_p99'])}",
+                     f"{fmt(s['duration_p50'])}/{fmt(s['duration_p99'])}",
                      fmt(s["ms_per_token_p50"], ".2f"), fmt(s["tokens_per_s"], ".0f"), fmt(s["wall_s"], ".2f"),
                      f"{s['matched']}/{s['checked']}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -427,6 +494,12 @@ def main() -> int:
                          "leave out direct when the drivers are not reachable from here")
     ap.add_argument("--check", type=int, default=256,
                     help="clients (spread over N) checked against a sequential reference run; 0: none")
+    ap.add_argument("--client-procs", type=int, default=1,
+                    help="load processes the clients are spread over (client i in process i %% K), released "
+                         "together; one process of Python clients is itself a limit at a few hundred streams")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the targets this many times in turn (the first round is the first burst after "
+                         "start; later ones find the gateway's upstream connections open), a table row each")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds one stream may take, all in")
     ap.add_argument("--connect-timeout", type=float, default=60.0)
     ap.add_argument("--api-key", default=os.environ.get("RALLYPOINT_GATEWAY_API_KEY"),
@@ -452,6 +525,9 @@ def main() -> int:
                      help="[worker] stream_interval: seconds a stream waits after a chunk (tokens accumulate)")
     own.add_argument("--stall-timeout", type=float, default=30.0,
                      help="[worker] stall_timeout: a loaded CPU worker must not be taken for frozen")
+    own.add_argument("--gateway-processes", type=int,
+                     help="[gateway] processes: gateway processes sharing its port (0: a thread of rallyd; "
+                          "default: rallyd's choice by the node's cores)")
     own.add_argument("--start-timeout", type=float, default=300.0)
     args = ap.parse_args()
     n, T, P = args.clients, args.max_tokens, args.prompt_tokens
@@ -498,12 +574,13 @@ def main() -> int:
         for name in wanted:
             asyncio.run(reference_run(targets[name][0], {0: prompts[0]}, T, args.timeout, headers))
         summaries, records = {}, {}
-        for name in wanted:
+        runs = [(name, name if args.rounds == 1 else f"{name} #{k + 1}") for k in range(args.rounds) for name in wanted]
+        for target, name in runs:
             wait_idle(drivers)
             print(f"{name}: {n} clients x {T} tokens ...", flush=True)
             before = listen_counters()
-            results, wall = asyncio.run(run_clients(targets[name], prompts, T, args.timeout, args.connect_timeout,
-                                                    headers))
+            results, wall = run_clients(targets[target], prompts, T, args.timeout, args.connect_timeout, headers,
+                                        args.client_procs)
             kernel = {key: v - before.get(key, 0) for key, v in listen_counters().items()}
             for r in results:
                 ref = reference.get(r.index)
@@ -520,6 +597,12 @@ def main() -> int:
 
         print(f"\n{n} concurrent streaming clients, max_tokens {T}, prompts of {P} tokens, temperature 0")
         print_table(summaries)
+        if args.rounds > 1:
+            for target in wanted:
+                rates = sorted(sm["tokens_per_s"] or 0.0 for name, sm in summaries.items()
+                               if name.rsplit(" #", 1)[0] == target)
+                print(f"{target}: tok/s median {rates[len(rates) // 2]:.0f} of {len(rates)} rounds "
+                      f"(min {rates[0]:.0f}, max {rates[-1]:.0f})")
         for name, sm in summaries.items():
             if any(sm["kernel_listen_counters"].values()):
                 print(f"{name}: this host's kernel counted, during the run: "

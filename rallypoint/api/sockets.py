@@ -6,8 +6,9 @@ from __future__ import annotations
 import socket
 
 
-def listen(host: str, port: int, backlog: int = 4096) -> socket.socket:
-    """A listening TCP socket on ``host:port`` (0: a free port).
+def listen(host: str, port: int, backlog: int = 4096, reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (0: a free port). With ``reuse_port``, more such
+    sockets may listen on the same port and the kernel spreads new connections over them.
 
     Raises:
         OSError: the address cannot be bound.
@@ -15,6 +16,8 @@ def listen(host: str, port: int, backlog: int = 4096) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError:
@@ -22,3 +25,31 @@ def listen(host: str, port: int, backlog: int = 4096) -> socket.socket:
         raise
     sock.listen(backlog)
     return sock
+
+
+def listen_group(host: str, port: int, count: int, backlog: int = 4096) -> list[socket.socket]:
+    """``count`` listening sockets on one port (``SO_REUSEPORT``): the kernel spreads new
+    connections over them, one per serving process.
+
+    The port is first bound alone, without ``SO_REUSEPORT``: a port another program holds fails
+    here, and another rallyd of the same user cannot join the group by mistake (joining needs the
+    option on both sides; a plain bind fails while the group holds the port).
+
+    Raises:
+        OSError: the address cannot be bound.
+    """
+    probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+        port = probe.getsockname()[1]
+    finally:
+        probe.close()
+    socks: list[socket.socket] = []
+    try:
+        socks.extend(listen(host, port, backlog, reuse_port=True) for _ in range(count))
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks

@@ -293,6 +293,10 @@ class GatewayConfig:
         api_key: when set, clients must send ``Authorization: Bearer <api_key>`` on every route but
             ``/health``; the replicas' own APIs require it too. Prefer the environment
             (``RALLYPOINT_GATEWAY_API_KEY``) to a flag, which ``ps`` shows.
+        processes: how many processes serve the gateway's port (``gateway.child``); 0 serves it
+            on a thread of rallyd. Unset: one per 4 cores, at most 4, on nodes of 8 cores or more
+            (a burst of a few hundred streams is more Python than one core turns around in time);
+            a thread on smaller nodes.
     """
 
     enabled: bool = _opt(True, "bool")
@@ -300,6 +304,14 @@ class GatewayConfig:
     port: int = _opt(8437, "int", ge=0)
     resume_timeout: timedelta = _opt(_secs(120.0), "seconds", gt=0)
     api_key: str | None = _opt(None, "str", repr=False)
+    processes: int | None = _opt(None, "int", ge=0)
+
+    def process_count(self, cpus: int | None) -> int:
+        """Gateway processes for a node with ``cpus`` cores: as set, else by the node's size."""
+        if self.processes is not None:
+            return self.processes
+        cpus = cpus or 1
+        return 0 if cpus < 8 else min(4, cpus // 4)
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from rallypoint.daemon.sd_notify import Notifier
 from rallypoint.daemon.seats import OutSeats
 from rallypoint.daemon.supervisor import Supervisor, WorkerCommand, WorkerProcess
 from rallypoint.errors import EtcdError, EtcdUnavailable, RallypointError
+from rallypoint.gateway.processes import GatewayProcesses
 from rallypoint.gateway.routes import DriverRoutes
 from rallypoint.gateway.server import Gateway
 from rallypoint.log import get_logger
@@ -112,7 +113,7 @@ class Daemon:
         self.metrics_url: str | None = None
         self.gateway_url: str | None = None
         self._metrics_server: HTTPServer | None = None
-        self.gateway: Gateway | None = None
+        self.gateway: Gateway | GatewayProcesses | None = None
         self._etcd_ok = False
         self._watches: list[PrefixWatch] = []
         self._status_at = 0.0
@@ -341,7 +342,7 @@ class Daemon:
         return url
 
     def serve_gateway(self) -> None:
-        """Start the completions gateway (``[gateway]``).
+        """Start the completions gateway (``[gateway]``): on a thread, or as processes sharing its port.
 
         Raises:
             RallypointError: the address cannot be bound.
@@ -350,13 +351,21 @@ class Daemon:
         if g.enabled is False:
             return
         routes = DriverRoutes(self.client, self.keys, self.cfg.node, self.node_status)
+        model = served_model_name(self.cfg.worker.model or "rallypoint")
+        count = g.process_count(os.cpu_count())
         try:
-            self.gateway = Gateway(g.host, g.port, routes, g.resume_timeout.total_seconds(),
-                                   model=served_model_name(self.cfg.worker.model or "rallypoint"), api_key=g.api_key,
-                                   on_request=self.metrics.gateway_request, on_resume=self.metrics.gateway_resumed)
+            if count:
+                self.gateway = GatewayProcesses(
+                    g.host, g.port, count, routes, g.resume_timeout.total_seconds(), model=model, api_key=g.api_key,
+                    on_request=self.metrics.gateway_request, on_resume=self.metrics.gateway_resumed,
+                    title=f"rallypoint gateway (cluster {self.cfg.cluster}, node {self.cfg.node})",
+                    log_level=self.cfg.log.level).start()
+            else:
+                self.gateway = Gateway(g.host, g.port, routes, g.resume_timeout.total_seconds(), model=model,
+                                       api_key=g.api_key, on_request=self.metrics.gateway_request,
+                                       on_resume=self.metrics.gateway_resumed).serve_in_thread()
         except OSError as exc:
             raise RallypointError(f"[gateway] cannot listen on {g.host}:{g.port}: {exc.strerror or exc}") from None
-        self.gateway.serve_in_thread()
         self.gateway_url = self._advertise("gateway", g.host, self.gateway.port)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:

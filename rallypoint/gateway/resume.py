@@ -59,8 +59,10 @@ class Progress:
 
 def upstream_client(max_connections: int | None = None) -> httpx.AsyncClient:
     """An HTTP client for upstream streams: no pool limit by default (every client request holds
-    one upstream stream), connect errors fast, reads bounded per call by ``read_timeout``."""
-    return httpx.AsyncClient(limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=64),
+    one upstream stream), connect errors fast, reads bounded per call by ``read_timeout``. Up to
+    1,024 idle connections are kept: the next burst of streams reuses them instead of opening as
+    many connections again (a Python event loop pays about a millisecond for each)."""
+    return httpx.AsyncClient(limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=1024),
                              timeout=httpx.Timeout(connect=5.0, read=None, write=10.0, pool=None))
 
 

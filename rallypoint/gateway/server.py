@@ -12,6 +12,7 @@ request: a thousand waiting clients cost a thousand sockets, not a thousand thre
 from __future__ import annotations
 
 import secrets
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -33,7 +34,8 @@ log = get_logger("gateway")
 
 
 class Gateway(ServerThread):
-    """The gateway's HTTP server, on a thread of rallyd.
+    """The gateway's HTTP server: on a thread of rallyd, or the main loop of a gateway process
+    (``child``, several sharing one port, when ``[gateway] processes`` asks for them).
 
     Args:
         upstreams: the serving drivers' URLs, best first (``routes.DriverRoutes``; never blocks).
@@ -44,6 +46,9 @@ class Gateway(ServerThread):
         on_request: called with each request's outcome (completed, rejected, failed, unavailable).
         on_resume: called each time a request is re-sent to another driver.
 
+        sock: a listening socket to serve on instead of binding ``host:port``.
+        started_at: when the deployment's gateway started (``/v1/models``' ``created``).
+
     Raises:
         OSError: ``host:port`` cannot be bound.
     """
@@ -51,16 +56,17 @@ class Gateway(ServerThread):
     def __init__(self, host: str, port: int, upstreams: Callable[[], list[str]], resume_timeout: float,
                  model: str = "rallypoint", api_key: str | None = None,
                  on_request: Callable[[str], None] = lambda _: None,
-                 on_resume: Callable[[], None] = lambda: None) -> None:
+                 on_resume: Callable[[], None] = lambda: None, sock: socket.socket | None = None,
+                 started_at: float | None = None) -> None:
         self.upstreams, self.resume_timeout, self.model = upstreams, resume_timeout, model
         self.api_key = api_key or None
         self.on_request, self.on_resume = on_request, on_resume
-        self.started_at = time.time()
+        self.started_at = started_at or time.time()
         # made now: a client's first use builds its TLS context (~40 ms), which would land on the
         # first request's TTFT
         self.http: httpx.AsyncClient | None = upstream_client()
         self.watch = UpstreamWatch(upstreams)
-        super().__init__(build_app(self), host, port, name="rallyd-gateway")
+        super().__init__(build_app(self), host, port, name="rallyd-gateway", sock=sock)
 
     def serve_in_thread(self) -> Gateway:
         return self.start()  # type: ignore[return-value]

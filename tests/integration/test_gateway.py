@@ -69,13 +69,18 @@ def test_driver_death_and_gateway_death_lose_nothing(etcd: EtcdCluster, client: 
                                                      tmp_path: Path) -> None:
     """c (leader, no rank), a (rank 0: the driver), b (rank 1). SIGKILL a's worker mid-stream: a's
     own gateway resumes the requests on the restarted driver. Then SIGKILL node a whole (daemon,
-    worker, gateway) mid-stream: the client goes on at b's gateway once the replica has moved."""
+    worker, gateway) mid-stream: the client goes on at b's gateway once the replica has moved.
+    a's gateway runs as two processes (``[gateway] processes``), b's and c's on a thread of rallyd."""
     model = make_model(tmp_path / "model", "tiny", seed=11)
     daemons: dict[str, DaemonProcess] = {}
     try:
-        start_leader_then_pair(daemons, etcd, cluster_name, tmp_path, model)
+        start_leader_then_pair(daemons, etcd, cluster_name, tmp_path, model,
+                               extra={"a": ("--gateway-processes", "2")})
         wait_file(tmp_path / "a" / "api-0.url")
         gw = {n: wait_file(tmp_path / n / "gateway.url").strip() for n in ("a", "b", "c")}
+        a_gateways = [p for p in psutil.Process(daemons["a"].pid).children()  # titled before they serve
+                      if " ".join(p.cmdline()).startswith("rallypoint gateway (cluster ")]
+        assert len(a_gateways) == 2, [p.cmdline() for p in psutil.Process(daemons["a"].pid).children()]
         wait_for("a's gateway sees the driver", lambda: drivers(gw["a"]), timeout=30, every=0.2)
 
         requests = [{"prompt": f"gateway {i}: how vexingly quick", "max_tokens": 60, "temperature": 0}

@@ -62,12 +62,13 @@ def start_streams(url: str, requests: list[dict]) -> Streams:
 
 
 def start_leader_then_pair(daemons: dict[str, DaemonProcess], etcd: EtcdCluster, cluster_name: str,
-                           tmp_path: Path, model: Path) -> None:
+                           tmp_path: Path, model: Path, extra: dict[str, tuple[str, ...]] | None = None) -> None:
     """Three nodes, one rank slot each, TP=2: c first (the leader, left without a rank), then a
     and b: a/0 is rank 0 (the driver), b/0 rank 1. c is cordoned until that first generation is
     released, so it comes out that way however late a and b arrive (a rallyd can take seconds to
     start on a loaded host), then uncordoned: a rank may move to c later. Each daemon is put in
-    ``daemons`` as it starts, so the caller's cleanup stops whatever did start."""
+    ``daemons`` as it starts, so the caller's cleanup stops whatever did start. ``extra``: more
+    flags for a node's daemon."""
     keys = ClusterKeys(cluster_name)
     client = make_client(etcd.endpoints)
     try:
@@ -75,7 +76,8 @@ def start_leader_then_pair(daemons: dict[str, DaemonProcess], etcd: EtcdCluster,
         for node in ("c", "a", "b"):
             args = daemon_args(etcd.endpoints, cluster_name, "--tp", "2", "--cpu-ranks", "1",
                                "--rendezvous-last-call", "2",
-                               "--state-dir", str(tmp_path / node), "--worker-model", str(model))
+                               "--state-dir", str(tmp_path / node), "--worker-model", str(model),
+                               *(extra or {}).get(node, ()))
             daemons[node] = DaemonProcess(node, args, tmp_path / f"{node}.log").start()
             if node == "c":
                 daemons[node].wait_log("became leader", timeout=30)

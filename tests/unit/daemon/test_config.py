@@ -344,7 +344,7 @@ def test_example_loads(monkeypatch):
 def test_example_documents_every_key_with_its_default(tmp_path):
     section, shown, active = "", set(), []
     site = {"node", "ca_cert", "cert_key", "cert_cert", "user", "password", "json", "model", "api_key",
-            "max_batch", "max_seq"}  # site- or device-specific: their default is "unset"
+            "max_batch", "max_seq", "processes"}  # site- or device-specific: their default is "unset"
     for line in EXAMPLE.read_text().splitlines():
         if m := re.fullmatch(r"\[(\w+)\]", line):
             section = m[1]
@@ -365,3 +365,14 @@ def test_kv_size_defaults_by_device_and_explicit_values_win(tmp_path):
     assert unset.kv_size(gpu=False) == (8, 512)
     given = load_config(write(tmp_path, "[worker]\nmax_batch = 32\nmax_seq = 0\n"), {}).worker
     assert given.kv_size(gpu=True) == given.kv_size(gpu=False) == (32, 0)
+
+
+def test_gateway_processes_by_node_size_and_explicit_values_win(tmp_path):
+    unset = load_config(write(tmp_path, "[gateway]\n"), {}).gateway
+    assert [unset.process_count(c) for c in (None, 1, 2, 4, 7)] == [0] * 5  # a thread of rallyd
+    assert [unset.process_count(c) for c in (8, 16, 64)] == [2, 4, 4]
+    assert load_config(write(tmp_path, "[gateway]\nprocesses = 0\n"), {}).gateway.process_count(64) == 0
+    assert load_config(write(tmp_path, "[gateway]\nprocesses = 3\n"), {}).gateway.process_count(2) == 3
+    assert load_config(write(tmp_path, "[gateway]\n"), {"RALLYPOINT_GATEWAY_PROCESSES": "2"}).gateway.processes == 2
+    with pytest.raises(ConfigError, match="processes"):
+        load_config(write(tmp_path, "[gateway]\nprocesses = -1\n"), {})
