@@ -23,6 +23,11 @@ class EtcdUnavailable(EtcdError):
     """No configured etcd endpoint answered in time."""
 
 
+class EtcdAccessDenied(EtcdError):
+    """etcd answered but refused this client: a TLS handshake that failed, wrong credentials, or a
+    role without permission on the key. A configuration problem: retrying does not help."""
+
+
 class LeaseLost(EtcdError):
     """A lease expired or was revoked: every key attached to it is gone."""
 

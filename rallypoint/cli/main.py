@@ -21,7 +21,7 @@ from rallypoint.log import configure_logging
 from rallypoint.protocol.keys import ClusterKeys
 from rallypoint.protocol.orders import wait_drained
 from rallypoint.recovery.events import Event, read_events
-from rallypoint.rendezvous.etcd import EtcdClient, EtcdSettings, endpoints_from
+from rallypoint.rendezvous.etcd import ETCD_PASSWORD_ENV, EtcdClient, EtcdSettings, endpoints_from
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -30,7 +30,7 @@ def _client(args: argparse.Namespace) -> EtcdClient:
     return EtcdClient(EtcdSettings(endpoints=endpoints_from(args.endpoints), request_timeout=args.timeout,
                                    retry_deadline=args.timeout, ca_cert=args.ca_cert, cert_key=args.cert_key,
                                    cert_cert=args.cert_cert, user=args.user,
-                                   password=os.environ.get("RALLYPOINT_ETCD_PASSWORD")))
+                                   password=os.environ.get(ETCD_PASSWORD_ENV)))
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

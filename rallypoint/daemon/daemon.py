@@ -59,7 +59,7 @@ from rallypoint.recovery.inbox import (
 )
 from rallypoint.recovery.machine import RecoveryMachine
 from rallypoint.recovery.retention import PRUNE_EVERY, keep_from, prune_history
-from rallypoint.rendezvous.etcd import EtcdClient, PrefixWatch, WatchEvent
+from rallypoint.rendezvous.etcd import ETCD_PASSWORD_ENV, EtcdClient, PrefixWatch, WatchEvent
 from rallypoint.rendezvous.records import ClusterSpec, Plan
 from rallypoint.rendezvous.rendezvous import Rendezvous, RendezvousSettings, local_record
 
@@ -127,7 +127,9 @@ class Daemon:
         address = channel_address(cfg.state_dir, cfg.node)
         self.channel = ChannelServer(address, self._on_channel_message)
         command = WorkerCommand.from_config(cfg, address)
-        env = {API_KEY_ENV: cfg.gateway.api_key} if cfg.gateway.api_key else None
+        env = {API_KEY_ENV: cfg.gateway.api_key} if cfg.gateway.api_key else {}
+        if cfg.etcd.password:  # its own etcd session; never on a command line
+            env[ETCD_PASSWORD_ENV] = cfg.etcd.password
         return Supervisor(command, cfg.state_dir / "logs", self._on_worker_exit, w.restart_budget,
                           w.restart_window.total_seconds(), env=env, spares=cfg.layout.spares,
                           channel=self.channel, seat_params=command.seat_params, standby=w.standby)

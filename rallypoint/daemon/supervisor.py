@@ -395,6 +395,10 @@ class WorkerCommand:
     max_chunk_rate: float = 0.0
     kv_memory_fraction: float = 0.8
     preload: bool = False  # spares load the whole model and capture its graphs while they wait
+    etcd_ca_cert: str | None = None  # a worker opens its own etcd session: TLS and user as rallyd's
+    etcd_cert_key: str | None = None  # (the password goes in its environment, not on its command line)
+    etcd_cert_cert: str | None = None
+    etcd_user: str | None = None
 
     @classmethod
     def from_config(cls, cfg: Config, channel: str | None) -> WorkerCommand:
@@ -408,7 +412,9 @@ class WorkerCommand:
                    queue_capacity=w.queue_capacity, cuda_graphs=w.cuda_graphs, compile=w.compile, overlap=w.overlap,
                    prefill_tokens=w.prefill_tokens, stream_interval=w.stream_interval.total_seconds(),
                    max_chunk_rate=w.max_chunk_rate, kv_memory_fraction=w.kv_memory_fraction,
-                   preload=lay.tp == lay.pp == 1 and (device == "cpu" or lay.node_slots() == 1))
+                   preload=lay.tp == lay.pp == 1 and (device == "cpu" or lay.node_slots() == 1),
+                   etcd_ca_cert=cfg.etcd.ca_cert, etcd_cert_key=cfg.etcd.cert_key, etcd_cert_cert=cfg.etcd.cert_cert,
+                   etcd_user=cfg.etcd.user)
 
     def seat_params(self, local_rank: int) -> dict:
         """The seat's API port (``api_port + local_rank``, or 0 for a free one) and URL file."""
@@ -429,6 +435,10 @@ class WorkerCommand:
                 "--kv-memory-fraction", str(self.kv_memory_fraction)]
         if self.channel:
             argv += ["--channel", self.channel]
+        for flag, value in (("--etcd-ca-cert", self.etcd_ca_cert), ("--etcd-cert-key", self.etcd_cert_key),
+                            ("--etcd-cert-cert", self.etcd_cert_cert), ("--etcd-user", self.etcd_user)):
+            if value:
+                argv += [flag, value]
         if local_rank is None:  # --api-port: 0 lets a preloading spare open its API ahead
             return argv + ["--spare", "--api-port", str(self.api_port)] + (["--preload-shard"] if self.preload else [])
         p = self.seat_params(local_rank)

@@ -25,7 +25,7 @@ import pyetcd.exceptions as etcd_exc
 from pyetcd import transactions as txn
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from rallypoint.errors import EtcdError, EtcdUnavailable, LeaseLost
+from rallypoint.errors import EtcdAccessDenied, EtcdError, EtcdUnavailable, LeaseLost
 from rallypoint.log import get_logger
 
 log = get_logger("etcd")
@@ -43,6 +43,9 @@ _UNAVAILABLE_EXC = (
     etcd_exc.NoServerAvailableError,
     etcd_exc.WatchTimedOut,
 )
+
+
+ETCD_PASSWORD_ENV = "RALLYPOINT_ETCD_PASSWORD"  # where rallyd, its workers and rallyctl take the password
 
 
 @dataclass(frozen=True)
@@ -115,13 +118,18 @@ def _kv(raw: Any) -> KeyValue:
     )
 
 
-def _translate(exc: BaseException, what: str, endpoint: str) -> EtcdError:
+def _translate(exc: BaseException, what: str, endpoint: str, settings: EtcdSettings | None = None) -> EtcdError:
     if isinstance(exc, grpc.RpcError):
         code = exc.code() if hasattr(exc, "code") else None
+        details = str(exc.details() if hasattr(exc, "details") else exc)
+        denied = _access_denied(code, details, what, endpoint, settings or EtcdSettings())
+        if denied is not None:
+            return denied
         if code is not None and code in _UNAVAILABLE_CODES:
-            return EtcdUnavailable(f"{what}: etcd at {endpoint} unavailable ({code.name})")
-        details = exc.details() if hasattr(exc, "details") else str(exc)
-        if code == grpc.StatusCode.NOT_FOUND and "lease not found" in str(details):
+            hint = (" (it closed the connection at once: if it serves TLS, give https:// endpoints and ca_cert)"
+                    if "Socket closed" in details and not (settings and settings.ca_cert) else "")
+            return EtcdUnavailable(f"{what}: etcd at {endpoint} unavailable ({code.name}){hint}")
+        if code == grpc.StatusCode.NOT_FOUND and "lease not found" in details:
             return LeaseLost(f"{what}: the lease expired or was revoked ({details})")
         return EtcdError(f"{what}: etcd at {endpoint} refused: {details}")
     if isinstance(exc, _UNAVAILABLE_EXC):
@@ -129,6 +137,40 @@ def _translate(exc: BaseException, what: str, endpoint: str) -> EtcdError:
     if isinstance(exc, ValueError) and "failed node" in str(exc):
         return EtcdUnavailable(f"{what}: every etcd endpoint failed recently")
     return EtcdError(f"{what}: {type(exc).__name__}: {exc}")
+
+
+def _access_denied(code: grpc.StatusCode | None, details: str, what: str, endpoint: str,
+                   s: EtcdSettings) -> EtcdAccessDenied | None:
+    """The refusals that are the client's configuration, each with what to fix; None for others.
+
+    gRPC reports a failed TLS handshake as UNAVAILABLE, like a server that is down; its details
+    tell the two apart, and a handshake that failed once fails again.
+    """
+    if code == grpc.StatusCode.UNAVAILABLE:
+        if "CERTIFICATE_VERIFY_FAILED" in details:
+            return EtcdAccessDenied(
+                f"{what}: etcd at {endpoint}: TLS handshake failed: its certificate does not verify against "
+                f"ca_cert {s.ca_cert} ([etcd] ca_cert must be the CA that signed etcd's server certificate)")
+        if "Peer name" in details and "not in peer certificate" in details:
+            return EtcdAccessDenied(f"{what}: etcd at {endpoint}: TLS handshake failed: its certificate does "
+                                    f"not name the host in the endpoint ({details.rsplit('last error: ', maxsplit=1)[-1]})")
+        if s.ca_cert and ("TSI_DATA_CORRUPTED" in details or "BAD_CERTIFICATE" in details
+                          or "CERTIFICATE_REQUIRED" in details):
+            given = f"cert_cert {s.cert_cert}" if s.cert_cert else "no client certificate given"
+            return EtcdAccessDenied(
+                f"{what}: etcd at {endpoint}: TLS handshake failed: etcd refused this client's certificate "
+                f"({given}; [etcd] cert_cert and cert_key must be a certificate signed by the CA etcd trusts)")
+        return None
+    if code == grpc.StatusCode.INVALID_ARGUMENT and "authentication failed" in details:
+        return EtcdAccessDenied(f"{what}: etcd at {endpoint} rejected user {s.user!r}: wrong user name or "
+                                f"password ([etcd] user, and password from RALLYPOINT_ETCD_PASSWORD)")
+    if code == grpc.StatusCode.PERMISSION_DENIED or "user name is empty" in details:
+        if not s.user:
+            return EtcdAccessDenied(f"{what}: etcd at {endpoint} requires authentication: set [etcd] user, "
+                                    f"and its password in RALLYPOINT_ETCD_PASSWORD")
+        return EtcdAccessDenied(f"{what}: etcd at {endpoint} denied user {s.user!r}: permission denied (its "
+                                f"role needs readwrite on this cluster's prefix, /rallypoint/<cluster>/)")
+    return None
 
 
 class EtcdClient:
@@ -236,7 +278,7 @@ class EtcdClient:
         except EtcdError:
             raise
         except Exception as exc:  # translated at the edge, here only
-            err = _translate(exc, what, self.endpoint)
+            err = _translate(exc, what, self.endpoint, self.settings)
             if isinstance(err, EtcdUnavailable):
                 self._mark_failed()
             raise err from exc

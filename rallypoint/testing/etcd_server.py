@@ -3,6 +3,11 @@
 Used by the tests, the demo and the benchmarks. Members are started with a 10 ms heartbeat and a
 100 ms election timeout so a cluster elects a leader in well under a second, and are torn down
 with SIGKILL by PID. Debian's ``etcd-server`` package provides the binary.
+
+A secured control plane, as an operator runs it: ``tls`` (``make_tls``: a CA made by ``trustme``)
+serves clients over TLS and requires a client certificate signed by that CA; ``enable_auth``
+turns on etcd's authentication with a root user and one user per cluster whose role may touch only
+``/rallypoint/<cluster>/``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,10 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rallypoint.rendezvous.etcd import EtcdSettings
 
 INSTALL_HINT = "etcd is not installed: `sudo apt-get install etcd-server` (Debian/Ubuntu)"
 
@@ -41,6 +50,38 @@ class MemberExited(RuntimeError):
         except OSError:
             self.log_tail = ""
         super().__init__(f"etcd {member.name} exited; log: {member.log_path}")
+
+
+@dataclass(frozen=True)
+class EtcdTLS:
+    """PEM files of a test CA, the servers' certificate and a client certificate it signed."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def make_tls(directory: Path) -> EtcdTLS:
+    """A fresh CA (``trustme``) and the certificates etcd and its clients need, under ``directory``."""
+    import trustme
+
+    directory.mkdir(parents=True, exist_ok=True)
+    ca = trustme.CA(organization_name="rallypoint test CA")
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    client = ca.issue_cert("rallypoint-client")  # trustme's certificates serve both ends (EKU)
+    tls = EtcdTLS(*(directory / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")))
+    ca.cert_pem.write_to_path(str(tls.ca))
+    server.cert_chain_pems[0].write_to_path(str(tls.server_cert))
+    server.private_key_pem.write_to_path(str(tls.server_key))
+    client.cert_chain_pems[0].write_to_path(str(tls.client_cert))
+    client.private_key_pem.write_to_path(str(tls.client_key))
+    return tls
+
+
+def cluster_role(cluster: str) -> str:
+    return f"rallypoint-{cluster}"
 
 
 @dataclass
@@ -76,7 +117,9 @@ class EtcdCluster:
     # etcd's --auto-compaction-retention in periodic mode ("1m"): superseded revisions go, so a
     # long run's database stops growing (what an operator's etcd should run with). None: never.
     compaction: str | None = None
+    tls: EtcdTLS | None = None  # clients over TLS, with a client certificate from its CA
     members: list[EtcdMember] = field(default_factory=list)
+    root_auth: tuple[str, str] | None = None  # (user, password) once enable_auth ran
     _own_root: bool = False
 
     def __post_init__(self) -> None:
@@ -94,7 +137,49 @@ class EtcdCluster:
 
     @property
     def endpoints(self) -> tuple[str, ...]:
-        return tuple(m.endpoint for m in self.members)
+        scheme = "https://" if self.tls else ""
+        return tuple(scheme + m.endpoint for m in self.members)
+
+    def client_settings(self, members: list[EtcdMember] | None = None, user: str | None = None,
+                        password: str | None = None, **kw: object) -> EtcdSettings:
+        """Settings that reach ``members`` (default all) with this cluster's TLS; as ``user``, or
+        as root once auth is on and no user is given."""
+        from rallypoint.rendezvous.etcd import EtcdSettings
+
+        if user is None and self.root_auth is not None:
+            user, password = self.root_auth
+        scheme = "https://" if self.tls else ""
+        tls = {"ca_cert": str(self.tls.ca), "cert_cert": str(self.tls.client_cert),
+               "cert_key": str(self.tls.client_key)} if self.tls else {}
+        return EtcdSettings(endpoints=tuple(scheme + m.endpoint for m in (members or self.members)),
+                            user=user, password=password, **tls, **kw)  # type: ignore[arg-type]
+
+    def enable_auth(self, root_password: str, users: dict[str, tuple[str, str]]) -> None:
+        """Turn on etcd's authentication: a root user, and for each ``user: (password, cluster)``
+        a role that may read and write ``/rallypoint/<cluster>/`` only."""
+        from pyetcd import etcdrpc
+        from pyetcd.utils import prefix_range_end
+
+        from rallypoint.rendezvous.etcd import EtcdClient
+
+        client = EtcdClient(self.client_settings())
+        try:
+            auth = client.call("auth setup", lambda c: c.authstub)
+            timeout = 5.0
+            auth.UserAdd(etcdrpc.AuthUserAddRequest(name="root", password=root_password), timeout)
+            auth.UserGrantRole(etcdrpc.AuthUserGrantRoleRequest(user="root", role="root"), timeout)
+            for user, (password, cluster) in users.items():
+                role, prefix = cluster_role(cluster), f"/rallypoint/{cluster}/".encode()
+                auth.RoleAdd(etcdrpc.AuthRoleAddRequest(name=role), timeout)
+                perm = etcdrpc.Permission(permType=etcdrpc.Permission.READWRITE, key=prefix,
+                                          range_end=prefix_range_end(prefix))
+                auth.RoleGrantPermission(etcdrpc.AuthRoleGrantPermissionRequest(name=role, perm=perm), timeout)
+                auth.UserAdd(etcdrpc.AuthUserAddRequest(name=user, password=password), timeout)
+                auth.UserGrantRole(etcdrpc.AuthUserGrantRoleRequest(user=user, role=role), timeout)
+            auth.AuthEnable(etcdrpc.AuthEnableRequest(), timeout)
+        finally:
+            client.close()
+        self.root_auth = ("root", root_password)
 
     def _initial_cluster(self) -> str:
         return ",".join(f"{m.name}=http://127.0.0.1:{m.peer_port}" for m in self.members)
@@ -103,10 +188,11 @@ class EtcdCluster:
         binary = etcd_binary()
         if binary is None:
             raise RuntimeError(INSTALL_HINT)
+        scheme = "https" if self.tls else "http"
         args = [
             binary, "--name", member.name, "--data-dir", str(member.data_dir),
-            "--listen-client-urls", f"http://127.0.0.1:{member.client_port}",
-            "--advertise-client-urls", f"http://127.0.0.1:{member.client_port}",
+            "--listen-client-urls", f"{scheme}://127.0.0.1:{member.client_port}",
+            "--advertise-client-urls", f"{scheme}://127.0.0.1:{member.client_port}",
             "--listen-peer-urls", f"http://127.0.0.1:{member.peer_port}",
             "--initial-advertise-peer-urls", f"http://127.0.0.1:{member.peer_port}",
             "--initial-cluster", self._initial_cluster(), "--initial-cluster-state", state,
@@ -114,6 +200,9 @@ class EtcdCluster:
             "--heartbeat-interval", "10", "--election-timeout", "100",
             "--listen-metrics-urls", "", "--logger", "zap", "--log-outputs", str(member.log_path),
         ]
+        if self.tls:
+            args += ["--cert-file", str(self.tls.server_cert), "--key-file", str(self.tls.server_key),
+                     "--client-cert-auth", "--trusted-ca-file", str(self.tls.ca)]
         if self.compaction:
             args += ["--auto-compaction-mode", "periodic", "--auto-compaction-retention", self.compaction]
         member.proc = subprocess.Popen(
@@ -150,12 +239,11 @@ class EtcdCluster:
     def wait_healthy(self, timeout: float = 15.0, members: list[EtcdMember] | None = None) -> None:
         """Block until each (alive) member serves a linearizable read."""
         from rallypoint.errors import EtcdError
-        from rallypoint.rendezvous.etcd import EtcdClient, EtcdSettings
+        from rallypoint.rendezvous.etcd import EtcdClient
 
         deadline = time.monotonic() + timeout
         for m in members or [m for m in self.members if m.alive()]:
-            client = EtcdClient(EtcdSettings(endpoints=(m.endpoint,), request_timeout=0.5,
-                                             endpoint_retry=0.0, retry_deadline=0))
+            client = EtcdClient(self.client_settings([m], request_timeout=0.5, endpoint_retry=0.0, retry_deadline=0))
             try:
                 while True:
                     try:
@@ -172,17 +260,16 @@ class EtcdCluster:
 
     def leader(self) -> EtcdMember:
         """The member that currently leads the raft group."""
-        import pyetcd
+        from rallypoint.rendezvous.etcd import EtcdClient
 
         for m in self.members:
             if not m.alive():
                 continue
-            client = pyetcd.MultiEndpointEtcd3Client(
-                [pyetcd.Endpoint("127.0.0.1", m.client_port, secure=False, time_retry=0)], timeout=1.0)
+            client = EtcdClient(self.client_settings([m], request_timeout=1.0, endpoint_retry=0.0))
             try:
-                st = client.status()
-                leader_id = st.leader.id
-                for mm in client.members:
+                raw = client.raw
+                leader_id = raw.status().leader.id
+                for mm in raw.members:
                     if mm.id == leader_id:
                         return next(x for x in self.members if x.name == mm.name)
             except Exception:

@@ -8,10 +8,11 @@ journey (``[collectives] deadline_k`` becomes ``--deadline-k`` becomes ``Runtime
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
-from rallypoint.rendezvous.etcd import EtcdSettings, endpoints_from
+from rallypoint.rendezvous.etcd import ETCD_PASSWORD_ENV, EtcdSettings, endpoints_from
 from rallypoint.worker.runtime import RuntimeSettings
 
 
@@ -20,6 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="rallypoint-worker")
     ap.add_argument("--cluster", required=True)
     ap.add_argument("--endpoints", required=True)
+    ap.add_argument("--etcd-ca-cert", help="etcd's CA (PEM): talk to etcd over TLS")
+    ap.add_argument("--etcd-cert-key", help="this client's TLS key (PEM)")
+    ap.add_argument("--etcd-cert-cert", help="this client's TLS certificate (PEM)")
+    ap.add_argument("--etcd-user", help=f"etcd user; its password from ${ETCD_PASSWORD_ENV}")
     ap.add_argument("--node", required=True)
     ap.add_argument("--local-rank", type=int, help="the seat; omit with --spare")
     ap.add_argument("--spare", action="store_true",
@@ -83,5 +88,8 @@ def runtime_settings(args: argparse.Namespace) -> RuntimeSettings:
     return RuntimeSettings(
         cluster=args.cluster, device=device, deadline_floor=args.deadline_floor, deadline_k=args.deadline_k,
         build_timeout=args.build_timeout,
-        etcd=EtcdSettings(endpoints=endpoints_from(args.endpoints), request_timeout=2.0, retry_deadline=10.0),
+        etcd=EtcdSettings(endpoints=endpoints_from(args.endpoints), request_timeout=2.0, retry_deadline=10.0,
+                          ca_cert=args.etcd_ca_cert, cert_key=args.etcd_cert_key, cert_cert=args.etcd_cert_cert,
+                          user=args.etcd_user,
+                          password=os.environ.get(ETCD_PASSWORD_ENV) if args.etcd_user else None),
         group_names=("tp", "pp"))
