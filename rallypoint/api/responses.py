@@ -98,4 +98,5 @@ def sse(payload: dict[str, Any] | str) -> bytes:
     return b"data: " + (payload.encode() if isinstance(payload, str) else orjson.dumps(payload)) + b"\n\n"
 
 
+KEEPALIVE = b": keepalive\n\n"  # an SSE comment: clients ignore it, readers see the stream alive
 DONE = sse("[DONE]")

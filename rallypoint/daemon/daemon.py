@@ -105,7 +105,8 @@ class Daemon:
         self.metrics = DaemonMetrics(cfg.cluster, cfg.node, self.machine,
                                      lambda: {**self.node_status(), "etcd_ok": self._etcd_ok})
         self.mechanics = NodeMechanics(self.client, self.rendezvous, self.events, self.channel, self.log)
-        policy = Policy(cfg.node, w.stall_timeout.total_seconds(), w.restart_budget, w.restart_window.total_seconds())
+        policy = Policy(cfg.node, w.stall_timeout.total_seconds(), w.restart_budget, w.restart_window.total_seconds(),
+                        wedged_after=cfg.collectives.build_timeout.total_seconds() + 15.0)
         self.coordinator = RecoveryCoordinator(
             policy, self.mechanics, self.supervisor, OutSeats(w.model), self.machine, self.metrics,
             current_plan=lambda: self.generation, stopping=self.stopping, log=self.log, wake=self.rendezvous.wake)

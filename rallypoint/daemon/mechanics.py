@@ -105,5 +105,11 @@ class NodeMechanics:
         peer = self.channel.peers.get(pid) if self.channel is not None else None
         return peer.beat_at if peer is not None else None
 
+    def beat_gen(self, pid: int) -> int | None:
+        """The generation ``pid``'s last heartbeat named (None: no beat yet, or none named)."""
+        peer = self.channel.peers.get(pid) if self.channel is not None else None
+        gen = peer.last.get("gen") if peer is not None else None
+        return gen if isinstance(gen, int) else None
+
     def gpu_problem(self, local_rank: int) -> str:
         return (self.gpu_health.bad.get(local_rank) or "") if self.gpu_health is not None else ""

@@ -32,6 +32,13 @@ log = get_logger("gateway.resume")
 BROKEN = (httpx.TransportError, httpx.StreamError, OSError, ValueError, KeyError, IndexError, TypeError)
 
 
+# A driver's stream sends a keepalive comment every 2 s without a token (worker.api.Frontend):
+# silence for this long means the driver, or the network path to it, is gone. A partition drops
+# packets without closing anything, so without this bound a stream would hang for the OS's TCP
+# timeouts (many minutes) instead of resuming on a serving driver.
+UPSTREAM_SILENCE = 10.0
+
+
 class RequestRejected(RallypointError):
     """An upstream answered 4xx: the request itself is wrong; sending it elsewhere will not help."""
 
@@ -91,7 +98,7 @@ async def _events(resp: httpx.Response, read_timeout: float) -> AsyncGenerator[d
 
 
 async def stream_completion(body: dict[str, Any], upstreams: Callable[[], list[str]], timeout: float,
-                            read_timeout: float = 600.0, progress: Progress | None = None,
+                            read_timeout: float = UPSTREAM_SILENCE, progress: Progress | None = None,
                             on_resume: Callable[[str, int], None] | None = None,
                             path: str = "/v1/completions", client: httpx.AsyncClient | None = None,
                             headers: dict[str, str] | None = None,

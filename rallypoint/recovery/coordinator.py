@@ -113,6 +113,8 @@ class Mechanics(Protocol):
 
     def beat_at(self, pid: int) -> float | None: ...
 
+    def beat_gen(self, pid: int) -> int | None: ...
+
     def gpu_problem(self, local_rank: int) -> str: ...
 
 
@@ -135,12 +137,16 @@ class Policy:
         stall_timeout: seconds without a heartbeat before a worker counts as frozen (0: off).
         restart_budget: cold restarts allowed per ``restart_window`` seconds, over the node.
         restart_window: seconds; also how long a seat past its budget stays out of placement.
+        wedged_after: seconds a seat's worker may go on naming an older generation than the
+            newest plan that gives it a rank (a group build blocked in the backend: gloo's
+            connect to an unreachable peer does not end at the build timeout); 0: off.
     """
 
     node: str
     stall_timeout: float
     restart_budget: int
     restart_window: float
+    wedged_after: float = 0.0  # seconds a seat's worker may stay in an older generation (0: off)
 
 
 # -- the decisions (pure) ----------------------------------------------------------------------
@@ -196,6 +202,31 @@ def judge_exit(node: str, plan: Plan, local_rank: int, pid: int, code: int, *, g
         window = None if gpu_problem or bad_checkpoint else restart_window
         take_out = TakeOut(decision.reason, window, until_checkpoint_changes=bool(bad_checkpoint))
     return ExitVerdict(rank, reason, decision, take_out)
+
+
+def wedged(now: float, limit: float, plan_gen: int, beats: Mapping[int, tuple[int, int | None]],
+           behind_since: dict[int, float]) -> list[tuple[int, int, int, float]]:
+    """The seats whose workers have named an older generation than ``plan_gen`` for more than
+    ``limit`` seconds: ``(local rank, pid, its generation, seconds behind)``.
+
+    Args:
+        beats: ``{local rank: (pid, generation its last heartbeat named, or None)}`` of the seats
+            with a rank in generation ``plan_gen``.
+        behind_since: pid -> when it was first seen behind; updated here (a pid caught up, or
+            gone, is forgotten).
+    """
+    out = []
+    behind = set()
+    for lr, (pid, gen) in sorted(beats.items()):
+        if gen is None or gen >= plan_gen:
+            continue
+        behind.add(pid)
+        since = behind_since.setdefault(pid, now)
+        if now - since > limit:
+            out.append((lr, pid, gen, now - since))
+    for pid in set(behind_since) - behind:
+        del behind_since[pid]
+    return out
 
 
 def lost_ranks(plan: Plan, nodes: Iterable[str]) -> list[int]:
@@ -299,6 +330,7 @@ class RecoveryCoordinator:
         self.restarts = RestartBudget(policy.restart_budget, policy.restart_window)
         self._restarts_lock = threading.Lock()  # status readers on other threads
         self._last_cycle = clock()
+        self._behind_since: dict[int, float] = {}  # pid -> first seen in an older generation than the plan's
         self._said: list[str] = []  # what nodes_lost did, for this cycle's sentence
 
     def restarts_used(self) -> int:
@@ -321,6 +353,7 @@ class RecoveryCoordinator:
                 self.log.exception("rallyd.bug", said=BUG, observation=type(obs).__name__)
                 said.append(BUG)
         said.append(self._check_stalls())
+        said.append(self._check_wedged())
         said.append(self._retry_bad_seats())
         return "; ".join(s for s in said if s) or IDLE
 
@@ -438,6 +471,27 @@ class RecoveryCoordinator:
                 self.mechanics.emit(plan.gen, ev.SUSPECT_NAMED, seat=f"{self.policy.node}/{lr}", verdict="stuck",
                                     why=why, group="heartbeat")
             self.mechanics.signal(pid, signal.SIGKILL)  # reported by the watcher like any exit
+            return f"killed worker {lr} (pid {pid}): {why}"
+        return ""
+
+    def _check_wedged(self) -> str:
+        """Kill a seat's worker that stays behind the newest plan giving it a rank (the exit path
+        restarts it in that plan): it beats, so it is not frozen, but it is stuck inside the
+        backend (a group build whose peer cannot be reached) and would hold its seat for minutes."""
+        limit, plan = self.policy.wedged_after, self.current_plan()
+        if not limit or self.seats is None or plan is None:
+            return ""
+        alive = self.seats.alive()
+        ranked = {s.local_rank for s in plan.ranks_on(self.policy.node)}
+        beats = {lr: (w.pid, self.mechanics.beat_gen(w.pid)) for lr, w in alive.items() if lr in ranked}
+        for lr, pid, gen, late in wedged(self.clock(), limit, plan.gen, beats, self._behind_since):
+            why = f"still in generation {gen} {late:.0f}s after generation {plan.gen} gave it a rank"
+            self.log.warning("rallyd.worker_wedged", local_rank=lr, pid=pid, gen=gen, plan_gen=plan.gen,
+                             late=round(late, 1))
+            self.mechanics.emit(plan.gen, ev.SUSPECT_NAMED, seat=f"{self.policy.node}/{lr}", verdict="stuck",
+                                why=why, group="build")
+            self.mechanics.signal(pid, signal.SIGKILL)  # reported by the watcher like any exit
+            self._behind_since.pop(pid, None)
             return f"killed worker {lr} (pid {pid}): {why}"
         return ""
 

@@ -27,7 +27,7 @@ from rallypoint.log import get_logger
 from rallypoint.protocol.keys import ClusterKeys, gen_from_key
 from rallypoint.protocol.orders import request_replan
 from rallypoint.rendezvous.etcd import EtcdClient, Lease, Mod, PrefixWatch, Put, Value, Version, WatchEvent
-from rallypoint.rendezvous.layout import make_plan
+from rallypoint.rendezvous.layout import UnbuildableSeats, make_plan
 from rallypoint.rendezvous.records import ClusterSpec, NodeRecord, Plan
 
 WAKE = WatchEvent("wake", "", b"", 0)
@@ -88,6 +88,7 @@ class Rendezvous:
         self._change_since: float | None = None
         self._last_problem = ""
         self._replan: tuple[int, str] | None = None  # (gen, reason): that generation lost a rank
+        self._build_failures = UnbuildableSeats()
         self._grace_until = 0.0  # a new leader does not drop members before this (monotonic)
         self._left: set[str] = set()  # nodes that said they were leaving before their key went
         self._capacity_changed = False  # a member's slots, bad seats or cordon changed
@@ -364,7 +365,7 @@ class Rendezvous:
         if replan is not None and current is not None and set(current.members) == live:
             try:
                 plan = make_plan(self.gen + 1, self._placeable(), self.settings.spec, replan[1], self.settings.node,
-                                 previous=current)
+                                 previous=current, avoid=self._unbuildable(*replan))
             except LayoutError as exc:
                 # The request stands: the generation is still broken, and is re-planned as soon
                 # as capacity allows (a seat back from its restart window, a node joining).
@@ -393,6 +394,12 @@ class Rendezvous:
             # (NCCL does not see a dead peer): have the groups that contain them aborted now.
             self.on_lost(current, lost)
         return self._write_plan(plan)
+
+    def _unbuildable(self, gen: int, reason: str) -> frozenset[tuple[str, int]]:
+        avoid = self._build_failures.note(gen, reason)
+        if avoid:
+            self.log.warning("rendezvous.moving_unbuildable", gen=gen, seats=[f"{n}/{lr}" for n, lr in sorted(avoid)])
+        return avoid
 
     def _refresh_nodes(self) -> None:
         """Re-read the member records. A node writes its record (a seat left out) before it asks

@@ -22,13 +22,14 @@ class DaemonProcess:
     log_path: Path
     proc: subprocess.Popen | None = None
     env: dict[str, str] = field(default_factory=dict)
+    prefix: tuple[str, ...] = ()  # runs it elsewhere, e.g. in a network namespace (testing.netns)
 
     def start(self) -> DaemonProcess:
         env = {**os.environ, **self.env}
         env.pop("NOTIFY_SOCKET", None) if "NOTIFY_SOCKET" not in self.env else None
         log = open(self.log_path, "ab")  # noqa: SIM115 (the child's stdout, for its lifetime)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rallypoint.daemon", "--node", self.node, "--log-json", *self.args],
+            [*self.prefix, sys.executable, "-m", "rallypoint.daemon", "--node", self.node, "--log-json", *self.args],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True)
         log.close()
         return self

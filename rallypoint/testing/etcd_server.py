@@ -94,10 +94,12 @@ class EtcdMember:
     data_dir: Path
     log_path: Path
     proc: subprocess.Popen | None = None
+    host: str = "127.0.0.1"
+    prefix: tuple[str, ...] = ()  # runs the member elsewhere, e.g. in a network namespace (testing.netns)
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.client_port}"
+        return f"{self.host}:{self.client_port}"
 
     @property
     def pid(self) -> int:
@@ -118,6 +120,10 @@ class EtcdCluster:
     # long run's database stops growing (what an operator's etcd should run with). None: never.
     compaction: str | None = None
     tls: EtcdTLS | None = None  # clients over TLS, with a client certificate from its CA
+    # member i listens on hosts[i] and runs under prefixes[i] (a network namespace's address and
+    # ``ip netns exec``: testing.netns); loopback and this process's namespace when not given
+    hosts: list[str] | None = None
+    prefixes: list[list[str]] | None = None
     members: list[EtcdMember] = field(default_factory=list)
     root_auth: tuple[str, str] | None = None  # (user, password) once enable_auth ran
     _own_root: bool = False
@@ -132,7 +138,9 @@ class EtcdCluster:
         for i in range(self.size):
             name = f"m{i}"
             self.members.append(EtcdMember(
-                name, free_port(), free_port(), self.root / f"{name}.etcd", self.root / f"{name}.log"
+                name, free_port(), free_port(), self.root / f"{name}.etcd", self.root / f"{name}.log",
+                host=self.hosts[i] if self.hosts else "127.0.0.1",
+                prefix=tuple(self.prefixes[i]) if self.prefixes else (),
             ))
 
     @property
@@ -182,19 +190,20 @@ class EtcdCluster:
         self.root_auth = ("root", root_password)
 
     def _initial_cluster(self) -> str:
-        return ",".join(f"{m.name}=http://127.0.0.1:{m.peer_port}" for m in self.members)
+        return ",".join(f"{m.name}=http://{m.host}:{m.peer_port}" for m in self.members)
 
     def start_member(self, member: EtcdMember, state: str = "new") -> None:
         binary = etcd_binary()
         if binary is None:
             raise RuntimeError(INSTALL_HINT)
         scheme = "https" if self.tls else "http"
+        h = member.host
         args = [
-            binary, "--name", member.name, "--data-dir", str(member.data_dir),
-            "--listen-client-urls", f"{scheme}://127.0.0.1:{member.client_port}",
-            "--advertise-client-urls", f"{scheme}://127.0.0.1:{member.client_port}",
-            "--listen-peer-urls", f"http://127.0.0.1:{member.peer_port}",
-            "--initial-advertise-peer-urls", f"http://127.0.0.1:{member.peer_port}",
+            *member.prefix, binary, "--name", member.name, "--data-dir", str(member.data_dir),
+            "--listen-client-urls", f"{scheme}://{h}:{member.client_port}",
+            "--advertise-client-urls", f"{scheme}://{h}:{member.client_port}",
+            "--listen-peer-urls", f"http://{h}:{member.peer_port}",
+            "--initial-advertise-peer-urls", f"http://{h}:{member.peer_port}",
             "--initial-cluster", self._initial_cluster(), "--initial-cluster-state", state,
             "--initial-cluster-token", f"rallypoint-{id(self):x}",
             "--heartbeat-interval", "10", "--election-timeout", "100",

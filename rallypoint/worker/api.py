@@ -76,6 +76,9 @@ class Frontend:
             tokens, so past a few dozen streams per-step chunks would make the HTTP path, not the
             GPU, the limit; under that load a chunk carries the tokens of several steps instead.
             One stream alone is never held. 0: off.
+        keepalive: a stream that has had no token for this long gets an SSE comment, so the
+            gateway can hold a short read timeout: silence longer than a few of these means the
+            driver or the path to it is gone (a partition drops packets without a word).
     """
 
     queue: Admission
@@ -88,6 +91,7 @@ class Frontend:
     request_timeout: float = 600.0
     stream_interval: float = 0.0
     max_chunk_rate: float = 0.0
+    keepalive: float = 2.0
     started: float = field(default_factory=time.time)
     streams: int = 0  # streamed responses open now (touched only on the API's event loop)
 
@@ -157,7 +161,10 @@ class Frontend:
         """
         generated = list(req.committed[:start])
         try:
-            async for new in req.stream_async(self.request_timeout, start=len(generated)):
+            async for new in req.stream_async(self.request_timeout, start=len(generated), idle=self.keepalive):
+                if not new:  # a heartbeat: the stream is alive, nothing committed
+                    yield "", [], None
+                    continue
                 generated += new
                 delta = text.push(generated)
                 if text.stopped:
@@ -266,6 +273,8 @@ async def _events(fe: Frontend, kind: str, body: CompletionRequest | ChatComplet
             completion += len(new)
             if delta or new or finish:
                 yield oa.sse(oa.chunk(kind, rid, created, fe.model, delta, new, finish))
+            else:  # a heartbeat (an SSE comment): a reader can tell a silent stream from a lost one
+                yield oa.KEEPALIVE
             if not finish and completion > len(body.resume_tokens) and (wait := fe.hold()):
                 await asyncio.sleep(wait)  # the tokens of the next steps go out together
     finally:

@@ -22,6 +22,7 @@ from rallypoint.rendezvous.etcd import EtcdClient, EtcdSettings
 from rallypoint.rendezvous.records import Plan
 from rallypoint.testing.daemons import DaemonProcess, daemon_args
 from rallypoint.testing.etcd_server import EtcdCluster
+from rallypoint.testing.netns import NetLab
 from rallypoint.worker.checkpoint import make_model
 from rallypoint.worker.title import describe
 
@@ -38,7 +39,9 @@ class Deployment:
     """Args: root: a scratch directory; nodes: how many rallyd; tp: ranks per replica; gpus: 0 for
     CPU ranks (gloo), else the host's GPUs: node ``n<i>`` sees GPU ``(i-1) % gpus`` alone (NCCL,
     float32 weights, so a resumed request draws the reference's tokens); arch: the tiny model's
-    layout, ``llama`` or ``moe`` (Mixtral's: experts split over each replica's TP ranks, EP = TP)."""
+    layout, ``llama`` or ``moe`` (Mixtral's: experts split over each replica's TP ranks, EP = TP);
+    lab: a network lab (``testing.netns``) to run in: every etcd member (``e1``..``e3``) and node in a
+    namespace of its own, this process in ``ctl``, so the partition scenarios can cut them apart."""
 
     root: Path
     nodes: int = 3
@@ -47,6 +50,7 @@ class Deployment:
     gpus: int = 0
     arch: str = "llama"
     extra: tuple[str, ...] = ()
+    lab: NetLab | None = None
     etcd: EtcdCluster | None = None
     daemons: dict[str, DaemonProcess] = field(default_factory=dict)
     plan_writes: list[PlanWrite] = field(default_factory=list)
@@ -66,7 +70,10 @@ class Deployment:
     def start(self) -> Deployment:
         self.root.mkdir(parents=True, exist_ok=True)
         # compacted every minute, as a production etcd is: watches then meet compacted history
-        self.etcd = EtcdCluster(3, root=self.root / "etcd", compaction="1m").start()
+        members = [f"e{i}" for i in (1, 2, 3)]
+        self.etcd = EtcdCluster(3, root=self.root / "etcd", compaction="1m",
+                                hosts=[self.lab.address(m) for m in members] if self.lab else None,
+                                prefixes=[self.lab.prefix(m) for m in members] if self.lab else None).start()
         self.client = EtcdClient(EtcdSettings(endpoints=self.etcd.endpoints, request_timeout=2.0, retry_deadline=30.0))
         make_model(self.root / "model", "tiny", seed=0, arch=self.arch)
         self._watch_plans()
@@ -113,7 +120,13 @@ class Deployment:
         for stale in ("gateway.url", "metrics.url"):
             (self.root / name / stale).unlink(missing_ok=True)
         env = {"CUDA_VISIBLE_DEVICES": str((int(name[1:]) - 1) % self.gpus)} if self.gpus else {}
-        d = DaemonProcess(name, args, self.root / f"{name}.log", env=env).start()
+        prefix: tuple[str, ...] = ()
+        if self.lab is not None:  # reachable at its namespace's address; gloo on its one interface
+            address = self.lab.address(name)
+            args += ["--address", address, "--worker-api-host", address]
+            env["GLOO_SOCKET_IFNAME"] = "eth0"
+            prefix = tuple(self.lab.prefix(name))
+        d = DaemonProcess(name, args, self.root / f"{name}.log", env=env, prefix=prefix).start()
         self.daemons[name] = d
         return d
 

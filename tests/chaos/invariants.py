@@ -79,7 +79,8 @@ def no_stale_writer(d: Deployment, fault: Fault) -> list[str]:
     writers: dict[tuple[int, str], set[int]] = defaultdict(set)
     for e in d.events():
         hit_in = fault.hit_in.get(e.pid, fault.gen_before)
-        if e.pid in fault.victims and e.gen > hit_in:
+        rejoined = fault.healed_at is not None and e.gen > fault.healed_at  # a partition healed: back in
+        if e.pid in fault.victims and e.gen > hit_in and not rejoined:
             out.append(f"pid {e.pid}, hit in generation {hit_in}, wrote {e.kind} into generation {e.gen}")
         if e.gen > fault.gen_before and e.kind in WORKER_KINDS and e.pid:
             writers[(e.gen, e.by)].add(e.pid)

@@ -4,6 +4,11 @@
     python -m tests.chaos.run --scenarios kill_rank,kill_node --runs 5 --soak 0
     python -m tests.chaos.run --runs 0 --soak 900 --mtbf 20 --seed 7   # replay a soak exactly
     python -m tests.chaos.run --gpus 2 --runs 2 --soak 0 --budget 520  # NCCL: a node per GPU
+    sudo python -m tests.chaos.run --netns --runs 1 --soak 0            # the partitions (root)
+
+With ``--netns`` every etcd member and node runs in a network namespace of its own (made for the
+run, deleted after it; ``rallypoint.testing.netns``) and the runner in another, so a scenario can
+cut any two apart; the partition scenarios run only there.
 
 With ``--gpus N`` each of N nodes gets one GPU of the host. With 2 nodes no replica fits when one
 is gone: node faults restart the node at once, and the scenarios that move a replica to another
@@ -21,6 +26,8 @@ import argparse
 import os
 import platform
 import random
+import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -28,9 +35,11 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
+from rallypoint.testing import netns
+from rallypoint.testing.netns import NetLab
 from tests.chaos.footprint import measure
 from tests.chaos.runner import Chaos, report, write_json
-from tests.chaos.scenarios import NEED_ROOM, SCENARIOS, SOAK
+from tests.chaos.scenarios import NEED_ROOM, PARTITIONS, SCENARIOS, SOAK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,12 +63,22 @@ def main(argv: list[str] | None = None) -> int:
                     help="the tiny model's layout (moe: Mixtral's, experts split over each replica's TP ranks)")
     ap.add_argument("--budget", type=float, default=0.0,
                     help="start no new fault after this many seconds, then report (0: no limit)")
+    ap.add_argument("--netns", action="store_true",
+                    help="run in network namespaces made for the run (root), with the partition scenarios "
+                         f"({', '.join(PARTITIONS)}) by default")
+    ap.add_argument("--lab", help=argparse.SUPPRESS)  # set when --netns re-runs this inside the lab
     ap.add_argument("--json", type=Path, default=Path("chaos-report.json"))
     ap.add_argument("--root", type=Path, default=None, help="scratch directory (default: a new temp dir)")
     args = ap.parse_args(argv)
     nodes = args.nodes or args.gpus or 3
-    names = [n for n in args.scenarios.split(",") if n] or [
-        n for n in SCENARIOS if (nodes > 2 or n not in NEED_ROOM) and (args.arch == "moe" or n != "kill_ep_rank")]
+    in_lab = args.netns or args.lab is not None
+    names = [n for n in args.scenarios.split(",") if n] or ([*PARTITIONS] if in_lab else [
+        n for n in SCENARIOS if (nodes > 2 or n not in NEED_ROOM) and (args.arch == "moe" or n != "kill_ep_rank")
+        and n not in PARTITIONS])
+    if (partitions := [n for n in names if n in PARTITIONS]) and not in_lab:
+        ap.error(f"{', '.join(partitions)} need --netns")
+    if args.netns and args.lab is None:
+        return run_in_lab(argv if argv is not None else sys.argv[1:], nodes)
     if unknown := [n for n in names if n not in SCENARIOS]:
         ap.error(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
     if args.root is not None and args.root.exists() and any(args.root.iterdir()):
@@ -77,8 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     ranks = f"one GPU each (of {args.gpus}), NCCL" if args.gpus else "one CPU rank each, gloo"
     say(f"deployment in {root}: 3 etcd members, {nodes} rallyd ({ranks}), TP=2, {args.arch}, "
         f"{args.clients} clients, seed {args.seed}")
+    lab = NetLab.from_json(args.lab) if args.lab else None
+    if lab is not None:
+        say(f"in network namespaces rp{lab.lab_id}-*: {', '.join(f'{n} {lab.address(n)}' for n in lab.names)}")
     chaos = Chaos.start(root, nodes=nodes, clients=args.clients, seed=args.seed, gpus=args.gpus, log=say,
-                        arch=args.arch)
+                        arch=args.arch, lab=lab)
     footprint = {"start": measure(chaos.deployment)}
     say(f"etcd at the start: {footprint['start'].line()}")
     sampling = threading.Event()
@@ -125,6 +147,27 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.json, chaos.results, rows, meta)
     print(f"\nJSON: {args.json}; logs: {root}")
     return 0 if all(r.survived for r in chaos.results) and not leftovers and aborted is None else 1
+
+
+def run_in_lab(argv: list[str], nodes: int) -> int:
+    """Make the network lab, run this same command inside its ``ctl`` namespace, tear it down."""
+    why = netns.available()
+    if why is not None:
+        print(f"--netns: {why}", file=sys.stderr)
+        return 2
+    lab = NetLab(["ctl", "e1", "e2", "e3", *[f"n{i}" for i in range(1, nodes + 2)]]).create()
+    try:
+        inner = [a for a in argv if a != "--netns"] + ["--lab", lab.to_json()]
+        return subprocess.run([*lab.prefix("ctl"), sys.executable, "-m", "tests.chaos.run", *inner]).returncode
+    finally:
+        for name in lab.names:  # whatever the run left in the lab (there should be nothing)
+            pids = subprocess.run(["ip", "netns", "pids", lab.ns(name)], capture_output=True, text=True).stdout
+            for pid in pids.split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+        lab.destroy()
 
 
 if __name__ == "__main__":

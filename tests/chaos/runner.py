@@ -13,6 +13,7 @@ from pathlib import Path
 
 from rallypoint.recovery import events as ev
 from rallypoint.testing.daemons import wait_for
+from rallypoint.testing.netns import NetLab
 from tests.chaos.deployment import Deployment
 from tests.chaos.invariants import check_all
 from tests.chaos.load import Load
@@ -59,8 +60,8 @@ class Chaos:
 
     @classmethod
     def start(cls, root: Path, nodes: int = 3, clients: int = 3, seed: int = 0, gpus: int = 0,
-              log=print, arch: str = "llama") -> Chaos:
-        d = Deployment(root, nodes=nodes, gpus=gpus, arch=arch).start()
+              log=print, arch: str = "llama", lab: NetLab | None = None) -> Chaos:
+        d = Deployment(root, nodes=nodes, gpus=gpus, arch=arch, lab=lab).start()
         if d.wait_serving(120) is None:
             raise RuntimeError(f"the deployment never served; logs in {root}")
         load = Load(d.gateways, clients=clients, seed=seed)

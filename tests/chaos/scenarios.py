@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from rallypoint.recovery import events as ev
+from rallypoint.testing.netns import NetLab
 from rallypoint.worker.checkpoint import MOE_EXPERTS
 from tests.chaos.deployment import Deployment
 
@@ -36,6 +37,7 @@ class Fault:
     after: Callable[[], list[str]] = list  # checks of its own once the cluster serves again
     note: str = ""
     problems: list[str] = field(default_factory=list)  # the fault did not strike as its name says
+    healed_at: int | None = None  # a partition: the newest generation when it healed (the victims may rejoin later ones)
 
 
 def _gen(d: Deployment) -> int:
@@ -261,9 +263,106 @@ def join_leave(d: Deployment, rng: random.Random) -> Fault:
     return Fault("join_leave", t, gen, note=f"{name} joined, then left with SIGTERM")
 
 
+# -- partitions (a deployment in network namespaces: tests.chaos.run --netns) ------------------
+
+ETCD = ("e1", "e2", "e3")
+
+
+def _lab(d: Deployment) -> NetLab:
+    if d.lab is None:
+        raise RuntimeError("a partition scenario needs the deployment in network namespaces (--netns)")
+    return d.lab
+
+
+def _workers_of(d: Deployment, node: str) -> list[int]:
+    return [p.pid for p in psutil.Process(d.daemons[node].pid).children(recursive=True)]
+
+
+def _partition(d: Deployment, name: str, pairs: list[tuple[str, str]], gen: int, t: float, victims: list[int],
+               hold: float = 0.0, replan: bool = True, note: str = "") -> Fault:
+    """Cut ``pairs``; heal them at the restore (after the recovery was measured) or, with ``hold``,
+    after ``hold`` seconds. The victims may write into the generations made after the heal only."""
+    lab = _lab(d)
+    for a, b in pairs:
+        lab.cut(a, b)
+    fault = Fault(name, t, gen, victims, replan=replan, note=note)
+
+    def heal() -> None:
+        if fault.healed_at is None:
+            for a, b in pairs:
+                lab.heal(a, b)
+            fault.healed_at = _gen(d)
+
+    fault.restore = heal
+    if hold:
+        time.sleep(hold)  # deliberate: the partition's length is the fault
+        heal()
+    return fault
+
+
+def partition_node_etcd(d: Deployment, rng: random.Random) -> Fault:
+    """A node holding a rank is cut from every etcd member, alive and still reaching its peers and
+    the clients, until the others have served a generation without it. Its lease expires, so the
+    others re-plan; its workers, fenced off, must not write into any generation made while it was
+    cut; healed, it joins again."""
+    rank, node, pid = _pick_rank(d, rng)
+    gen, t = _gen(d), time.time()
+    return _partition(d, "partition_node_etcd", [(node, e) for e in ETCD], gen, t, _workers_of(d, node),
+                      note=f"{node} (rank {rank}) cut from etcd")
+
+
+def partition_tp_peer(d: Deployment, rng: random.Random) -> Fault:
+    """A rank's node is cut from the node of its TP peer; both still reach etcd. The step's
+    collectives miss their deadline, a diagnosis names a rank of the pair, and a new generation
+    serves (on a placement whose ranks reach each other)."""
+    plan = d.latest_plan()
+    rank, node, pid = _pick_rank(d, rng)
+    assert plan is not None
+    peer = next((s.node for s in plan.ranks if s.node != node), None)
+    if peer is None:
+        raise RuntimeError(f"rank {rank}'s replica has no rank on another node")
+    gen, t = _gen(d), time.time()
+    fault = _partition(d, "partition_tp_peer", [(node, peer)], gen, t, [], note=f"{node} cut from {peer}")
+    pair = {node, peer}
+
+    def named() -> list[str]:
+        said = [e for e in d.events() if e.kind in (ev.SUSPECT_NAMED, ev.RANK_FAILED) and e.at >= t]
+        if not said:
+            return ["no diagnosis named a rank after the cut"]
+        seats = {str(e.detail.get("seat") or e.by) for e in said}
+        return [] if any(x.split("/")[0] in pair for x in seats) else [f"the diagnosis named {seats}, not {pair}"]
+
+    fault.after = named
+    return fault
+
+
+def isolate_etcd_member(d: Deployment, rng: random.Random) -> Fault:
+    """The etcd leader is cut from everyone (the other members, every node, the clients) for 8 s:
+    the others elect a new leader and the deployment serves on without a new generation; healed,
+    the member catches up."""
+    member = f"e{d.etcd.members.index(d.etcd.leader()) + 1}"  # e1..e3 in the lab: members m0..m2
+    gen, t = _gen(d), time.time()
+    others = [n for n in _lab(d).names if n != member]
+    return _partition(d, "isolate_etcd_member", [(member, o) for o in others], gen, t, [], hold=8.0,
+                      replan=False, note=f"etcd leader {member} isolated for 8 s")
+
+
+def partition_heals(d: Deployment, rng: random.Random) -> Fault:
+    """A rank's node is cut from everyone for 1.5 s, less than its lease: collectives with its peer
+    miss their deadline, then the network comes back. The cluster serves again, every request
+    finishes with the failure-free tokens."""
+    rank, node, pid = _pick_rank(d, rng)
+    gen, t = _gen(d), time.time()
+    others = [n for n in _lab(d).names if n != node]
+    return _partition(d, "partition_heals", [(node, o) for o in others], gen, t, [], hold=1.5, replan=False,
+                      note=f"{node} (rank {rank}) cut from everyone for 1.5 s")
+
+
 SCENARIOS: dict[str, Callable[[Deployment, random.Random], Fault]] = {
     f.__name__: f for f in (kill_rank, kill_ep_rank, stop_rank, kill_daemon, kill_node, etcd_leader, etcd_follower,
-                            etcd_all_stop, slow_rank, corrupt_shard, second_failure, kill_in_rendezvous, join_leave)}
+                            etcd_all_stop, slow_rank, corrupt_shard, second_failure, kill_in_rendezvous, join_leave,
+                            partition_node_etcd, partition_tp_peer, isolate_etcd_member, partition_heals)}
+PARTITIONS = ("partition_node_etcd", "partition_tp_peer", "isolate_etcd_member", "partition_heals")
 NEED_ROOM = ("corrupt_shard", "join_leave")  # a replica must move to (or grow onto) another node
 CI_SUBSET = ("kill_rank", "stop_rank", "kill_node", "etcd_leader", "kill_ep_rank")  # kill_ep_rank last: a third
 # kill of the same seat within its restart window before kill_node would leave no room for a replica

@@ -28,6 +28,7 @@ from rallypoint.recovery.coordinator import (
     parse_diagnosis,
     parse_kill_order,
     stalled,
+    wedged,
 )
 from rallypoint.recovery.events import Event
 from rallypoint.recovery.inbox import (
@@ -58,6 +59,7 @@ class FakeMechanics:
         self.calls: list[tuple[Any, ...]] = []
         self.leader = False
         self.beats: dict[int, float] = {}
+        self.gens: dict[int, int] = {}  # pid -> the generation its last heartbeat named
         self.gpus: dict[int, str] = {}
 
     def kinds(self) -> list[str]:
@@ -94,6 +96,9 @@ class FakeMechanics:
 
     def beat_at(self, pid: int) -> float | None:
         return self.beats.get(pid)
+
+    def beat_gen(self, pid: int) -> int | None:
+        return self.gens.get(pid)
 
     def gpu_problem(self, local_rank: int) -> str:
         return self.gpus.get(local_rank, "")
@@ -187,11 +192,12 @@ class Rig:
         return self.coordinator.run_cycle()
 
 
-def rig(tmp_path: Path, spares: int = 0, budget: int = 5, window: float = 60.0, stall: float = 3.0) -> Rig:
+def rig(tmp_path: Path, spares: int = 0, budget: int = 5, window: float = 60.0, stall: float = 3.0,
+        wedged_after: float = 0.0) -> Rig:
     mech, seats, metrics, clock = FakeMechanics(), FakeSeats(spares), FakeMetrics(), Clock()
     wakes: list[int] = []
     current: list[Plan | None] = [plan()]
-    c = RecoveryCoordinator(Policy(NODE, stall, budget, window), mech, seats, OutSeats(str(tmp_path)),
+    c = RecoveryCoordinator(Policy(NODE, stall, budget, window, wedged_after), mech, seats, OutSeats(str(tmp_path)),
                             RecoveryMachine(), metrics, current_plan=lambda: current[0], stopping=threading.Event(),
                             log=get_logger("test"), wake=lambda: wakes.append(1), clock=clock)
     return Rig(c, mech, seats, metrics, clock, wakes, current)
@@ -329,6 +335,33 @@ def test_stalls_are_not_judged_after_the_daemon_itself_was_away(tmp_path: Path) 
     r.seats.workers[0].process = "zombie"
     r.clock.now += 0.1
     assert r.coordinator.run_cycle() == IDLE  # already dying: the exit path has it
+
+
+def test_a_worker_stuck_behind_the_plan_that_gave_it_a_rank_is_killed(tmp_path: Path) -> None:
+    """Both seats beat; worker 1 stays in generation 3 (a group build blocked in the backend)
+    while generation 4 gives it a rank: killed once it has been behind for ``wedged_after``."""
+    r = rig(tmp_path, stall=0.0, wedged_after=45.0)
+    r.mechanics.gens = {100: 4, 101: 3}
+    assert r.coordinator.run_cycle() == IDLE  # behind from now on
+    r.clock.now += 40.0
+    r.mechanics.gens[100] = 3  # worker 0 falls behind later: its own clock starts now
+    assert r.coordinator.run_cycle() == IDLE
+    r.clock.now += 6.0
+    said = r.coordinator.run_cycle()
+    assert said == "killed worker 1 (pid 101): still in generation 3 46s after generation 4 gave it a rank"
+    assert r.mechanics.calls[-1] == ("signal", 101, signal.SIGKILL)
+    assert r.mechanics.events(ev.SUSPECT_NAMED)[-1]["seat"] == "b/1"
+    r.mechanics.gens[100] = 4  # caught up: forgotten
+    r.clock.now += 100.0
+    assert r.coordinator.run_cycle() == IDLE
+
+
+def test_wedged_is_pure() -> None:
+    since: dict[int, float] = {}
+    beats: dict[int, tuple[int, int | None]] = {0: (10, 3), 1: (11, None), 2: (12, 5)}
+    assert wedged(0.0, 10.0, 5, beats, since) == [] and since == {10: 0.0}
+    assert wedged(11.0, 10.0, 5, beats, since) == [(0, 10, 3, 11.0)]
+    assert wedged(12.0, 10.0, 5, {0: (10, 5)}, since) == [] and since == {}
 
 
 def test_stalled_is_pure() -> None:

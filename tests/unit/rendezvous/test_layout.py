@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from rallypoint.errors import LayoutError
-from rallypoint.rendezvous.layout import make_plan, place
+from rallypoint.rendezvous.layout import UnbuildableSeats, make_plan, place
 from rallypoint.rendezvous.records import ClusterSpec, NodeRecord
 
 
@@ -71,3 +71,25 @@ def test_placement_is_sticky_only_ranks_that_lost_their_seat_move() -> None:
                       previous=back)
     assert grown.dp == 2 and grown.ranks[:2] == back.ranks
     assert [(r.node, r.local_rank) for r in grown.ranks[2:]] == [("n1", 0), ("n4", 0)]
+
+
+def test_an_unbuildable_seat_moves_when_another_fits_and_is_used_last_otherwise() -> None:
+    """n1 and n2 cannot reach each other (their groups never build): avoiding n2's seat moves its
+    rank to n3 and keeps n1's; with no other seat the plan still uses it (nothing else fits)."""
+    spec = ClusterSpec(tp=2)
+    nodes = [node("n1", 1), node("n2", 1), node("n3", 1)]
+    first = make_plan(1, nodes, spec, "formed", "n1")
+    moved = make_plan(2, nodes, spec, "n2/0 could not build", "n1", previous=first, avoid=frozenset({("n2", 0)}))
+    assert [(r.node, r.local_rank) for r in moved.ranks] == [("n1", 0), ("n3", 0)]
+    tight = make_plan(2, nodes[:2], spec, "n2/0 could not build", "n1", previous=first, avoid=frozenset({("n2", 0)}))
+    assert [(r.node, r.local_rank) for r in tight.ranks] == [("n1", 0), ("n2", 0)]
+
+
+def test_a_seat_is_avoided_after_its_groups_failed_to_build_twice_in_a_row() -> None:
+    seen = UnbuildableSeats()
+    assert seen.note(4, "n2/0 could not build generation 4's groups: connect: Invalid argument") == frozenset()
+    assert seen.note(5, "n2/0 could not build generation 5's groups: rank(s) [0] never arrived") == {("n2", 0)}
+    assert seen.note(6, "rank 1 (n3/0) exited with code -9") == frozenset()  # its next plan built
+    assert seen.note(9, "n2/0 could not build generation 9's groups: ...") == frozenset()  # not in a row
+    assert seen.note(10, "n1/0 could not build generation 10's groups: ...") == frozenset()
+    assert seen.note(11, "n1/0 could not build generation 11's groups: ...") == {("n1", 0)}

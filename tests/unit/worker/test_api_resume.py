@@ -158,3 +158,32 @@ def test_many_open_streams_get_fewer_larger_chunks_and_every_token(tmp_path) -> 
         assert fe.streams == 0
     finally:
         server.stop()
+
+
+def test_a_silent_stream_sends_keepalive_comments_and_every_token(tmp_path) -> None:
+    """A stream with no token for ``keepalive`` seconds (queued, a long prefill, a recovery) gets
+    an SSE comment each time, so a reader can keep a short read timeout; the tokens are intact."""
+    tok = load_tokenizer(make_model(tmp_path / "m", "tiny"))
+    fe = Frontend(queue=RequestQueue(), tokenizer=tok, vocab_size=320, state=lambda: ("serving", 3), model="m",
+                  keepalive=0.05)
+    server = ApiServer(fe).serve_in_thread()
+    try:
+        def engine() -> None:  # the first token after 0.3 s, the second after 0.3 s more
+            req = fe.queue.take(1, timeout=5)[0]
+            for t in range(2):
+                time.sleep(0.3)
+                req.pending.append(100 + t)
+                req.commit()
+
+        threading.Thread(target=engine, daemon=True).start()
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2, "stream": True},
+                       timeout=10)
+        events = r.text.split("\n\n")
+        chunks = [json.loads(x[6:]) for x in events if x.startswith("data: {")]
+        assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == [100, 101]
+        first_token = next(i for i, x in enumerate(events) if x.startswith("data: {"))
+        before, between = events[:first_token], events[first_token + 1:first_token + 1 + 10]
+        assert sum(x == ": keepalive" for x in before) >= 3  # 0.3 s of silence, one every 0.05 s
+        assert any(x == ": keepalive" for x in between)
+    finally:
+        server.stop()
