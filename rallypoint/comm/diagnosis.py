@@ -9,7 +9,10 @@ tripping rank reads its peers' records and classifies each member of the group:
 * ``stuck``: its heartbeat stopped (a SIGSTOPped or wedged process), or its process is stopped;
 * ``slow``: alive and heartbeating, idle in this group, but it never started sequence k;
 
-and members that started k like us are victims, not suspects.
+and members that started k like us are victims, not suspects. When a collective misses its
+deadline and every peer is such a victim (alive, heartbeating, inside the same collective), no
+process is to blame: the path between them failed (a network partition), and every peer is named
+``unreachable``.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ log = get_logger("diagnosis")
 class Suspect:
     rank: int
     seat: str
-    kind: str  # dead | stuck | slow
+    kind: str  # dead | stuck | slow | unreachable
     why: str
     pid: int | None = None  # the process the verdict is about, when its record names one
 
@@ -153,7 +156,7 @@ def diagnose(board: ProgressBoard | None, group: Any, seq: int, op: str, trigger
         log.warning("diagnosis.board_unreadable", error=str(exc))
         return Diagnosis(group.gen, group.label, seq, op, (), trigger, waited, deadline)
     now, host = time.time(), socket.gethostname()
-    suspects = []
+    suspects, victims = [], []
     for rank, (node, local) in zip(group.ranks, group.spec.seats):
         seat = f"{node}/{local}"
         if seat == my_seat:
@@ -162,4 +165,9 @@ def diagnose(board: ProgressBoard | None, group: Any, seq: int, op: str, trigger
         s = classify(seat, rank, rec, group.label, seq, now, stale_after, host, now - waited)
         if s is not None:
             suspects.append(dataclasses.replace(s, pid=rec.pid) if rec is not None else s)
+        elif rec is not None:
+            victims.append(Suspect(rank, seat, "unreachable", f"alive and inside {op} seq {seq} too: "
+                                   f"the path between us failed", rec.pid))
+    if not suspects and trigger == "deadline":
+        suspects = victims  # nobody stopped, died or lagged: the network between us did
     return Diagnosis(group.gen, group.label, seq, op, tuple(suspects), trigger, waited, deadline)

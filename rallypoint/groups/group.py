@@ -120,10 +120,8 @@ def build_group(spec: GroupSpec, store_factory: StoreFactory, device: torch.devi
     try:
         if cancelled is not None and hasattr(store, "wait_unless"):
             _all_arrive(store, spec, timeout, cancelled)
-        if device.type == "cuda":
-            backend = _nccl(store, spec, device, timeout)
-        else:
-            backend = dist.ProcessGroupGloo(store, spec.rank_in_group, spec.world_size, timeout)
+        cuda = device.type == "cuda"
+        backend = _nccl(store, spec, device, timeout) if cuda else _gloo(store, spec, timeout, cancelled)
     except GroupError:
         raise
     except Exception as exc:  # the store's etcd (a lost lease), or the backend
@@ -164,6 +162,43 @@ def _all_arrive(store: Any, spec: GroupSpec, timeout: timedelta, cancelled: Canc
         return
     log.info("groups.build_abandoned", group=spec.label, gen=spec.gen, why=why)
     raise GroupError(error)
+
+
+def _gloo(store: dist.Store, spec: GroupSpec, timeout: timedelta, cancelled: Cancelled | None) -> Any:
+    """gloo's constructor connects to every peer and returns only when all answered or its own
+    connect loop gives up: minutes for a peer it cannot reach (a network partition; measured: 150 s
+    with a 30 s timeout), during which this process would miss every newer plan. It runs on a
+    helper thread (it releases the GIL) that the build stops waiting for at ``timeout`` or when
+    ``cancelled`` gives a reason (a newer generation); an abandoned constructor ends by itself
+    later and its group is dropped.
+
+    Raises:
+        GroupError: the connect did not finish in time, or the build was abandoned.
+    """
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def connect() -> None:
+        try:
+            box["backend"] = dist.ProcessGroupGloo(store, spec.rank_in_group, spec.world_size, timeout)
+        except BaseException as exc:  # handed to the building thread
+            box["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=connect, name=f"gloo-connect-{spec.label}", daemon=True).start()
+    deadline = time.monotonic() + timeout.total_seconds()
+    while not done.wait(0.02):
+        why = cancelled() if cancelled is not None else None
+        if why:
+            log.info("groups.build_abandoned", group=spec.label, gen=spec.gen, why=why, stage="connect")
+            raise GroupError(f"build of {spec.label} abandoned while connecting: {why}")
+        if time.monotonic() > deadline:
+            raise GroupError(f"building {spec.label} (rank {spec.rank_in_group} of {spec.world_size}): gloo's "
+                             f"connect did not finish within {timeout.total_seconds():g}s (a peer it cannot reach)")
+    if "error" in box:
+        raise box["error"]
+    return box["backend"]
 
 
 def _nccl(store: dist.Store, spec: GroupSpec, device: torch.device, timeout: timedelta) -> Any:

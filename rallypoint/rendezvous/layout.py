@@ -71,7 +71,12 @@ def make_plan(gen: int, nodes: Iterable[NodeRecord], spec: ClusterSpec, reason: 
 
 
 
-_BUILD_FAILED = re.compile(r"(\S+)/(\d+) could not build generation ")  # worker.main's replan reason
+# worker.main's re-plan reason after a failed build, and the coordinator's after a diagnosis
+# named a seat unreachable
+_BUILD_FAILED = re.compile(r"(\S+)/(\d+) (?:could not build generation |unreachable from its peers)")
+# a build that failed to reach a peer at all (gloo's socket errors, our connect timeout), or a
+# collective whose peers were all alive and inside it: a cut, the first time
+_UNREACHABLE = ("connect: ", "Connect timeout", "a peer it cannot reach", "unreachable from its peers")
 
 
 class UnbuildableSeats:
@@ -79,7 +84,8 @@ class UnbuildableSeats:
     re-plan after a failed build puts the same ranks on the same seats; when the cause is a
     partition between a seat and its peers (both still reach etcd), that repeats forever. A seat
     whose build failed in two generations in a row is avoided by the next plan (``place``'s
-    ``avoid``): once may be a slow peer, twice is a cut."""
+    ``avoid``): once may be a slow peer, twice is a cut. A build that could not connect to a peer
+    at all, or a seat a diagnosis named unreachable, is a cut the first time."""
 
     def __init__(self) -> None:
         self._failed: dict[tuple[str, int], tuple[int, int]] = {}  # seat -> (last gen failed, in a row)
@@ -90,5 +96,6 @@ class UnbuildableSeats:
         if m is not None:
             seat = (m[1], int(m[2]))
             last, streak = self._failed.get(seat, (0, 0))
-            self._failed[seat] = (gen, streak + 1 if last == gen - 1 else 1)
+            streak = streak + 1 if last == gen - 1 else 1
+            self._failed[seat] = (gen, 2 if any(x in reason for x in _UNREACHABLE) else streak)
         return frozenset(seat for seat, (last, streak) in self._failed.items() if streak >= 2 and last == gen)

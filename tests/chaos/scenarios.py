@@ -313,8 +313,9 @@ def partition_node_etcd(d: Deployment, rng: random.Random) -> Fault:
 
 def partition_tp_peer(d: Deployment, rng: random.Random) -> Fault:
     """A rank's node is cut from the node of its TP peer; both still reach etcd. The step's
-    collectives miss their deadline, a diagnosis names a rank of the pair, and a new generation
-    serves (on a placement whose ranks reach each other)."""
+    collectives miss their deadline, the diagnosis names the other rank of the pair unreachable
+    (alive, heartbeating, inside the same collective), and a new generation serves on a placement
+    whose ranks reach each other."""
     plan = d.latest_plan()
     rank, node, pid = _pick_rank(d, rng)
     assert plan is not None
@@ -326,11 +327,14 @@ def partition_tp_peer(d: Deployment, rng: random.Random) -> Fault:
     pair = {node, peer}
 
     def named() -> list[str]:
-        said = [e for e in d.events() if e.kind in (ev.SUSPECT_NAMED, ev.RANK_FAILED) and e.at >= t]
-        if not said:
-            return ["no diagnosis named a rank after the cut"]
-        seats = {str(e.detail.get("seat") or e.by) for e in said}
-        return [] if any(x.split("/")[0] in pair for x in seats) else [f"the diagnosis named {seats}, not {pair}"]
+        """The tripped collective's diagnosis named a rank of the pair unreachable."""
+        said = [e for e in d.events() if e.kind == ev.SUSPECT_NAMED and e.at >= t]
+        cut = [e for e in said if e.detail.get("verdict") == "unreachable"
+               and str(e.detail.get("seat", "")).split("/")[0] in pair]
+        if not cut:
+            return [f"no diagnosis named a rank of {sorted(pair)} unreachable (said: "
+                    f"{[(e.detail.get('seat'), e.detail.get('verdict')) for e in said]})"]
+        return []
 
     fault.after = named
     return fault

@@ -373,6 +373,21 @@ def diagnosis(suspects: list[dict[str, Any]], gen: int = 4) -> bytes:
     return json.dumps({"gen": gen, "group": "tp[2,3]@g4", "trigger": "deadline", "suspects": suspects}).encode()
 
 
+def test_a_seat_named_unreachable_asks_for_a_new_plan_once(tmp_path: Path) -> None:
+    """A cut between two alive ranks kills nobody, so no exit would ask for the next plan: the
+    seat's daemon asks, naming it (the leader then moves it), once per seat and generation."""
+    r = rig(tmp_path)
+    key = "/rallypoint/c/status/diagnosis/4/a:0"
+    value = diagnosis([{"seat": "b/1", "kind": "unreachable", "pid": 101, "why": "the path between us failed"}])
+    r.coordinator.observe(DiagnosisWritten(key, value))
+    said = r.coordinator.run_cycle()
+    assert said == "asked for a new plan: b/1 unreachable from its peers in tp[2,3]@g4 (gen 4)"
+    assert ("replan", 4, "b/1 unreachable from its peers in tp[2,3]@g4 (gen 4)") in r.mechanics.calls
+    assert not [c for c in r.mechanics.calls if c[0] == "signal"]  # nobody killed
+    r.coordinator.observe(DiagnosisWritten(key, value))
+    assert r.coordinator.run_cycle() == IDLE  # asked already
+
+
 def test_a_diagnosis_kills_only_the_process_it_names_stuck(tmp_path: Path) -> None:
     r = rig(tmp_path)
     key = "/rallypoint/c/status/diagnosis/4/b:0"  # written by our own seat b/0

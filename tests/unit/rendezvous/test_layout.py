@@ -87,9 +87,14 @@ def test_an_unbuildable_seat_moves_when_another_fits_and_is_used_last_otherwise(
 
 def test_a_seat_is_avoided_after_its_groups_failed_to_build_twice_in_a_row() -> None:
     seen = UnbuildableSeats()
-    assert seen.note(4, "n2/0 could not build generation 4's groups: connect: Invalid argument") == frozenset()
+    assert seen.note(4, "n2/0 could not build generation 4's groups: rank(s) [0] never arrived") == frozenset()
     assert seen.note(5, "n2/0 could not build generation 5's groups: rank(s) [0] never arrived") == {("n2", 0)}
     assert seen.note(6, "rank 1 (n3/0) exited with code -9") == frozenset()  # its next plan built
     assert seen.note(9, "n2/0 could not build generation 9's groups: ...") == frozenset()  # not in a row
     assert seen.note(10, "n1/0 could not build generation 10's groups: ...") == frozenset()
     assert seen.note(11, "n1/0 could not build generation 11's groups: ...") == {("n1", 0)}
+
+    # a build that could not connect to its peer at all: moved at once
+    assert seen.note(20, "n3/0 could not build generation 20's groups: building tp[0,1]@g20 (rank 1 of 2) failed: "
+                         "RuntimeError: [enforce fail at socket.cc:142] connect: Invalid argument") == {("n3", 0)}
+    assert seen.note(21, "n1/0 unreachable from its peers in tp[0,1]@g20 (gen 21)") == {("n1", 0)}
