@@ -98,8 +98,42 @@ class Group:
                 log.warning("groups.abort_failed", group=self.label, error=str(exc))
         took = time.monotonic() - t0
         self.abort_seconds = took
+        if self.backend is not None:
+            _GRAVEYARD.bury(self.backend)
         log.info("groups.aborted", group=self.label, gen=self.gen, reason=reason, seconds=round(took, 4))
         return took
+
+
+class _Graveyard:
+    """Aborted backends, released on a thread of their own some minutes later. A gloo backend
+    whose peer sits behind a network cut blocks in its destructor (closing connections whose data
+    the peer never acknowledged) for tens of seconds; dropped by the generation that replaced it,
+    that destructor would run on the serving loop's thread, in the middle of a recovery."""
+
+    def __init__(self, keep: float = 300.0) -> None:
+        self.keep = keep
+        self._graves: list[tuple[float, Any]] = []
+        self._lock = threading.Lock()
+        self._reaper: threading.Thread | None = None
+
+    def bury(self, backend: Any) -> None:
+        with self._lock:
+            self._graves.append((time.monotonic() + self.keep, backend))
+            if self._reaper is None:
+                self._reaper = threading.Thread(target=self._reap, name="rallypoint-group-reaper", daemon=True)
+                self._reaper.start()
+
+    def _reap(self) -> None:
+        while True:
+            time.sleep(5.0)
+            now = time.monotonic()
+            with self._lock:
+                due = [b for at, b in self._graves if at <= now]
+                self._graves = [(at, b) for at, b in self._graves if at > now]
+            del due  # the last reference, if the group is gone too: its destructor runs here
+
+
+_GRAVEYARD = _Graveyard()
 
 
 def build_group(spec: GroupSpec, store_factory: StoreFactory, device: torch.device,
