@@ -8,8 +8,10 @@ Teardown is ``abort()``, bounded in time; never a destroy that waits on a dead p
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -99,38 +101,35 @@ class Group:
         took = time.monotonic() - t0
         self.abort_seconds = took
         if self.backend is not None:
-            _GRAVEYARD.bury(self.backend)
+            _GRAVEYARD.bury(self)
         log.info("groups.aborted", group=self.label, gen=self.gen, reason=reason, seconds=round(took, 4))
         return took
 
 
 class _Graveyard:
-    """Aborted backends, released on a thread of their own some minutes later. A gloo backend
-    whose peer sits behind a network cut blocks in its destructor (closing connections whose data
-    the peer never acknowledged) for tens of seconds; dropped by the generation that replaced it,
-    that destructor would run on the serving loop's thread, in the middle of a recovery."""
+    """Where aborted backends are destroyed: on a thread of their own, as soon as their group is
+    gone. A gloo backend whose peer sits behind a network cut blocks in its destructor (closing
+    connections whose data the peer never acknowledged) for tens of seconds; dropped with the
+    generation that replaced it, that destructor would run on the serving loop's thread, in the
+    middle of a recovery."""
 
-    def __init__(self, keep: float = 300.0) -> None:
-        self.keep = keep
-        self._graves: list[tuple[float, Any]] = []
-        self._lock = threading.Lock()
+    def __init__(self) -> None:
+        self._due: queue.SimpleQueue[list[Any]] = queue.SimpleQueue()
         self._reaper: threading.Thread | None = None
+        self._lock = threading.Lock()
 
-    def bury(self, backend: Any) -> None:
+    def bury(self, group: Group) -> None:
+        held = [group.backend]  # the reference the reaper drops, the last one once the group is gone
+        weakref.finalize(group, self._due.put, held)
         with self._lock:
-            self._graves.append((time.monotonic() + self.keep, backend))
             if self._reaper is None:
                 self._reaper = threading.Thread(target=self._reap, name="rallypoint-group-reaper", daemon=True)
                 self._reaper.start()
 
     def _reap(self) -> None:
         while True:
-            time.sleep(5.0)
-            now = time.monotonic()
-            with self._lock:
-                due = [b for at, b in self._graves if at <= now]
-                self._graves = [(at, b) for at, b in self._graves if at > now]
-            del due  # the last reference, if the group is gone too: its destructor runs here
+            held = self._due.get()
+            held.clear()  # the backend's destructor runs here
 
 
 _GRAVEYARD = _Graveyard()

@@ -331,7 +331,7 @@ class RecoveryCoordinator:
         self._restarts_lock = threading.Lock()  # status readers on other threads
         self._last_cycle = clock()
         self._behind_since: dict[int, float] = {}  # pid -> first seen in an older generation than the plan's
-        self._asked_unreachable: set[tuple[int, str]] = set()  # (gen, seat) re-plans asked for a cut
+        self._asked_next_plan: set[tuple[int, str]] = set()  # (gen, seat) re-plans asked after a diagnosis
         self._said: list[str] = []  # what nodes_lost did, for this cycle's sentence
 
     def restarts_used(self) -> int:
@@ -498,8 +498,8 @@ class RecoveryCoordinator:
 
     def _diagnosis(self, obs: DiagnosisWritten) -> str:
         """A peer's watchdog named one of our workers stuck: kill it, so the exit path (abort
-        order, replacement, re-plan) takes over. Named unreachable: ask for a new plan. ``dead``
-        and ``slow`` are only logged."""
+        order, replacement, re-plan) takes over. Named unreachable or slow: ask for a new plan.
+        ``dead`` is only logged (its exit, or its lease, starts the recovery)."""
         try:
             d = parse_diagnosis(self.policy.node, obs.key, obs.value)
         except MalformedRecord:
@@ -520,20 +520,22 @@ class RecoveryCoordinator:
             if worker is not None and s["kind"] == "stuck" and s.get("pid") == worker.pid:
                 self.mechanics.signal(worker.pid, signal.SIGKILL)  # reported by the watcher like any exit
                 killed.append(f"killed worker {local} (pid {worker.pid}): named stuck in {d.group} of gen {d.gen}")
-            elif worker is not None and s["kind"] == "unreachable" and s.get("pid") == worker.pid:
-                killed.append(self._unreachable(s["seat"], d))
+            elif worker is not None and s["kind"] in ("unreachable", "slow") and s.get("pid") == worker.pid:
+                killed.append(self._ask_next_plan(s["seat"], s["kind"], d))
         return "; ".join(x for x in killed if x)
 
-    def _unreachable(self, seat: str, d: Diagnosis) -> str:
-        """Our worker is alive but its peers' data never came (a network cut): nobody dies, so no
-        exit will ask for the next plan. Ask for it, naming the seat, so the leader places the
-        replica where its ranks reach each other (``layout.UnbuildableSeats``); once per seat and
-        generation (both sides of a cut name each other)."""
+    def _ask_next_plan(self, seat: str, kind: str, d: Diagnosis) -> str:
+        """Our worker is alive: its peers' data never came (``unreachable``: a network cut) or it
+        was busy elsewhere (``slow``). The generation is aborted, but nobody dies, so no exit
+        will ask for the next plan and every rank would wait for it: ask, naming the seat. An
+        unreachable seat is moved by the leader (``layout.UnbuildableSeats``) so the replica's
+        ranks reach each other. Once per seat and generation (both sides of a cut name each other)."""
         plan = self.current_plan()
-        if plan is None or d.gen > plan.gen or (plan.gen, seat) in self._asked_unreachable:
+        if plan is None or d.gen > plan.gen or (plan.gen, seat) in self._asked_next_plan:
             return ""
-        self._asked_unreachable.add((plan.gen, seat))
-        reason = f"{seat} unreachable from its peers in {d.group} (gen {plan.gen})"
+        self._asked_next_plan.add((plan.gen, seat))
+        said = "unreachable from its peers" if kind == "unreachable" else "named slow"
+        reason = f"{seat} {said} in {d.group} (gen {plan.gen})"
         self.mechanics.request_replan(plan.gen, reason)
         return f"asked for a new plan: {reason}"
 

@@ -126,7 +126,6 @@ class Worker:
                                                   f"worker pid {os.getpid()})", on_lost=self._api_lost)
         self.state, self.gen = "starting", args.after_gen
         self.plan: Plan | None = None
-        self._aborted: tuple[int, str, float, bool] | None = None  # (gen, why, when, re-plan asked)
         self.replica = -1
         self.stopping = threading.Event()
         self.beat_now = threading.Event()  # tell rallyd at once (it routes by these beats): a new state
@@ -181,20 +180,6 @@ class Worker:
                 self.events.emit(gen, ev.REPLAN_REQUESTED, reason=reason)
         except RallypointError as exc:
             self.log.error("worker.replan_request_failed", gen=gen, error=str(exc))
-
-    def _replan_if_forgotten(self, grace: float = 2.0) -> None:
-        """The generation this worker serves was aborted and no newer plan has come ``grace``
-        seconds later: ask for one. A trip whose suspects are alive (a cut between two ranks, a
-        peer that was only slow) kills nobody, so no exit asks for the next plan, and every rank
-        of the generation would wait for it forever."""
-        if self._aborted is None or self.seat is None:
-            return
-        gen, reason, at, asked = self._aborted
-        if asked or gen != self.gen or time.monotonic() - at < grace:
-            return
-        self._aborted = (gen, reason, at, True)
-        self._ask_replan(gen, f"{self.seat[0]}/{self.seat[1]} aborted generation {gen} and no newer plan came "
-                              f"in {grace:g}s: {reason}")
 
     def _build_stuck(self, why: str) -> None:
         """A communicator init hangs beyond any abort: end the process, rallyd starts the seat again."""
@@ -380,7 +365,6 @@ class Worker:
             try:
                 plan = self.controller.wait_plan(self.gen, timeout=1.0)
             except RallypointError:
-                self._replan_if_forgotten()
                 continue
             if self.driver is not None and not self._drives_in(plan):
                 self._hand_off(plan)
@@ -439,7 +423,6 @@ class Worker:
                 held = self.driver.hold() if is_driver and self.driver else []
                 self.log.warning("worker.generation_aborted", gen=plan.gen, reason=str(exc),
                                  held=[r.id for r in held])
-                self._aborted = (plan.gen, exc.reason, time.monotonic(), False)
         return 0
 
     def shutdown(self) -> None:

@@ -373,7 +373,7 @@ def diagnosis(suspects: list[dict[str, Any]], gen: int = 4) -> bytes:
     return json.dumps({"gen": gen, "group": "tp[2,3]@g4", "trigger": "deadline", "suspects": suspects}).encode()
 
 
-def test_a_seat_named_unreachable_asks_for_a_new_plan_once(tmp_path: Path) -> None:
+def test_a_seat_named_unreachable_or_slow_asks_for_a_new_plan_once(tmp_path: Path) -> None:
     """A cut between two alive ranks kills nobody, so no exit would ask for the next plan: the
     seat's daemon asks, naming it (the leader then moves it), once per seat and generation."""
     r = rig(tmp_path)
@@ -386,6 +386,9 @@ def test_a_seat_named_unreachable_asks_for_a_new_plan_once(tmp_path: Path) -> No
     assert not [c for c in r.mechanics.calls if c[0] == "signal"]  # nobody killed
     r.coordinator.observe(DiagnosisWritten(key, value))
     assert r.coordinator.run_cycle() == IDLE  # asked already
+    slow = diagnosis([{"seat": "b/0", "kind": "slow", "pid": 100, "why": "idle at seq 0"}])
+    r.coordinator.observe(DiagnosisWritten(key, slow))
+    assert r.coordinator.run_cycle() == "asked for a new plan: b/0 named slow in tp[2,3]@g4 (gen 4)"
 
 
 def test_a_diagnosis_kills_only_the_process_it_names_stuck(tmp_path: Path) -> None:
@@ -402,12 +405,13 @@ def test_a_diagnosis_kills_only_the_process_it_names_stuck(tmp_path: Path) -> No
     assert r.metrics.tripped == [("tp[2,3]@g4", "deadline")]
 
 
-def test_dead_and_slow_verdicts_are_only_recorded(tmp_path: Path) -> None:
+def test_dead_verdicts_are_only_recorded_and_slow_ones_kill_nobody(tmp_path: Path) -> None:
     r = rig(tmp_path)
     value = diagnosis([{"seat": "b/0", "kind": "dead", "pid": 100}, {"seat": "b/1", "kind": "slow", "pid": 101}])
     r.coordinator.observe(DiagnosisWritten("/rallypoint/c/status/diagnosis/4/a:0", value))
-    assert r.coordinator.run_cycle() == IDLE
-    assert r.mechanics.kinds() == [ev.SUSPECT_NAMED, ev.SUSPECT_NAMED] and r.metrics.tripped == []
+    assert r.coordinator.run_cycle() == "asked for a new plan: b/1 named slow in tp[2,3]@g4 (gen 4)"
+    assert r.mechanics.kinds() == [ev.SUSPECT_NAMED, ev.SUSPECT_NAMED, "replan"] and r.metrics.tripped == []
+    assert not [c for c in r.mechanics.calls if c[0] == "signal"]
 
 
 def test_parse_diagnosis_refuses_what_is_not_one() -> None:
