@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install everything rallypoint needs on a Debian machine, idempotently:
-# etcd (Debian's etcd-server, when missing), a virtualenv in .venv, torch 2.13.0 and the project
-# with its test extras. Safe to run again; it skips what is already there.
+# etcd (Debian's etcd-server, when missing), iproute2 (when missing; the partition tests' network
+# namespaces), a virtualenv in .venv, torch 2.13.0 and the project with its test extras. Safe to run again; it skips what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +12,12 @@ if ! command -v etcd >/dev/null 2>&1; then
     echo "==> installing etcd-server from Debian's packages"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq etcd-server etcd-client >/dev/null
+fi
+
+if ! command -v ip >/dev/null 2>&1; then
+    echo "==> installing iproute2 (network namespaces for the partition tests)"
+    { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq iproute2 >/dev/null; } \
+        || echo "    iproute2 not installed: the partition tests will be skipped"
 fi
 
 PY=${PYTHON:-python3}
