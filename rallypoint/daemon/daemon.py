@@ -223,7 +223,8 @@ class Daemon:
                 "restarts": self.coordinator.restarts_used() if sup else 0,
                 "bad_seats": self.coordinator.out_seats.reasons(),
                 "gpu_health": "nvml" if self.mechanics.gpu_health else "unchecked", "metrics": self.metrics_url,
-                "gateway": self.gateway_url}
+                "gateway": self.gateway_url,
+                "gateway_processes": self.gateway.status() if isinstance(self.gateway, GatewayProcesses) else None}
 
     def _publish_status(self) -> None:
         if time.monotonic() - self._status_at < 1.0 or self.rendezvous.lease is None:

@@ -182,6 +182,16 @@ class _Gauges(Collector):
         g.add_metric(base, 1 if status.get("etcd_ok") else 0)
         yield g
 
+        gp = status.get("gateway_processes") or {}
+        g = self._gauge("rallypoint_gateway_processes",
+                        "Gateway processes serving the gateway's port ([gateway] processes; 0: a thread of rallyd).")
+        g.add_metric(base, int(gp.get("alive", 0)))
+        yield g
+        g = self._gauge("rallypoint_gateway_process_restarts",
+                        "Gateway processes that died and were started again since rallyd started.")
+        g.add_metric(base, int(gp.get("restarts", 0)))
+        yield g
+
         workers = status.get("workers", [])
         by_state = dict.fromkeys(RANK_STATES, 0)
         for w in workers:

@@ -96,6 +96,12 @@ class GatewayProcesses:
     def pids(self) -> list[int]:
         return [c.proc.pid for c in self.children if c is not None]
 
+    def status(self) -> dict[str, object]:
+        """What ``node_status`` shows of the gateway processes: how many serve, restarts so far,
+        requests each finished."""
+        alive = sum(1 for c in self.children if c is not None and c.proc.poll() is None)
+        return {"processes": self.count, "alive": alive, "restarts": self.restarts, "requests": list(self.requests)}
+
     def start(self, ready_timeout: float = 20.0) -> GatewayProcesses:
         """Start every process and wait (up to ``ready_timeout``) until each serves; connections
         made before then wait in the socket's backlog."""

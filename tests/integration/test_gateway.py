@@ -100,6 +100,7 @@ def test_driver_death_and_gateway_death_lose_nothing(etcd: EtcdCluster, client: 
         assert all(got[i].resumes == 0 for i in got)  # the client saw one unbroken stream
         m = scrape_metrics(tmp_path / "a")
         assert m[("rallypoint_gateway_resumes_total", ())] >= len(requests)  # a's gateway resumed each one
+        assert m[("rallypoint_gateway_processes", ())] == 2 and m[("rallypoint_gateway_process_restarts", ())] == 0
         assert m[("rallypoint_gateway_requests_total", (("outcome", "completed"),))] == len(requests)
 
         # 2. the whole node a dies (the driver and the client's gateway with it).
