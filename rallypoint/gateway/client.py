@@ -19,10 +19,12 @@ from rallypoint.gateway.resume import Progress, stream_completion
 class CompletionClient:
     """Args: gateways: base URLs (``http://host:port``), or a function that returns the current
     ones; timeout: seconds without a token before giving up; read_timeout: longest silence from one
-    gateway before trying the next."""
+    gateway, once its stream has begun, before trying the next (a gateway sends an SSE comment
+    after each 2 s without a token, recoveries included, so silence means it, or the path to it,
+    is gone)."""
 
     def __init__(self, gateways: list[str] | Callable[[], list[str]], timeout: float = 120.0,
-                 read_timeout: float = 600.0, api_key: str | None = None) -> None:
+                 read_timeout: float = 30.0, api_key: str | None = None) -> None:
         if not callable(gateways) and not gateways:
             raise ValueError("CompletionClient needs at least one gateway URL")
         self.gateways: list[str] | Callable[[], list[str]] = gateways if callable(gateways) else list(gateways)

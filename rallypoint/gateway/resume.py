@@ -73,6 +73,9 @@ def upstream_client(max_connections: int | None = None) -> httpx.AsyncClient:
                              timeout=httpx.Timeout(connect=5.0, read=None, write=10.0, pool=None))
 
 
+HEARTBEAT: dict[str, Any] = {}  # what stream_completion yields for a heartbeat (an empty chunk)
+
+
 async def _events(resp: httpx.Response, read_timeout: float) -> AsyncGenerator[dict[str, Any] | None, None]:
     """The stream's chunks (None for ``[DONE]``). Read as bytes, not lines: one await per network
     read, however many events it holds. A silent upstream is a broken one: each read must come
@@ -95,6 +98,8 @@ async def _events(resp: httpx.Response, read_timeout: float) -> AsyncGenerator[d
                 if line.startswith(b"data: "):
                     data = line[6:].strip()
                     yield None if data == b"[DONE]" else orjson.loads(data)
+                elif line.startswith(b": keepalive"):
+                    yield HEARTBEAT
 
 
 async def stream_completion(body: dict[str, Any], upstreams: Callable[[], list[str]], timeout: float,
@@ -103,7 +108,7 @@ async def stream_completion(body: dict[str, Any], upstreams: Callable[[], list[s
                             path: str = "/v1/completions", client: httpx.AsyncClient | None = None,
                             headers: dict[str, str] | None = None,
                             wait_change: Callable[[list[str], float], Awaitable[None]] | None = None,
-                            ) -> AsyncGenerator[dict[str, Any], None]:
+                            heartbeat: float | None = None) -> AsyncGenerator[dict[str, Any], None]:
     """Yield the completion's chunks as the upstreams send them (OpenAI chunks of either kind).
 
     Args:
@@ -122,6 +127,10 @@ async def stream_completion(body: dict[str, Any], upstreams: Callable[[], list[s
             ``seen``, or after ``t`` s (``routes.UpstreamWatch``): a request waiting for a
             recovery goes on the moment a driver serves, not at its next poll. Without it the
             loop sleeps between looks (0.02 s, doubling to 0.1 s).
+        heartbeat: once a chunk has been delivered, yield ``HEARTBEAT`` (an empty dict) after each
+            this many seconds without one: an upstream's keepalive, or a wait for a serving driver
+            (a recovery). The gateway turns them into SSE comments, so its own clients can hold a
+            short read timeout too. None: never.
 
     Raises:
         RequestRejected: an upstream answered 4xx before anything was delivered.
@@ -147,8 +156,19 @@ async def stream_completion(body: dict[str, Any], upstreams: Callable[[], list[s
             await asyncio.sleep(min(pause, left))
         pause = min(pause * 2, 0.1)
 
+    beat_at = time.monotonic()
+
+    def beat_due() -> bool:
+        nonlocal beat_at
+        if heartbeat is None or not p.upstreams or time.monotonic() - beat_at < heartbeat:
+            return False
+        beat_at = time.monotonic()
+        return True
+
     try:
         while time.monotonic() < deadline:
+            if beat_due():
+                yield HEARTBEAT
             urls = upstreams()
             if not urls:  # looking costs nothing (no etcd on this path): look often, a recovery is short
                 await pause_for(urls)
@@ -183,6 +203,10 @@ async def stream_completion(body: dict[str, Any], upstreams: Callable[[], list[s
                                     if p.finish_reason is None:
                                         raise ValueError("stream ended without a finish reason")
                                     return
+                                if chunk is HEARTBEAT:
+                                    if beat_due():
+                                        yield HEARTBEAT
+                                    continue
                                 if not chunk.get("choices"):  # the usage chunk
                                     p.usage = chunk.get("usage")
                                     continue
@@ -193,6 +217,7 @@ async def stream_completion(body: dict[str, Any], upstreams: Callable[[], list[s
                                 p.text += text
                                 p.finish_reason = finish or p.finish_reason
                                 deadline = time.monotonic() + timeout  # the clock runs only while nothing arrives
+                                beat_at = time.monotonic()
                                 yield chunk
                         raise ValueError("stream ended before [DONE]")
             except BROKEN as exc:

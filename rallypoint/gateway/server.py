@@ -26,11 +26,19 @@ from rallypoint.api import bearer
 from rallypoint.api import responses as oa
 from rallypoint.api.schema import ChatCompletionRequest, CompletionRequest
 from rallypoint.api.server import ServerThread, base_app, error
-from rallypoint.gateway.resume import NoUpstream, Progress, RequestRejected, stream_completion, upstream_client
+from rallypoint.gateway.resume import (
+    HEARTBEAT,
+    NoUpstream,
+    Progress,
+    RequestRejected,
+    stream_completion,
+    upstream_client,
+)
 from rallypoint.gateway.routes import UpstreamWatch
 from rallypoint.log import get_logger
 
 log = get_logger("gateway")
+HEARTBEAT_EVERY = 2.0  # seconds without a chunk before a client's stream gets an SSE comment
 
 
 class Gateway(ServerThread):
@@ -117,9 +125,11 @@ async def _forward(gw: Gateway, kind: str, path: str, body: CompletionRequest | 
     p = Progress()
     chunks = stream_completion(sent, gw.upstreams, gw.resume_timeout, progress=p, path=path,
                                on_resume=lambda url, n: gw.on_resume(), client=gw.client(), headers=bearer(gw.api_key),
-                               wait_change=gw.watch.wait)
+                               wait_change=gw.watch.wait, heartbeat=HEARTBEAT_EVERY)
     try:
         first = await anext(chunks, None)
+        while first is HEARTBEAT:  # the answer's status comes with its first chunk
+            first = await anext(chunks, None)
     except RequestRejected as exc:
         gw.on_request("rejected")
         await chunks.aclose()
@@ -164,6 +174,9 @@ async def _relay(gw: Gateway, kind: str, gid: str, created: int, body: Completio
                     chunk = await anext(chunks)
                 except StopAsyncIteration:
                     break
+            if chunk is HEARTBEAT:  # its upstream is silent or being replaced: say the stream is alive
+                yield oa.KEEPALIVE
+                continue
             text, tokens, finish = oa.choice_parts(chunk)
             role = kind == oa.CHAT and not role_sent
             if role or text or tokens or finish:

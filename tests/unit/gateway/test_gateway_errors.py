@@ -7,6 +7,7 @@ import json
 
 import httpx
 
+from rallypoint.gateway import server as gateway_server
 from rallypoint.gateway.server import Gateway
 from tests.unit.gateway.test_resume import ANSWER, servers  # noqa: F401 (the fixture)
 
@@ -53,5 +54,23 @@ def test_a_body_over_one_mib_is_refused_before_it_is_read() -> None:
         r = httpx.post(gw.url + "/v1/completions", content=b"x" * ((1 << 20) + 1),
                        headers={"Content-Type": "application/json"}, timeout=10)
         assert r.status_code == 413 and "over 1 MiB" in r.json()["error"]["message"] and outcomes == []
+    finally:
+        gw.stop()
+
+
+def test_a_silent_upstream_keeps_the_clients_stream_alive_with_comments(servers, monkeypatch) -> None:  # noqa: F811
+    """An upstream that pauses 1.2 s between tokens but sends keepalive comments meanwhile (as a
+    driver's API does): the gateway relays a comment after each ``HEARTBEAT_EVERY`` without a
+    chunk, every token arrives, and no read timeout fires."""
+    monkeypatch.setattr(gateway_server, "HEARTBEAT_EVERY", 0.3)
+    slow = servers(pause=1.2, keepalive=0.2)
+    outcomes: list[str] = []
+    gw = gateway(lambda: [slow.url], outcomes, timeout=10)
+    try:
+        r = httpx.post(gw.url + "/v1/completions", json={"prompt": "x", "max_tokens": 4, "stream": True}, timeout=20)
+        events = r.text.split("\n\n")
+        chunks = [json.loads(e[6:]) for e in events if e.startswith("data: {")]
+        assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == ANSWER[:4]
+        assert events.count(": keepalive") >= 3 and outcomes == ["completed"]
     finally:
         gw.stop()

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from rallypoint.api.responses import DONE, sse
+from rallypoint.api.responses import DONE, KEEPALIVE, sse
 from rallypoint.api.server import ServerThread
 from rallypoint.gateway.resume import NoUpstream, Progress, RequestRejected
 from rallypoint.gateway.resume import stream_completion as stream_async
@@ -34,8 +34,10 @@ class Upstream:
     connection breaks mid-stream (a dead driver); ``status`` answers every request with that code
     instead. A real ASGI server on a free port."""
 
-    def __init__(self, die_after: int | None = None, status: int | None = None) -> None:
+    def __init__(self, die_after: int | None = None, status: int | None = None, pause: float = 0.0,
+                 keepalive: float = 0.0) -> None:
         self.die_after, self.status, self.bodies = die_after, status, []
+        self.pause, self.keepalive = pause, keepalive  # seconds between tokens; a comment this often meanwhile
         app = Starlette(routes=[Route("/v1/completions", self.completions, methods=["POST"])])
         self.server = ServerThread(app, "127.0.0.1", 0, name="stand-in-upstream").start()
         self.url = self.server.url
@@ -53,6 +55,14 @@ class Upstream:
                 if self.die_after is not None and i >= self.die_after:
                     raise ConnectionAbortedError("the driver died")  # the stream stops mid-way
                 finish = "length" if i == body["max_tokens"] - 1 else None
+                if i > start and self.pause:
+                    waited = 0.0
+                    while waited < self.pause:
+                        step = min(self.keepalive or self.pause, self.pause - waited)
+                        await asyncio.sleep(step)
+                        waited += step
+                        if self.keepalive:
+                            yield KEEPALIVE
                 yield sse({"choices": [{"text": f"<{ANSWER[i]}>", "token_ids": [ANSWER[i]], "finish_reason": finish}]})
             yield DONE
 
