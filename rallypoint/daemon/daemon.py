@@ -354,9 +354,11 @@ class Daemon:
         g = self.cfg.gateway
         if g.enabled is False:
             return
-        routes = DriverRoutes(self.client, self.keys, self.cfg.node, self.node_status)
         model = served_model_name(self.cfg.worker.model or "rallypoint")
         count = g.process_count(os.cpu_count())
+        # The processes' routes are compared every 5 ms whether or not requests come: the other
+        # nodes' statuses (published once a second) are re-read every 0.5 s, not at each look.
+        routes = DriverRoutes(self.client, self.keys, self.cfg.node, self.node_status, refresh=0.5 if count else 0.2)
         try:
             if count:
                 self.gateway = GatewayProcesses(
