@@ -57,7 +57,7 @@ class GatewayProcesses:
 
     Args:
         host, port: where the gateway listens (port 0: a free one).
-        count: how many processes accept on it.
+        count: how many processes serve it, each on a socket of its own (SO_REUSEPORT).
         upstreams: the serving drivers' URLs, best first (``routes.DriverRoutes``; never blocks).
         resume_timeout, model: as for ``server.Gateway``.
         api_key: required of clients; handed to the processes in their environment, not argv.
