@@ -83,6 +83,7 @@ def status_data(cluster: str, records: dict[str, NodeRecord], statuses: dict[str
             "heartbeat_age": round(now - float(st["time"]), 3) if st else None,
             "restarts": st.get("restarts", 0) if st else None,
             "spares": st.get("spares", 0) if st else None, "workers": st.get("workers", []) if st else [],
+            "gateway": gateway_view(st),
         })
     seats = []
     if plan is not None:
@@ -97,6 +98,19 @@ def status_data(cluster: str, records: dict[str, NodeRecord], statuses: dict[str
             "recovery": recovery, "nodes": nodes, "ranks": seats}
 
 
+def gateway_view(status: dict[str, Any] | None) -> str | None:
+    """How a node's gateway runs: ``thread``, ``4 processes`` (``3 of 4 processes, 2 restarts``
+    when one is down or was started again), or None without one (or no status)."""
+    if not status or not status.get("gateway"):
+        return None
+    gp = status.get("gateway_processes")
+    if not isinstance(gp, dict):
+        return "thread"
+    n, alive, restarts = int(gp.get("processes", 0)), int(gp.get("alive", 0)), int(gp.get("restarts", 0))
+    text = f"{n} processes" if alive == n else f"{alive} of {n} processes"
+    return text + (f", {restarts} restart{'s' if restarts != 1 else ''}" if restarts else "")
+
+
 def format_status(d: dict[str, Any]) -> str:
     lay = d["layout"]
     head = f"Cluster: {d['cluster']}  generation {d['generation']}  state: {d['state']}  leader: {d['leader'] or '-'}"
@@ -107,9 +121,11 @@ def format_status(d: dict[str, Any]) -> str:
     rows = [[n["node"], n["host"] or "-", str(n["gpus"] if n["gpus"] is not None else "-"),
              ",".join(map(str, n["ranks"])) or "-", n["role"], n["health"],
              f"{n['heartbeat_age']:.1f}s" if n["heartbeat_age"] is not None else "-",
-             str(n["restarts"] if n["restarts"] is not None else "-"), str(n["spares"] if n["spares"] is not None else "-")]
+             str(n["restarts"] if n["restarts"] is not None else "-"), str(n["spares"] if n["spares"] is not None else "-"),
+             n.get("gateway") or "-"]
             for n in d["nodes"]]
-    out.append(table(["Node", "Host", "GPUs", "Ranks", "Role", "Health", "Heartbeat", "Restarts", "Spares"], rows))
+    out.append(table(["Node", "Host", "GPUs", "Ranks", "Role", "Health", "Heartbeat", "Restarts", "Spares", "Gateway"],
+                     rows))
     if d["ranks"]:
         out.append(table(["Rank", "Seat", "PID", "State"],
                          [[str(r["rank"]), r["seat"], str(r["pid"] or "-"), r["state"]] for r in d["ranks"]]))

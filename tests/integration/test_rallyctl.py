@@ -73,6 +73,7 @@ def test_status_events_kill_and_cordon_on_a_live_cluster(etcd: EtcdCluster, clie
         assert f"Cluster: {cluster_name}  generation 1  state: serving" in human
         assert "Layout: TP 2 x PP 1 x DP 1 = 2 ranks" in human
         assert "| a    |" in human and "| 1    | b/0  |" in human
+        assert [n["gateway"] for n in s["nodes"]] == ["thread", "thread"] and "| thread " in human
         victim = s["ranks"][1]["pid"]
 
         out = rallyctl(*ctl, "kill", "1")
