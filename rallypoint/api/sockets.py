@@ -6,6 +6,10 @@ from __future__ import annotations
 import socket
 
 
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 def listen(host: str, port: int, backlog: int = 4096, reuse_port: bool = False) -> socket.socket:
     """A listening TCP socket on ``host:port`` (0: a free port). With ``reuse_port``, more such
     sockets may listen on the same port and the kernel spreads new connections over them.
@@ -13,8 +17,7 @@ def listen(host: str, port: int, backlog: int = 4096, reuse_port: bool = False) 
     Raises:
         OSError: the address cannot be bound.
     """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(_family(host), socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -38,7 +41,7 @@ def listen_group(host: str, port: int, count: int, backlog: int = 4096) -> list[
     Raises:
         OSError: the address cannot be bound.
     """
-    probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    probe = socket.socket(_family(host), socket.SOCK_STREAM)
     try:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind((host, port))

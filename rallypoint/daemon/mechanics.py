@@ -22,7 +22,7 @@ from rallypoint.recovery import events as ev
 if TYPE_CHECKING:
     from structlog.stdlib import BoundLogger
 
-    from rallypoint.daemon.channel import ChannelServer
+    from rallypoint.daemon.channel import ChannelServer, Peer
     from rallypoint.daemon.gpu_health import GpuHealth
     from rallypoint.recovery.events import EventLog
     from rallypoint.rendezvous.etcd import EtcdClient
@@ -101,13 +101,16 @@ class NodeMechanics:
     def is_leader(self) -> bool:
         return self.rendezvous.is_leader
 
+    def _peer(self, pid: int) -> Peer | None:
+        return self.channel.peers.get(pid) if self.channel is not None else None
+
     def beat_at(self, pid: int) -> float | None:
-        peer = self.channel.peers.get(pid) if self.channel is not None else None
+        peer = self._peer(pid)
         return peer.beat_at if peer is not None else None
 
     def beat_gen(self, pid: int) -> int | None:
         """The generation ``pid``'s last heartbeat named (None: no beat yet, or none named)."""
-        peer = self.channel.peers.get(pid) if self.channel is not None else None
+        peer = self._peer(pid)
         gen = peer.last.get("gen") if peer is not None else None
         return gen if isinstance(gen, int) else None
 

@@ -533,7 +533,7 @@ class RecoveryCoordinator:
         plan = self.current_plan()
         if plan is None or d.gen > plan.gen or (plan.gen, seat) in self._asked_next_plan:
             return ""
-        self._asked_next_plan.add((plan.gen, seat))
+        self._asked_next_plan = {x for x in self._asked_next_plan if x[0] == plan.gen} | {(plan.gen, seat)}
         said = "unreachable from its peers" if kind == "unreachable" else "named slow"
         reason = f"{seat} {said} in {d.group} (gen {plan.gen})"
         self.mechanics.request_replan(plan.gen, reason)

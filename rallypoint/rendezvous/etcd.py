@@ -163,11 +163,11 @@ def _access_denied(code: grpc.StatusCode | None, details: str, what: str, endpoi
         return None
     if code == grpc.StatusCode.INVALID_ARGUMENT and "authentication failed" in details:
         return EtcdAccessDenied(f"{what}: etcd at {endpoint} rejected user {s.user!r}: wrong user name or "
-                                f"password ([etcd] user, and password from RALLYPOINT_ETCD_PASSWORD)")
+                                f"password ([etcd] user, and password from {ETCD_PASSWORD_ENV})")
     if code == grpc.StatusCode.PERMISSION_DENIED or "user name is empty" in details:
         if not s.user:
             return EtcdAccessDenied(f"{what}: etcd at {endpoint} requires authentication: set [etcd] user, "
-                                    f"and its password in RALLYPOINT_ETCD_PASSWORD")
+                                    f"and its password in {ETCD_PASSWORD_ENV}")
         return EtcdAccessDenied(f"{what}: etcd at {endpoint} denied user {s.user!r}: permission denied (its "
                                 f"role needs readwrite on this cluster's prefix, /rallypoint/<cluster>/)")
     return None

@@ -70,7 +70,6 @@ def make_plan(gen: int, nodes: Iterable[NodeRecord], spec: ClusterSpec, reason: 
     return plan
 
 
-
 # worker.main's re-plan reason after a failed build, and the coordinator's after a diagnosis
 # named a seat unreachable
 _BUILD_FAILED = re.compile(r"(\S+)/(\d+) (?:could not build generation |unreachable from its peers)")
@@ -96,6 +95,7 @@ class UnbuildableSeats:
         if m is not None:
             seat = (m[1], int(m[2]))
             last, streak = self._failed.get(seat, (0, 0))
-            streak = streak + 1 if last == gen - 1 else 1
-            self._failed[seat] = (gen, 2 if any(x in reason for x in _UNREACHABLE) else streak)
+            if last != gen:  # a request that stands (no layout fit yet) is noted again each cycle: once counts
+                streak = streak + 1 if last == gen - 1 else 1
+                self._failed[seat] = (gen, 2 if any(x in reason for x in _UNREACHABLE) else streak)
         return frozenset(seat for seat, (last, streak) in self._failed.items() if streak >= 2 and last == gen)

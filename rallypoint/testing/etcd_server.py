@@ -143,10 +143,12 @@ class EtcdCluster:
                 prefix=tuple(self.prefixes[i]) if self.prefixes else (),
             ))
 
+    def _client_url(self, m: EtcdMember) -> str:
+        return ("https://" if self.tls else "") + m.endpoint
+
     @property
     def endpoints(self) -> tuple[str, ...]:
-        scheme = "https://" if self.tls else ""
-        return tuple(scheme + m.endpoint for m in self.members)
+        return tuple(self._client_url(m) for m in self.members)
 
     def client_settings(self, members: list[EtcdMember] | None = None, user: str | None = None,
                         password: str | None = None, **kw: object) -> EtcdSettings:
@@ -156,10 +158,9 @@ class EtcdCluster:
 
         if user is None and self.root_auth is not None:
             user, password = self.root_auth
-        scheme = "https://" if self.tls else ""
         tls = {"ca_cert": str(self.tls.ca), "cert_cert": str(self.tls.client_cert),
                "cert_key": str(self.tls.client_key)} if self.tls else {}
-        return EtcdSettings(endpoints=tuple(scheme + m.endpoint for m in (members or self.members)),
+        return EtcdSettings(endpoints=tuple(self._client_url(m) for m in (members or self.members)),
                             user=user, password=password, **tls, **kw)  # type: ignore[arg-type]
 
     def enable_auth(self, root_password: str, users: dict[str, tuple[str, str]]) -> None:

@@ -10,10 +10,12 @@ as in a real partition), and new connections fail at once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 from dataclasses import dataclass, field
 
@@ -106,8 +108,13 @@ class NetLab:
             self.heal(a, b)
 
     def destroy(self) -> None:
-        """Delete every namespace of the lab (kill the processes in them first)."""
+        """SIGKILL whatever still runs in the lab's namespaces, then delete them (a namespace with
+        a process in it outlives its name)."""
         for ns in [self.ns(n) for n in self.names] + [self.hub]:
+            pids = subprocess.run(["ip", "netns", "pids", ns], check=False, capture_output=True, text=True).stdout
+            for pid in pids.split():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
             subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
 
     # -- handing the lab to a process that runs inside it ------------------------------------

@@ -26,7 +26,6 @@ import argparse
 import os
 import platform
 import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -160,14 +159,7 @@ def run_in_lab(argv: list[str], nodes: int) -> int:
         inner = [a for a in argv if a != "--netns"] + ["--lab", lab.to_json()]
         return subprocess.run([*lab.prefix("ctl"), sys.executable, "-m", "tests.chaos.run", *inner]).returncode
     finally:
-        for name in lab.names:  # whatever the run left in the lab (there should be nothing)
-            pids = subprocess.run(["ip", "netns", "pids", lab.ns(name)], capture_output=True, text=True).stdout
-            for pid in pids.split():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except (ProcessLookupError, ValueError):
-                    pass
-        lab.destroy()
+        lab.destroy()  # and whatever the run left in it (there should be nothing)
 
 
 if __name__ == "__main__":

@@ -89,6 +89,8 @@ def test_a_seat_is_avoided_after_its_groups_failed_to_build_twice_in_a_row() -> 
     seen = UnbuildableSeats()
     assert seen.note(4, "n2/0 could not build generation 4's groups: rank(s) [0] never arrived") == frozenset()
     assert seen.note(5, "n2/0 could not build generation 5's groups: rank(s) [0] never arrived") == {("n2", 0)}
+    # no layout fit yet: the leader notes the standing request again each cycle; it stays avoided
+    assert seen.note(5, "n2/0 could not build generation 5's groups: rank(s) [0] never arrived") == {("n2", 0)}
     assert seen.note(6, "rank 1 (n3/0) exited with code -9") == frozenset()  # its next plan built
     assert seen.note(9, "n2/0 could not build generation 9's groups: ...") == frozenset()  # not in a row
     assert seen.note(10, "n1/0 could not build generation 10's groups: ...") == frozenset()
