@@ -62,7 +62,6 @@ from rallypoint.recovery.retention import PRUNE_EVERY, keep_from, prune_history
 from rallypoint.rendezvous.etcd import ETCD_PASSWORD_ENV, EtcdClient, PrefixWatch, WatchEvent
 from rallypoint.rendezvous.records import ClusterSpec, Plan
 from rallypoint.rendezvous.rendezvous import Rendezvous, RendezvousSettings, local_record
-from rallypoint.worker.title import gateway_title
 
 __all__ = ["BUG", "Daemon", "cluster_spec"]
 
@@ -365,7 +364,7 @@ class Daemon:
                 self.gateway = GatewayProcesses(
                     g.host, g.port, count, routes, g.resume_timeout.total_seconds(), model=model, api_key=g.api_key,
                     on_request=self.metrics.gateway_request, on_resume=self.metrics.gateway_resumed,
-                    title=gateway_title(self.cfg.cluster, self.cfg.node),
+                    title=f"rallypoint gateway (cluster {self.cfg.cluster}, node {self.cfg.node})",
                     log_level=self.cfg.log.level).start()
             else:
                 self.gateway = Gateway(g.host, g.port, routes, g.resume_timeout.total_seconds(), model=model,

@@ -31,12 +31,6 @@ def standby_title(cluster: str, node: str, doing: str) -> str:
     return f"rallypoint standby (cluster {cluster}, node {node}, {doing})"
 
 
-def gateway_title(cluster: str, node: str) -> str:
-    """``rallypoint gateway (cluster demo, node node-a)``: rallyd's gateway processes (each adds
-    ``k/N``); not workers (``describe`` says None)."""
-    return f"rallypoint gateway (cluster {cluster}, node {node})"
-
-
 def set_title(title: str) -> None:
     setproctitle(title)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rallypoint.worker.title import ProcessInfo, describe, gateway_title, spare_title, worker_title
+from rallypoint.worker.title import ProcessInfo, describe, spare_title, worker_title
 
 
 def test_titles_say_rank_generation_seat_and_state_and_read_back() -> None:
@@ -21,5 +21,5 @@ def test_a_command_line_before_the_title_is_set_reads_the_same() -> None:
     assert describe("rallypoint workers are great") is None
     assert describe("/usr/bin/python3 -m rallypoint.worker.api_process --fd 5 --model m") is None
     assert describe("/usr/bin/python3 -m rallypoint.worker --standby") is None  # not a worker until handed a seat
-    assert describe(gateway_title("demo", "node-a") + " 2/4") is None  # rallyd's gateway processes
+    assert describe("rallypoint gateway (cluster demo, node node-a) 2/4") is None  # rallyd's gateway processes
     assert describe("/usr/bin/python3 -m rallypoint.gateway.child --fd 5 --listen-fd 6 --model m") is None
