@@ -132,7 +132,12 @@ class LayoutConfig:
     Attributes:
         tp, pp: tensor- and pipeline-parallel sizes; a replica has ``tp * pp`` ranks.
         dp: replicas; 0 means as many as the GPUs allow.
-        ep: expert-parallel size.
+        ep: where a mixture of experts' experts live: ``tp``, over each replica's TP ranks (EP =
+            TP); ``dp``, over every replica (EP = DP: each rank a whole replica with its share of
+            the experts, the replicas stepping together; needs ``tp = 1`` and ``pp = 1``). A
+            dense model ignores it.
+        expert_copies: with ``ep = "dp"``, how many ranks hold each expert: with 2 or more a
+            shrink serves on from the copies without loading anything.
         gpus: GPUs on this node; -1 detects them when needed, 0 makes this a CPU node.
         cpu_ranks: rank slots on a CPU-only node.
         spares: warm spare processes kept on this node.
@@ -141,7 +146,8 @@ class LayoutConfig:
     tp: int = _opt(1, "int", ge=1)
     pp: int = _opt(1, "int", ge=1)
     dp: int = _opt(0, "int", ge=0)
-    ep: int = _opt(1, "int", ge=1)
+    ep: str = _opt("tp", "choice", choices=("tp", "dp"))
+    expert_copies: int = _opt(1, "int", ge=1)
     gpus: int = _opt(-1, "int", ge=-1)
     cpu_ranks: int = _opt(2, "int", ge=1)
     spares: int = _opt(0, "int", ge=0)
@@ -590,6 +596,9 @@ def _check(c: Config, origin: Mapping[str, str], check_node: bool) -> None:
             section, name = key.split(".")
             _fail(f"[{section}] {name} = {_s(value)} must be < [rendezvous] lease_ttl{bound} = "
                   f"{_s(limit)}", origin, key, "rendezvous.lease_ttl")
+    if lay.ep == "dp" and (lay.tp, lay.pp) != (1, 1):
+        _fail(f"[layout] ep = \"dp\" spreads the experts over whole-model replicas: it needs tp = 1 and pp = 1, "
+              f"got tp = {lay.tp}, pp = {lay.pp}", origin, "layout.ep", "layout.tp", "layout.pp")
     if c.worker.max_seq is not None and 0 < c.worker.max_seq < 16:
         _fail(f"[worker] max_seq = {c.worker.max_seq} is too short (16 at least, or 0: the model's context)",
               origin, "worker.max_seq")

@@ -71,7 +71,8 @@ _CLOSED = WatchEvent("closed", "", b"", 0)  # queued by shutdown after a followe
 def cluster_spec(cfg: Config) -> ClusterSpec:
     """The layout this daemon proposes for its cluster."""
     return ClusterSpec(tp=cfg.layout.tp, pp=cfg.layout.pp, dp=cfg.layout.dp,
-                       min_nodes=cfg.rendezvous.min_nodes, max_nodes=cfg.rendezvous.max_nodes)
+                       min_nodes=cfg.rendezvous.min_nodes, max_nodes=cfg.rendezvous.max_nodes,
+                       ep=cfg.layout.ep, expert_copies=cfg.layout.expert_copies)
 
 
 class Daemon:

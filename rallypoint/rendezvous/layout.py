@@ -10,6 +10,7 @@ import re
 from collections.abc import Iterable
 
 from rallypoint.errors import LayoutError
+from rallypoint.protocol.experts import next_map
 from rallypoint.rendezvous.records import ClusterSpec, NodeRecord, Plan, RankSlot
 
 
@@ -64,8 +65,13 @@ def make_plan(gen: int, nodes: Iterable[NodeRecord], spec: ClusterSpec, reason: 
     nodes = list(nodes)
     dp, ranks = place(nodes, spec, previous, avoid)
     members = tuple(sorted(n.node for n in nodes))
+    experts = None
+    if spec.ep == "dp":  # experts over every replica: who holds and serves which (protocol.experts)
+        before = sorted(previous.ranks, key=lambda s: s.rank) if previous else []
+        experts = next_map(previous.experts if previous else None, [(s.node, s.local_rank) for s in before],
+                           [(s.node, s.local_rank) for s in ranks], spec.expert_copies)
     plan = Plan(gen=gen, tp=spec.tp, pp=spec.pp, dp=dp, ranks=tuple(ranks), members=members,
-                reason=reason, leader=leader)
+                reason=reason, leader=leader, experts=experts)
     plan.validate(f"plan {gen}")
     return plan
 

@@ -14,7 +14,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rallypoint.errors import MalformedRecord
+from rallypoint.protocol.experts import ExpertMap
 from rallypoint.protocol.grid import coords_of
+
+EP_MODES = ("tp", "dp")  # a mixture of experts' experts over each replica's TP ranks, or over every replica
 
 
 def _load(key: str, raw: bytes | str) -> dict[str, Any]:
@@ -98,13 +101,20 @@ class NodeRecord:
 
 @dataclass(frozen=True)
 class ClusterSpec:
-    """The layout every daemon of a cluster must agree on; the first daemon writes it."""
+    """The layout every daemon of a cluster must agree on; the first daemon writes it.
+
+    ``ep``: ``tp`` spreads a mixture of experts' experts over each replica's TP ranks; ``dp``
+    over every rank of every replica (``protocol.experts``), each expert on ``expert_copies``
+    ranks. Specs written before these fields existed read as ``tp`` and 1.
+    """
 
     tp: int = 1
     pp: int = 1
     dp: int = 0  # 0: as many replicas as the slots allow
     min_nodes: int = 1
     max_nodes: int = 0  # 0: unlimited
+    ep: str = "tp"
+    expert_copies: int = 1
 
     @property
     def replica_size(self) -> int:
@@ -116,9 +126,13 @@ class ClusterSpec:
     @classmethod
     def from_json(cls, key: str, raw: bytes | str) -> ClusterSpec:
         d = _load(key, raw)
-        spec = cls(**{n: _field(key, d, n, int) for n in ("tp", "pp", "dp", "min_nodes", "max_nodes")})
-        if spec.tp < 1 or spec.pp < 1 or spec.dp < 0 or spec.min_nodes < 1 or spec.max_nodes < 0:
+        spec = cls(**{n: _field(key, d, n, int) for n in ("tp", "pp", "dp", "min_nodes", "max_nodes")},
+                   ep=_field(key, d, "ep", str, "tp"), expert_copies=_field(key, d, "expert_copies", int, 1))
+        if spec.tp < 1 or spec.pp < 1 or spec.dp < 0 or spec.min_nodes < 1 or spec.max_nodes < 0 \
+                or spec.expert_copies < 1:
             raise MalformedRecord(key, f"sizes out of range: {spec}")
+        if spec.ep not in EP_MODES:
+            raise MalformedRecord(key, f"ep must be one of {', '.join(EP_MODES)}, got {spec.ep!r}")
         return spec
 
 
@@ -137,6 +151,8 @@ class Plan:
 
     Rank order is ``protocol.grid``'s (vLLM's parallel_state): ``rank = dp*(PP*TP) + pp*TP + tp``.
     ``members`` are the nodes that must ack before the generation is released (ranked or not).
+    ``experts``: where a mixture of experts' experts are held and served when they are spread
+    over every replica (``[layout] ep = "dp"``); None when each replica holds its own.
     """
 
     gen: int
@@ -148,6 +164,7 @@ class Plan:
     reason: str
     leader: str
     time: float = field(default_factory=time.time)
+    experts: ExpertMap | None = None
 
     @property
     def world_size(self) -> int:
@@ -169,6 +186,8 @@ class Plan:
         d = asdict(self)
         d["world_size"] = self.world_size
         d["ranks"] = [[r.rank, r.node, r.local_rank] for r in self.ranks]
+        if self.experts is None:
+            del d["experts"]
         return json.dumps(d, sort_keys=True)
 
     @classmethod
@@ -184,6 +203,7 @@ class Plan:
             dp=_field(key, d, "dp", int), ranks=ranks,
             members=_names(key, _field(key, d, "members", list)), reason=_field(key, d, "reason", str),
             leader=_field(key, d, "leader", str), time=float(_field(key, d, "time", (int, float))),
+            experts=_expert_map(key, _field(key, d, "experts", dict, None)),
         )
         plan.validate(key)
         return plan
@@ -203,3 +223,20 @@ class Plan:
             raise MalformedRecord(key, "two ranks share one node/local_rank")
         if not {r.node for r in self.ranks} <= set(self.members):
             raise MalformedRecord(key, "a rank is placed on a node that is not a member")
+        if self.experts is not None:
+            if self.pp != 1:
+                raise MalformedRecord(key, f"experts spread over every replica need pp = 1, got pp = {self.pp}")
+            problems = self.experts.problems(self.world_size)
+            if problems:
+                raise MalformedRecord(key, "; ".join(problems))
+
+
+def _expert_map(key: str, d: dict[str, Any] | None) -> ExpertMap | None:
+    """A plan's ``experts`` field, checked for types (``Plan.validate`` checks its consistency)."""
+    if d is None:
+        return None
+    holds, serves = _field(key, d, "holds", list), _field(key, d, "serves", list)
+    if not all(isinstance(h, list) and all(type(s) is int for s in h) for h in holds) \
+            or not all(type(r) is int for r in serves):
+        raise MalformedRecord(key, "experts: holds must be lists of slot numbers, serves a list of ranks")
+    return ExpertMap(_field(key, d, "slots", int), tuple(tuple(h) for h in holds), tuple(serves))

@@ -65,7 +65,7 @@ def test_defaults_when_the_default_file_is_missing():
         timedelta(seconds=3), timedelta(seconds=0.5), timedelta(seconds=1))
     assert (r.min_nodes, r.max_nodes) == (1, 0)
     lay = c.layout
-    assert (lay.tp, lay.pp, lay.dp, lay.ep, lay.gpus, lay.cpu_ranks, lay.spares) == (1, 1, 0, 1, -1, 2, 0)
+    assert (lay.tp, lay.pp, lay.dp, lay.ep, lay.expert_copies, lay.gpus, lay.cpu_ranks, lay.spares) == (1, 1, 0, "tp", 1, -1, 2, 0)
     assert c.collectives.deadline_floor == timedelta(seconds=1)
     assert c.collectives.deadline_k == 20.0
     assert (c.log.level, c.log.json) == ("info", None)
@@ -221,7 +221,11 @@ def test_wrong_type_or_value_names_file_and_key(tmp_path, text, expected):
     ("[layout]\ntp = 0\n", "[layout] tp: must be >= 1, got 0"),
     ("[layout]\npp = -1\n", "[layout] pp: must be >= 1, got -1"),
     ("[layout]\ndp = -1\n", "[layout] dp: must be >= 0, got -1"),
-    ("[layout]\nep = 0\n", "[layout] ep: must be >= 1, got 0"),
+    ("[layout]\nep = 0\n", "[layout] ep: expected a string, got 0"),
+    ("[layout]\nep = \"all\"\n", "[layout] ep: expected one of tp, dp, got \"all\""),
+    ("[layout]\nexpert_copies = 0\n", "[layout] expert_copies: must be >= 1, got 0"),
+    ("[layout]\nep = \"dp\"\ntp = 2\ncpu_ranks = 2\n", "[layout] ep = \"dp\" spreads the experts over whole-model replicas: "
+                                                       "it needs tp = 1 and pp = 1, got tp = 2, pp = 1"),
     ("[layout]\ngpus = -2\n", "[layout] gpus: must be >= -1, got -2"),
     ("[layout]\ncpu_ranks = 0\n", "[layout] cpu_ranks: must be >= 1, got 0"),
     ("[layout]\nspares = -1\n", "[layout] spares: must be >= 0, got -1"),
