@@ -94,8 +94,8 @@ def next_map(previous: ExpertMap | None, previous_seats: Sequence[Seat], seats: 
     serves = [-1] * previous.slots
     was = {s: previous_seats[r] for s, r in enumerate(previous.serves)}
     for s in range(previous.slots):  # a slot's server stays where it was if that rank is still here
-        seat = was.get(s)
-        r = seats.index(seat) if seat in seats else -1
+        server = was.get(s)
+        r = seats.index(server) if server in seats else -1
         if r >= 0 and s in holds[r] and load[r] < target:
             serves[s], load[r] = r, load[r] + 1
     for s in range(previous.slots):  # the rest: the least busy holder, else the least busy rank loads it

@@ -28,7 +28,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 
@@ -425,16 +425,20 @@ class Driver:
 
 def serve_generation(model: StageLike, comm: Comm, groups: GroupSet, settings: EngineSettings,
                      device: torch.device, driver: Driver | None, should_stop: Any = lambda: False,
-                     decode: DecodeRunner | None = None) -> int:
+                     decode: DecodeRunner | None = None, lockstep: bool = False) -> int:
     """Run steps until a SWITCH step (returns its generation) or ``should_stop()`` (returns 0).
+
+    ``lockstep``: the replicas share their experts over the ``ep`` group (``[layout] ep = "dp"``,
+    each a single rank): every step is agreed with the others first (``_agree``), and a replica
+    with nothing to compute serves its experts to those that do.
 
     Raises:
         GenerationAborted: a collective of this generation was aborted; the caller holds the
             requests (driver) and waits for the next plan.
     """
     if driver is not None:
-        overlap = settings.overlap and groups.tp_size == 1 and groups.pp_size == 1
-        return _drive(model, comm, groups, settings, device, driver, should_stop, decode, overlap)
+        overlap = settings.overlap and groups.tp_size == 1 and groups.pp_size == 1 and not lockstep
+        return _drive(model, comm, groups, settings, device, driver, should_stop, decode, overlap, lockstep)
     while True:
         hdr, _ = step(model, comm, groups, settings.max_batch, device, decode=decode)
         if int(hdr[0]) == SWITCH:
@@ -462,9 +466,24 @@ class _Launched:
         return self._host
 
 
+def _agree(comm: Comm, hdr: torch.Tensor, switch_to: int, device: torch.device) -> tuple[torch.Tensor, bool]:
+    """Agree this step with the replicas that share the experts (the ``ep`` group): whether any
+    computes, and whether any leaves the generation, which all then do at this same step (one
+    left behind would wait in an all-to-all nobody else enters). Returns (the header to run:
+    a SWITCH to the newest generation any replica asked for, else ``hdr``; whether any computes)."""
+    mine = torch.tensor([int(hdr[0]) in (PREFILL, DECODE), switch_to], dtype=torch.int64, device=device)
+    every = comm.all_gather(mine, dim=0, group="ep").view(-1, 2).cpu()             # [replicas, 2]
+    newest = int(every[:, 1].max())
+    if newest:
+        out = torch.zeros_like(hdr)
+        out[0], out[3] = SWITCH, newest
+        return out, False
+    return hdr, bool(every[:, 0].any())
+
+
 def _drive(model: StageLike, comm: Comm, groups: GroupSet, settings: EngineSettings,
            device: torch.device, driver: Driver, should_stop: Any, decode: DecodeRunner | None,
-           overlap: bool) -> int:
+           overlap: bool, lockstep: bool = False) -> int:
     """``serve_generation``'s driver loop: plan, step, done. With ``overlap`` (a whole model on
     one rank), while decode steps follow each other with the same rows, the next step is
     launched (fed the launched one's tokens, on the device) before the launched one's tokens
@@ -472,12 +491,19 @@ def _drive(model: StageLike, comm: Comm, groups: GroupSet, settings: EngineSetti
     run while the GPU computes instead of between its steps. A step is still confirmed only
     once the step after it has finished (``Driver.done``), so an abort loses nothing new."""
     launched: _Launched | None = None
+    others_busy = False  # lockstep: another replica computes, so this one steps without waiting
     while True:
         if launched is None:
-            if not driver.busy:
+            if not driver.busy and not others_busy:
                 driver.queue.wait(settings.idle_every)  # an idle step, unless a request arrives first
             hdr, tokens, produced = driver.plan()
-            hdr, nxt = step(model, comm, groups, settings.max_batch, device, hdr, tokens, decode)
+            if lockstep:
+                hdr, others_busy = _agree(comm, hdr, driver.switch_to, device)
+            if lockstep and int(hdr[0]) == IDLE and others_busy:
+                cast(Any, model).idle_moe_pass()  # serve this rank's experts to the replicas that compute
+                nxt: torch.Tensor | None = torch.empty(0, dtype=torch.int64, device=device)
+            else:
+                hdr, nxt = step(model, comm, groups, settings.max_batch, device, hdr, tokens, decode)
             if int(hdr[0]) == SWITCH:
                 return int(hdr[3])
             launched = _Launched(hdr, produced, nxt)

@@ -31,6 +31,7 @@ from rallypoint.groups.topology import rank_at
 from rallypoint.log import configure_logging, get_logger
 from rallypoint.protocol import channel as msgs
 from rallypoint.protocol import exit_codes
+from rallypoint.protocol.experts import experts_of, owners
 from rallypoint.protocol.grid import coords_of, layers_for
 from rallypoint.protocol.orders import mark_drained, request_replan
 from rallypoint.recovery import events as ev
@@ -62,15 +63,17 @@ class ShardKey:
     tp_size: int
     pp_rank: int
     pp_size: int
+    experts: tuple[int, ...] | None = None  # held, when a mixture of experts is spread over every replica
 
 
 class TPAdapter:
-    """The model's view of its TP group: all-reduce and all-gather on ``tp``, and a mixture of
-    experts' all-to-all on ``tp`` too: a serving replica spreads its experts over its TP ranks
-    (EP = TP inside the replica), the one layout the engine's lockstep replicas can drive."""
+    """The model's view of its groups: all-reduce and all-gather on ``tp``, and a mixture of
+    experts' all-to-all on ``ep_group``: ``tp`` when a replica spreads its experts over its own TP
+    ranks (EP = TP), ``ep`` when the experts are spread over every replica (``[layout] ep = "dp"``)."""
 
     def __init__(self, runtime: RankRuntime) -> None:
         self.runtime = runtime
+        self.ep_group = "tp"
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         assert self.runtime.comm is not None
@@ -82,7 +85,7 @@ class TPAdapter:
 
     def all_to_all(self, t: torch.Tensor, in_splits: Sequence[int], out_splits: Sequence[int]) -> torch.Tensor:
         assert self.runtime.comm is not None
-        return self.runtime.comm.all_to_all(t, in_splits, out_splits, "tp")
+        return self.runtime.comm.all_to_all(t, in_splits, out_splits, self.ep_group)
 
 
 class Worker:
@@ -116,6 +119,8 @@ class Worker:
         self.model: StageModel | None = None
         self.graphs: DecodeGraphs | None = None  # of self.model, on a GPU with TP=1 and PP=1
         self.shard: ShardKey | None = None
+        self.experts_read: list[int] = []  # what the last shard change read of the experts (spread over every replica)
+        self.adapter = TPAdapter(self.runtime)
         self.driver: Driver | None = None
         # The replica's HTTP API runs in a process of its own (api_link: why), started now so its
         # imports and tokenizer load overlap this process's model load; it listens once this
@@ -168,9 +173,14 @@ class Worker:
         # gloo's connect waits at most the store timeout: only NCCL's init can hang for good.
         guard = self.build_guard.watching(plan.gen) if self.runtime.settings.device.startswith("cuda") \
             else contextlib.nullcontext()
+        names = (*self.runtime.settings.group_names, "ep") if self._shares_experts(plan) else None
         with guard:
             return self.runtime.configure(plan, *self.seat, cancelled=lambda: self._newer_than(plan.gen) or (
-                "this process is stopping" if self.stopping.is_set() else None))
+                "this process is stopping" if self.stopping.is_set() else None), names=names)
+
+    def _shares_experts(self, plan: Plan) -> bool:
+        """Whether ``plan`` spreads this model's experts over every replica (``[layout] ep = "dp"``)."""
+        return plan.experts is not None and self.config is not None and self.config.num_experts > 0
 
     def _ask_replan(self, gen: int, reason: str) -> None:
         """Ask the leader for the next plan: a build that failed here (a member that never came,
@@ -196,7 +206,12 @@ class Worker:
     def _shard_for(self, plan: Plan) -> ShardKey:
         """The shard this seat holds in ``plan``: known from the plan alone, before any group exists."""
         assert self.seat is not None
-        at = coords_of(rank_at(plan, *self.seat), plan.tp, plan.pp)
+        rank = rank_at(plan, *self.seat)
+        at = coords_of(rank, plan.tp, plan.pp)
+        if self._shares_experts(plan):
+            assert plan.experts is not None and self.config is not None  # _shares_experts checked both
+            held = experts_of(plan.experts.holds[rank], plan.experts.slots, self.config.num_experts)
+            return ShardKey(at.tp, plan.tp, at.pp, plan.pp, held)
         return ShardKey(at.tp, plan.tp, at.pp, plan.pp)
 
     def _seat_device(self) -> torch.device:
@@ -234,13 +249,25 @@ class Worker:
         graphs through compiled layers (``DecodeGraphs``), compiling now (seconds to tens of
         seconds): for a first start or a spare, never for a replacement on a recovery's path.
         """
-        from rallypoint.worker.shards import load_stage
+        from rallypoint.worker.shards import hold_experts, load_stage
 
+        self.experts_read = []
         if key == self.shard and self.model is not None:
             self.model.reset_cache()
             return 0.0
         assert self.config is not None, "an all-reduce probe loads no shard"
         t0 = time.monotonic()
+        if self.model is not None and self.shard is not None and key.experts is not None \
+                and replace(self.shard, experts=None) == replace(key, experts=None):
+            # the same stage with other experts (spread over every replica): read only the new ones
+            self.experts_read = hold_experts(self.model, self.args.model, key.experts, self._seat_device(),
+                                             self._dtype())
+            self.model.reset_cache()
+            self.shard = key
+            took = time.monotonic() - t0
+            self.log.info("worker.experts_moved", held=list(key.experts), read=self.experts_read,
+                          seconds=round(took, 3))
+            return took
         self.model = self.graphs = None
         layers = layers_for(self.config.num_hidden_layers, key.pp_rank, key.pp_size)
         device = self._seat_device()
@@ -248,7 +275,7 @@ class Worker:
             torch.cuda.set_device(device)  # this thread's current device
         self.model = model = load_stage(self.args.model, self.config, key.tp_rank, key.tp_size, layers,
                                 first=key.pp_rank == 0, last=key.pp_rank == key.pp_size - 1,
-                                device=device, dtype=self._dtype(), comm=TPAdapter(self.runtime))
+                                device=device, dtype=self._dtype(), comm=self.adapter, experts=key.experts)
         if not (self.settings.max_batch and self.settings.max_seq):
             self._size_cache(key, device)
         model.setup_cache(self.settings.max_batch, self.settings.max_seq)
@@ -260,6 +287,7 @@ class Worker:
             self.graphs = DecodeGraphs(model, self.settings.max_batch, self.settings.max_seq, device,
                                        compile=compile)
         self.shard = key
+        self.experts_read = list(key.experts) if key.experts is not None else []
         took = time.monotonic() - t0
         self.log.info("worker.shard_loaded", tp_rank=key.tp_rank, tp=key.tp_size, pp_rank=key.pp_rank,
                       pp=key.pp_size, layers=[layers.start, layers.stop], seconds=round(took, 3),
@@ -268,7 +296,10 @@ class Worker:
 
     def _experts(self, key: ShardKey | None) -> dict[str, Any]:
         """A mixture of experts: ``{"experts": [first, end)}`` this shard holds (its EP rank's share,
-        EP = TP), for the log and the shard_loaded event; {} for a dense model."""
+        EP = TP), for the log and the shard_loaded event; spread over every replica, the experts it
+        holds and those the last change read; {} for a dense model."""
+        if key is not None and key.experts is not None:
+            return {"experts_held": list(key.experts), "experts_read": list(self.experts_read)}
         per = self.config.num_experts // key.tp_size if self.config is not None and key is not None else 0
         return {"experts": [key.tp_rank * per, (key.tp_rank + 1) * per]} if per and key is not None else {}
 
@@ -394,6 +425,14 @@ class Worker:
                 self.title("all-reduce probe", groups.rank)
                 self._run_probe(plan, groups)
                 continue
+            lockstep = self._shares_experts(plan)
+            if lockstep:  # serve the experts this plan gives this rank, and route to the others'
+                assert plan.experts is not None and self.config is not None and self.model is not None
+                self.adapter.ep_group = "ep"
+                self.model.set_expert_owners(groups.ep.rank_in_group, groups.ep.world_size,
+                                             owners(plan.experts, self.config.num_experts))
+            else:
+                self.adapter.ep_group = "tp"
             is_driver = groups.is_first_stage and groups.tp_rank == 0
             if is_driver:
                 if self.driver is None:
@@ -412,7 +451,8 @@ class Worker:
             assert self.model is not None and self.runtime.comm is not None  # loaded and built above
             try:
                 nxt = serve_generation(self.model, self.runtime.comm, groups, self.settings, self.runtime.device,
-                                       self.driver if is_driver else None, self._should_switch, self.graphs)
+                                       self.driver if is_driver else None, self._should_switch, self.graphs,
+                                       lockstep=lockstep)
                 if self.driver is not None:
                     self.driver.hold()
                 self.log.info("worker.switch", gen=plan.gen, to=nxt)

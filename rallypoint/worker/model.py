@@ -311,11 +311,14 @@ class Expert(nn.Module):
 class SparseMoE(nn.Module):
     """Mixtral's ``block_sparse_moe`` (Qwen3-MoE's sparse ``mlp``) with its experts spread over the EP group.
 
-    EP rank ``r`` of ``ep_size`` holds experts ``r * L .. (r + 1) * L - 1`` (``L = num_experts /
-    ep_size``), named by their global index as in the checkpoint (``experts.5.w1``), so a rank
-    reads only its own. A token's hidden state is sent to the rank of each expert chosen for it
-    and the expert outputs come back to it (``dispatch``: an all-to-all of the counts, then one
-    each way), where they are weighted and summed.
+    By default EP rank ``r`` of ``ep_size`` holds and serves experts ``r * L .. (r + 1) * L - 1``
+    (``L = num_experts / ep_size``). Spread over every replica (``protocol.experts``) a rank
+    holds the experts in ``held`` and serves those ``set_owners`` gives it. Experts are named by
+    their global index as in the checkpoint (``experts.5.w1``), so a rank reads only its own. A
+    token's hidden state is sent to the rank serving each expert chosen for it and the expert
+    outputs come back to it (``dispatch``: an all-to-all of the counts, then one each way), where
+    they are weighted and summed in the order of the experts' indices, whoever served them: the
+    same sums, bit for bit, after a shrink moved an expert to its copy.
 
     The ranks of a TP group hold the same tokens (the attention's all-reduce replicated them), so
     TP rank ``t`` routes only rows ``t * P .. (t + 1) * P - 1`` (``P = ceil(N / tp_size)``) and the
@@ -323,17 +326,54 @@ class SparseMoE(nn.Module):
     """
 
     def __init__(self, config: ModelConfig, tp_rank: int = 0, tp_size: int = 1, ep_rank: int = 0,
-                 ep_size: int = 1) -> None:
+                 ep_size: int = 1, held: Sequence[int] | None = None) -> None:
         super().__init__()
         self.num_experts, self.top_k = config.num_experts, config.num_experts_per_tok
         self.normalize = config.norm_topk_prob
-        self.tp_rank, self.tp_size, self.ep_rank, self.ep_size = tp_rank, tp_size, ep_rank, ep_size
-        self.local = config.num_experts // ep_size                                  # experts per EP rank
+        self.tp_rank, self.tp_size = tp_rank, tp_size
         self.gate = Linear(config.hidden_size, config.num_experts)
-        first = ep_rank * self.local
-        self.experts = nn.ModuleDict({str(e): MLP(config, 1, config.expert_size) if config.model_type == "qwen3_moe"
-                                      else Expert(config.hidden_size, config.expert_size)
-                                      for e in range(first, first + self.local)})
+        self._config = config
+        if held is None:
+            local = config.num_experts // ep_size
+            held = range(ep_rank * local, (ep_rank + 1) * local)
+            owner = [e // local for e in range(config.num_experts)]
+        else:  # set_owners says who serves what before the first forward
+            owner = [ep_rank] * config.num_experts if ep_size == 1 else [-1] * config.num_experts
+        self.experts = nn.ModuleDict({str(e): self.new_expert() for e in held})
+        self.set_owners(ep_rank, ep_size, owner, check=False)
+
+    def new_expert(self) -> nn.Module:
+        """One expert of this model's kind (uninitialised on ``meta``: its weights get assigned)."""
+        c = self._config
+        return MLP(c, 1, c.expert_size) if c.model_type == "qwen3_moe" else Expert(c.hidden_size, c.expert_size)
+
+    @property
+    def held(self) -> list[int]:
+        """The experts in this rank's memory, ascending."""
+        return sorted(int(e) for e in self.experts)
+
+    def set_owners(self, ep_rank: int, ep_size: int, owner: Sequence[int], check: bool = True) -> None:
+        """Serve as EP rank ``ep_rank`` of ``ep_size``, ``owner[e]`` being the rank that serves expert ``e``.
+
+        Raises:
+            ValueError: ``owner`` does not name a rank for every expert, or gives this rank an
+                expert it does not hold.
+        """
+        if check:
+            if len(owner) != self.num_experts or not all(0 <= r < ep_size for r in owner):
+                raise ValueError(f"owners {list(owner)} do not name one of {ep_size} EP ranks for each of "
+                                 f"{self.num_experts} experts")
+            missing = [e for e, r in enumerate(owner) if r == ep_rank and str(e) not in self.experts]
+            if missing:
+                raise ValueError(f"EP rank {ep_rank} is to serve experts {missing} it does not hold")
+        self.ep_rank, self.ep_size, self.owner = ep_rank, ep_size, list(owner)
+        order = sorted(range(self.num_experts), key=lambda e: (owner[e], e))         # by serving rank, then index
+        self.served = [sum(1 for r in owner if r == k) for k in range(ep_size)]       # experts each rank serves
+        self.serving = [e for e in order if owner[e] == ep_rank]
+        pos = [0] * self.num_experts
+        for i, e in enumerate(order):
+            pos[e] = i
+        self._pos = None if order == list(range(self.num_experts)) else torch.tensor(pos)
 
     def forward(self, x: Tensor, comm: ModelComm | None) -> Tensor:
         # x: [B, S, D] (the same on every TP rank) -> [B, S, D]
@@ -348,40 +388,53 @@ class SparseMoE(nn.Module):
         return comm.all_gather(y, dim=0)[:b * s].view(b, s, d)                        # [tp * P, D] -> [N, D]
 
     def mix(self, x: Tensor, comm: ModelComm | None) -> Tensor:
-        """The weighted sum of each token's chosen experts. x: [N, D] -> [N, D]."""
+        """The weighted sum of each token's chosen experts. x: [N, D] -> [N, D] (N may be 0: a
+        replica with nothing to compute still serves its experts to the others)."""
         weights, experts = route(self.gate(x), self.top_k, self.normalize)           # [N, k], [N, k]
         chosen = experts.flatten()                                                    # [N*k] expert per (token, slot)
-        order = chosen.argsort(stable=True)                                           # pairs grouped by expert
+        if self._pos is not None and self._pos.device != chosen.device:
+            self._pos = self._pos.to(chosen.device)
+        key = chosen if self._pos is None else self._pos[chosen]                      # place in serving order
+        order = key.argsort(stable=True)                                              # pairs grouped by rank, expert
+        counts = torch.bincount(key, minlength=self.num_experts)                      # [E] pairs per expert
+        out = self.dispatch(x[order // self.top_k], counts, comm)                     # [N*k, D] in `order`
+        if self._pos is not None:  # sum each token's experts in index order, as the default layout does
+            by_pair = torch.empty_like(out)
+            by_pair[order] = out
+            order = chosen.argsort(stable=True)
+            out = by_pair[order]
         token = order // self.top_k                                                   # [N*k] token of each pair
-        counts = torch.bincount(chosen, minlength=self.num_experts)                   # [E] pairs per expert
-        out = self.dispatch(x[token], counts, comm)                                   # [N*k, D] in `order`
         w = weights.flatten()[order, None]                                            # [N*k, 1] float32
         return torch.zeros_like(x).index_add_(0, token, (out * w).to(x.dtype))       # as transformers sums them
 
     def dispatch(self, rows: Tensor, counts: Tensor, comm: ModelComm | None) -> Tensor:
-        """Run each row through its expert, wherever that expert lives; rows come back in order.
+        """Run each row through its expert, wherever that expert is served; rows come back in order.
 
-        ``rows`` ``[M, D]`` are grouped by expert, ``counts`` ``[E]`` rows per expert. Experts are
-        laid out by EP rank, so the groups are also in rank order: one all-to-all of the counts
-        tells each rank what it receives, one sends the rows, one brings the outputs back.
+        ``rows`` ``[M, D]`` are grouped by serving rank then expert, ``counts`` ``[E]`` rows per
+        expert in that order: one all-to-all of the counts tells each rank what it receives, one
+        sends the rows, one brings the outputs back.
         """
         if self.ep_size == 1:
             return self.run_experts(rows, counts.tolist())
         assert comm is not None  # StageModel.forward checked it
-        ep, local = self.ep_size, self.local
-        got = comm.all_to_all(counts, [local] * ep, [local] * ep).view(ep, local)     # [src, my expert] rows
-        send, recv = counts.view(ep, local).sum(1).tolist(), got.sum(1).tolist()      # rows to / from each rank
+        ep, mine = self.ep_size, self.served[self.ep_rank]
+        got = comm.all_to_all(counts, self.served, [mine] * ep).view(ep, mine)       # [src, my expert] rows
+        per = counts.tolist()
+        at = [sum(self.served[:k]) for k in range(ep + 1)]
+        send, recv = [sum(per[at[k]:at[k + 1]]) for k in range(ep)], got.sum(1).tolist()  # rows to / from each rank
         theirs = comm.all_to_all(rows, send, recv)                                    # by source, then expert
-        mine = torch.arange(local, device=rows.device).repeat(ep).repeat_interleave(got.flatten())
-        by_expert = mine.argsort(stable=True)                                         # regroup by my expert
+        local = torch.arange(mine, device=rows.device).repeat(ep).repeat_interleave(got.flatten())
+        by_expert = local.argsort(stable=True)                                        # regroup by my expert
         out = torch.empty_like(theirs)
         out[by_expert] = self.run_experts(theirs[by_expert], got.sum(0).tolist())
         return comm.all_to_all(out, recv, send)                                       # back, in `rows`' order
 
     def run_experts(self, rows: Tensor, counts: list[int]) -> Tensor:
-        """This rank's experts over ``rows`` grouped by expert (``counts[j]`` rows for its j-th)."""
+        """The experts this rank serves over ``rows`` grouped by expert (``counts[j]`` rows for its j-th)."""
+        if not self.serving:
+            return rows
         parts = rows.split(counts)
-        return torch.cat([expert(part) if len(part) else part for expert, part in zip(self.experts.values(), parts)])
+        return torch.cat([self.experts[str(e)](part) if len(part) else part for e, part in zip(self.serving, parts)])
 
 
 class DecoderLayer(nn.Module):
@@ -389,7 +442,7 @@ class DecoderLayer(nn.Module):
     after its TP all-reduce (the mixture of experts combines its own outputs)."""
 
     def __init__(self, config: ModelConfig, tp_size: int, layer: int, tp_rank: int = 0, ep_rank: int = 0,
-                 ep_size: int = 1) -> None:
+                 ep_size: int = 1, experts: Sequence[int] | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, tp_size, layer)
@@ -397,9 +450,9 @@ class DecoderLayer(nn.Module):
         self.sparse = config.is_sparse(layer)
         self.mlp: MLP | SparseMoE
         if self.sparse and config.model_type == "mixtral":  # HF's name for Mixtral's block
-            self.block_sparse_moe = SparseMoE(config, tp_rank, tp_size, ep_rank, ep_size)
+            self.block_sparse_moe = SparseMoE(config, tp_rank, tp_size, ep_rank, ep_size, experts)
         elif self.sparse:  # Qwen3-MoE keeps the name mlp
-            self.mlp = SparseMoE(config, tp_rank, tp_size, ep_rank, ep_size)
+            self.mlp = SparseMoE(config, tp_rank, tp_size, ep_rank, ep_size, experts)
         else:
             self.mlp = MLP(config, tp_size)
 
@@ -468,16 +521,19 @@ class StageModel(nn.Module):
             it when ``tp_size > 1`` or ``ep_size > 1`` (it may be set later).
         ep_rank, ep_size: this rank's place in the EP group that holds a mixture of experts' experts
             (default: the TP group's, experts spread over the TP ranks); ignored by a dense model.
+        experts: the experts this rank holds when they are spread over every replica
+            (``protocol.experts``); ``set_expert_owners`` then says which it serves.
     """
 
     def __init__(self, config: ModelConfig, tp_rank: int = 0, tp_size: int = 1, layers: range | None = None,
                  first: bool = True, last: bool = True, comm: TPComm | None = None,
-                 ep_rank: int | None = None, ep_size: int | None = None) -> None:
+                 ep_rank: int | None = None, ep_size: int | None = None,
+                 experts: Sequence[int] | None = None) -> None:
         super().__init__()
         ep_rank, ep_size = (tp_rank, tp_size) if ep_size is None else (ep_rank or 0, ep_size)
         if not config.num_experts:
             ep_rank, ep_size = 0, 1
-        config.check_parallel(tp_size, 1, ep_size)
+        config.check_parallel(tp_size, 1, ep_size if experts is None else 1)
         if not 0 <= tp_rank < tp_size:
             raise ValueError(f"tp_rank {tp_rank} is outside tp_size {tp_size}")
         if not 0 <= ep_rank < ep_size:
@@ -487,7 +543,7 @@ class StageModel(nn.Module):
         self.first, self.last, self.comm = first, last, comm
         if first:
             self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(config, tp_size, i, tp_rank, ep_rank, ep_size)
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(config, tp_size, i, tp_rank, ep_rank, ep_size, experts)
                                      for i in self.layer_ids})
         if last:
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -499,6 +555,29 @@ class StageModel(nn.Module):
     def decoder_layers(self) -> Iterable[DecoderLayer]:
         """This stage's decoder layers in order (``self.layers``' values, typed as what they are)."""
         return cast("Iterable[DecoderLayer]", self.layers.values())
+
+    def moe_blocks(self) -> list[SparseMoE]:
+        """This stage's mixtures of experts, in layer order (none in a dense model)."""
+        return [cast(SparseMoE, getattr(layer, "block_sparse_moe", None) or layer.mlp)
+                for layer in self.decoder_layers() if layer.sparse]
+
+    def set_expert_owners(self, ep_rank: int, ep_size: int, owner: Sequence[int]) -> None:
+        """Serve as EP rank ``ep_rank`` of ``ep_size``, expert ``e`` being served by rank ``owner[e]``
+        (every layer alike). Raises ``ValueError`` if this rank would serve an expert it does not hold."""
+        for moe in self.moe_blocks():
+            moe.set_owners(ep_rank, ep_size, owner)
+        self.ep_rank, self.ep_size = ep_rank, ep_size
+
+    def idle_moe_pass(self) -> None:
+        """Take part in every mixture of experts' all-to-alls with no tokens of this rank's own,
+        serving its experts to the others: what a replica with nothing to compute does while
+        the replicas it shares experts with run a step (they cannot go on without it)."""
+        moe_comm = cast("ModelComm | None", self.comm)
+        dtype = next(self.parameters()).dtype
+        device = next(self.parameters()).device
+        empty = torch.empty(1, 0, self.config.hidden_size, dtype=dtype, device=device)
+        for moe in self.moe_blocks():
+            moe(empty, moe_comm)
 
     def _reduce(self, t: Tensor) -> Tensor:
         if self.tp_size == 1:

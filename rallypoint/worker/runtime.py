@@ -12,6 +12,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -88,9 +89,11 @@ class RankRuntime:
             self.comm.board.lease = self.lease.id
         self.log.warning("runtime.lease_renewed", old=hex(lost), lease=hex(self.lease.id))
 
-    def configure(self, plan: PlanLike, node: str, local_rank: int, cancelled: Cancelled | None = None) -> GroupSet:
+    def configure(self, plan: PlanLike, node: str, local_rank: int, cancelled: Cancelled | None = None,
+                  names: Sequence[str] | None = None) -> GroupSet:
         """Build generation ``plan.gen``'s groups for the seat ``node/local_rank``; a build waiting
-        for its peers gives up as soon as ``cancelled()`` gives a reason.
+        for its peers gives up as soon as ``cancelled()`` gives a reason. ``names``: the groups to
+        build (default: the settings' ``group_names``).
 
         Raises:
             GroupError: the plan has no rank on this seat, a peer never arrived, or the build
@@ -105,7 +108,7 @@ class RankRuntime:
         groups = GroupSet.configure(
             plan, rank, self._store_for, self.device,
             timeout=timedelta(seconds=self.settings.build_timeout), previous=self.groups,
-            names=self.settings.group_names, is_tainted=self._tainted, cancelled=cancelled)
+            names=names or self.settings.group_names, is_tainted=self._tainted, cancelled=cancelled)
         self.groups = groups
         if self.comm is None:
             board = ProgressBoard(self.client, self.keys, self.seat, self.lease.id)

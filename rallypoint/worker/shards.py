@@ -12,6 +12,7 @@ tensor, a truncated or corrupt file, a shape that does not match ``config.json``
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from safetensors import safe_open
 
 from rallypoint.errors import CheckpointError
 from rallypoint.worker.checkpoint import INDEX_FILE, WEIGHTS_FILE, tensor_shapes
-from rallypoint.worker.model import StageModel, TPComm, split_dim
+from rallypoint.worker.model import SparseMoE, StageModel, TPComm, split_dim
 from rallypoint.worker.model_config import ModelConfig
 
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
@@ -112,7 +113,8 @@ class CheckpointReader:
 def load_stage(ckpt_dir: str | Path, config: ModelConfig | None = None, tp_rank: int = 0, tp_size: int = 1,
                layers: range | None = None, first: bool = True, last: bool = True,
                device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-               comm: TPComm | None = None, ep_rank: int | None = None, ep_size: int | None = None) -> StageModel:
+               comm: TPComm | None = None, ep_rank: int | None = None, ep_size: int | None = None,
+               experts: Sequence[int] | None = None) -> StageModel:
     """Build this rank's ``StageModel`` and fill it with its slices of the checkpoint.
 
     Args:
@@ -130,6 +132,8 @@ def load_stage(ckpt_dir: str | Path, config: ModelConfig | None = None, tp_rank:
             of experts spread over more than one rank.
         ep_rank: this rank's index in the EP group (a mixture of experts reads only its experts).
         ep_size: the EP group size (default: experts spread over the TP group, ``ep_rank = tp_rank``).
+        experts: the experts to read when they are spread over every replica (``protocol.experts``;
+            the model's ``set_expert_owners`` then says which it serves).
 
     Raises:
         CheckpointError: the config does not split over ``tp_size`` (experts over ``ep_size``), a layer
@@ -137,13 +141,13 @@ def load_stage(ckpt_dir: str | Path, config: ModelConfig | None = None, tp_rank:
             or a tensor cannot be read (the message names the tensor and the file).
     """
     config = config or ModelConfig.from_dir(ckpt_dir)
-    config.check_parallel(tp_size, 1, ep_size or tp_size)
+    config.check_parallel(tp_size, 1, (ep_size or tp_size) if experts is None else 1)
     layers = range(config.num_hidden_layers) if layers is None else layers
     if len(layers) and (min(layers) < 0 or max(layers) >= config.num_hidden_layers):
         raise CheckpointError(f"{ckpt_dir}: layers {layers} outside 0..{config.num_hidden_layers - 1}")
     dtype = dtype or config.dtype
     with torch.device("meta"):
-        model = StageModel(config, tp_rank, tp_size, layers, first, last, comm, ep_rank, ep_size)
+        model = StageModel(config, tp_rank, tp_size, layers, first, last, comm, ep_rank, ep_size, experts)
     shapes = tensor_shapes(config)  # a tied LM head reads model.embed_tokens.weight (in every config)
     state = {}
     with CheckpointReader(ckpt_dir) as reader:
@@ -152,3 +156,37 @@ def load_stage(ckpt_dir: str | Path, config: ModelConfig | None = None, tp_rank:
             state[pname] = t.to(device=device, dtype=dtype)
     model.load_state_dict(state, assign=True, strict=True)
     return model.requires_grad_(False).eval().fuse()
+
+
+def hold_experts(model: StageModel, ckpt_dir: str | Path, experts: Sequence[int],
+                 device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> list[int]:
+    """Make ``model`` hold exactly ``experts`` in every mixture of experts: read the ones it lacks
+    from the checkpoint, free the ones no longer wanted, keep the rest as they are. Returns the
+    experts read (what moving an expert to this rank costs).
+
+    Raises:
+        CheckpointError: an expert's tensor cannot be read (the model is left as it was).
+    """
+    blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, SparseMoE)]
+    if not blocks:
+        return []
+    want, have = set(experts), set(blocks[0][1].held)
+    added = sorted(want - have)
+    shapes = tensor_shapes(model.config)
+    loaded: list[tuple[SparseMoE, int, torch.nn.Module]] = []
+    with CheckpointReader(ckpt_dir) as reader:  # read everything first: a bad tensor changes nothing
+        for name, moe in blocks:
+            for e in added:
+                with torch.device("meta"):
+                    module = moe.new_expert()
+                state = {}
+                for pname, _ in module.named_parameters():
+                    hf = f"model.{name}.experts.{e}.{pname}"
+                    state[pname] = reader.read(hf, shapes[hf]).to(device=device, dtype=dtype or model.config.dtype)
+                module.load_state_dict(state, assign=True, strict=True)
+                loaded.append((moe, e, module.requires_grad_(False).eval()))
+    for moe, e, module in loaded:
+        moe.experts[str(e)] = module
+    for _, moe in blocks:
+        moe.experts = torch.nn.ModuleDict({str(e): moe.experts[str(e)] for e in sorted(want)})  # index order
+    return added
