@@ -40,6 +40,7 @@ class Deployment:
     CPU ranks (gloo), else the host's GPUs: node ``n<i>`` sees GPU ``(i-1) % gpus`` alone (NCCL,
     float32 weights, so a resumed request draws the reference's tokens); arch: the tiny model's
     layout, ``llama`` or ``moe`` (Mixtral's: experts split over each replica's TP ranks, EP = TP);
+    ep: ``dp`` spreads a ``moe``'s experts over every replica instead (TP = 1, two copies of each);
     lab: a network lab (``testing.netns``) to run in: every etcd member (``e1``..``e3``) and node in a
     namespace of its own, this process in ``ctl``, so the partition scenarios can cut them apart."""
 
@@ -49,6 +50,7 @@ class Deployment:
     cluster: str = field(default_factory=lambda: f"chaos-{secrets.token_hex(3)}")  # two runs never mix
     gpus: int = 0
     arch: str = "llama"
+    ep: str = "tp"
     extra: tuple[str, ...] = ()
     lab: NetLab | None = None
     etcd: EtcdCluster | None = None
@@ -116,7 +118,8 @@ class Deployment:
         slots = ["--gpus", "1", "--worker-dtype", "float32"] if self.gpus else ["--cpu-ranks", "1"]
         args = daemon_args(self.etcd.endpoints, self.cluster, "--tp", str(self.tp), *slots,
                            "--state-dir", str(self.root / name), "--worker-model", str(self.model_of(name)),
-                           "--worker-restart-budget", "2", "--worker-restart-window", "20", *self.extra)
+                           "--worker-restart-budget", "2", "--worker-restart-window", "20",
+                           *(("--ep", "dp", "--expert-copies", "2") if self.ep == "dp" else ()), *self.extra)
         for stale in ("gateway.url", "metrics.url"):
             (self.root / name / stale).unlink(missing_ok=True)
         env = {"CUDA_VISIBLE_DEVICES": str((int(name[1:]) - 1) % self.gpus)} if self.gpus else {}

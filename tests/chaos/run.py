@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="concurrent clients, each streaming one request after another (faults under load)")
     ap.add_argument("--arch", default="llama", choices=("llama", "moe"),
                     help="the tiny model's layout (moe: Mixtral's, experts split over each replica's TP ranks)")
+    ap.add_argument("--ep", default="tp", choices=("tp", "dp"),
+                    help="with --arch moe: experts over each replica's TP ranks (TP=2), or over every "
+                         "replica (TP=1, two copies of each expert)")
     ap.add_argument("--budget", type=float, default=0.0,
                     help="start no new fault after this many seconds, then report (0: no limit)")
     ap.add_argument("--netns", action="store_true",
@@ -93,13 +96,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.time() - t0:7.1f}s] {line}", flush=True)
 
     ranks = f"one GPU each (of {args.gpus}), NCCL" if args.gpus else "one CPU rank each, gloo"
-    say(f"deployment in {root}: 3 etcd members, {nodes} rallyd ({ranks}), TP=2, {args.arch}, "
+    layout = "TP=1, experts over every replica" if args.ep == "dp" else "TP=2"
+    say(f"deployment in {root}: 3 etcd members, {nodes} rallyd ({ranks}), {layout}, {args.arch}, "
         f"{args.clients} clients, seed {args.seed}")
     lab = NetLab.from_json(args.lab) if args.lab else None
     if lab is not None:
         say(f"in network namespaces rp{lab.lab_id}-*: {', '.join(f'{n} {lab.address(n)}' for n in lab.names)}")
     chaos = Chaos.start(root, nodes=nodes, clients=args.clients, seed=args.seed, gpus=args.gpus, log=say,
-                        arch=args.arch, lab=lab)
+                        arch=args.arch, lab=lab, ep=args.ep)
     footprint = {"start": measure(chaos.deployment)}
     say(f"etcd at the start: {footprint['start'].line()}")
     sampling = threading.Event()

@@ -60,8 +60,8 @@ class Chaos:
 
     @classmethod
     def start(cls, root: Path, nodes: int = 3, clients: int = 3, seed: int = 0, gpus: int = 0,
-              log=print, arch: str = "llama", lab: NetLab | None = None) -> Chaos:
-        d = Deployment(root, nodes=nodes, gpus=gpus, arch=arch, lab=lab).start()
+              log=print, arch: str = "llama", lab: NetLab | None = None, ep: str = "tp") -> Chaos:
+        d = Deployment(root, nodes=nodes, gpus=gpus, arch=arch, lab=lab, ep=ep, tp=1 if ep == "dp" else 2).start()
         if d.wait_serving(120) is None:
             raise RuntimeError(f"the deployment never served; logs in {root}")
         load = Load(d.gateways, clients=clients, seed=seed)

@@ -104,9 +104,9 @@ def kill_ep_rank(d: Deployment, rng: random.Random) -> Fault:
     rank, node, pid = _pick_rank(d, rng)
     gen, t = _gen(d), time.time()
     _signal(pid, signal.SIGKILL)
-    f = Fault("kill_ep_rank", t, gen, [pid], note=f"EP rank {rank % d.tp} of replica {rank // d.tp} "
-                                                 f"({node}, pid {pid})")
-    if d.arch != "moe" or d.tp < 2:
+    where = f"EP rank {rank} of every replica's" if d.ep == "dp" else f"EP rank {rank % d.tp} of replica {rank // d.tp}"
+    f = Fault("kill_ep_rank", t, gen, [pid], note=f"{where} ({node}, pid {pid})")
+    if d.arch != "moe" or (d.tp < 2 and d.ep != "dp"):
         f.problems.append(f"the deployment has no expert-parallel group (arch {d.arch}, TP {d.tp})")
 
     def loads() -> list[str]:
@@ -114,6 +114,14 @@ def kill_ep_rank(d: Deployment, rng: random.Random) -> Fault:
         if plan is None or plan.gen <= gen:
             return [f"no generation after {gen} to check the expert loads of"]
         loaded = [e for e in d.events() if e.kind == ev.SHARD_LOADED and e.gen == plan.gen]
+        if d.ep == "dp":  # a restart reads what the seat held, a shrink nothing (two copies of each expert)
+            read = [e for e in loaded if e.detail.get("experts_read")]
+            problems = [f"gen {plan.gen}: rank {e.detail.get('rank')} read experts {e.detail['experts_read']}, "
+                        f"not what it holds ({e.detail.get('experts_held')})" for e in read
+                        if e.detail["experts_read"] != e.detail.get("experts_held")]
+            if len(read) > 1:
+                problems.append(f"gen {plan.gen}: {len(read)} ranks read experts; the replacement alone should")
+            return problems
         moved = [e for e in loaded if e.detail.get("seconds", 0) > 0]
         problems = [f"gen {plan.gen}: rank {e.detail.get('rank')} loaded experts {e.detail.get('experts')}, "
                     f"not one EP rank's share of {d.tp}" for e in moved

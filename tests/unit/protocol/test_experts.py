@@ -110,3 +110,17 @@ def test_a_spec_written_before_ep_reads_as_tp_and_a_bad_one_is_refused() -> None
     assert ClusterSpec.from_json("spec", old) == ClusterSpec()
     with pytest.raises(MalformedRecord, match="ep must be one of tp, dp"):
         ClusterSpec.from_json("spec", old[:-1] + ', "ep": "xp"}')
+
+
+def test_rallyctl_plan_shows_the_slots_each_rank_holds_and_serves() -> None:
+    from rallypoint.cli.views import format_plan
+
+    spec = ClusterSpec(tp=1, pp=1, dp=0, ep="dp", expert_copies=2)
+    first = make_plan(1, [_node("a", 3)], spec, "initial", "a")
+    shrunk = make_plan(2, [NodeRecord(**{**_node("a", 3).__dict__, "bad_seats": (1,)})], spec, "seat 1 out", "a",
+                       previous=first)
+    text = format_plan(shrunk)
+    assert "experts over every replica, in 3 slots" in text
+    rows = [line.split() for line in text.splitlines()[3:]]
+    assert rows == [["0", "a", "0", "0", "0", "0", "0,1", "0,1"], ["1", "a", "2", "1", "0", "0", "0,2", "2"]]
+    assert "slots" not in format_plan(make_plan(1, [_node("a", 2)], ClusterSpec(), "initial", "a"))
