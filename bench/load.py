@@ -121,7 +121,7 @@ class Deployment:
         a = self.args
         model = a.model or self.work / "model"
         if not (Path(model) / "config.json").exists():
-            make_model(model, a.model_size, seed=0)
+            make_model(model, a.model_size, seed=0, arch=a.arch)
         self.etcd = EtcdCluster(1, root=self.work / "etcd").start()
         state = self.work / "n0"
         node_args = ["--tp", "1", "--dp", str(a.dp), "--state-dir", str(state), "--worker-model", str(model),
@@ -132,7 +132,7 @@ class Deployment:
                      "--worker-compile" if a.compile == "on" else "--no-worker-compile",
                      "--worker-overlap" if a.overlap == "on" else "--no-worker-overlap"]
         node_args += ["--gpus", str(a.dp)] if a.device == "cuda" else ["--cpu-ranks", str(a.dp)]
-        node_args += ["--worker-queue-capacity", str(a.queue_capacity)]
+        node_args += ["--worker-queue-capacity", str(a.queue_capacity), "--ep", a.ep]
         if a.gateway_processes is not None:
             node_args += ["--gateway-processes", str(a.gateway_processes)]
         self.daemon = DaemonProcess("n0", daemon_args(self.etcd.endpoints, "load") + node_args,
@@ -510,6 +510,9 @@ def main() -> int:
     own.add_argument("--model", type=Path, help="checkpoint directory to serve (written if missing)")
     own.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     own.add_argument("--dp", type=int, default=1, help="replicas (one CPU rank or GPU each)")
+    own.add_argument("--arch", default="llama", choices=("llama", "moe"), help="the written model's layout")
+    own.add_argument("--ep", default="tp", choices=("tp", "dp"),
+                     help="[layout] ep: a moe's experts in each replica (tp) or shared by every replica (dp)")
     own.add_argument("--max-batch", type=int,
                      help="[worker] max_batch: KV-cache rows per replica (default N; 0: sized from free memory)")
     own.add_argument("--max-seq", type=int, help="[worker] max_seq (default P + T rounded up to 64; 0: the model's context)")

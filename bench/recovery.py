@@ -25,6 +25,12 @@ to a warm spare.
     python bench/recovery.py --gpus 0 --size tiny --modes cold,standby --runs 3
     python bench/recovery.py --gpus 0 --size tiny --arch moe --runs 3  # an expert-parallel rank killed
     python bench/recovery.py --tp 1 --gpus 1 --runs 10 --model /tmp/rp-1b --dtype float32
+    python bench/recovery.py --gpus 0 --size tiny --arch moe --ep dp --modes cold,spare,shrink --runs 5
+
+``--ep dp`` (a ``moe``): two one-rank replicas share the experts (``[layout] ep = "dp"``, each
+expert on ``--copies`` ranks); the client streams through the gateway and rank 1 is killed: its
+replacement reads only its own experts, or with ``shrink`` (no restart allowed; a fresh daemon per
+run) replica 0 serves on alone from the copies, reading nothing.
 """
 
 from __future__ import annotations
@@ -164,18 +170,30 @@ def one_run(url: str, body: dict, reference: list[int], daemon: DaemonProcess, c
 
 
 def run_mode(mode: str, args: argparse.Namespace, model: Path, work: Path, etcd: EtcdCluster) -> list[dict]:
-    cluster = f"recovery-{mode}"
+    if mode == "shrink":  # one kill per daemon: afterwards there is nothing left to shrink
+        return [r for run in range(args.runs)
+                for r in run_daemon(mode, argparse.Namespace(**{**vars(args), "runs": 1}), model, work, etcd,
+                                    f"recovery-shrink-{run}")]
+    return run_daemon(mode, args, model, work, etcd, f"recovery-{mode}")
+
+
+def run_daemon(mode: str, args: argparse.Namespace, model: Path, work: Path, etcd: EtcdCluster,
+               cluster: str) -> list[dict]:
     keys = ClusterKeys(cluster)
     client = EtcdClient(EtcdSettings(endpoints=etcd.endpoints))
-    state = work / mode
+    state = work / cluster
+    shared = args.ep == "dp"  # two one-rank replicas sharing the experts
     node_args = ["--tp", str(args.tp), "--state-dir", str(state), "--worker-model", str(model),
-                 "--worker-max-seq", "512", "--worker-restart-budget", "100", "--worker-dtype", args.dtype,
+                 "--worker-max-seq", "512", "--worker-dtype", args.dtype,
+                 *(("--worker-restart-budget", "0", "--worker-restart-window", "600") if mode == "shrink"
+                   else ("--worker-restart-budget", "100")),
+                 *(("--dp", "2", "--ep", "dp", "--expert-copies", str(args.copies)) if shared else ()),
                  "--spares", "1" if mode == "spare" else "0",
                  "--no-worker-standby" if mode == "cold" else "--worker-standby",
                  "--worker-compile" if args.compile == "on" else "--no-worker-compile",
                  "--worker-overlap" if args.overlap == "on" else "--no-worker-overlap"]
-    node_args += ["--gpus", str(args.gpus)] if args.gpus else ["--cpu-ranks", str(args.tp)]
-    daemon = DaemonProcess("n0", daemon_args(etcd.endpoints, cluster) + node_args, work / f"rallyd-{mode}.log").start()
+    node_args += ["--gpus", str(args.gpus)] if args.gpus else ["--cpu-ranks", str(2 if shared else args.tp)]
+    daemon = DaemonProcess("n0", daemon_args(etcd.endpoints, cluster) + node_args, work / f"rallyd-{cluster}.log").start()
     body = {"prompt": "recovery under fire: " * 2, "max_tokens": args.tokens, "temperature": 0}
     results = []
     try:
@@ -186,7 +204,10 @@ def run_mode(mode: str, args: argparse.Namespace, model: Path, work: Path, etcd:
                 raise SystemExit(f"no API; see {work}")
             time.sleep(0.1)
         url = url_file.read_text()
-        if args.tp == 1:  # the driver is the victim: the client goes through the gateway, which resumes
+        if args.tp == 1:  # the driver may be the victim: the client goes through the gateway, which resumes
+            if shared:
+                while not (state / "api-1.url").exists():
+                    time.sleep(0.1)
             url = (state / "gateway.url").read_text().strip()
         req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
@@ -198,10 +219,14 @@ def run_mode(mode: str, args: argparse.Namespace, model: Path, work: Path, etcd:
                 wait_standby(daemon)
             t_before = time.time()
             r = one_run(url, body, reference, daemon, client, keys, gen=run + 1, state=state,
-                        victim_seat=0 if args.tp == 1 else 1)
+                        victim_seat=0 if args.tp == 1 and not shared else 1)
             r["killed_at"] = t_before
             results.append(r)
-            print(f"{mode} run {run + 1} ({r['strategy']}): "
+            if shared:
+                r["experts_read"] = {e.detail.get("rank"): e.detail.get("experts_read")
+                                     for e in read_events(client, keys, run + 2)
+                                     if e.kind == "shard_loaded" and "rank" in e.detail}
+            print(f"{mode} run {run + 1} ({r['strategy']}; experts read {r.get('experts_read')}): "
                   + ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} -" for k, v in r["phases"].items())
                   + f"; identical tokens: {r['identical']} (first difference at token {r['first_difference']})",
                   flush=True)
@@ -220,15 +245,21 @@ def main() -> int:
     ap.add_argument("--size", default="1b")
     ap.add_argument("--arch", default=None, choices=("llama", "moe"),
                     help="the written model's layout (moe: Mixtral's; with TP=2 the victim is an EP rank)")
+    ap.add_argument("--ep", default="tp", choices=("tp", "dp"),
+                    help="dp (with --arch moe): two one-rank replicas share the experts; rank 1 is killed")
+    ap.add_argument("--copies", type=int, default=2, help="--ep dp: [layout] expert_copies")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--modes", default="cold,standby,spare",
-                    help="cold: a new interpreter; standby: the standby interpreter; spare: a warm spare")
+                    help="cold: a new interpreter; standby: the standby interpreter; spare: a warm spare; "
+                         "shrink (--ep dp): no restart, the survivor serves on from the copies")
     ap.add_argument("--dtype", default="auto", help="the workers' dtype (auto: bf16 on GPU)")
     ap.add_argument("--compile", default="on", choices=("on", "off"), help="[worker] compile (GPU decode layers)")
     ap.add_argument("--overlap", default="on", choices=("on", "off"), help="[worker] overlap (TP=1 decode)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if args.ep == "dp":
+        args.tp = 1
     work = Path(tempfile.mkdtemp(prefix="rallypoint-recovery-"))
     model = args.model or work / "model"
     if not (model / "config.json").exists():
@@ -241,7 +272,11 @@ def main() -> int:
     layout = {2: "TP=2 on 2 GPUs", 4: "TP=2 x DP=2 on 4 GPUs", 0: "TP=2 on 2 CPU ranks"}.get(args.gpus, f"{args.gpus} GPUs")
     if args.tp == 1:
         layout = "TP=1 on 1 GPU" if args.gpus else "TP=1 on 1 CPU rank"
-    victim = 0 if args.tp == 1 else 1
+    if args.ep == "dp":
+        layout = (f"TP=1 x DP=2 sharing the experts (ep = dp, {args.copies} copies) on "
+                  + (f"{args.gpus} GPUs" if args.gpus else "2 CPU ranks"))
+        args.tp = 1
+    victim = 0 if args.tp == 1 and args.ep != "dp" else 1
     print(f"\n{layout}, SIGKILL rank {victim} under a {args.tokens}-token greedy stream; seconds after the kill, "
           f"median [max] of {args.runs} runs")
     print(f"{'milestone':<14}" + "".join(f"{m:>18}" for m in results))
