@@ -12,6 +12,7 @@ slots (``expert_copies = 2``) and step together.
 from __future__ import annotations
 
 import json
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -34,7 +35,7 @@ from tests.integration.test_serving import post
 
 EXPERTS, SLOTS = 8, 3
 PROMPTS = [[3, 17, 42, 99, 7], [11, 5, 250, 31], [64, 8, 19, 2, 77, 101], [120, 4, 9]]
-TOKENS = 40
+TOKENS = 80
 
 
 @pytest.fixture(scope="module")
@@ -76,15 +77,16 @@ def loaded(client: EtcdClient, keys: ClusterKeys, gen: int) -> dict[int, dict]:
             if e.kind == ev.SHARD_LOADED and "rank" in e.detail}
 
 
-def busy_seat(client: EtcdClient, keys: ClusterKeys) -> int:
-    """The local rank of a replica with streams in flight (as rallyd publishes it): the gateway
-    sends a burst to the least busy driver it knows, so which one gets them is up to timing."""
+def busy_seat(state: Path) -> int:
+    """The local rank of the replica with the most streams in flight (its API's ``/health``): the
+    gateway sends a burst to the least busy driver it knows, so which one gets them is up to timing."""
     def busy() -> list[tuple[int, int]]:
-        kv = client.get(keys.node_status_of("a"))
-        workers = json.loads(kv.value)["workers"] if kv else []
-        counts = sorted(((w["in_flight"], w["local_rank"]) for w in workers), reverse=True)
-        return counts if sum(n for n, _ in counts) == len(PROMPTS) else []  # every stream counted, none stale
-    return int(wait_for("every stream in rallyd's status", busy, timeout=10, every=0.05)[0][1])
+        counts = []
+        for i in range(3):
+            with urllib.request.urlopen(wait_file(state / f"api-{i}.url").strip() + "/health", timeout=5) as r:
+                counts.append((json.loads(r.read())["in_flight"], i))
+        return sorted(counts, reverse=True) if sum(n for n, _ in counts) == len(PROMPTS) else []
+    return int(wait_for("every stream in flight at a replica", busy, timeout=10, every=0.02)[0][1])
 
 
 def requests() -> list[dict]:
@@ -107,7 +109,7 @@ def test_replicas_sharing_experts_serve_the_reference_and_a_restarted_rank_reads
             check(post(url, requests()[i])[1]["choices"][0]["token_ids"], reference[i])
 
         streams = start_streams(gateway, requests())
-        seat = busy_seat(client, keys)  # the dead replica's streams resume on another through the gateway
+        seat = busy_seat(tmp_path / "a")  # the dead replica's streams resume on another through the gateway
         streams.assert_in_flight()
         psutil.Process(seat_pid(daemon, seat)).kill()
         got = streams.join()
@@ -135,7 +137,7 @@ def test_with_no_restart_the_shrink_serves_on_from_the_copies_without_reading(
                             "--worker-restart-window", "600")
     try:
         streams = start_streams(gateway, requests())
-        seat = busy_seat(client, keys)
+        seat = busy_seat(tmp_path / "a")
         streams.assert_in_flight()
         psutil.Process(seat_pid(daemon, seat)).kill()
         got = streams.join()
