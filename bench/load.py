@@ -132,14 +132,16 @@ class Deployment:
                      "--worker-compile" if a.compile == "on" else "--no-worker-compile",
                      "--worker-overlap" if a.overlap == "on" else "--no-worker-overlap"]
         node_args += ["--gpus", str(a.dp)] if a.device == "cuda" else ["--cpu-ranks", str(a.dp)]
-        node_args += ["--worker-queue-capacity", str(a.queue_capacity), "--ep", a.ep]
+        node_args += ["--worker-queue-capacity", str(a.queue_capacity), "--ep", a.ep,
+                      "--prefill-replicas", str(a.prefill_replicas),
+                      "--worker-disaggregate-tokens", str(a.disaggregate_tokens)]
         if a.gateway_processes is not None:
             node_args += ["--gateway-processes", str(a.gateway_processes)]
         self.daemon = DaemonProcess("n0", daemon_args(self.etcd.endpoints, "load") + node_args,
                                     self.work / "rallyd.log").start()
         url = wait_file(state / "gateway.url", timeout=120).strip()
         deadline = time.monotonic() + a.start_timeout
-        while len(drivers_of(url)) < a.dp:
+        while len(drivers_of(url)) < a.dp - a.prefill_replicas:  # the gateway lists the decode replicas only
             logs = [p.read_text(errors="replace") for p in sorted((state / "logs").glob("worker-*.log"))]
             crashed = [t for t in logs if t.count("Traceback") >= 2]  # a worker that failed twice
             if self.daemon.proc.poll() is not None or time.monotonic() > deadline or crashed:
@@ -511,6 +513,9 @@ def main() -> int:
     own.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     own.add_argument("--dp", type=int, default=1, help="replicas (one CPU rank or GPU each)")
     own.add_argument("--arch", default="llama", choices=("llama", "moe"), help="the written model's layout")
+    own.add_argument("--prefill-replicas", type=int, default=0,
+                     help="[layout] prefill_replicas: of the --dp replicas, this many prefill for the others")
+    own.add_argument("--disaggregate-tokens", type=int, default=256, help="[worker] disaggregate_tokens")
     own.add_argument("--ep", default="tp", choices=("tp", "dp"),
                      help="[layout] ep: a moe's experts in each replica (tp) or shared by every replica (dp)")
     own.add_argument("--max-batch", type=int,

@@ -4,7 +4,10 @@ Strict means: a string is not an integer, unknown fields are refused, and OpenAI
 rallypoint does not implement are accepted only at their neutral value (``n`` 1, no penalties,
 no logprobs...), so a client never gets an answer computed differently from what it asked.
 ``resume_tokens`` and ``resume_text`` are rallypoint's own: the gateway sends them when it
-resumes a request whose driver died, with what the client already received.
+resumes a request whose driver died, with what the client already received. ``kv_to`` and
+``kv_gen`` too: a decode replica asks a prefill replica to prefill a prompt (``max_tokens`` 1)
+and send its KV cache to the decode replica's rank ``kv_to`` of the DP group of generation
+``kv_gen`` (``worker.disaggregation``).
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ class _Sampling(BaseModel):
     logprobs: Any = None
     resume_tokens: list[int] = Field(default_factory=list)
     resume_text: str | None = None
+    kv_to: int | None = Field(default=None, ge=0)
+    kv_gen: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _neutral(self) -> _Sampling:
@@ -60,6 +65,10 @@ class _Sampling(BaseModel):
         stops = self.stop_strings
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("stop: up to 4 non-empty strings")
+        if (self.kv_to is None) != (self.kv_gen is None):
+            raise ValueError("kv_to and kv_gen: give both or neither")
+        if self.kv_to is not None and (self.max_tokens != 1 or self.resume_tokens or self.stream):
+            raise ValueError("kv_to: a prefill for another replica takes max_tokens 1, no resume_tokens, no stream")
         if self.max_tokens is not None and len(self.resume_tokens) > self.max_tokens:
             raise ValueError(f"resume_tokens: {len(self.resume_tokens)} token(s) are more than "
                              f"max_tokens ({self.max_tokens})")

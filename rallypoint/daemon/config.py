@@ -138,6 +138,10 @@ class LayoutConfig:
             dense model ignores it.
         expert_copies: with ``ep = "dp"``, how many ranks hold each expert: with 2 or more a
             shrink serves on from the copies without loading anything.
+        prefill_replicas: disaggregated serving (needs ``tp = 1`` and ``pp = 1``): this many
+            replicas prefill the long prompts (``[worker] disaggregate_tokens``) and send their KV
+            cache to the others, which decode them; while only one replica is up it serves whole
+            requests. 0: every replica serves whole requests.
         gpus: GPUs on this node; -1 detects them when needed, 0 makes this a CPU node.
         cpu_ranks: rank slots on a CPU-only node.
         spares: warm spare processes kept on this node.
@@ -148,6 +152,7 @@ class LayoutConfig:
     dp: int = _opt(0, "int", ge=0)
     ep: str = _opt("tp", "choice", choices=("tp", "dp"))
     expert_copies: int = _opt(1, "int", ge=1)
+    prefill_replicas: int = _opt(0, "int", ge=0)
     gpus: int = _opt(-1, "int", ge=-1)
     cpu_ranks: int = _opt(2, "int", ge=1)
     spares: int = _opt(0, "int", ge=0)
@@ -234,6 +239,9 @@ class WorkerConfig:
         stall_timeout: a seat's worker that sends no heartbeat (every 0.5 s) for this long is
             frozen (stopped, stuck in the kernel, its interpreter wedged) and is replaced, even
             when no collective of its peers is waiting on it; 0 turns the check off.
+        disaggregate_tokens: with ``[layout] prefill_replicas``, a decode replica has prompts of
+            at least this many tokens prefilled on a prefill replica (their KV cache sent over);
+            shorter ones, and requests resumed after a failure, it prefills itself.
         standby: keep one standby interpreter (torch and the worker's modules imported, the CUDA
             driver initialised, no seat) that the next worker rallyd starts runs in, so a cold
             restart skips the seconds of Python and torch start-up. It costs one idle process
@@ -251,6 +259,7 @@ class WorkerConfig:
     compile: bool = _opt(True, "bool")
     overlap: bool = _opt(True, "bool")
     prefill_tokens: int = _opt(4096, "int", ge=1)
+    disaggregate_tokens: int = _opt(256, "int", ge=1)
     stream_interval: timedelta = _opt(_secs(0.0), "seconds", ge=0)
     max_chunk_rate: float = _opt(0.0, "float", ge=0)
     api_host: str = _opt("127.0.0.1", "str")
@@ -599,6 +608,9 @@ def _check(c: Config, origin: Mapping[str, str], check_node: bool) -> None:
     if lay.ep == "dp" and (lay.tp, lay.pp) != (1, 1):
         _fail(f"[layout] ep = \"dp\" spreads the experts over whole-model replicas: it needs tp = 1 and pp = 1, "
               f"got tp = {lay.tp}, pp = {lay.pp}", origin, "layout.ep", "layout.tp", "layout.pp")
+    if lay.prefill_replicas and (lay.tp, lay.pp) != (1, 1):
+        _fail(f"[layout] prefill_replicas moves KV between whole-model replicas: it needs tp = 1 and pp = 1, "
+              f"got tp = {lay.tp}, pp = {lay.pp}", origin, "layout.prefill_replicas", "layout.tp", "layout.pp")
     if c.worker.max_seq is not None and 0 < c.worker.max_seq < 16:
         _fail(f"[worker] max_seq = {c.worker.max_seq} is too short (16 at least, or 0: the model's context)",
               origin, "worker.max_seq")

@@ -72,7 +72,8 @@ def cluster_spec(cfg: Config) -> ClusterSpec:
     """The layout this daemon proposes for its cluster."""
     return ClusterSpec(tp=cfg.layout.tp, pp=cfg.layout.pp, dp=cfg.layout.dp,
                        min_nodes=cfg.rendezvous.min_nodes, max_nodes=cfg.rendezvous.max_nodes,
-                       ep=cfg.layout.ep, expert_copies=cfg.layout.expert_copies)
+                       ep=cfg.layout.ep, expert_copies=cfg.layout.expert_copies,
+                       prefill_replicas=cfg.layout.prefill_replicas)
 
 
 class Daemon:
@@ -215,6 +216,7 @@ class Daemon:
                                 "state": beat.get("state", "starting"), "gen": beat.get("gen"),
                                 "in_flight": beat.get("in_flight", 0), "waiting": beat.get("waiting", 0),
                                 "driver": beat.get("driver", False), "api": beat.get("api"),
+                                "role": beat.get("role", "colocated"), "counts": beat.get("counts", {}),
                                 "beat_age": round(now - peer.last_seen, 3) if peer else None})
         sup = self.supervisor
         return {"node": self.cfg.node, "host": self.rendezvous.record.host, "pid": os.getpid(), "time": time.time(),

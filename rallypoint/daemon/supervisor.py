@@ -391,6 +391,7 @@ class WorkerCommand:
     compile: bool = True
     overlap: bool = True
     prefill_tokens: int = 4096
+    disaggregate_tokens: int = 256
     stream_interval: float = 0.0
     max_chunk_rate: float = 0.0
     kv_memory_fraction: float = 0.8
@@ -410,7 +411,8 @@ class WorkerCommand:
                    cfg.state_dir, channel, w.workload, deadline_k=cfg.collectives.deadline_k,
                    build_timeout=cfg.collectives.build_timeout.total_seconds(),
                    queue_capacity=w.queue_capacity, cuda_graphs=w.cuda_graphs, compile=w.compile, overlap=w.overlap,
-                   prefill_tokens=w.prefill_tokens, stream_interval=w.stream_interval.total_seconds(),
+                   prefill_tokens=w.prefill_tokens, disaggregate_tokens=w.disaggregate_tokens,
+                   stream_interval=w.stream_interval.total_seconds(),
                    max_chunk_rate=w.max_chunk_rate, kv_memory_fraction=w.kv_memory_fraction,
                    preload=lay.tp == lay.pp == 1 and (device == "cpu" or lay.node_slots() == 1),
                    etcd_ca_cert=cfg.etcd.ca_cert, etcd_cert_key=cfg.etcd.cert_key, etcd_cert_cert=cfg.etcd.cert_cert,
@@ -430,7 +432,8 @@ class WorkerCommand:
                 "--workload", self.workload, "--build-timeout", str(self.build_timeout),
                 "--queue-capacity", str(self.queue_capacity), "--cuda-graphs", "on" if self.cuda_graphs else "off",
                 "--compile", "on" if self.compile else "off", "--overlap", "on" if self.overlap else "off",
-                "--prefill-tokens", str(self.prefill_tokens), "--stream-interval", str(self.stream_interval),
+                "--prefill-tokens", str(self.prefill_tokens), "--disaggregate-tokens", str(self.disaggregate_tokens),
+                "--stream-interval", str(self.stream_interval),
                 "--max-chunk-rate", str(self.max_chunk_rate),
                 "--kv-memory-fraction", str(self.kv_memory_fraction)]
         if self.channel:

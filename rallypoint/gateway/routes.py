@@ -23,14 +23,19 @@ NodeStatus = dict[str, Any]
 
 
 def serving_drivers(statuses: dict[str, NodeStatus], local: str) -> list[str]:
-    """API URLs of the drivers that serve the newest generation: ``local``'s first, then by load."""
-    found = [(int(w.get("gen") or 0), node != local, int(w.get("in_flight", 0)), w["api"])
+    """API URLs of the drivers that serve the newest generation: ``local``'s first, then by load.
+    In a disaggregated deployment the prefill replicas serve the decode replicas, not clients,
+    unless no decode replica serves."""
+    found = [(int(w.get("gen") or 0), w.get("role") == "prefill", node != local, int(w.get("in_flight", 0)), w["api"])
              for node, st in statuses.items() for w in st.get("workers", [])
              if w.get("driver") and w.get("state") == "serving" and w.get("api") and w.get("process") != "stopped"]
     if not found:
         return []
     newest = max(g for g, *_ in found)
-    return [url for g, _, _, url in sorted(f for f in found if f[0] == newest)]
+    found = [f for f in found if f[0] == newest]
+    if not all(prefill for _, prefill, *_ in found):
+        found = [f for f in found if not f[1]]
+    return [url for *_, url in sorted(found)]
 
 
 class DriverRoutes:

@@ -151,8 +151,8 @@ def build_group(spec: GroupSpec, store_factory: StoreFactory, device: torch.devi
     t0 = time.monotonic()
     store = store_factory(spec)
     try:
-        if cancelled is not None and hasattr(store, "wait_unless"):
-            _all_arrive(store, spec, timeout, cancelled)
+        if cancelled is not None and hasattr(store, "wait_unless") and _all_arrive(store, spec, timeout, cancelled):
+            cancelled = None  # committed despite a cancel: the peers are connecting to this member
         cuda = device.type == "cuda"
         backend = _nccl(store, spec, device, timeout) if cuda else _gloo(store, spec, timeout, cancelled)
     except GroupError:
@@ -165,8 +165,10 @@ def build_group(spec: GroupSpec, store_factory: StoreFactory, device: torch.devi
     return Group(spec, backend, store, device, build_seconds=took)
 
 
-def _all_arrive(store: Any, spec: GroupSpec, timeout: timedelta, cancelled: Cancelled) -> None:
-    """Wait until every member reached this build, before any communicator is created.
+def _all_arrive(store: Any, spec: GroupSpec, timeout: timedelta, cancelled: Cancelled) -> bool:
+    """Wait until every member reached this build, before any communicator is created; returns
+    True when the build goes on although it was cancelled (see below), so the connect that
+    follows must not give up on the cancel either.
 
     A blocking NCCL init waits for a missing peer forever, and no abort reaches a communicator
     still being created; this wait is ours, so a dead peer or a newer generation ends it. A member
@@ -182,7 +184,7 @@ def _all_arrive(store: Any, spec: GroupSpec, timeout: timedelta, cancelled: Canc
     others = [k for k in keys if k != mine]
     try:
         store.wait_unless(keys, timeout, cancelled)
-        return
+        return False
     except WaitCancelled as exc:
         why, error = str(exc), f"build of {spec.label} abandoned: {exc}"
     except StoreTimeout:
@@ -192,7 +194,7 @@ def _all_arrive(store: Any, spec: GroupSpec, timeout: timedelta, cancelled: Canc
         error = f"building {spec.label}: rank(s) {missing} never arrived within {timeout.total_seconds():g}s"
     if not store.withdraw(mine, others):
         log.info("groups.build_committed", group=spec.label, gen=spec.gen, why=why)
-        return
+        return True
     log.info("groups.build_abandoned", group=spec.label, gen=spec.gen, why=why)
     raise GroupError(error)
 

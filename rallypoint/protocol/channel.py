@@ -50,11 +50,12 @@ def hello(pid: int, role: str, local_rank: int | None) -> dict[str, Any]:
 
 
 def beat(pid: int, state: str, gen: int, local_rank: int | None, replica: int, driver: bool,
-         waiting: int, in_flight: int, counts: dict[str, int], api: str | None) -> dict[str, Any]:
+         waiting: int, in_flight: int, counts: dict[str, int], api: str | None,
+         role: str = "colocated") -> dict[str, Any]:
     """A worker's heartbeat: what rallyd publishes in ``status/nodes/<node>``, routes requests by,
-    and counts in its metrics."""
+    and counts in its metrics. ``role``: ``prefill``, ``decode`` or ``colocated``."""
     return {"op": BEAT, "pid": pid, "state": state, "gen": gen, "local_rank": local_rank, "replica": replica,
-            "driver": driver, "waiting": waiting, "in_flight": in_flight, "counts": counts, "api": api}
+            "driver": driver, "waiting": waiting, "in_flight": in_flight, "counts": counts, "api": api, "role": role}
 
 
 def adopt(local_rank: int, after_gen: int, **seat: Any) -> dict[str, Any]:

@@ -70,8 +70,11 @@ def make_plan(gen: int, nodes: Iterable[NodeRecord], spec: ClusterSpec, reason: 
         before = sorted(previous.ranks, key=lambda s: s.rank) if previous else []
         experts = next_map(previous.experts if previous else None, [(s.node, s.local_rank) for s in before],
                            [(s.node, s.local_rank) for s in ranks], spec.expert_copies)
+    # disaggregated: the first replicas prefill, while at least one is left to decode; with one
+    # replica left it serves whole requests (colocated)
+    prefill = min(spec.prefill_replicas, dp - 1) if spec.tp == spec.pp == 1 else 0
     plan = Plan(gen=gen, tp=spec.tp, pp=spec.pp, dp=dp, ranks=tuple(ranks), members=members,
-                reason=reason, leader=leader, experts=experts)
+                reason=reason, leader=leader, experts=experts, prefill_replicas=prefill)
     plan.validate(f"plan {gen}")
     return plan
 

@@ -105,7 +105,9 @@ class ClusterSpec:
 
     ``ep``: ``tp`` spreads a mixture of experts' experts over each replica's TP ranks; ``dp``
     over every rank of every replica (``protocol.experts``), each expert on ``expert_copies``
-    ranks. Specs written before these fields existed read as ``tp`` and 1.
+    ranks. ``prefill_replicas``: replicas that prefill long prompts for the others, which
+    decode (disaggregated serving; ``worker.disaggregation``). Specs written before these fields
+    existed read as ``tp``, 1 and 0.
     """
 
     tp: int = 1
@@ -115,6 +117,7 @@ class ClusterSpec:
     max_nodes: int = 0  # 0: unlimited
     ep: str = "tp"
     expert_copies: int = 1
+    prefill_replicas: int = 0
 
     @property
     def replica_size(self) -> int:
@@ -127,9 +130,10 @@ class ClusterSpec:
     def from_json(cls, key: str, raw: bytes | str) -> ClusterSpec:
         d = _load(key, raw)
         spec = cls(**{n: _field(key, d, n, int) for n in ("tp", "pp", "dp", "min_nodes", "max_nodes")},
-                   ep=_field(key, d, "ep", str, "tp"), expert_copies=_field(key, d, "expert_copies", int, 1))
+                   ep=_field(key, d, "ep", str, "tp"), expert_copies=_field(key, d, "expert_copies", int, 1),
+                   prefill_replicas=_field(key, d, "prefill_replicas", int, 0))
         if spec.tp < 1 or spec.pp < 1 or spec.dp < 0 or spec.min_nodes < 1 or spec.max_nodes < 0 \
-                or spec.expert_copies < 1:
+                or spec.expert_copies < 1 or spec.prefill_replicas < 0:
             raise MalformedRecord(key, f"sizes out of range: {spec}")
         if spec.ep not in EP_MODES:
             raise MalformedRecord(key, f"ep must be one of {', '.join(EP_MODES)}, got {spec.ep!r}")
@@ -153,6 +157,8 @@ class Plan:
     ``members`` are the nodes that must ack before the generation is released (ranked or not).
     ``experts``: where a mixture of experts' experts are held and served when they are spread
     over every replica (``[layout] ep = "dp"``); None when each replica holds its own.
+    ``prefill_replicas``: the first this many replicas prefill long prompts for the others,
+    which decode (0: every replica serves whole requests).
     """
 
     gen: int
@@ -165,6 +171,7 @@ class Plan:
     leader: str
     time: float = field(default_factory=time.time)
     experts: ExpertMap | None = None
+    prefill_replicas: int = 0
 
     @property
     def world_size(self) -> int:
@@ -178,6 +185,12 @@ class Plan:
         """The DP replica (index) that ``rank`` belongs to."""
         return coords_of(rank, self.tp, self.pp).dp
 
+    def role_of(self, replica: int) -> str:
+        """``prefill`` or ``decode`` in a disaggregated plan, else ``colocated``."""
+        if not self.prefill_replicas:
+            return "colocated"
+        return "prefill" if replica < self.prefill_replicas else "decode"
+
     def replicas_on(self, node: str) -> list[int]:
         """The DP replicas with at least one rank on ``node``."""
         return sorted({self.replica_of(r.rank) for r in self.ranks if r.node == node})
@@ -188,6 +201,8 @@ class Plan:
         d["ranks"] = [[r.rank, r.node, r.local_rank] for r in self.ranks]
         if self.experts is None:
             del d["experts"]
+        if not self.prefill_replicas:
+            del d["prefill_replicas"]
         return json.dumps(d, sort_keys=True)
 
     @classmethod
@@ -204,6 +219,7 @@ class Plan:
             members=_names(key, _field(key, d, "members", list)), reason=_field(key, d, "reason", str),
             leader=_field(key, d, "leader", str), time=float(_field(key, d, "time", (int, float))),
             experts=_expert_map(key, _field(key, d, "experts", dict, None)),
+            prefill_replicas=_field(key, d, "prefill_replicas", int, 0),
         )
         plan.validate(key)
         return plan
@@ -223,6 +239,9 @@ class Plan:
             raise MalformedRecord(key, "two ranks share one node/local_rank")
         if not {r.node for r in self.ranks} <= set(self.members):
             raise MalformedRecord(key, "a rank is placed on a node that is not a member")
+        if self.prefill_replicas and not (self.tp == self.pp == 1 and 0 < self.prefill_replicas < self.dp):
+            raise MalformedRecord(key, f"prefill_replicas = {self.prefill_replicas} needs tp = pp = 1 and a decode "
+                                       f"replica left: got tp {self.tp}, pp {self.pp}, dp {self.dp}")
         if self.experts is not None:
             if self.pp != 1:
                 raise MalformedRecord(key, f"experts spread over every replica need pp = 1, got pp = {self.pp}")

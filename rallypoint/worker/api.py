@@ -145,6 +145,7 @@ class Frontend:
                       eos=self.tokenizer.eos_ids)
         if body.resume_tokens:
             req.resume_from(body.resume_tokens)  # already complete (its driver died before [DONE]): done
+        req.kv_to, req.kv_gen = body.kv_to, body.kv_gen or 0
         if not req.done:
             await self.queue.submit_async(req)
         return req

@@ -41,7 +41,7 @@ UPDATES = "updates"  # (UPDATES, [(id, new tokens, finish reason, error)], Stats
 STOP = "stop"  # (STOP,): finish the open responses and exit
 ANSWER = "answer"  # (ANSWER, id, None) accepted, or (ANSWER, id, (why, retry_after, draining)) refused
 # API process -> driver
-SUBMIT = "submit"  # (SUBMIT, id, prompt, SamplingParams, eos, resume tokens, created)
+SUBMIT = "submit"  # (SUBMIT, id, prompt, SamplingParams, eos, resume tokens, created, (kv_to, kv_gen) or None)
 CANCEL = "cancel"  # (CANCEL, id, reason)
 
 # (state, generation, why closed or None, waiting, running, counts): what /health and /metrics show
@@ -163,8 +163,10 @@ class ApiProcess:
                     entry[0].cancel(msg[2])
 
     def _submit(self, rid: str, prompt: list[int], params: SamplingParams, eos: frozenset[int],
-                resume: list[int], created: float) -> None:
+                resume: list[int], created: float, kv: tuple[int, int] | None = None) -> None:
         req = Request(prompt, params, id=rid, created=created, eos=eos)
+        if kv is not None:
+            req.kv_to, req.kv_gen = kv
         if resume:
             req.resume_from(resume)
 

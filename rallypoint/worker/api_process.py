@@ -66,7 +66,8 @@ class MirrorQueue:
             self.loop = asyncio.get_running_loop()
             answer = self._answers[req.id] = self.loop.create_future()
         req.on_cancel = lambda reason: self._send((link.CANCEL, req.id, reason))
-        self._send((link.SUBMIT, req.id, req.prompt, req.params, req.eos, req.committed, req.created))
+        self._send((link.SUBMIT, req.id, req.prompt, req.params, req.eos, req.committed, req.created,
+                    (req.kv_to, req.kv_gen) if req.kv_to is not None else None))
         try:
             refused = await asyncio.wait_for(answer, self.answer_timeout)
         except TimeoutError:  # the driver is stopped or wedged; should it take it later, it ends it

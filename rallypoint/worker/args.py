@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds a stream waits after a chunk before sending the next (tokens accumulate)")
     ap.add_argument("--max-chunk-rate", type=float, default=0.0,
                     help="streamed chunks/s the API aims under: n open streams each wait n / rate after a chunk")
+    ap.add_argument("--disaggregate-tokens", type=int, default=256,
+                    help="a decode replica has prompts this long prefilled on a prefill replica")
     ap.add_argument("--prefill-tokens", type=int, default=4096,
                     help="the most prompt positions one prefill step computes (longer prompts fill in chunks)")
     ap.add_argument("--preload-shard", action="store_true",

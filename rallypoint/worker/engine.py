@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 
@@ -36,6 +36,10 @@ from rallypoint.comm.collectives import Comm
 from rallypoint.groups.group_set import GroupSet
 from rallypoint.log import get_logger
 from rallypoint.worker.requests import Request, RequestQueue
+
+if TYPE_CHECKING:
+    from rallypoint.worker.disaggregation import RemotePrefill
+    from rallypoint.worker.kv_transfer import KVEntry
 
 log = get_logger("engine")
 
@@ -233,12 +237,21 @@ class Driver:
         self.filling: dict[int, tuple[list[int], int]] = {}  # row -> (sequence to prefill, positions in the cache)
         self._filled: dict[int, int] = {}  # what the planned step adds to ``filling``
         self._last_kind = IDLE
+        # disaggregated serving (worker.disaggregation), set for each generation by the worker:
+        self.remote: RemotePrefill | None = None  # a decode replica: long prompts prefilled elsewhere
+        self.place_kv: Callable[[int, KVEntry], None] | None = None  # a received KV into a cache row
+        self.send_kv: Callable[[int, Request], None] | None = None  # a prefill replica: a row's KV to its decode replica
+        self.prefills_for = 0  # the generation in which this driver prefills for decode replicas (0: none)
+        self._outbox: list[tuple[int, Request]] = []
 
     def _next_waiting(self) -> Request | None:
-        """The next request to start: held ones first, then the queue; cancelled ones are finished."""
+        """The next request to start: held ones first, then the ones a prefill replica did not
+        prefill after all, then the queue; cancelled ones are finished."""
         while True:
             if self.held:
                 r = self.held.popleft()
+            elif self.remote is not None and self.remote.back:
+                r = self.remote.back.popleft()
             else:
                 got = self.queue.take(1)
                 if not got:
@@ -252,9 +265,26 @@ class Driver:
         """Seat waiting requests in the lowest free rows; their prompts fill over PREFILL steps."""
         free = [r for r in range(self.settings.max_batch) if r not in self.rows]
         while free:
+            got = self.remote.take_ready() if self.remote is not None else None
+            if got is not None:  # prefilled on a prefill replica: its KV into a row, on from its first token
+                req, entry = got
+                row = free.pop(0)
+                assert self.place_kv is not None, "a driver with a RemotePrefill places what it receives"
+                self.place_kv(row, entry)
+                self.rows[row] = req
+                req.propose(entry.first_token)
+                continue
             r = self._next_waiting()
             if r is None:
                 return
+            if r.kv_to is not None and (self.send_kv is None or r.kv_gen != self.prefills_for):
+                # its decode replica must not wait for KV this driver will not send
+                r.fail(f"not a prefill replica of generation {r.kv_gen}")
+                self.queue.finished(r)
+                continue
+            if self.remote is not None and r.kv_to is None and self.remote.wants(r):
+                self.remote.start(r)
+                continue
             row = free.pop(0)
             self.rows[row] = r
             self.filling[row] = (r.prompt if r.fed is not None else r.tokens_so_far, 0)
@@ -339,6 +369,8 @@ class Driver:
             return None
         if self.queue.waiting and len(self.rows) < mb:
             return None
+        if self.remote is not None and self.remote.actionable:  # KV to receive, or a request back
+            return None
         if len(produced) != len(self.rows):
             return None
         for row, r in produced:
@@ -390,22 +422,43 @@ class Driver:
                 self.queue.finished(r)
         if produced and nxt is not None:
             got = nxt.tolist()
-            live = {id(r) for r in self.rows.values()}
+            live = {id(r): row for row, r in self.rows.items()}
             for i, r in produced:
                 if id(r) not in live:
                     continue
                 if not r.propose(int(got[i])):
                     self.queue.counts["replay_mismatch"] += 1
                     log.warning("engine.replay_mismatch", request=r.id, position=len(r.prompt) + (r.fed or 0))
+                if r.kv_to is not None and self.send_kv is not None:
+                    # a prefill for a decode replica: its token goes out now (the decode side then
+                    # receives the KV), and the KV right after this step; the row is freed after that
+                    r.commit()
+                    self._outbox.append((live[id(r)], r))
+
+    def send_prefilled(self) -> None:
+        """A prefill replica: send the KV of the requests the last step prefilled for decode replicas."""
+        out, self._outbox = self._outbox, []
+        for row, r in out:
+            assert self.send_kv is not None  # only set with it
+            self.send_kv(row, r)
     def hold(self) -> list[Request]:
-        """The generation was aborted: drop unconfirmed tokens, keep every request for resumption."""
-        held = [r for _, r in sorted(self.rows.items())]
+        """The generation was aborted: drop unconfirmed tokens, keep every request for resumption
+        (those on their way to or from a prefill replica too: they prefill in the next generation)."""
+        held = [r for _, r in sorted(self.rows.items()) if r.kv_to is None]  # a prefill for another replica ends
         for r in held:
             r.rollback()
             self.queue.counts["resumed"] += 1
+        for r in (r for r in self.rows.values() if r.kv_to is not None):
+            if not r.done:
+                r.fail("the prefill replica's generation ended before its KV was sent")
+            self.queue.finished(r)
+        if self.remote is not None:
+            held += self.remote.close()
+            self.remote = None
         self.rows.clear()
         self.filling.clear()
         self._filled = {}
+        self._outbox = []
         self.held.extendleft(reversed(held))
         return held
 
@@ -420,7 +473,14 @@ class Driver:
 
     @property
     def busy(self) -> bool:
-        return bool(self.rows or self.held or self.queue.waiting)
+        """Requests are in this driver's hands (rows, held, queued, or on their way to or from a
+        prefill replica)."""
+        return self.needs_step or (self.remote is not None and self.remote.in_progress)
+
+    @property
+    def needs_step(self) -> bool:
+        """There is something for the next step to do (else the driver waits for work)."""
+        return bool(self.rows or self.held or self.queue.waiting or (self.remote is not None and self.remote.actionable))
 
 
 def serve_generation(model: StageLike, comm: Comm, groups: GroupSet, settings: EngineSettings,
@@ -494,8 +554,10 @@ def _drive(model: StageLike, comm: Comm, groups: GroupSet, settings: EngineSetti
     others_busy = False  # lockstep: another replica computes, so this one steps without waiting
     while True:
         if launched is None:
-            if not driver.busy and not others_busy:
+            if not driver.needs_step and not others_busy:
                 driver.queue.wait(settings.idle_every)  # an idle step, unless a request arrives first
+            if driver.remote is not None:
+                driver.remote.collect(comm)  # KV a prefill replica is sending: received between steps
             hdr, tokens, produced = driver.plan()
             if lockstep:
                 hdr, others_busy = _agree(comm, hdr, driver.switch_to, device)
@@ -517,5 +579,6 @@ def _drive(model: StageLike, comm: Comm, groups: GroupSet, settings: EngineSetti
         else:
             driver.done(launched.produced, launched.tokens())
             launched = None
+        driver.send_prefilled()
         if should_stop():
             return 0  # a launched step's tokens were never recorded: the caller's hold() drops nothing of it

@@ -92,10 +92,15 @@ class KVEntry:
 class KVBuffer:
     """The decode side's lookup buffer: request id -> ``KVEntry``, each freed exactly once."""
 
-    def __init__(self, ttl: float = 30.0) -> None:
+    def __init__(self, ttl: float = 30.0, counts: dict[str, int] | None = None) -> None:
         self.ttl = ttl
         self.entries: dict[str, KVEntry] = {}
         self.freed: dict[str, int] = {"taken": 0, "failed": 0, "peer_died": 0, "expired": 0}
+        # kv_received and kv_freed, kept in ``counts`` (a replica's request counts: its metrics
+        # show them, and that they are equal when nothing is left behind)
+        self.counts = counts if counts is not None else {}
+        for k in ("kv_received", "kv_freed"):
+            self.counts.setdefault(k, 0)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -113,6 +118,7 @@ class KVBuffer:
             rid = bytes(head["rid"].tolist()).decode()
             n_layers, first = (int(x) for x in head["meta"].tolist())
             entry = self.entries[rid] = KVEntry(rid, src, first_token=first)
+            self.counts["kv_received"] += 1
             for _ in range(n_layers):
                 part = comm.recv_dict(src, group)
                 entry.layers.append((part["k"], part["v"]))
@@ -135,6 +141,7 @@ class KVBuffer:
             raise TransferError(f"no complete KV for request {rid}")
         del self.entries[rid]
         self.freed["taken"] += 1
+        self.counts["kv_freed"] += 1
         return entry
 
     def drop(self, rid: str, why: str) -> bool:
@@ -142,6 +149,7 @@ class KVBuffer:
         if self.entries.pop(rid, None) is None:
             return False
         self.freed[why] = self.freed.get(why, 0) + 1
+        self.counts["kv_freed"] += 1
         return True
 
     def drop_from(self, peers: Iterable[int]) -> list[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rallypoint.api import served_model_name
+from rallypoint.api import API_KEY_ENV, served_model_name
 from rallypoint.errors import CheckpointError, EtcdError, GenerationAborted, GroupError, RallypointError
 from rallypoint.groups.group_set import GroupSet
 from rallypoint.groups.topology import rank_at
@@ -48,6 +49,7 @@ from rallypoint.worker.runtime import RankRuntime
 from rallypoint.worker.title import set_title, spare_title, worker_title
 
 if TYPE_CHECKING:
+    from rallypoint.worker.disaggregation import Peer
     from rallypoint.worker.graphs import DecodeGraphs
     from rallypoint.worker.model import StageModel
     from rallypoint.worker.model_config import ModelConfig
@@ -132,6 +134,7 @@ class Worker:
         self.state, self.gen = "starting", args.after_gen
         self.plan: Plan | None = None
         self.replica = -1
+        self.role = "colocated"  # in a disaggregated plan: prefill or decode
         self.stopping = threading.Event()
         self.beat_now = threading.Event()  # tell rallyd at once (it routes by these beats): a new state
         self._first_token_gen = 0
@@ -173,7 +176,8 @@ class Worker:
         # gloo's connect waits at most the store timeout: only NCCL's init can hang for good.
         guard = self.build_guard.watching(plan.gen) if self.runtime.settings.device.startswith("cuda") \
             else contextlib.nullcontext()
-        names = (*self.runtime.settings.group_names, "ep") if self._shares_experts(plan) else None
+        extra = (("ep",) if self._shares_experts(plan) else ()) + (("dp",) if plan.prefill_replicas else ())
+        names = (*self.runtime.settings.group_names, *extra) if extra else None
         with guard:
             return self.runtime.configure(plan, *self.seat, cancelled=lambda: self._newer_than(plan.gen) or (
                 "this process is stopping" if self.stopping.is_set() else None), names=names)
@@ -442,6 +446,7 @@ class Worker:
             if self.driver is not None:
                 self.driver.switch_to = 0  # any switch asked for is this very generation
                 self.driver.first_commit_at = 0.0
+                self._disaggregate(plan, groups)
             self.state = "serving"
             self.beat_now.set()
             self.title("driver, serving" if is_driver else "serving", groups.rank)
@@ -477,6 +482,43 @@ class Worker:
         except RallypointError as exc:
             self.log.warning("worker.shutdown_incomplete", error=str(exc))
         self.log.info("worker.stopped", gen=self.gen)
+
+    def _disaggregate(self, plan: Plan, groups: GroupSet) -> None:
+        """Give the driver its part in disaggregated serving for ``plan`` (``worker.disaggregation``):
+        a decode replica asks the prefill replicas for its long prompts' KV, a prefill replica
+        sends the KV it prefilled for them; a colocated one neither."""
+        from rallypoint.worker import kv_transfer
+        from rallypoint.worker.disaggregation import PrefillSender, RemotePrefill
+
+        d = self.driver
+        assert d is not None and self.model is not None and self.runtime.comm is not None
+        d.remote, d.place_kv, d.send_kv, d.prefills_for = None, None, None, 0
+        self.role = plan.role_of(self.replica)
+        model = self.model
+        if self.role == "decode":
+            d.remote = RemotePrefill(groups.dp.rank_in_group, plan.gen, lambda: self._prefill_peers(plan),
+                                     self.args.disaggregate_tokens, self.queue.nudge, os.environ.get(API_KEY_ENV),
+                                     counts=self.queue.counts)
+            d.place_kv = lambda row, entry: kv_transfer.place(model, row, entry.layers)
+        elif self.role == "prefill":
+            d.send_kv = PrefillSender(model, self.runtime.comm, plan.gen, counts=self.queue.counts)
+            d.prefills_for = plan.gen
+
+    def _prefill_peers(self, plan: Plan) -> list[Peer]:
+        """The prefill replicas of ``plan`` that serve it now, with their APIs' URLs (from what
+        their nodes' rallyd publish in etcd)."""
+        from rallypoint.worker.disaggregation import Peer
+
+        out = []
+        for replica in range(plan.prefill_replicas):
+            seat = next(s for s in plan.ranks if s.rank == replica)  # tp = pp = 1: replica r is rank r
+            kv = self.runtime.client.get(self.runtime.keys.node_status_of(seat.node))
+            workers = json.loads(kv.value).get("workers", []) if kv is not None else []
+            url = next((w.get("api") for w in workers if w.get("local_rank") == seat.local_rank
+                        and w.get("gen") == plan.gen and w.get("state") == "serving"), None)
+            if url:
+                out.append(Peer(replica, url))
+        return out
 
     def _drives_in(self, plan: Plan) -> bool:
         """Whether this seat is a replica's driver (first PP stage, TP rank 0) in ``plan``."""
@@ -591,7 +633,7 @@ def start_beats(channel: ChannelClient, worker: Worker, every: float = 0.5) -> N
             q = worker.queue
             if not channel.send(msgs.beat(os.getpid(), worker.state, worker.gen, worker.args.local_rank,
                                           worker.replica, worker.driver is not None, q.waiting, q.running,
-                                          dict(q.counts), worker.api_url)):
+                                          dict(q.counts), worker.api_url, worker.role)):
                 return
             worker.beat_now.wait(every)
             worker.beat_now.clear()

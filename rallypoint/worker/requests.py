@@ -106,6 +106,8 @@ class Request:
     error: str | None = None
     eos: frozenset[int] = frozenset()  # token ids that end it (when ``params.stop_at_eos``)
     on_cancel: Callable[[str], None] | None = field(default=None, repr=False)  # told of a cancel (API process)
+    kv_to: int | None = None  # a prefill for a decode replica: its rank in the DP group (worker.disaggregation)
+    kv_gen: int = 0  # ... of this generation
     _cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
     _listeners: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
@@ -314,6 +316,10 @@ class RequestQueue:
     async def submit_async(self, req: Request) -> Request:
         """``submit`` for the API's event loop (``worker.api.Admission``): it never blocks."""
         return self.submit(req)
+
+    def nudge(self) -> None:
+        """Wake a driver waiting in ``wait`` (work arrived that is not a new request)."""
+        self._arrived.set()
 
     def wait(self, timeout: float) -> bool:
         """Block until a request is waiting (True) or ``timeout`` passes (False): an idle driver

@@ -51,6 +51,7 @@ class Deployment:
     gpus: int = 0
     arch: str = "llama"
     ep: str = "tp"
+    pd: bool = False  # disaggregated: TP=1, the first replica prefills every prompt, the others decode
     extra: tuple[str, ...] = ()
     lab: NetLab | None = None
     etcd: EtcdCluster | None = None
@@ -119,7 +120,9 @@ class Deployment:
         args = daemon_args(self.etcd.endpoints, self.cluster, "--tp", str(self.tp), *slots,
                            "--state-dir", str(self.root / name), "--worker-model", str(self.model_of(name)),
                            "--worker-restart-budget", "2", "--worker-restart-window", "20",
-                           *(("--ep", "dp", "--expert-copies", "2") if self.ep == "dp" else ()), *self.extra)
+                           *(("--ep", "dp", "--expert-copies", "2") if self.ep == "dp" else ()),
+                           *(("--prefill-replicas", "1", "--worker-disaggregate-tokens", "8") if self.pd else ()),
+                           *self.extra)
         for stale in ("gateway.url", "metrics.url"):
             (self.root / name / stale).unlink(missing_ok=True)
         env = {"CUDA_VISIBLE_DEVICES": str((int(name[1:]) - 1) % self.gpus)} if self.gpus else {}

@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ep", default="tp", choices=("tp", "dp"),
                     help="with --arch moe: experts over each replica's TP ranks (TP=2), or over every "
                          "replica (TP=1, two copies of each expert)")
+    ap.add_argument("--pd", action="store_true",
+                    help="disaggregated: TP=1, one replica prefills every prompt, the others decode")
     ap.add_argument("--budget", type=float, default=0.0,
                     help="start no new fault after this many seconds, then report (0: no limit)")
     ap.add_argument("--netns", action="store_true",
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     in_lab = args.netns or args.lab is not None
     names = [n for n in args.scenarios.split(",") if n] or ([*PARTITIONS] if in_lab else [
         n for n in SCENARIOS if (nodes > 2 or n not in NEED_ROOM) and (args.arch == "moe" or n != "kill_ep_rank")
-        and n not in PARTITIONS])
+        and (args.pd or n not in ("kill_prefill", "kill_decode")) and n not in PARTITIONS])
     if (partitions := [n for n in names if n in PARTITIONS]) and not in_lab:
         ap.error(f"{', '.join(partitions)} need --netns")
     if args.netns and args.lab is None:
@@ -96,14 +98,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.time() - t0:7.1f}s] {line}", flush=True)
 
     ranks = f"one GPU each (of {args.gpus}), NCCL" if args.gpus else "one CPU rank each, gloo"
-    layout = "TP=1, experts over every replica" if args.ep == "dp" else "TP=2"
+    layout = "TP=1, experts over every replica" if args.ep == "dp" else "TP=1, 1 prefill replica" if args.pd \
+        else "TP=2"
     say(f"deployment in {root}: 3 etcd members, {nodes} rallyd ({ranks}), {layout}, {args.arch}, "
         f"{args.clients} clients, seed {args.seed}")
     lab = NetLab.from_json(args.lab) if args.lab else None
     if lab is not None:
         say(f"in network namespaces rp{lab.lab_id}-*: {', '.join(f'{n} {lab.address(n)}' for n in lab.names)}")
     chaos = Chaos.start(root, nodes=nodes, clients=args.clients, seed=args.seed, gpus=args.gpus, log=say,
-                        arch=args.arch, lab=lab, ep=args.ep)
+                        arch=args.arch, lab=lab, ep=args.ep, pd=args.pd)
     footprint = {"start": measure(chaos.deployment)}
     say(f"etcd at the start: {footprint['start'].line()}")
     sampling = threading.Event()

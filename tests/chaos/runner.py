@@ -60,8 +60,9 @@ class Chaos:
 
     @classmethod
     def start(cls, root: Path, nodes: int = 3, clients: int = 3, seed: int = 0, gpus: int = 0,
-              log=print, arch: str = "llama", lab: NetLab | None = None, ep: str = "tp") -> Chaos:
-        d = Deployment(root, nodes=nodes, gpus=gpus, arch=arch, lab=lab, ep=ep, tp=1 if ep == "dp" else 2).start()
+              log=print, arch: str = "llama", lab: NetLab | None = None, ep: str = "tp", pd: bool = False) -> Chaos:
+        d = Deployment(root, nodes=nodes, gpus=gpus, arch=arch, lab=lab, ep=ep, pd=pd,
+                       tp=1 if ep == "dp" or pd else 2).start()
         if d.wait_serving(120) is None:
             raise RuntimeError(f"the deployment never served; logs in {root}")
         load = Load(d.gateways, clients=clients, seed=seed)

@@ -370,8 +370,59 @@ def partition_heals(d: Deployment, rng: random.Random) -> Fault:
                       note=f"{node} (rank {rank}) cut from everyone for 1.5 s")
 
 
+def _kill_role(d: Deployment, rng: random.Random, name: str, role: str) -> Fault:
+    """SIGKILL a rank of a disaggregated deployment whose replica has ``role`` in the newest plan;
+    afterwards no decode replica holds KV nobody took (every entry it received was freed)."""
+    deadline = time.monotonic() + 60
+    plan = d.latest_plan()
+    while plan is not None and time.monotonic() < deadline:
+        ranks = {r: at for r, at in d.rank_pids().items() if plan.role_of(plan.replica_of(r)) == role}
+        if ranks:
+            break
+        time.sleep(0.1)
+        plan = d.latest_plan()
+    else:
+        ranks = {}
+    gen, t = _gen(d), time.time()
+    if not ranks:
+        f = Fault(name, t, gen, [], replan=False, note=f"no {role} replica")
+        f.problems.append(f"the deployment has no {role} replica (prefill_replicas {plan.prefill_replicas if plan else 0})")
+        return f
+    rank = rng.choice(sorted(ranks))
+    node, pid = ranks[rank]
+    _signal(pid, signal.SIGKILL)
+    f = Fault(name, t, gen, [pid], note=f"{role} replica {rank} ({node}, pid {pid})")
+
+    def no_kv_left() -> list[str]:
+        out = []
+        for n, st in d.statuses().items():
+            for w in st.get("workers", []):
+                c = w.get("counts") or {}
+                if w.get("role") == "decode" and c.get("kv_received", 0) != c.get("kv_freed", 0):
+                    out.append(f"{n}/{w.get('local_rank')}: received {c.get('kv_received')} KV entries, "
+                               f"freed {c.get('kv_freed')}")
+        return out
+
+    f.after = no_kv_left
+    return f
+
+
+def kill_prefill(d: Deployment, rng: random.Random) -> Fault:
+    """SIGKILL the rank of a prefill replica (disaggregated serving) while long prompts stream:
+    the decode replicas prefill what they could not get, every stream finishes with the
+    failure-free tokens, and no KV is left in their buffers."""
+    return _kill_role(d, rng, "kill_prefill", "prefill")
+
+
+def kill_decode(d: Deployment, rng: random.Random) -> Fault:
+    """SIGKILL the rank of a decode replica mid-stream: the gateway resumes its streams on another
+    replica (re-prefilled there), every stream finishes with the failure-free tokens."""
+    return _kill_role(d, rng, "kill_decode", "decode")
+
+
 SCENARIOS: dict[str, Callable[[Deployment, random.Random], Fault]] = {
-    f.__name__: f for f in (kill_rank, kill_ep_rank, stop_rank, kill_daemon, kill_node, etcd_leader, etcd_follower,
+    f.__name__: f for f in (kill_rank, kill_ep_rank, kill_prefill, kill_decode, stop_rank, kill_daemon, kill_node,
+                            etcd_leader, etcd_follower,
                             etcd_all_stop, slow_rank, corrupt_shard, second_failure, kill_in_rendezvous, join_leave,
                             partition_node_etcd, partition_tp_peer, isolate_etcd_member, partition_heals)}
 PARTITIONS = ("partition_node_etcd", "partition_tp_peer", "isolate_etcd_member", "partition_heals")

@@ -143,3 +143,14 @@ def test_serving_drivers_newest_generation_local_first_then_least_busy() -> None
     assert serving_drivers(statuses, "b") == ["http://b", "http://c", "http://a"]
     assert serving_drivers(statuses, "z") == ["http://c", "http://b", "http://a"]
     assert serving_drivers({"x": {"workers": [w(1, state="recovering")]}}, "x") == []
+
+
+def test_serving_drivers_leave_prefill_replicas_to_the_decode_replicas_unless_none_decodes() -> None:
+    def w(api, role, in_flight=0):
+        return {"gen": 3, "state": "serving", "driver": True, "api": api, "in_flight": in_flight, "role": role}
+
+    statuses = {"a": {"workers": [w("http://p", "prefill"), w("http://d1", "decode", 4)]},
+                "b": {"workers": [w("http://d2", "decode", 1)]}}
+    assert serving_drivers(statuses, "a") == ["http://d1", "http://d2"]
+    only_prefill = {"a": {"workers": [w("http://p", "prefill")]}}
+    assert serving_drivers(only_prefill, "a") == ["http://p"]  # colocated fallback: someone serves

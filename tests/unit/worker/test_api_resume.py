@@ -187,3 +187,26 @@ def test_a_silent_stream_sends_keepalive_comments_and_every_token(tmp_path) -> N
         assert any(x == ": keepalive" for x in between)
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("body,why", [
+    ({"kv_to": 1}, "kv_to and kv_gen: give both or neither"),
+    ({"kv_to": 1, "kv_gen": 2, "max_tokens": 4}, "a prefill for another replica takes max_tokens 1"),
+    ({"kv_to": 1, "kv_gen": 2, "max_tokens": 1, "stream": True}, "a prefill for another replica takes max_tokens 1"),
+    ({"kv_to": -1, "kv_gen": 2, "max_tokens": 1}, "kv_to"),
+])
+def test_a_malformed_prefill_request_is_refused_by_name(api, body, why) -> None:
+    server, fe, _ = api
+    status, (got,) = post(server.url, {"prompt": [5, 6, 7], **body})
+    assert status == 400 and why in got["error"]["message"], got
+    assert fe.queue.waiting == 0
+
+
+def test_a_prefill_request_reaches_the_queue_with_where_its_kv_goes(api) -> None:
+    server, fe, _ = api
+    threading.Thread(target=post, args=(server.url, {"prompt": [5, 6, 7], "max_tokens": 1, "kv_to": 1, "kv_gen": 4}),
+                     daemon=True).start()
+    wait_for("the request queued", lambda: fe.queue.waiting)
+    (req,) = fe.queue.take(1)
+    assert (req.kv_to, req.kv_gen, req.prompt, req.params.max_tokens) == (1, 4, [5, 6, 7], 1)
+    req.fail("test over")

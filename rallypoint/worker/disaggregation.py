@@ -1,0 +1,251 @@
+"""Disaggregated prefill and decode (``[layout] prefill_replicas``): a decode replica has its long
+prompts prefilled on a prefill replica, which sends it the KV cache.
+
+The decode side drives it. Its driver hands each new request whose prompt is at least
+``disaggregate_tokens`` long to ``RemotePrefill``, whose thread asks a prefill replica's API for
+a one-token completion with ``kv_to`` (this rank in the DP group) and ``kv_gen`` (this
+generation). The prefill replica's driver prefills it like any request; the step that draws the
+first token also commits it, and right after that step its driver sends the row's KV with
+``kv_transfer.send`` (``PrefillSender``) while its API answers the decode side with that token.
+The answer tells the decode side's thread the KV is on its way; the decode driver receives it at
+its next step boundary (``collect``: every send and receive runs on the serving threads, under the
+collectives' deadlines, never beside a generation switch), and a free cache row takes it
+(``kv_transfer.place``): the request decodes from its first token as if it had prefilled here.
+
+Every entry of the decode side's ``KVBuffer`` is freed once: placed, broken off, too old, or the
+generation it belongs to ended. Whatever goes wrong — no prefill replica up, its API refusing or
+gone, the transfer broken off because it died, a generation switch in between — the request is
+prefilled where it is (colocated), with the same tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from rallypoint.comm.collectives import Comm
+from rallypoint.errors import RallypointError
+from rallypoint.log import get_logger
+from rallypoint.worker import kv_transfer
+from rallypoint.worker.kv_transfer import KVBuffer, KVEntry, TransferError
+from rallypoint.worker.model import StageModel
+from rallypoint.worker.requests import Request
+
+log = get_logger("disaggregation")
+
+
+@dataclass
+class Peer:
+    """A prefill replica: its rank in the DP group and its API."""
+
+    dp_rank: int
+    url: str
+
+
+class PrefillSender:
+    """The prefill side: sends the KV of the requests its driver prefilled for a decode replica."""
+
+    def __init__(self, model: StageModel, comm: Comm, gen: int, counts: dict[str, int] | None = None) -> None:
+        self.model, self.comm, self.gen = model, comm, gen
+        self.counts = counts if counts is not None else {}
+
+    def __call__(self, row: int, r: Request) -> None:
+        """Send request ``r``'s prompt KV (cache row ``row``) and first token to ``r.kv_to``;
+        a failure is logged (the decode side prefills the request itself)."""
+        if r.kv_to is None or r.kv_gen != self.gen or not r.committed:
+            return  # asked in another generation: the decode side will not receive on this group
+        try:
+            kv_transfer.send(self.comm, r.kv_to, r.id, kv_transfer.row_kv(self.model, row, len(r.prompt)),
+                             r.committed[0], group="dp")
+            self.counts["kv_sent"] = self.counts.get("kv_sent", 0) + 1
+        except (RallypointError, RuntimeError) as exc:
+            self.counts["kv_send_failed"] = self.counts.get("kv_send_failed", 0) + 1
+            log.warning("disaggregation.send_failed", request=r.id, to=r.kv_to, gen=self.gen, error=str(exc))
+
+
+class RemotePrefill:
+    """The decode side: which requests go to a prefill replica, the thread that asks one, and the
+    receive at the driver's step boundary.
+
+    Args:
+        dp_rank: this replica's rank in the DP group.
+        gen: the generation (the transfer runs on its DP group).
+        peers: the prefill replicas to ask, each with its API's URL (looked up when needed).
+        min_tokens: prompts at least this long go to a prefill replica.
+        wake: wakes the driver when a transfer is ready to receive, or a request is back.
+        api_key: the deployment's API key, if it has one.
+    """
+
+    def __init__(self, dp_rank: int, gen: int, peers: Callable[[], list[Peer]], min_tokens: int,
+                 wake: Callable[[], None], api_key: str | None = None, timeout: float = 60.0,
+                 counts: dict[str, int] | None = None) -> None:
+        self.dp_rank, self.gen, self.peers, self.min_tokens = dp_rank, gen, peers, min_tokens
+        self.wake, self.api_key, self.timeout = wake, api_key, timeout
+        self.buffer = KVBuffer(ttl=30.0, counts=counts)
+        self.todo: deque[Request] = deque()  # to ask a prefill replica for, in order
+        self.announced: deque[tuple[Request, int, str]] = deque()  # (request, prefill's DP rank, its id there)
+        self.ready: deque[tuple[Request, KVEntry]] = deque()  # received, waiting for a cache row
+        self.back: deque[Request] = deque()  # to prefill here after all
+        self.counts = counts if counts is not None else {}  # the queue's: reported in beats and metrics
+        for k in ("prefilled_remotely", "prefill_fallbacks"):
+            self.counts.setdefault(k, 0)
+        self._local: set[str] = set()  # fell back: prefilled here, never asked again
+        self._asking: Request | None = None
+        self._lock = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="rallypoint-remote-prefill", daemon=True)
+        self._thread.start()
+
+    # -- the driver's side (its serving thread) --------------------------------------------------
+
+    def wants(self, r: Request) -> bool:
+        """Whether ``r`` should be prefilled on a prefill replica: a new request (not resumed)
+        with a long prompt."""
+        return not self._closed and r.fed is None and not r.committed and not r.resumed \
+            and len(r.prompt) >= self.min_tokens and r.id not in self._local
+
+    def start(self, r: Request) -> None:
+        with self._lock:
+            self.todo.append(r)
+            self._lock.notify()
+
+    @property
+    def actionable(self) -> bool:
+        """The driver has something to do: a transfer to receive, KV to place, a request back."""
+        return bool(self.announced or self.ready or self.back)
+
+    @property
+    def in_progress(self) -> bool:
+        """Requests are somewhere on the way (a prefill replica is being asked, too)."""
+        return self.actionable or bool(self.todo or self._asking)
+
+    def collect(self, comm: Comm) -> None:
+        """Receive every transfer announced so far (blocking for their few milliseconds); a
+        broken one sends its request back to be prefilled here. Also frees entries too old."""
+        while self.announced:
+            r, src, rid = self.announced.popleft()
+            try:
+                entry = self.buffer.receive(comm, src, group="dp")
+            except TransferError as exc:
+                self._fall_back(r, str(exc))
+                continue
+            if entry.rid != rid:  # cannot happen while one transfer is asked at a time; never place it
+                self.buffer.drop(entry.rid, "failed")
+                self._fall_back(r, f"received the KV of {entry.rid}, not of {rid}")
+                continue
+            self.ready.append((r, entry))
+        for rid in self.buffer.expire():
+            log.warning("disaggregation.expired", request=rid)
+        self.notify()
+
+    def take_ready(self) -> tuple[Request, KVEntry] | None:
+        """The next request whose KV arrived, with its entry (out of the buffer: the driver places it)."""
+        while self.ready:
+            r, entry = self.ready.popleft()
+            try:
+                got = r, self.buffer.take(entry.rid)
+                self.counts["prefilled_remotely"] += 1
+                return got
+            except TransferError as exc:  # expired while it waited for a row
+                self._fall_back(r, str(exc))
+        return None
+
+    def close(self) -> list[Request]:
+        """The generation ended: free every entry, and return the requests on their way (to be
+        prefilled in the next generation, wherever they run)."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify()
+            out = [r for r, _ in self.ready] + [r for r, *_ in self.announced] + list(self.back) + list(self.todo)
+            if self._asking is not None:
+                out.append(self._asking)
+            for _, entry in self.ready:
+                self.buffer.drop(entry.rid, "failed")
+            self.ready.clear()
+            self.announced.clear()
+            self.back.clear()
+            self.todo.clear()
+            self._asking = None
+        for rid in list(self.buffer.entries):
+            self.buffer.drop(rid, "failed")
+        return [r for r in out if not r.done]
+
+    # -- the asking thread -----------------------------------------------------------------------
+
+    def _fall_back(self, r: Request, why: str) -> None:
+        self.counts["prefill_fallbacks"] += 1
+        self._local.add(r.id)
+        log.info("disaggregation.fallback", request=r.id, gen=self.gen, why=why)
+        with self._lock:
+            if not self._closed:
+                self.back.append(r)
+        self.wake()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self.todo and not self._closed:
+                    self._lock.wait()
+                if self._closed:
+                    return
+                r = self._asking = self.todo.popleft()
+            if r.done:  # cancelled while it waited
+                with self._lock:
+                    self._asking = None
+                continue
+            try:
+                src, rid, first = self._ask(r)
+            except (OSError, ValueError, KeyError, RallypointError) as exc:
+                with self._lock:
+                    self._asking = None
+                self._fall_back(r, f"{type(exc).__name__}: {exc}")
+                continue
+            with self._lock:
+                self._asking = None
+                if self._closed:
+                    return
+                self.announced.append((r, src, rid))
+            log.debug("disaggregation.announced", request=r.id, src=src, first=first)
+            self.wake()
+            # one transfer at a time: the next is asked once this one is received (or given up)
+            with self._lock:
+                while any(x is r for x, *_ in self.announced) and not self._closed:
+                    self._lock.wait(0.05)
+
+    def notify(self) -> None:
+        """The driver received what was announced: the thread may ask for the next one."""
+        with self._lock:
+            self._lock.notify_all()
+
+    def _ask(self, r: Request) -> tuple[int, str, int]:
+        """Ask a prefill replica to prefill ``r`` and send its KV here; returns (its DP rank, the
+        request's id there, which the transfer carries, the first token). Raises on any failure
+        (the request falls back)."""
+        peers = self.peers()
+        if not peers:
+            raise RallypointError("no prefill replica is serving")
+        peer = peers[hash(r.id) % len(peers)]
+        p = r.params
+        body = {"prompt": r.prompt, "max_tokens": 1, "temperature": p.temperature, "seed": p.seed,
+                "top_p": p.top_p, "kv_to": self.dp_rank, "kv_gen": self.gen}
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        req = urllib.request.Request(peer.url + "/v1/completions", data=json.dumps(body).encode(), headers=headers)
+        t0 = time.monotonic()
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                got = json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            raise RallypointError(f"{peer.url} answered {exc.code}: {exc.read()[:200]!r}") from None
+        choice = got["choices"][0]
+        if choice.get("finish_reason") not in ("length", "stop") or len(choice["token_ids"]) != 1:
+            raise RallypointError(f"{peer.url} did not prefill: {choice.get('finish_reason')}")
+        log.debug("disaggregation.prefilled", request=r.id, peer=peer.url, seconds=round(time.monotonic() - t0, 4))
+        return peer.dp_rank, str(got["id"]), int(choice["token_ids"][0])

@@ -1,0 +1,165 @@
+"""Disaggregated prefill and decode with real rallyd, etcd, worker processes, gloo and SIGKILL:
+one node, two one-rank replicas, ``[layout] prefill_replicas = 1``: replica 0 prefills the long
+prompts, replica 1 (where the gateway sends the clients) receives their KV cache and decodes.
+
+* tokens through P -> D equal the single-process reference; the decode replica received every
+  prompt's KV and its buffer is empty afterwards;
+* the prefill replica SIGKILLed while long prompts keep coming: every stream finishes with the
+  failure-free tokens (the decode replica prefills what it could not get), nothing left behind;
+* the decode replica SIGKILLed mid-stream: the gateway resumes every stream, same tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from rallypoint.protocol.keys import ClusterKeys
+from rallypoint.rendezvous.etcd import EtcdClient
+from rallypoint.testing.daemons import DaemonProcess, daemon_args, wait_file, wait_for
+from rallypoint.testing.etcd_server import EtcdCluster
+from rallypoint.worker.checkpoint import make_model
+from rallypoint.worker.sampling import generate
+from rallypoint.worker.shards import load_stage
+from tests.conftest import make_client
+from tests.integration.test_rallyd_recovery import plans, seat_pid
+from tests.integration.test_rallyd_serving import start_streams
+from tests.integration.test_serving import post
+
+LONG = 12  # prompts of at least this many tokens are prefilled on the prefill replica
+PROMPTS = [[(7 * i + 3 * j) % 250 + 3 for j in range(LONG + i)] for i in range(6)]
+TOKENS = 60
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_model(tmp_path_factory.mktemp("pd") / "model", "tiny", seed=9)
+
+
+@pytest.fixture(scope="module")
+def reference(model: Path) -> list[list[int]]:
+    torch.set_num_threads(1)
+    stage = load_stage(model, dtype=torch.float32)
+    return [generate(stage, torch.tensor([p]), TOKENS)[0][0].tolist() for p in PROMPTS]
+
+
+def check(got: list[int], ref: list[int]) -> None:
+    assert got and got == ref[:len(got)], (got, ref)
+
+
+def start(etcd: EtcdCluster, cluster: str, tmp_path: Path, model: Path) -> tuple[DaemonProcess, str]:
+    args = daemon_args(etcd.endpoints, cluster, "--tp", "1", "--dp", "2", "--cpu-ranks", "2",
+                       "--prefill-replicas", "1", "--worker-disaggregate-tokens", str(LONG),
+                       "--state-dir", str(tmp_path / "a"), "--worker-model", str(model))
+    daemon = DaemonProcess("a", args, tmp_path / "a.log").start()
+    try:
+        for i in range(2):
+            wait_file(tmp_path / "a" / f"api-{i}.url", timeout=90)
+        client = make_client(etcd.endpoints)  # the decode replica finds the prefill one in rallyd's status
+        try:
+            wait_for("both replicas serving in rallyd's status", lambda: (kv := client.get(
+                ClusterKeys(cluster).node_status_of("a"))) and sorted(
+                w.get("role") for w in json.loads(kv.value)["workers"] if w.get("state") == "serving")
+                == ["decode", "prefill"], timeout=30)
+        finally:
+            client.close()
+        return daemon, wait_file(tmp_path / "a" / "gateway.url").strip()
+    except BaseException:
+        daemon.stop()
+        raise
+
+
+def counts(client: EtcdClient, keys: ClusterKeys, role: str) -> dict[str, int]:
+    """The request counts of the worker in ``role``, as rallyd publishes them (its last beat)."""
+    def find() -> dict[str, int] | None:
+        kv = client.get(keys.node_status_of("a"))
+        workers = json.loads(kv.value)["workers"] if kv else []
+        return next((w["counts"] for w in workers if w.get("role") == role and "counts" in w), None)
+    return wait_for(f"the {role} replica's counts", find, timeout=10)
+
+
+def requests() -> list[dict]:
+    return [{"prompt": p, "max_tokens": TOKENS, "temperature": 0} for p in PROMPTS]
+
+
+def test_prefill_on_one_replica_decode_on_the_other_gives_the_reference_tokens(
+        etcd: EtcdCluster, client: EtcdClient, cluster_name: str, tmp_path: Path, model: Path,
+        reference: list[list[int]]) -> None:
+    keys = ClusterKeys(cluster_name)
+    daemon, gateway = start(etcd, cluster_name, tmp_path, model)
+    try:
+        plan = plans(client, keys)[-1]
+        assert plan.prefill_replicas == 1 and plan.role_of(0) == "prefill" and plan.role_of(1) == "decode"
+        for body, ref in zip(requests(), reference):
+            check(post(gateway, body)[1]["choices"][0]["token_ids"], ref)
+        short = {"prompt": PROMPTS[0][:LONG - 4], "max_tokens": 8, "temperature": 0}  # prefilled where it decodes
+        assert len(post(gateway, short)[1]["choices"][0]["token_ids"]) == 8
+
+        def settled() -> tuple[dict[str, int], dict[str, int]] | None:
+            d, p = counts(client, keys, "decode"), counts(client, keys, "prefill")
+            return (d, p) if d.get("prefilled_remotely") == len(PROMPTS) and d.get("completed", 0) == len(PROMPTS) + 1 \
+                else None
+        d, p = wait_for("the decode replica's counts", settled, timeout=10)
+        assert d["prefill_fallbacks"] == 0 and d["kv_received"] == d["kv_freed"] == len(PROMPTS)  # nothing left
+        assert p["kv_sent"] == len(PROMPTS) and p.get("kv_send_failed", 0) == 0
+    finally:
+        daemon.stop()
+
+
+def test_the_prefill_replica_killed_while_prompts_come_in(
+        etcd: EtcdCluster, client: EtcdClient, cluster_name: str, tmp_path: Path, model: Path,
+        reference: list[list[int]]) -> None:
+    keys = ClusterKeys(cluster_name)
+    daemon, gateway = start(etcd, cluster_name, tmp_path, model)
+    try:
+        first = start_streams(gateway, requests()[:3])
+        got: dict[int, list[int]] = {}
+        late = threading.Thread(target=lambda: got.update(  # more long prompts while the prefill replica is gone
+            {i: post(gateway, body)[1]["choices"][0]["token_ids"] for i, body in enumerate(requests()[3:], 3)}))
+        late.start()
+        psutil.Process(seat_pid(daemon, 0)).kill()  # replica 0: the prefill replica
+        got.update(first.join())
+        late.join(timeout=120)
+        assert not late.is_alive()
+        for i, ref in enumerate(reference):
+            check(got[i], ref)
+        wait_for("generation 2", lambda: [p for p in plans(client, keys) if p.gen >= 2])
+        d = counts(client, keys, "decode")
+        assert d["kv_received"] == d["kv_freed"], d  # whatever arrived was freed
+    finally:
+        daemon.stop()
+
+
+def test_the_decode_replica_killed_mid_stream(
+        etcd: EtcdCluster, client: EtcdClient, cluster_name: str, tmp_path: Path, model: Path,
+        reference: list[list[int]]) -> None:
+    keys = ClusterKeys(cluster_name)
+    daemon, gateway = start(etcd, cluster_name, tmp_path, model)
+    try:
+        streams = start_streams(gateway, requests())
+        streams.assert_in_flight()
+        psutil.Process(seat_pid(daemon, 1)).kill()  # replica 1: the decode replica, every stream on it
+        got = streams.join()
+        for i, ref in enumerate(reference):
+            check(got[i], ref)
+        wait_for("generation 2", lambda: [p for p in plans(client, keys) if p.gen >= 2])
+        url = wait_file(tmp_path / "a" / "api-1.url").strip()
+
+        def serving() -> bool:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=10) as r:
+                    return json.loads(r.read())["status"] == "serving"
+            except urllib.error.HTTPError:
+                return False
+        wait_for("the restarted decode replica serving", serving, timeout=60)
+        check(post(gateway, requests()[0])[1]["choices"][0]["token_ids"], reference[0])
+        assert wait_for("its prefill done remotely", lambda: counts(client, keys, "decode").get("prefilled_remotely"))
+    finally:
+        daemon.stop()
