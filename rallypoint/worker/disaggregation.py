@@ -28,6 +28,8 @@ import urllib.request
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from typing import Any, TypeVar
 
 from rallypoint.comm.collectives import Comm
 from rallypoint.errors import RallypointError
@@ -37,7 +39,63 @@ from rallypoint.worker.kv_transfer import KVBuffer, KVEntry, TransferError
 from rallypoint.worker.model import StageModel
 from rallypoint.worker.requests import Request
 
+T = TypeVar("T")
+
 log = get_logger("disaggregation")
+
+TRANSFER_LIMIT = 10.0  # seconds a serving thread waits for one transfer before it gives up on it
+
+
+def abandonable(fn: Callable[[], T], comm: Comm, what: str, limit: float = TRANSFER_LIMIT,
+                late: Callable[[T], None] | None = None) -> T:
+    """Run a transfer (``fn``) on a helper thread and wait for it while the DP group is up, at
+    most ``limit`` seconds. gloo's ``abort()`` does not wake a send or receive blocked in
+    ``wait()`` (measured: a receive whose peer would never send returned at gloo's own 30 s
+    timeout, the generation switch waiting behind it), and a ``wait`` with a timeout closes the
+    connection for good; so the serving thread stops waiting instead, and the abandoned helper
+    ends by itself with its group; should it still finish, ``late`` gets what it made (a received
+    entry, to free).
+
+    Raises:
+        TransferError: the group was aborted, or the limit passed, before the transfer finished;
+            or the transfer's own error.
+    """
+    box: dict[str, Any] = {}
+    done = threading.Event()
+    lock = threading.Lock()
+
+    def run() -> None:
+        try:
+            out = fn()
+            with lock:
+                box["out"] = out
+                gone = "abandoned" in box
+            if gone and late is not None:
+                late(out)
+        except BaseException as exc:  # handed to the serving thread
+            box["error"] = exc
+        finally:
+            done.set()
+
+    def give_up(why: str) -> TransferError:
+        with lock:
+            box["abandoned"] = True
+            out = box.get("out")
+        if out is not None and late is not None:  # finished just now: freed all the same
+            late(out)
+        return TransferError(f"{what} given up: {why}")
+
+    threading.Thread(target=run, name="rallypoint-kv-transfer", daemon=True).start()
+    deadline = time.monotonic() + limit
+    group = comm.groups.group("dp")
+    while not done.wait(0.005):
+        if group.aborted_reason is not None:
+            raise give_up(f"{group.label} aborted: {group.aborted_reason}")
+        if time.monotonic() > deadline:
+            raise give_up(f"no end after {limit:g}s")
+    if "error" in box:
+        raise box["error"]
+    return box["out"]
 
 
 @dataclass
@@ -60,9 +118,11 @@ class PrefillSender:
         a failure is logged (the decode side prefills the request itself)."""
         if r.kv_to is None or r.kv_gen != self.gen or not r.committed:
             return  # asked in another generation: the decode side will not receive on this group
+        layers = kv_transfer.row_kv(self.model, row, len(r.prompt))  # copies: the row may be reused meanwhile
+        dst, first = r.kv_to, r.committed[0]
         try:
-            kv_transfer.send(self.comm, r.kv_to, r.id, kv_transfer.row_kv(self.model, row, len(r.prompt)),
-                             r.committed[0], group="dp")
+            abandonable(lambda: kv_transfer.send(self.comm, dst, r.id, layers, first, group="dp"), self.comm,
+                        f"sending the KV of {r.id} to DP rank {dst}")
             self.counts["kv_sent"] = self.counts.get("kv_sent", 0) + 1
         except (RallypointError, RuntimeError) as exc:
             self.counts["kv_send_failed"] = self.counts.get("kv_send_failed", 0) + 1
@@ -131,7 +191,9 @@ class RemotePrefill:
         while self.announced:
             r, src, rid = self.announced.popleft()
             try:
-                entry = self.buffer.receive(comm, src, group="dp")
+                entry = abandonable(partial(self.buffer.receive, comm, src, group="dp"), comm,
+                                    f"receiving the KV of {rid} from DP rank {src}",
+                                    late=self._free_late)
             except TransferError as exc:
                 self._fall_back(r, str(exc))
                 continue
@@ -143,6 +205,10 @@ class RemotePrefill:
         for rid in self.buffer.expire():
             log.warning("disaggregation.expired", request=rid)
         self.notify()
+
+    def _free_late(self, entry: KVEntry) -> None:
+        """A receive this replica gave up on finished after all: free what it brought."""
+        self.buffer.drop(entry.rid, "failed")
 
     def take_ready(self) -> tuple[Request, KVEntry] | None:
         """The next request whose KV arrived, with its entry (out of the buffer: the driver places it)."""

@@ -156,7 +156,7 @@ class KVBuffer:
         """Free every entry from these prefill ranks (they died): returns the request ids, which
         the caller prefills locally or sends to another prefill replica."""
         dead = set(peers)
-        gone = [rid for rid, e in self.entries.items() if e.peer in dead]
+        gone = [rid for rid, e in list(self.entries.items()) if e.peer in dead]
         for rid in gone:
             self.drop(rid, "peer_died")
         return gone
@@ -164,7 +164,8 @@ class KVBuffer:
     def expire(self, now: float | None = None) -> list[str]:
         """Free the entries older than ``ttl`` that nobody took."""
         now = time.monotonic() if now is None else now
-        old = [rid for rid, e in self.entries.items() if now - e.since > self.ttl]
+        old = [rid for rid, e in list(self.entries.items()) if now - e.since > self.ttl]  # a copy: a late
+        # receive (worker.disaggregation.abandonable) may free an entry from its own thread
         for rid in old:
             self.drop(rid, "expired")
         return old

@@ -505,8 +505,8 @@ class Worker:
             d.prefills_for = plan.gen
 
     def _prefill_peers(self, plan: Plan) -> list[Peer]:
-        """The prefill replicas of ``plan`` that serve it now, with their APIs' URLs (from what
-        their nodes' rallyd publish in etcd)."""
+        """The prefill replicas of ``plan``, with their APIs' URLs (from what their nodes' rallyd
+        publish in etcd)."""
         from rallypoint.worker.disaggregation import Peer
 
         out = []
@@ -514,8 +514,9 @@ class Worker:
             seat = next(s for s in plan.ranks if s.rank == replica)  # tp = pp = 1: replica r is rank r
             kv = self.runtime.client.get(self.runtime.keys.node_status_of(seat.node))
             workers = json.loads(kv.value).get("workers", []) if kv is not None else []
-            url = next((w.get("api") for w in workers if w.get("local_rank") == seat.local_rank
-                        and w.get("gen") == plan.gen and w.get("state") == "serving"), None)
+            # its status may lag a generation behind: a prefill replica refuses what another
+            # generation asks (the request is then prefilled here), so any URL of the seat will do
+            url = next((w.get("api") for w in workers if w.get("local_rank") == seat.local_rank), None)
             if url:
                 out.append(Peer(replica, url))
         return out

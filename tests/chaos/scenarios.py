@@ -394,13 +394,19 @@ def _kill_role(d: Deployment, rng: random.Random, name: str, role: str) -> Fault
     f = Fault(name, t, gen, [pid], note=f"{role} replica {rank} ({node}, pid {pid})")
 
     def no_kv_left() -> list[str]:
-        out = []
-        for n, st in d.statuses().items():
-            for w in st.get("workers", []):
-                c = w.get("counts") or {}
-                if w.get("role") == "decode" and c.get("kv_received", 0) != c.get("kv_freed", 0):
-                    out.append(f"{n}/{w.get('local_rank')}: received {c.get('kv_received')} KV entries, "
-                               f"freed {c.get('kv_freed')}")
+        out: list[str] = []
+        deadline = time.monotonic() + 10  # the counts come with rallyd's status, a second or so behind
+        while time.monotonic() < deadline:
+            out = []
+            for n, st in d.statuses().items():
+                for w in st.get("workers", []):
+                    c = w.get("counts") or {}
+                    if w.get("role") == "decode" and c.get("kv_received", 0) != c.get("kv_freed", 0):
+                        out.append(f"{n}/{w.get('local_rank')}: received {c.get('kv_received')} KV entries, "
+                                   f"freed {c.get('kv_freed')}")
+            if not out:
+                break
+            time.sleep(0.5)
         return out
 
     f.after = no_kv_left
