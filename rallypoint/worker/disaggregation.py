@@ -120,6 +120,7 @@ class PrefillSender:
             return  # asked in another generation: the decode side will not receive on this group
         layers = kv_transfer.row_kv(self.model, row, len(r.prompt))  # copies: the row may be reused meanwhile
         dst, first = r.kv_to, r.committed[0]
+        log.info("disaggregation.sending", request=r.id, to=dst, gen=self.gen, positions=len(r.prompt))
         try:
             abandonable(lambda: kv_transfer.send(self.comm, dst, r.id, layers, first, group="dp"), self.comm,
                         f"sending the KV of {r.id} to DP rank {dst}")
@@ -190,6 +191,7 @@ class RemotePrefill:
         broken one sends its request back to be prefilled here. Also frees entries too old."""
         while self.announced:
             r, src, rid = self.announced.popleft()
+            log.info("disaggregation.receiving", request=r.id, prefill_id=rid, src=src, gen=self.gen)
             try:
                 entry = abandonable(partial(self.buffer.receive, comm, src, group="dp"), comm,
                                     f"receiving the KV of {rid} from DP rank {src}",

@@ -17,6 +17,7 @@ is left behind when either side dies.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -63,13 +64,21 @@ def place(stage: StageModel, row: int, layers: list[tuple[torch.Tensor, torch.Te
         cache.v[row, :, :n].copy_(v)
 
 
+# Fault injection for the failure tests and the chaos suite: seconds a sender waits between two
+# layers, so a test can kill it mid-transfer. Unset (0) in production.
+SEND_DELAY_ENV = "RALLYPOINT_FAULT_KV_LAYER_DELAY"
+
+
 def send(comm: KVComm, dst: int, rid: str, layers: list[tuple[torch.Tensor, torch.Tensor]], first_token: int,
          group: str = "pp") -> None:
     """Send request ``rid``'s KV (``row_kv``) and its first token to rank-in-group ``dst``: a header,
     then one message per layer, each under the collectives' deadline."""
+    delay = float(os.environ.get(SEND_DELAY_ENV) or 0)
     code = torch.frombuffer(bytearray(rid.encode()), dtype=torch.uint8)
     comm.send_dict({"rid": code, "meta": torch.tensor([len(layers), first_token], dtype=torch.int64)}, dst, group)
-    for k, v in layers:
+    for i, (k, v) in enumerate(layers):
+        if delay and i:
+            time.sleep(delay)
         comm.send_dict({"k": k, "v": v}, dst, group)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -26,6 +27,7 @@ from rallypoint.rendezvous.etcd import EtcdClient
 from rallypoint.testing.daemons import DaemonProcess, daemon_args, wait_file, wait_for
 from rallypoint.testing.etcd_server import EtcdCluster
 from rallypoint.worker.checkpoint import make_model
+from rallypoint.worker.kv_transfer import SEND_DELAY_ENV
 from rallypoint.worker.sampling import generate
 from rallypoint.worker.shards import load_stage
 from tests.conftest import make_client
@@ -54,11 +56,12 @@ def check(got: list[int], ref: list[int]) -> None:
     assert got and got == ref[:len(got)], (got, ref)
 
 
-def start(etcd: EtcdCluster, cluster: str, tmp_path: Path, model: Path) -> tuple[DaemonProcess, str]:
+def start(etcd: EtcdCluster, cluster: str, tmp_path: Path, model: Path,
+          env: dict[str, str] | None = None) -> tuple[DaemonProcess, str]:
     args = daemon_args(etcd.endpoints, cluster, "--tp", "1", "--dp", "2", "--cpu-ranks", "2",
                        "--prefill-replicas", "1", "--worker-disaggregate-tokens", str(LONG),
                        "--state-dir", str(tmp_path / "a"), "--worker-model", str(model))
-    daemon = DaemonProcess("a", args, tmp_path / "a.log").start()
+    daemon = DaemonProcess("a", args, tmp_path / "a.log", env=env or {}).start()
     try:
         for i in range(2):
             wait_file(tmp_path / "a" / f"api-{i}.url", timeout=90)
@@ -161,5 +164,34 @@ def test_the_decode_replica_killed_mid_stream(
         wait_for("the restarted decode replica serving", serving, timeout=60)
         check(post(gateway, requests()[0])[1]["choices"][0]["token_ids"], reference[0])
         assert wait_for("its prefill done remotely", lambda: counts(client, keys, "decode").get("prefilled_remotely"))
+    finally:
+        daemon.stop()
+
+
+def test_the_prefill_replica_killed_mid_transfer(etcd: EtcdCluster, client: EtcdClient, cluster_name: str,
+                                                tmp_path: Path, model: Path, reference: list[list[int]]) -> None:
+    """The prefill replica sends its layers 0.5 s apart (fault injection) and is SIGKILLed once
+    the first is out: the decode replica's receive breaks off, it frees what had arrived and
+    prefills the request itself, which finishes with the reference tokens."""
+    keys = ClusterKeys(cluster_name)
+    daemon, gateway = start(etcd, cluster_name, tmp_path, model, env={SEND_DELAY_ENV: "0.5"})
+    try:
+        got: dict[str, list[int]] = {}
+        t = threading.Thread(target=lambda: got.update(
+            ids=post(gateway, requests()[2])[1]["choices"][0]["token_ids"]))
+        t.start()
+        decode_log = tmp_path / "a" / "logs" / "worker-1.log"
+        wait_for("the decode replica receiving", lambda: "disaggregation.receiving" in decode_log.read_text(),
+                 timeout=30, every=0.01)
+        time.sleep(0.2)  # the header and the first layer are in; the next comes 0.5 s after the first
+        psutil.Process(seat_pid(daemon, 0)).kill()
+        t.join(timeout=120)
+        check(got["ids"], reference[2])
+        text = decode_log.read_text()
+        assert "receiving the KV of" in text and "disaggregation.fallback" in text
+        d = wait_for("the decode replica's counts", lambda: (c := counts(client, keys, "decode"))
+                     and c.get("prefill_fallbacks") and c.get("kv_freed") and c)
+        # its header had arrived (an entry made), then the transfer broke off: the entry was freed
+        assert d["kv_received"] == d["kv_freed"] == 1 and d["prefilled_remotely"] == 0, d
     finally:
         daemon.stop()
