@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
+import torch
+
 from rallypoint.comm.collectives import Comm
 from rallypoint.errors import RallypointError
 from rallypoint.log import get_logger
@@ -66,6 +68,8 @@ def abandonable(fn: Callable[[], T], comm: Comm, what: str, limit: float = TRANS
 
     def run() -> None:
         try:
+            if group.device.type == "cuda":
+                torch.cuda.set_device(group.device)  # per thread: the helper's is not the serving thread's
             out = fn()
             with lock:
                 box["out"] = out
@@ -85,9 +89,9 @@ def abandonable(fn: Callable[[], T], comm: Comm, what: str, limit: float = TRANS
             late(out)
         return TransferError(f"{what} given up: {why}")
 
+    group = comm.groups.group("dp")
     threading.Thread(target=run, name="rallypoint-kv-transfer", daemon=True).start()
     deadline = time.monotonic() + limit
-    group = comm.groups.group("dp")
     while not done.wait(0.005):
         if group.aborted_reason is not None:
             raise give_up(f"{group.label} aborted: {group.aborted_reason}")

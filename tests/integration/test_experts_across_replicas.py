@@ -12,6 +12,7 @@ slots (``expert_copies = 2``) and step together.
 from __future__ import annotations
 
 import json
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -83,8 +84,11 @@ def busy_seat(state: Path) -> int:
     def busy() -> list[tuple[int, int]]:
         counts = []
         for i in range(3):
-            with urllib.request.urlopen(wait_file(state / f"api-{i}.url").strip() + "/health", timeout=5) as r:
-                counts.append((json.loads(r.read())["in_flight"], i))
+            try:
+                with urllib.request.urlopen(wait_file(state / f"api-{i}.url").strip() + "/health", timeout=5) as r:
+                    counts.append((json.loads(r.read())["in_flight"], i))
+            except urllib.error.HTTPError:  # not serving (yet): its streams wait for it
+                return []
         return sorted(counts, reverse=True) if sum(n for n, _ in counts) == len(PROMPTS) else []
     return int(wait_for("every stream in flight at a replica", busy, timeout=10, every=0.02)[0][1])
 
@@ -154,6 +158,7 @@ def test_with_no_restart_the_shrink_serves_on_from_the_copies_without_reading(
         at2 = wait_for("generation 2's weights", lambda: len(got := loaded(client, keys, 2)) == 2 and got)
         assert all(d["experts_read"] == [] and d["seconds"] == 0 for d in at2.values()), at2
         url = wait_file(tmp_path / "a" / f"api-{survivors[0][1]}.url").strip()  # and the two serve on
-        check(post(url, requests()[3])[1]["choices"][0]["token_ids"], reference[3])
+        answer = wait_for("an answer from a survivor", lambda: (got := post(url, requests()[3]))[0] == 200 and got)
+        check(answer[1]["choices"][0]["token_ids"], reference[3])
     finally:
         daemon.stop()
