@@ -30,18 +30,22 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def format_plan(plan: Plan) -> str:
-    """A plan as a small table, one row per rank (with the expert slots each holds and serves when
-    a mixture of experts is spread over every replica)."""
+    """A plan as a small table, one row per rank (with its replica's role when serving is
+    disaggregated, and the expert slots it holds and serves when a mixture of experts is spread
+    over every replica)."""
     m = plan.experts
     lines = [f"generation {plan.gen}: world {plan.world_size} = TP {plan.tp} x PP {plan.pp} x DP {plan.dp}"
              f"  (leader {plan.leader}; {plan.reason})"]
     if m is not None:
         lines.append(f"  experts over every replica, in {m.slots} slots")
+    roles = bool(plan.prefill_replicas)
     lines.append(f"  {'rank':>4}  {'node':<10} {'local':>5}  {'dp':>2} {'pp':>2} {'tp':>2}"
-                 + ("  slots held   serves" if m is not None else ""))
+                 + ("  role" if roles else "") + ("  slots held   serves" if m is not None else ""))
     for r in plan.ranks:
         at = coords_of(r.rank, plan.tp, plan.pp)
         line = f"  {r.rank:>4}  {r.node:<10} {r.local_rank:>5}  {at.dp:>2} {at.pp:>2} {at.tp:>2}"
+        if roles:
+            line += f"  {plan.role_of(at.dp):<7}"
         if m is not None:
             line += f"  {','.join(map(str, m.holds[r.rank])) or '-':<11}  {','.join(map(str, m.served_by(r.rank))) or '-'}"
         lines.append(line)

@@ -124,3 +124,17 @@ def test_rallyctl_plan_shows_the_slots_each_rank_holds_and_serves() -> None:
     rows = [line.split() for line in text.splitlines()[3:]]
     assert rows == [["0", "a", "0", "0", "0", "0", "0,1", "0,1"], ["1", "a", "2", "1", "0", "0", "0,2", "2"]]
     assert "slots" not in format_plan(make_plan(1, [_node("a", 2)], ClusterSpec(), "initial", "a"))
+
+
+def test_a_disaggregated_plan_gives_roles_while_a_decode_replica_is_left() -> None:
+    from rallypoint.cli.views import format_plan
+
+    spec = ClusterSpec(tp=1, pp=1, dp=0, prefill_replicas=1)
+    plan = make_plan(1, [_node("a", 3)], spec, "initial", "a")
+    assert plan.prefill_replicas == 1 and [plan.role_of(r) for r in range(3)] == ["prefill", "decode", "decode"]
+    assert [line.split()[-1] for line in format_plan(plan).splitlines()[2:]] == ["prefill", "decode", "decode"]
+    assert Plan.from_json("k", plan.to_json()) == plan
+    alone = make_plan(2, [_node("a", 1)], spec, "shrunk", "a", previous=plan)
+    assert alone.prefill_replicas == 0 and alone.role_of(0) == "colocated"  # the last replica serves whole requests
+    with pytest.raises(MalformedRecord, match="prefill_replicas = 1 needs tp = pp = 1 and a decode replica left"):
+        Plan.from_json("k", alone.to_json().replace('"reason"', '"prefill_replicas": 1, "reason"'))
