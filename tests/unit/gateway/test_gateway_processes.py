@@ -68,6 +68,7 @@ def test_every_process_serves_the_routes_it_is_pushed(deployment) -> None:
         assert len(gw.pids()) == 2 and all("rallypoint gateway (test)" in " ".join(psutil.Process(p).cmdline())
                                            for p in gw.pids())
         # a request that waits for a serving driver goes on the moment one is pushed, not at a timeout
+        first = len(outcomes)
         waiting = ThreadPoolExecutor(1).submit(stream, gw.url)
         time.sleep(0.5)
         t0 = time.monotonic()
@@ -76,6 +77,7 @@ def test_every_process_serves_the_routes_it_is_pushed(deployment) -> None:
         assert time.monotonic() - t0 < 2.0  # the resume timeout is 5 s
 
         # many at once: both processes take connections (the kernel spreads them over their sockets)
+        wait_for("the first outcome counted", lambda: len(outcomes) == first + 1, timeout=10)  # it comes apart
         before, per_process = len(outcomes), list(gw.requests)
         with ThreadPoolExecutor(16) as pool:
             got = list(pool.map(lambda _: stream(gw.url), range(32)))
