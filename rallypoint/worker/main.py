@@ -227,23 +227,40 @@ class Worker:
     def preload(self) -> None:
         """A spare of a TP=1, PP=1 deployment: every seat holds the whole model, so load it (and
         capture its decode graphs) now, and a seat taken later serves without loading anything.
-        rallyd asks for it only where the seat's device is known ahead (one seat, or the CPU)."""
+        rallyd asks for it only where the seat's device is known ahead (one seat, or the CPU).
+        A mixture of experts spread over every replica (``[layout] ep = "dp"``): everything but
+        the experts, which differ by seat; the seat taken reads its own (``hold_experts``)."""
         if self.probe:
             return
+        shared = self._experts_shared()
         try:
-            self._ensure_shard(ShardKey(0, 1, 0, 1), compile=self.args.compile == "on")
+            self._ensure_shard(ShardKey(0, 1, 0, 1, () if shared else None), compile=self.args.compile == "on")
         except CheckpointError as exc:  # the seat that adopts this spare will load, fail and say so
             self.log.error("worker.preload_failed", error=str(exc))
             self.model = self.graphs = self.shard = None
             return
         assert self.model is not None  # _ensure_shard loaded it
         captured = self.graphs.capture_all() if self.graphs is not None else 0.0
-        warm_prefill(self.model, self.settings.max_seq, self.settings.prefill_tokens)
+        if not shared:  # without its experts the model cannot run a forward
+            warm_prefill(self.model, self.settings.max_seq, self.settings.prefill_tokens)
         self.model.reset_cache()
         if self.args.api_port == 0:  # seats take any free port: open the API now, not at adoption
             self._open_api()
         self.log.info("worker.preloaded", device=str(self._seat_device()), graphs=len(self.graphs.graphs)
                       if self.graphs is not None else 0, capture_seconds=round(captured, 3))
+
+    def _experts_shared(self) -> bool:
+        """Whether this cluster spreads this model's experts over every replica (its spec in etcd)."""
+        from rallypoint.rendezvous.records import ClusterSpec
+
+        if self.config is None or not self.config.num_experts:
+            return False
+        try:
+            kv = self.runtime.client.get(self.runtime.keys.spec)
+            return kv is not None and ClusterSpec.from_json(self.runtime.keys.spec, kv.value).ep == "dp"
+        except RallypointError as exc:
+            self.log.warning("worker.spec_unread", error=str(exc))
+            return False
 
     def _ensure_shard(self, key: ShardKey, compile: bool = False) -> float:
         """Load this rank's shard unless it is already in memory; return the seconds spent.
