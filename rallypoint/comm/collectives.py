@@ -144,7 +144,7 @@ class Comm:
                   lambda: g.backend.alltoall_base(out, t.contiguous(), list(out_splits), list(in_splits), _A2A))
         return out
 
-    def send_dict(self, tensors: Mapping[str, torch.Tensor], dst: int, group: str = "pp") -> None:
+    def send_dict(self, tensors: Mapping[str, torch.Tensor], dst: int, group: str | Group = "pp") -> None:
         """Send named tensors to rank-in-group ``dst``; shapes and dtypes go first."""
         g = self._group(group, None)
         meta = json.dumps({k: [list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in tensors.items()})
@@ -155,7 +155,7 @@ class Comm:
                 raise GroupError(f"send_dict on {g.label}: tensor on {t.device}, group runs on {g.device}")
             self._send(g, t, dst)
 
-    def recv_dict(self, src: int, group: str = "pp") -> dict[str, torch.Tensor]:
+    def recv_dict(self, src: int, group: str | Group = "pp") -> dict[str, torch.Tensor]:
         """Receive the named tensors ``send_dict`` sent from rank-in-group ``src``."""
         g = self._group(group, None)
         size = torch.empty(1, dtype=torch.int64, device=g.device)
@@ -188,8 +188,10 @@ class Comm:
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    def _group(self, name: str, t: torch.Tensor | None, reduce: bool = False) -> Group:
-        g = self.groups.group(name)
+    def _group(self, name: str | Group, t: torch.Tensor | None, reduce: bool = False) -> Group:
+        """The current generation's group ``name``, or ``name`` itself when a ``Group`` is given
+        (a thread that must stay on the group it started with, whatever generation comes next)."""
+        g = name if isinstance(name, Group) else self.groups.group(name)
         if g.aborted_reason is not None:
             raise GenerationAborted(g.gen, g.label, g.aborted_reason)
         if t is not None:

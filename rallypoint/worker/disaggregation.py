@@ -7,10 +7,11 @@ a one-token completion with ``kv_to`` (this rank in the DP group) and ``kv_gen``
 generation). The prefill replica's driver prefills it like any request; the step that draws the
 first token also commits it, and right after that step its driver sends the row's KV with
 ``kv_transfer.send`` (``PrefillSender``) while its API answers the decode side with that token.
-The answer tells the decode side's thread the KV is on its way; the decode driver receives it at
-its next step boundary (``collect``: every send and receive runs on the serving threads, under the
-collectives' deadlines, never beside a generation switch), and a free cache row takes it
-(``kv_transfer.place``): the request decodes from its first token as if it had prefilled here.
+The answer tells the asking thread the KV is on its way; it receives it at once, on the
+generation's DP group it holds (never the next one's), and hands it to the driver, which places
+it in a free cache row (``kv_transfer.place``) between two steps: the request decodes from its
+first token as if it had prefilled here. The decode replica's serving thread never waits for a
+transfer, and the prefill replica's waits only for the answer to reach the decode side.
 
 Every entry of the decode side's ``KVBuffer`` is freed once: placed, broken off, too old, or the
 generation it belongs to ended. Whatever goes wrong — no prefill replica up, its API refusing or
@@ -35,6 +36,7 @@ import torch
 
 from rallypoint.comm.collectives import Comm
 from rallypoint.errors import RallypointError
+from rallypoint.groups.group import Group
 from rallypoint.log import get_logger
 from rallypoint.worker import kv_transfer
 from rallypoint.worker.kv_transfer import KVBuffer, KVEntry, TransferError
@@ -48,15 +50,15 @@ log = get_logger("disaggregation")
 TRANSFER_LIMIT = 10.0  # seconds a serving thread waits for one transfer before it gives up on it
 
 
-def abandonable(fn: Callable[[], T], comm: Comm, what: str, limit: float = TRANSFER_LIMIT,
+def abandonable(fn: Callable[[], T], group: Group, what: str, limit: float = TRANSFER_LIMIT,
                 late: Callable[[T], None] | None = None) -> T:
     """Run a transfer (``fn``) on a helper thread and wait for it while the DP group is up, at
     most ``limit`` seconds. gloo's ``abort()`` does not wake a send or receive blocked in
     ``wait()`` (measured: a receive whose peer would never send returned at gloo's own 30 s
     timeout, the generation switch waiting behind it), and a ``wait`` with a timeout closes the
-    connection for good; so the serving thread stops waiting instead, and the abandoned helper
-    ends by itself with its group; should it still finish, ``late`` gets what it made (a received
-    entry, to free).
+    connection for good; so the caller stops waiting when ``group`` is aborted instead, and the
+    abandoned helper ends by itself with its group; should it still finish, ``late`` gets what it
+    made (a received entry, to free).
 
     Raises:
         TransferError: the group was aborted, or the limit passed, before the transfer finished;
@@ -89,7 +91,6 @@ def abandonable(fn: Callable[[], T], comm: Comm, what: str, limit: float = TRANS
             late(out)
         return TransferError(f"{what} given up: {why}")
 
-    group = comm.groups.group("dp")
     threading.Thread(target=run, name="rallypoint-kv-transfer", daemon=True).start()
     deadline = time.monotonic() + limit
     while not done.wait(0.005):
@@ -111,10 +112,12 @@ class Peer:
 
 
 class PrefillSender:
-    """The prefill side: sends the KV of the requests its driver prefilled for a decode replica."""
+    """The prefill side: sends the KV of the requests its driver prefilled for a decode replica,
+    over ``group`` (generation ``gen``'s DP group)."""
 
-    def __init__(self, model: StageModel, comm: Comm, gen: int, counts: dict[str, int] | None = None) -> None:
-        self.model, self.comm, self.gen = model, comm, gen
+    def __init__(self, model: StageModel, comm: Comm, group: Group, gen: int,
+                 counts: dict[str, int] | None = None) -> None:
+        self.model, self.comm, self.group, self.gen = model, comm, group, gen
         self.counts = counts if counts is not None else {}
 
     def __call__(self, row: int, r: Request) -> None:
@@ -126,7 +129,7 @@ class PrefillSender:
         dst, first = r.kv_to, r.committed[0]
         log.info("disaggregation.sending", request=r.id, to=dst, gen=self.gen, positions=len(r.prompt))
         try:
-            abandonable(lambda: kv_transfer.send(self.comm, dst, r.id, layers, first, group="dp"), self.comm,
+            abandonable(lambda: kv_transfer.send(self.comm, dst, r.id, layers, first, group=self.group), self.group,
                         f"sending the KV of {r.id} to DP rank {dst}")
             self.counts["kv_sent"] = self.counts.get("kv_sent", 0) + 1
         except (RallypointError, RuntimeError) as exc:
@@ -135,31 +138,34 @@ class PrefillSender:
 
 
 class RemotePrefill:
-    """The decode side: which requests go to a prefill replica, the thread that asks one, and the
-    receive at the driver's step boundary.
+    """The decode side: which requests go to a prefill replica, and the thread that asks one and
+    receives the KV (the serving thread only places what arrived).
 
     Args:
         dp_rank: this replica's rank in the DP group.
-        gen: the generation (the transfer runs on its DP group).
+        gen: the generation.
+        comm, group: the collectives, and the generation's DP group the transfers run on (held:
+            a thread of an ended generation never touches the next one's).
         peers: the prefill replicas to ask, each with its API's URL (looked up when needed).
         min_tokens: prompts at least this long go to a prefill replica.
-        wake: wakes the driver when a transfer is ready to receive, or a request is back.
+        wake: wakes the driver when KV is ready to place, or a request is back.
         api_key: the deployment's API key, if it has one.
+        counts: the queue's request counts (``prefilled_remotely``, ``prefill_fallbacks``, and the
+            buffer's ``kv_received``/``kv_freed``), reported in beats and metrics.
     """
 
-    def __init__(self, dp_rank: int, gen: int, peers: Callable[[], list[Peer]], min_tokens: int,
-                 wake: Callable[[], None], api_key: str | None = None, timeout: float = 60.0,
+    def __init__(self, dp_rank: int, gen: int, comm: Comm, group: Group, peers: Callable[[], list[Peer]],
+                 min_tokens: int, wake: Callable[[], None], api_key: str | None = None, timeout: float = 60.0,
                  counts: dict[str, int] | None = None) -> None:
-        self.dp_rank, self.gen, self.peers, self.min_tokens = dp_rank, gen, peers, min_tokens
-        self.wake, self.api_key, self.timeout = wake, api_key, timeout
-        self.buffer = KVBuffer(ttl=30.0, counts=counts)
-        self.todo: deque[Request] = deque()  # to ask a prefill replica for, in order
-        self.announced: deque[tuple[Request, int, str]] = deque()  # (request, prefill's DP rank, its id there)
-        self.ready: deque[tuple[Request, KVEntry]] = deque()  # received, waiting for a cache row
-        self.back: deque[Request] = deque()  # to prefill here after all
-        self.counts = counts if counts is not None else {}  # the queue's: reported in beats and metrics
+        self.dp_rank, self.gen, self.comm, self.group = dp_rank, gen, comm, group
+        self.peers, self.min_tokens, self.wake, self.api_key, self.timeout = peers, min_tokens, wake, api_key, timeout
+        self.counts = counts if counts is not None else {}
         for k in ("prefilled_remotely", "prefill_fallbacks"):
             self.counts.setdefault(k, 0)
+        self.buffer = KVBuffer(ttl=30.0, counts=self.counts)
+        self.todo: deque[Request] = deque()  # to ask a prefill replica for, in order
+        self.ready: deque[tuple[Request, KVEntry]] = deque()  # received, waiting for a cache row
+        self.back: deque[Request] = deque()  # to prefill here after all
         self._local: set[str] = set()  # fell back: prefilled here, never asked again
         self._asking: Request | None = None
         self._lock = threading.Condition()
@@ -182,42 +188,19 @@ class RemotePrefill:
 
     @property
     def actionable(self) -> bool:
-        """The driver has something to do: a transfer to receive, KV to place, a request back."""
-        return bool(self.announced or self.ready or self.back)
+        """The driver has something to do: KV to place, a request back."""
+        return bool(self.ready or self.back)
 
     @property
     def in_progress(self) -> bool:
-        """Requests are somewhere on the way (a prefill replica is being asked, too)."""
+        """Requests are somewhere on the way (a prefill replica is being asked, or sending)."""
         return self.actionable or bool(self.todo or self._asking)
 
-    def collect(self, comm: Comm) -> None:
-        """Receive every transfer announced so far (blocking for their few milliseconds); a
-        broken one sends its request back to be prefilled here. Also frees entries too old."""
-        while self.announced:
-            r, src, rid = self.announced.popleft()
-            log.info("disaggregation.receiving", request=r.id, prefill_id=rid, src=src, gen=self.gen)
-            try:
-                entry = abandonable(partial(self.buffer.receive, comm, src, group="dp"), comm,
-                                    f"receiving the KV of {rid} from DP rank {src}",
-                                    late=self._free_late)
-            except TransferError as exc:
-                self._fall_back(r, str(exc))
-                continue
-            if entry.rid != rid:  # cannot happen while one transfer is asked at a time; never place it
-                self.buffer.drop(entry.rid, "failed")
-                self._fall_back(r, f"received the KV of {entry.rid}, not of {rid}")
-                continue
-            self.ready.append((r, entry))
+    def take_ready(self) -> tuple[Request, KVEntry] | None:
+        """The next request whose KV arrived, with its entry (out of the buffer: the driver places
+        it); entries nobody took for the buffer's TTL are freed here and their requests sent back."""
         for rid in self.buffer.expire():
             log.warning("disaggregation.expired", request=rid)
-        self.notify()
-
-    def _free_late(self, entry: KVEntry) -> None:
-        """A receive this replica gave up on finished after all: free what it brought."""
-        self.buffer.drop(entry.rid, "failed")
-
-    def take_ready(self) -> tuple[Request, KVEntry] | None:
-        """The next request whose KV arrived, with its entry (out of the buffer: the driver places it)."""
         while self.ready:
             r, entry = self.ready.popleft()
             try:
@@ -234,13 +217,10 @@ class RemotePrefill:
         with self._lock:
             self._closed = True
             self._lock.notify()
-            out = [r for r, _ in self.ready] + [r for r, *_ in self.announced] + list(self.back) + list(self.todo)
+            out = [r for r, _ in self.ready] + list(self.back) + list(self.todo)
             if self._asking is not None:
                 out.append(self._asking)
-            for _, entry in self.ready:
-                self.buffer.drop(entry.rid, "failed")
             self.ready.clear()
-            self.announced.clear()
             self.back.clear()
             self.todo.clear()
             self._asking = None
@@ -259,6 +239,10 @@ class RemotePrefill:
                 self.back.append(r)
         self.wake()
 
+    def _free_late(self, entry: KVEntry) -> None:
+        """A receive this replica gave up on finished after all: free what it brought."""
+        self.buffer.drop(entry.rid, "failed")
+
     def _run(self) -> None:
         while True:
             with self._lock:
@@ -272,33 +256,36 @@ class RemotePrefill:
                     self._asking = None
                 continue
             try:
-                src, rid, first = self._ask(r)
-            except (OSError, ValueError, KeyError, RallypointError) as exc:
+                entry = self._prefill_remotely(r)
+            except (OSError, ValueError, KeyError, RallypointError) as exc:  # TransferError included
                 with self._lock:
                     self._asking = None
-                self._fall_back(r, f"{type(exc).__name__}: {exc}")
+                self._fall_back(r, f"{type(exc).__name__}: {exc}" if not isinstance(exc, TransferError) else str(exc))
                 continue
             with self._lock:
                 self._asking = None
-                if self._closed:
+                if self._closed:  # the generation ended meanwhile: its requests went back already
+                    self.buffer.drop(entry.rid, "failed")
                     return
-                self.announced.append((r, src, rid))
-            log.debug("disaggregation.announced", request=r.id, src=src, first=first)
+                self.ready.append((r, entry))
             self.wake()
-            # one transfer at a time: the next is asked once this one is received (or given up)
-            with self._lock:
-                while any(x is r for x, *_ in self.announced) and not self._closed:
-                    self._lock.wait(0.05)
 
-    def notify(self) -> None:
-        """The driver received what was announced: the thread may ask for the next one."""
-        with self._lock:
-            self._lock.notify_all()
+    def _prefill_remotely(self, r: Request) -> KVEntry:
+        """Ask a prefill replica to prefill ``r`` and send its KV here, and receive it (one
+        transfer at a time, so what arrives is what was asked for)."""
+        src, rid = self._ask(r)
+        log.info("disaggregation.receiving", request=r.id, prefill_id=rid, src=src, gen=self.gen)
+        entry = abandonable(partial(self.buffer.receive, self.comm, src, group=self.group), self.group,
+                            f"receiving the KV of {rid} from DP rank {src}", late=self._free_late)
+        if entry.rid != rid:  # cannot happen with one transfer at a time; never place it
+            self.buffer.drop(entry.rid, "failed")
+            raise TransferError(f"received the KV of {entry.rid}, not of {rid}")
+        return entry
 
-    def _ask(self, r: Request) -> tuple[int, str, int]:
+    def _ask(self, r: Request) -> tuple[int, str]:
         """Ask a prefill replica to prefill ``r`` and send its KV here; returns (its DP rank, the
-        request's id there, which the transfer carries, the first token). Raises on any failure
-        (the request falls back)."""
+        request's id there, which the transfer carries). Raises on any failure (the request
+        falls back)."""
         peers = self.peers()
         if not peers:
             raise RallypointError("no prefill replica is serving")
@@ -320,4 +307,4 @@ class RemotePrefill:
         if choice.get("finish_reason") not in ("length", "stop") or len(choice["token_ids"]) != 1:
             raise RallypointError(f"{peer.url} did not prefill: {choice.get('finish_reason')}")
         log.debug("disaggregation.prefilled", request=r.id, peer=peer.url, seconds=round(time.monotonic() - t0, 4))
-        return peer.dp_rank, str(got["id"]), int(choice["token_ids"][0])
+        return peer.dp_rank, str(got["id"])

@@ -369,7 +369,7 @@ class Driver:
             return None
         if self.queue.waiting and len(self.rows) < mb:
             return None
-        if self.remote is not None and self.remote.actionable:  # KV to receive, or a request back
+        if self.remote is not None and self.remote.actionable:  # KV to place, or a request back
             return None
         if len(produced) != len(self.rows):
             return None
@@ -556,8 +556,6 @@ def _drive(model: StageLike, comm: Comm, groups: GroupSet, settings: EngineSetti
         if launched is None:
             if not driver.needs_step and not others_busy:
                 driver.queue.wait(settings.idle_every)  # an idle step, unless a request arrives first
-            if driver.remote is not None:
-                driver.remote.collect(comm)  # KV a prefill replica is sending: received between steps
             hdr, tokens, produced = driver.plan()
             if lockstep:
                 hdr, others_busy = _agree(comm, hdr, driver.switch_to, device)

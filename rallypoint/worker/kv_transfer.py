@@ -21,7 +21,7 @@ import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -32,9 +32,9 @@ from rallypoint.worker.model import StageModel
 class KVComm(Protocol):
     """The point-to-point pair of ``rallypoint.comm.collectives.Comm`` the transfer uses."""
 
-    def send_dict(self, tensors: dict[str, torch.Tensor], dst: int, group: str = "pp") -> None: ...
+    def send_dict(self, tensors: dict[str, torch.Tensor], dst: int, group: Any = "pp") -> None: ...
 
-    def recv_dict(self, src: int, group: str = "pp") -> dict[str, torch.Tensor]: ...
+    def recv_dict(self, src: int, group: Any = "pp") -> dict[str, torch.Tensor]: ...
 
 
 class TransferError(RallypointError):
@@ -70,7 +70,7 @@ SEND_DELAY_ENV = "RALLYPOINT_FAULT_KV_LAYER_DELAY"
 
 
 def send(comm: KVComm, dst: int, rid: str, layers: list[tuple[torch.Tensor, torch.Tensor]], first_token: int,
-         group: str = "pp") -> None:
+         group: Any = "pp") -> None:
     """Send request ``rid``'s KV (``row_kv``) and its first token to rank-in-group ``dst``: a header,
     then one message per layer, each under the collectives' deadline."""
     delay = float(os.environ.get(SEND_DELAY_ENV) or 0)
@@ -114,7 +114,7 @@ class KVBuffer:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def receive(self, comm: KVComm, src: int, group: str = "pp") -> KVEntry:
+    def receive(self, comm: KVComm, src: int, group: Any = "pp") -> KVEntry:
         """Receive one transfer from rank-in-group ``src`` (``send``) into a new entry.
 
         Raises:

@@ -513,12 +513,12 @@ class Worker:
         self.role = plan.role_of(self.replica)
         model = self.model
         if self.role == "decode":
-            d.remote = RemotePrefill(groups.dp.rank_in_group, plan.gen, lambda: self._prefill_peers(plan),
-                                     self.args.disaggregate_tokens, self.queue.nudge, os.environ.get(API_KEY_ENV),
-                                     counts=self.queue.counts)
+            d.remote = RemotePrefill(groups.dp.rank_in_group, plan.gen, self.runtime.comm, groups.dp,
+                                     lambda: self._prefill_peers(plan), self.args.disaggregate_tokens,
+                                     self.queue.nudge, os.environ.get(API_KEY_ENV), counts=self.queue.counts)
             d.place_kv = lambda row, entry: kv_transfer.place(model, row, entry.layers)
         elif self.role == "prefill":
-            d.send_kv = PrefillSender(model, self.runtime.comm, plan.gen, counts=self.queue.counts)
+            d.send_kv = PrefillSender(model, self.runtime.comm, groups.dp, plan.gen, counts=self.queue.counts)
             d.prefills_for = plan.gen
 
     def _prefill_peers(self, plan: Plan) -> list[Peer]:

@@ -12,7 +12,9 @@ from rallypoint.worker.requests import Request, SamplingParams
 
 def remote(peers: list[Peer]) -> tuple[RemotePrefill, threading.Event, dict[str, int]]:
     woke, counts = threading.Event(), {}
-    return RemotePrefill(1, 3, lambda: peers, min_tokens=4, wake=woke.set, timeout=5, counts=counts), woke, counts
+    # no transfer is ever received here: the collectives and the group are not needed
+    return RemotePrefill(1, 3, None, None, lambda: peers, min_tokens=4, wake=woke.set, timeout=5,  # type: ignore[arg-type]
+                         counts=counts), woke, counts
 
 
 def test_only_new_requests_with_long_prompts_go_to_a_prefill_replica() -> None:
