@@ -103,11 +103,22 @@ def status_data(cluster: str, records: dict[str, NodeRecord], statuses: dict[str
         for s in plan.ranks:
             w = pids.get((s.node, s.local_rank), {})
             seats.append({"rank": s.rank, "seat": f"{s.node}/{s.local_rank}", "pid": w.get("pid"),
-                          "state": w.get("state", "unknown")})
+                          "state": w.get("state", "unknown"), "serves": serves(plan, s.rank)})
     return {"cluster": cluster, "state": cluster_state(recovery, plan), "generation": plan.gen if plan else 0,
             "leader": leader, "layout": ({"tp": plan.tp, "pp": plan.pp, "dp": plan.dp, "world_size": plan.world_size,
                                           "reason": plan.reason} if plan else None),
             "recovery": recovery, "nodes": nodes, "ranks": seats}
+
+
+def serves(plan: Plan, rank: int) -> str | None:
+    """What a rank does beyond its shard: its replica's role when serving is disaggregated, the
+    expert slots it serves when the experts are shared by every replica; None otherwise."""
+    parts = []
+    if plan.prefill_replicas:
+        parts.append(plan.role_of(plan.replica_of(rank)))
+    if plan.experts is not None:
+        parts.append("expert slots " + (",".join(map(str, plan.experts.served_by(rank))) or "none"))
+    return "; ".join(parts) or None
 
 
 def gateway_view(status: dict[str, Any] | None) -> str | None:
@@ -139,8 +150,10 @@ def format_status(d: dict[str, Any]) -> str:
     out.append(table(["Node", "Host", "GPUs", "Ranks", "Role", "Health", "Heartbeat", "Restarts", "Spares", "Gateway"],
                      rows))
     if d["ranks"]:
-        out.append(table(["Rank", "Seat", "PID", "State"],
-                         [[str(r["rank"]), r["seat"], str(r["pid"] or "-"), r["state"]] for r in d["ranks"]]))
+        extra = any(r.get("serves") for r in d["ranks"])
+        out.append(table(["Rank", "Seat", "PID", "State"] + (["Serves"] if extra else []),
+                         [[str(r["rank"]), r["seat"], str(r["pid"] or "-"), r["state"]]
+                          + ([r.get("serves") or "-"] if extra else []) for r in d["ranks"]]))
     rec = d["recovery"]
     if rec:
         line = f"Recovery: {rec['phase']} since {clock(rec['since'])} (gen {rec['gen']})" if rec.get("since") else \

@@ -138,3 +138,16 @@ def test_a_disaggregated_plan_gives_roles_while_a_decode_replica_is_left() -> No
     assert alone.prefill_replicas == 0 and alone.role_of(0) == "colocated"  # the last replica serves whole requests
     with pytest.raises(MalformedRecord, match="prefill_replicas = 1 needs tp = pp = 1 and a decode replica left"):
         Plan.from_json("k", alone.to_json().replace('"reason"', '"prefill_replicas": 1, "reason"'))
+
+
+def test_rallyctl_status_says_what_each_rank_serves() -> None:
+    from rallypoint.cli.views import format_status, status_data
+
+    shared = make_plan(1, [_node("a", 3)], ClusterSpec(tp=1, pp=1, dp=0, ep="dp", expert_copies=2), "initial", "a")
+    pd = make_plan(1, [_node("a", 2)], ClusterSpec(tp=1, pp=1, dp=0, prefill_replicas=1), "initial", "a")
+    for plan, want in ((shared, ["expert slots 0", "expert slots 1", "expert slots 2"]), (pd, ["prefill", "decode"])):
+        d = status_data("c", {}, {}, plan, "a", None, set(), set(), now=0.0)
+        assert [r["serves"] for r in d["ranks"]] == want
+        assert "Serves" in format_status(d)
+    plain = make_plan(1, [_node("a", 2)], ClusterSpec(tp=1, pp=1, dp=0), "initial", "a")
+    assert "Serves" not in format_status(status_data("c", {}, {}, plain, "a", None, set(), set(), now=0.0))
