@@ -136,7 +136,7 @@ class Deployment:
                       "--prefill-replicas", str(a.prefill_replicas),
                       "--worker-disaggregate-tokens", str(a.disaggregate_tokens)]
         if a.gateway_processes is not None:
-            node_args += ["--gateway-processes", str(a.gateway_processes)]
+            node_args += ["--gateway-processes", str(a.gateway_processes), "--gateway-accept", a.gateway_accept]
         self.daemon = DaemonProcess("n0", daemon_args(self.etcd.endpoints, "load") + node_args,
                                     self.work / "rallyd.log").start()
         url = wait_file(state / "gateway.url", timeout=120).strip()
@@ -533,6 +533,8 @@ def main() -> int:
                      help="[worker] stream_interval: seconds a stream waits after a chunk (tokens accumulate)")
     own.add_argument("--stall-timeout", type=float, default=30.0,
                      help="[worker] stall_timeout: a loaded CPU worker must not be taken for frozen")
+    own.add_argument("--gateway-accept", default="reuseport", choices=("reuseport", "shared"),
+                     help="[gateway] accept: a socket per gateway process, or one they all accept on")
     own.add_argument("--gateway-processes", type=int,
                      help="[gateway] processes: gateway processes sharing its port (0: a thread of rallyd; "
                           "default: rallyd's choice by the node's cores)")

@@ -312,6 +312,9 @@ class GatewayConfig:
             on a thread of rallyd. Unset: one per 4 cores, at most 4, on nodes of 8 cores or more
             (a burst of a few hundred streams is more Python than one core turns around in time);
             a thread on smaller nodes.
+        accept: how the processes share the port: ``reuseport``, a socket each (``SO_REUSEPORT``:
+            the kernel spreads connections evenly over the processes, whether they are busy or
+            not); ``shared``, one socket whose connections the first free process accepts.
     """
 
     enabled: bool = _opt(True, "bool")
@@ -320,6 +323,7 @@ class GatewayConfig:
     resume_timeout: timedelta = _opt(_secs(120.0), "seconds", gt=0)
     api_key: str | None = _opt(None, "str", repr=False)
     processes: int | None = _opt(None, "int", ge=0)
+    accept: str = _opt("reuseport", "choice", choices=("reuseport", "shared"))
 
     def process_count(self, cpus: int | None) -> int:
         """Gateway processes for a node with ``cpus`` cores: as set, else by the node's size."""

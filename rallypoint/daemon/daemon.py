@@ -368,7 +368,7 @@ class Daemon:
                     g.host, g.port, count, routes, g.resume_timeout.total_seconds(), model=model, api_key=g.api_key,
                     on_request=self.metrics.gateway_request, on_resume=self.metrics.gateway_resumed,
                     title=f"rallypoint gateway (cluster {self.cfg.cluster}, node {self.cfg.node})",
-                    log_level=self.cfg.log.level).start()
+                    log_level=self.cfg.log.level, shared_socket=g.accept == "shared").start()
             else:
                 self.gateway = Gateway(g.host, g.port, routes, g.resume_timeout.total_seconds(), model=model,
                                        api_key=g.api_key, on_request=self.metrics.gateway_request,

@@ -28,7 +28,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from rallypoint.api import API_KEY_ENV
-from rallypoint.api.sockets import listen_group
+from rallypoint.api.sockets import listen, listen_group
 from rallypoint.log import get_logger
 
 log = get_logger("gateway.processes")
@@ -57,7 +57,8 @@ class GatewayProcesses:
 
     Args:
         host, port: where the gateway listens (port 0: a free one).
-        count: how many processes serve it, each on a socket of its own (SO_REUSEPORT).
+        count: how many processes serve it, each on a socket of its own (SO_REUSEPORT), or all on
+            one socket with ``shared_socket`` (the first free process accepts a connection).
         upstreams: the serving drivers' URLs, best first (``routes.DriverRoutes``; never blocks).
         resume_timeout, model: as for ``server.Gateway``.
         api_key: required of clients; handed to the processes in their environment, not argv.
@@ -73,10 +74,11 @@ class GatewayProcesses:
                  model: str = "rallypoint", api_key: str | None = None,
                  on_request: Callable[[str], None] = lambda _: None, on_resume: Callable[[], None] = lambda: None,
                  title: str = "rallypoint gateway", log_level: str = "info", poll: float = 0.005,
-                 backlog: int = 4096) -> None:
+                 backlog: int = 4096, shared_socket: bool = False) -> None:
         if count < 1:
             raise ValueError(f"gateway processes must be at least 1, not {count}")
-        self.socks = listen_group(host, port, count, backlog)
+        self.socks = [listen(host, port, backlog)] * count if shared_socket else listen_group(host, port, count, backlog)
+        self.shared_socket = shared_socket
         self.host, self.port = self.socks[0].getsockname()[:2]
         self.count, self.upstreams, self.resume_timeout, self.model = count, upstreams, resume_timeout, model
         self.api_key, self.on_request, self.on_resume = api_key, on_request, on_resume
@@ -100,7 +102,8 @@ class GatewayProcesses:
         """What ``node_status`` shows of the gateway processes: how many serve, restarts so far,
         requests each finished."""
         alive = sum(1 for c in self.children if c is not None and c.proc.poll() is None)
-        return {"processes": self.count, "alive": alive, "restarts": self.restarts, "requests": list(self.requests)}
+        return {"processes": self.count, "alive": alive, "restarts": self.restarts, "requests": list(self.requests),
+                "accept": "shared" if self.shared_socket else "reuseport"}
 
     def start(self, ready_timeout: float = 20.0) -> GatewayProcesses:
         """Start every process and wait (up to ``ready_timeout``) until each serves; connections
@@ -131,7 +134,7 @@ class GatewayProcesses:
                 child.proc.kill()
                 child.proc.wait()
             child.conn.close()
-        for sock in self.socks:
+        for sock in set(self.socks):
             sock.close()
 
     # -- the processes -----------------------------------------------------------------------

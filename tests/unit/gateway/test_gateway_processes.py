@@ -182,3 +182,30 @@ def test_a_process_exits_when_rallyd_is_killed() -> None:
         rallyd.wait(10)
         if pid is not None and psutil.pid_exists(pid):
             psutil.Process(pid).kill()
+
+
+def test_processes_on_one_shared_socket_serve_and_one_killed_comes_back() -> None:
+    """``[gateway] accept = "shared"``: the processes accept on one socket; every request is
+    answered, and a process killed is started again on that same socket."""
+    routes, outcomes = Routes(), []
+    healthy = Upstream()
+    routes.urls = [healthy.url]
+    gw = GatewayProcesses("127.0.0.1", 0, 2, routes, resume_timeout=5.0, model="m", api_key=KEY,
+                          on_request=outcomes.append, title="rallypoint gateway (shared test)",
+                          shared_socket=True).start()
+    try:
+        assert gw.status()["accept"] == "shared" and len({s.fileno() for s in gw.socks}) == 1
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(lambda _: stream(gw.url), range(16))) == [(200, ANSWER, "length")] * 16
+        victim = gw.pids()[0]
+        psutil.Process(victim).kill()
+        wait_for("the process started again", lambda: len(gw.pids()) == 2 and victim not in gw.pids()
+                 and all(psutil.pid_exists(p) for p in gw.pids()), timeout=20)
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(lambda _: stream(gw.url), range(16))) == [(200, ANSWER, "length")] * 16
+        wait_for("every outcome counted", lambda: len(outcomes) == 32, timeout=10)
+    finally:
+        pids = gw.pids()
+        gw.stop()
+        healthy.stop()
+        assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
