@@ -147,6 +147,9 @@ class RemotePrefill:
         comm, group: the collectives, and the generation's DP group the transfers run on (held:
             a thread of an ended generation never touches the next one's).
         peers: the prefill replicas to ask, each with its API's URL (looked up when needed).
+        prefill_replicas: how many the plan has: one asking thread each, so each prefill replica
+            has at most one transfer to this replica in flight, and what arrives from it is what
+            was asked of it.
         min_tokens: prompts at least this long go to a prefill replica.
         wake: wakes the driver when KV is ready to place, or a request is back.
         api_key: the deployment's API key, if it has one.
@@ -156,7 +159,7 @@ class RemotePrefill:
 
     def __init__(self, dp_rank: int, gen: int, comm: Comm, group: Group, peers: Callable[[], list[Peer]],
                  min_tokens: int, wake: Callable[[], None], api_key: str | None = None, timeout: float = 60.0,
-                 counts: dict[str, int] | None = None) -> None:
+                 counts: dict[str, int] | None = None, prefill_replicas: int = 1) -> None:
         self.dp_rank, self.gen, self.comm, self.group = dp_rank, gen, comm, group
         self.peers, self.min_tokens, self.wake, self.api_key, self.timeout = peers, min_tokens, wake, api_key, timeout
         self.counts = counts if counts is not None else {}
@@ -167,11 +170,12 @@ class RemotePrefill:
         self.ready: deque[tuple[Request, KVEntry]] = deque()  # received, waiting for a cache row
         self.back: deque[Request] = deque()  # to prefill here after all
         self._local: set[str] = set()  # fell back: prefilled here, never asked again
-        self._asking: Request | None = None
+        self._asking: dict[int, Request] = {}  # prefill replica -> the request it is asked for
         self._lock = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="rallypoint-remote-prefill", daemon=True)
-        self._thread.start()
+        for replica in range(max(1, prefill_replicas)):
+            threading.Thread(target=self._run, args=(replica,), name=f"rallypoint-remote-prefill-{replica}",
+                             daemon=True).start()
 
     # -- the driver's side (its serving thread) --------------------------------------------------
 
@@ -217,13 +221,11 @@ class RemotePrefill:
         with self._lock:
             self._closed = True
             self._lock.notify()
-            out = [r for r, _ in self.ready] + list(self.back) + list(self.todo)
-            if self._asking is not None:
-                out.append(self._asking)
+            out = [r for r, _ in self.ready] + list(self.back) + list(self.todo) + list(self._asking.values())
             self.ready.clear()
             self.back.clear()
             self.todo.clear()
-            self._asking = None
+            self._asking.clear()
         for rid in list(self.buffer.entries):
             self.buffer.drop(rid, "failed")
         return [r for r in out if not r.done]
@@ -243,37 +245,38 @@ class RemotePrefill:
         """A receive this replica gave up on finished after all: free what it brought."""
         self.buffer.drop(entry.rid, "failed")
 
-    def _run(self) -> None:
+    def _run(self, replica: int) -> None:
+        """The asking thread of prefill replica ``replica``: one request at a time."""
         while True:
             with self._lock:
                 while not self.todo and not self._closed:
                     self._lock.wait()
                 if self._closed:
                     return
-                r = self._asking = self.todo.popleft()
+                r = self._asking[replica] = self.todo.popleft()
             if r.done:  # cancelled while it waited
                 with self._lock:
-                    self._asking = None
+                    self._asking.pop(replica, None)
                 continue
             try:
-                entry = self._prefill_remotely(r)
+                entry = self._prefill_remotely(r, replica)
             except (OSError, ValueError, KeyError, RallypointError) as exc:  # TransferError included
                 with self._lock:
-                    self._asking = None
+                    self._asking.pop(replica, None)
                 self._fall_back(r, f"{type(exc).__name__}: {exc}" if not isinstance(exc, TransferError) else str(exc))
                 continue
             with self._lock:
-                self._asking = None
+                self._asking.pop(replica, None)
                 if self._closed:  # the generation ended meanwhile: its requests went back already
                     self.buffer.drop(entry.rid, "failed")
                     return
                 self.ready.append((r, entry))
             self.wake()
 
-    def _prefill_remotely(self, r: Request) -> KVEntry:
-        """Ask a prefill replica to prefill ``r`` and send its KV here, and receive it (one
-        transfer at a time, so what arrives is what was asked for)."""
-        src, rid = self._ask(r)
+    def _prefill_remotely(self, r: Request, replica: int) -> KVEntry:
+        """Ask prefill replica ``replica`` to prefill ``r`` and send its KV here, and receive it
+        (one transfer at a time from each, so what arrives is what was asked for)."""
+        src, rid = self._ask(r, replica)
         log.info("disaggregation.receiving", request=r.id, prefill_id=rid, src=src, gen=self.gen)
         entry = abandonable(partial(self.buffer.receive, self.comm, src, group=self.group), self.group,
                             f"receiving the KV of {rid} from DP rank {src}", late=self._free_late)
@@ -282,14 +285,13 @@ class RemotePrefill:
             raise TransferError(f"received the KV of {entry.rid}, not of {rid}")
         return entry
 
-    def _ask(self, r: Request) -> tuple[int, str]:
-        """Ask a prefill replica to prefill ``r`` and send its KV here; returns (its DP rank, the
-        request's id there, which the transfer carries). Raises on any failure (the request
-        falls back)."""
-        peers = self.peers()
-        if not peers:
-            raise RallypointError("no prefill replica is serving")
-        peer = peers[hash(r.id) % len(peers)]
+    def _ask(self, r: Request, replica: int) -> tuple[int, str]:
+        """Ask prefill replica ``replica`` to prefill ``r`` and send its KV here; returns (its DP
+        rank, the request's id there, which the transfer carries). Raises on any failure (the
+        request falls back)."""
+        peer = next((p for p in self.peers() if p.dp_rank == replica), None)
+        if peer is None:
+            raise RallypointError(f"prefill replica {replica} is not serving")
         p = r.params
         body = {"prompt": r.prompt, "max_tokens": 1, "temperature": p.temperature, "seed": p.seed,
                 "top_p": p.top_p, "kv_to": self.dp_rank, "kv_gen": self.gen}

@@ -515,7 +515,8 @@ class Worker:
         if self.role == "decode":
             d.remote = RemotePrefill(groups.dp.rank_in_group, plan.gen, self.runtime.comm, groups.dp,
                                      lambda: self._prefill_peers(plan), self.args.disaggregate_tokens,
-                                     self.queue.nudge, os.environ.get(API_KEY_ENV), counts=self.queue.counts)
+                                     self.queue.nudge, os.environ.get(API_KEY_ENV), counts=self.queue.counts,
+                                     prefill_replicas=plan.prefill_replicas)
             d.place_kv = lambda row, entry: kv_transfer.place(model, row, entry.layers)
         elif self.role == "prefill":
             d.send_kv = PrefillSender(model, self.runtime.comm, groups.dp, plan.gen, counts=self.queue.counts)

@@ -57,20 +57,21 @@ def check(got: list[int], ref: list[int]) -> None:
 
 
 def start(etcd: EtcdCluster, cluster: str, tmp_path: Path, model: Path,
-          env: dict[str, str] | None = None) -> tuple[DaemonProcess, str]:
-    args = daemon_args(etcd.endpoints, cluster, "--tp", "1", "--dp", "2", "--cpu-ranks", "2",
-                       "--prefill-replicas", "1", "--worker-disaggregate-tokens", str(LONG),
+          env: dict[str, str] | None = None, prefill: int = 1) -> tuple[DaemonProcess, str]:
+    n = prefill + 1
+    args = daemon_args(etcd.endpoints, cluster, "--tp", "1", "--dp", str(n), "--cpu-ranks", str(n),
+                       "--prefill-replicas", str(prefill), "--worker-disaggregate-tokens", str(LONG),
                        "--state-dir", str(tmp_path / "a"), "--worker-model", str(model))
     daemon = DaemonProcess("a", args, tmp_path / "a.log", env=env or {}).start()
     try:
-        for i in range(2):
+        for i in range(n):
             wait_file(tmp_path / "a" / f"api-{i}.url", timeout=90)
         client = make_client(etcd.endpoints)  # the decode replica finds the prefill one in rallyd's status
         try:
             wait_for("both replicas serving in rallyd's status", lambda: (kv := client.get(
                 ClusterKeys(cluster).node_status_of("a"))) and sorted(
                 w.get("role") for w in json.loads(kv.value)["workers"] if w.get("state") == "serving")
-                == ["decode", "prefill"], timeout=30)
+                == ["decode"] + ["prefill"] * prefill, timeout=30)
         finally:
             client.close()
         return daemon, wait_file(tmp_path / "a" / "gateway.url").strip()
@@ -193,5 +194,30 @@ def test_the_prefill_replica_killed_mid_transfer(etcd: EtcdCluster, client: Etcd
                      and c.get("prefill_fallbacks") and c.get("kv_freed") and c)
         # its header had arrived (an entry made), then the transfer broke off: the entry was freed
         assert d["kv_received"] == d["kv_freed"] == 1 and d["prefilled_remotely"] == 0, d
+    finally:
+        daemon.stop()
+
+
+def test_two_prefill_replicas_work_for_one_decode_replica_at_once(
+        etcd: EtcdCluster, client: EtcdClient, cluster_name: str, tmp_path: Path, model: Path,
+        reference: list[list[int]]) -> None:
+    """One asking thread per prefill replica: a burst of long prompts is prefilled on both."""
+    keys = ClusterKeys(cluster_name)
+    daemon, gateway = start(etcd, cluster_name, tmp_path, model, prefill=2)
+    try:
+        streams = start_streams(gateway, requests())
+        got = streams.join()
+        for i, ref in enumerate(reference):
+            check(got[i], ref)
+
+        def sent() -> list[int] | None:
+            kv = client.get(keys.node_status_of("a"))
+            workers = json.loads(kv.value)["workers"] if kv else []
+            out = sorted(w.get("counts", {}).get("kv_sent", 0) for w in workers if w.get("role") == "prefill")
+            return out if sum(out) == len(PROMPTS) else None
+        per_prefill = wait_for("every prompt's KV sent", sent, timeout=10)
+        assert len(per_prefill) == 2 and min(per_prefill) > 0, per_prefill  # both prefilled
+        d = counts(client, keys, "decode")
+        assert d["prefilled_remotely"] == len(PROMPTS) and d["kv_received"] == d["kv_freed"] == len(PROMPTS)
     finally:
         daemon.stop()
