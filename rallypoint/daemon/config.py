@@ -615,6 +615,10 @@ def _check(c: Config, origin: Mapping[str, str], check_node: bool) -> None:
     if lay.prefill_replicas and (lay.tp, lay.pp) != (1, 1):
         _fail(f"[layout] prefill_replicas moves KV between whole-model replicas: it needs tp = 1 and pp = 1, "
               f"got tp = {lay.tp}, pp = {lay.pp}", origin, "layout.prefill_replicas", "layout.tp", "layout.pp")
+    if lay.prefill_replicas and lay.ep == "dp":
+        _fail("[layout] prefill_replicas and ep = \"dp\" do not go together yet (replicas that share their "
+              "experts step together; a prefill replica's transfers would hold them all)", origin,
+              "layout.prefill_replicas", "layout.ep")
     if c.worker.max_seq is not None and 0 < c.worker.max_seq < 16:
         _fail(f"[worker] max_seq = {c.worker.max_seq} is too short (16 at least, or 0: the model's context)",
               origin, "worker.max_seq")

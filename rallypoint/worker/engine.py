@@ -441,6 +441,7 @@ class Driver:
         for row, r in out:
             assert self.send_kv is not None  # only set with it
             self.send_kv(row, r)
+
     def hold(self) -> list[Request]:
         """The generation was aborted: drop unconfirmed tokens, keep every request for resumption
         (those on their way to or from a prefill replica too: they prefill in the next generation)."""

@@ -225,6 +225,10 @@ def test_wrong_type_or_value_names_file_and_key(tmp_path, text, expected):
     ("[layout]\nep = 0\n", "[layout] ep: expected a string, got 0"),
     ("[layout]\nep = \"all\"\n", "[layout] ep: expected one of tp, dp, got \"all\""),
     ("[layout]\nexpert_copies = 0\n", "[layout] expert_copies: must be >= 1, got 0"),
+    ("[layout]\nprefill_replicas = -1\n", "[layout] prefill_replicas: must be >= 0, got -1"),
+    ("[layout]\nprefill_replicas = 1\ntp = 2\ncpu_ranks = 2\n",
+     "[layout] prefill_replicas moves KV between whole-model replicas: it needs tp = 1 and pp = 1, got tp = 2"),
+    ("[layout]\nprefill_replicas = 1\nep = \"dp\"\n", "[layout] prefill_replicas and ep = \"dp\" do not go together yet"),
     ("[layout]\nep = \"dp\"\ntp = 2\ncpu_ranks = 2\n", "[layout] ep = \"dp\" spreads the experts over whole-model replicas: "
                                                        "it needs tp = 1 and pp = 1, got tp = 2, pp = 1"),
     ("[layout]\ngpus = -2\n", "[layout] gpus: must be >= -1, got -2"),
