@@ -123,8 +123,8 @@ class PrefillSender:
     def __call__(self, row: int, r: Request) -> None:
         """Send request ``r``'s prompt KV (cache row ``row``) and first token to ``r.kv_to``;
         a failure is logged (the decode side prefills the request itself)."""
-        if r.kv_to is None or r.kv_gen != self.gen or not r.committed:
-            return  # asked in another generation: the decode side will not receive on this group
+        if r.kv_to is None or not r.committed:
+            return  # (the driver admits only the prefills asked in this sender's generation)
         layers = kv_transfer.row_kv(self.model, row, len(r.prompt))  # copies: the row may be reused meanwhile
         dst, first = r.kv_to, r.committed[0]
         log.info("disaggregation.sending", request=r.id, to=dst, gen=self.gen, positions=len(r.prompt))

@@ -38,7 +38,7 @@ from rallypoint.log import get_logger
 from rallypoint.worker.requests import Request, RequestQueue
 
 if TYPE_CHECKING:
-    from rallypoint.worker.disaggregation import RemotePrefill
+    from rallypoint.worker.disaggregation import PrefillSender, RemotePrefill
     from rallypoint.worker.kv_transfer import KVEntry
 
 log = get_logger("engine")
@@ -240,8 +240,7 @@ class Driver:
         # disaggregated serving (worker.disaggregation), set for each generation by the worker:
         self.remote: RemotePrefill | None = None  # a decode replica: long prompts prefilled elsewhere
         self.place_kv: Callable[[int, KVEntry], None] | None = None  # a received KV into a cache row
-        self.send_kv: Callable[[int, Request], None] | None = None  # a prefill replica: a row's KV to its decode replica
-        self.prefills_for = 0  # the generation in which this driver prefills for decode replicas (0: none)
+        self.send_kv: PrefillSender | None = None  # a prefill replica: a row's KV to its decode replica
         self._outbox: list[tuple[int, Request]] = []
 
     def _next_waiting(self) -> Request | None:
@@ -277,7 +276,7 @@ class Driver:
             r = self._next_waiting()
             if r is None:
                 return
-            if r.kv_to is not None and (self.send_kv is None or r.kv_gen != self.prefills_for):
+            if r.kv_to is not None and (self.send_kv is None or r.kv_gen != self.send_kv.gen):
                 # its decode replica must not wait for KV this driver will not send
                 r.fail(f"not a prefill replica of generation {r.kv_gen}")
                 self.queue.finished(r)

@@ -135,6 +135,7 @@ class Worker:
         self.plan: Plan | None = None
         self.replica = -1
         self.role = "colocated"  # in a disaggregated plan: prefill or decode
+        self._peers_read: tuple[int, float, list[Peer]] = (0, 0.0, [])  # _prefill_peers: (gen, when, peers)
         self.stopping = threading.Event()
         self.beat_now = threading.Event()  # tell rallyd at once (it routes by these beats): a new state
         self._first_token_gen = 0
@@ -176,13 +177,13 @@ class Worker:
         # gloo's connect waits at most the store timeout: only NCCL's init can hang for good.
         guard = self.build_guard.watching(plan.gen) if self.runtime.settings.device.startswith("cuda") \
             else contextlib.nullcontext()
-        extra = (("ep",) if self._shares_experts(plan) else ()) + (("dp",) if plan.prefill_replicas else ())
+        extra = (("ep",) if self._experts_spread_in(plan) else ()) + (("dp",) if plan.prefill_replicas else ())
         names = (*self.runtime.settings.group_names, *extra) if extra else None
         with guard:
             return self.runtime.configure(plan, *self.seat, cancelled=lambda: self._newer_than(plan.gen) or (
                 "this process is stopping" if self.stopping.is_set() else None), names=names)
 
-    def _shares_experts(self, plan: Plan) -> bool:
+    def _experts_spread_in(self, plan: Plan) -> bool:
         """Whether ``plan`` spreads this model's experts over every replica (``[layout] ep = "dp"``)."""
         return plan.experts is not None and self.config is not None and self.config.num_experts > 0
 
@@ -212,8 +213,8 @@ class Worker:
         assert self.seat is not None
         rank = rank_at(plan, *self.seat)
         at = coords_of(rank, plan.tp, plan.pp)
-        if self._shares_experts(plan):
-            assert plan.experts is not None and self.config is not None  # _shares_experts checked both
+        if self._experts_spread_in(plan):
+            assert plan.experts is not None and self.config is not None  # _experts_spread_in checked both
             held = experts_of(plan.experts.holds[rank], plan.experts.slots, self.config.num_experts)
             return ShardKey(at.tp, plan.tp, at.pp, plan.pp, held)
         return ShardKey(at.tp, plan.tp, at.pp, plan.pp)
@@ -232,7 +233,7 @@ class Worker:
         the experts, which differ by seat; the seat taken reads its own (``hold_experts``)."""
         if self.probe:
             return
-        shared = self._experts_shared()
+        shared = self._spec_spreads_experts()
         try:
             self._ensure_shard(ShardKey(0, 1, 0, 1, () if shared else None), compile=self.args.compile == "on")
         except CheckpointError as exc:  # the seat that adopts this spare will load, fail and say so
@@ -249,7 +250,7 @@ class Worker:
         self.log.info("worker.preloaded", device=str(self._seat_device()), graphs=len(self.graphs.graphs)
                       if self.graphs is not None else 0, capture_seconds=round(captured, 3))
 
-    def _experts_shared(self) -> bool:
+    def _spec_spreads_experts(self) -> bool:
         """Whether this cluster spreads this model's experts over every replica (its spec in etcd)."""
         from rallypoint.rendezvous.records import ClusterSpec
 
@@ -446,7 +447,7 @@ class Worker:
                 self.title("all-reduce probe", groups.rank)
                 self._run_probe(plan, groups)
                 continue
-            lockstep = self._shares_experts(plan)
+            lockstep = self._experts_spread_in(plan)
             if lockstep:  # serve the experts this plan gives this rank, and route to the others'
                 assert plan.experts is not None and self.config is not None and self.model is not None
                 self.adapter.ep_group = "ep"
@@ -509,7 +510,7 @@ class Worker:
 
         d = self.driver
         assert d is not None and self.model is not None and self.runtime.comm is not None
-        d.remote, d.place_kv, d.send_kv, d.prefills_for = None, None, None, 0
+        d.remote, d.place_kv, d.send_kv = None, None, None
         self.role = plan.role_of(self.replica)
         model = self.model
         if self.role == "decode":
@@ -520,13 +521,15 @@ class Worker:
             d.place_kv = lambda row, entry: kv_transfer.place(model, row, entry.layers)
         elif self.role == "prefill":
             d.send_kv = PrefillSender(model, self.runtime.comm, groups.dp, plan.gen, counts=self.queue.counts)
-            d.prefills_for = plan.gen
 
     def _prefill_peers(self, plan: Plan) -> list[Peer]:
         """The prefill replicas of ``plan``, with their APIs' URLs (from what their nodes' rallyd
-        publish in etcd)."""
+        publish in etcd, read again at most once a second: not an etcd read per request)."""
         from rallypoint.worker.disaggregation import Peer
 
+        gen, at, peers = self._peers_read
+        if gen == plan.gen and peers and time.monotonic() - at < 1.0:
+            return peers
         out = []
         for replica in range(plan.prefill_replicas):
             seat = next(s for s in plan.ranks if s.rank == replica)  # tp = pp = 1: replica r is rank r
@@ -537,6 +540,7 @@ class Worker:
             url = next((w.get("api") for w in workers if w.get("local_rank") == seat.local_rank), None)
             if url:
                 out.append(Peer(replica, url))
+        self._peers_read = (plan.gen, time.monotonic(), out)
         return out
 
     def _drives_in(self, plan: Plan) -> bool:

@@ -373,16 +373,15 @@ def partition_heals(d: Deployment, rng: random.Random) -> Fault:
 def _kill_role(d: Deployment, rng: random.Random, name: str, role: str) -> Fault:
     """SIGKILL a rank of a disaggregated deployment whose replica has ``role`` in the newest plan;
     afterwards no decode replica holds KV nobody took (every entry it received was freed)."""
-    deadline = time.monotonic() + 60
-    plan = d.latest_plan()
-    while plan is not None and time.monotonic() < deadline:
-        ranks = {r: at for r, at in d.rank_pids().items() if plan.role_of(plan.replica_of(r)) == role}
-        if ranks:
-            break
-        time.sleep(0.1)
+    def in_role() -> dict[int, tuple[str, int]]:
         plan = d.latest_plan()
-    else:
-        ranks = {}
+        return {r: at for r, at in d.rank_pids().items() if plan is not None
+                and plan.role_of(plan.replica_of(r)) == role}
+
+    deadline = time.monotonic() + 60  # the daemons' statuses lag the newest plan by up to a second
+    while not (ranks := in_role()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    plan = d.latest_plan()
     gen, t = _gen(d), time.time()
     if not ranks:
         f = Fault(name, t, gen, [], replan=False, note=f"no {role} replica")

@@ -20,17 +20,15 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
 
 from rallypoint.protocol.keys import ClusterKeys
 from rallypoint.rendezvous.etcd import EtcdClient
-from rallypoint.testing.daemons import DaemonProcess, daemon_args, wait_file, wait_for
+from rallypoint.testing.daemons import DaemonProcess, wait_file, wait_for
 from rallypoint.testing.etcd_server import EtcdCluster
 from rallypoint.worker.checkpoint import make_model
 from rallypoint.worker.kv_transfer import SEND_DELAY_ENV
-from rallypoint.worker.sampling import generate
-from rallypoint.worker.shards import load_stage
 from tests.conftest import make_client
+from tests.integration.replicas import check, greedy_reference, kill_while_streaming, plan_of, start_replicas
 from tests.integration.test_rallyd_recovery import plans, seat_pid
 from tests.integration.test_rallyd_serving import start_streams
 from tests.integration.test_serving import post
@@ -47,46 +45,38 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(model: Path) -> list[list[int]]:
-    torch.set_num_threads(1)
-    stage = load_stage(model, dtype=torch.float32)
-    return [generate(stage, torch.tensor([p]), TOKENS)[0][0].tolist() for p in PROMPTS]
+    return greedy_reference(model, PROMPTS, TOKENS)
 
 
-def check(got: list[int], ref: list[int]) -> None:
-    assert got and got == ref[:len(got)], (got, ref)
+def workers(client: EtcdClient, keys: ClusterKeys) -> list[dict]:
+    """Node a's workers as its rallyd publishes them (their last beats: role, state, counts)."""
+    kv = client.get(keys.node_status_of("a"))
+    return list(json.loads(kv.value)["workers"]) if kv else []
 
 
 def start(etcd: EtcdCluster, cluster: str, tmp_path: Path, model: Path,
           env: dict[str, str] | None = None, prefill: int = 1) -> tuple[DaemonProcess, str]:
-    n = prefill + 1
-    args = daemon_args(etcd.endpoints, cluster, "--tp", "1", "--dp", str(n), "--cpu-ranks", str(n),
-                       "--prefill-replicas", str(prefill), "--worker-disaggregate-tokens", str(LONG),
-                       "--state-dir", str(tmp_path / "a"), "--worker-model", str(model))
-    daemon = DaemonProcess("a", args, tmp_path / "a.log", env=env or {}).start()
+    """``prefill`` prefill replicas and one decode replica, once rallyd's status shows them all
+    serving (the decode replica finds the prefill ones there)."""
+    daemon, gateway = start_replicas(etcd, cluster, tmp_path, model, prefill + 1, "--prefill-replicas", str(prefill),
+                                     "--worker-disaggregate-tokens", str(LONG), env=env)
+    client = make_client(etcd.endpoints)
     try:
-        for i in range(n):
-            wait_file(tmp_path / "a" / f"api-{i}.url", timeout=90)
-        client = make_client(etcd.endpoints)  # the decode replica finds the prefill one in rallyd's status
-        try:
-            wait_for("both replicas serving in rallyd's status", lambda: (kv := client.get(
-                ClusterKeys(cluster).node_status_of("a"))) and sorted(
-                w.get("role") for w in json.loads(kv.value)["workers"] if w.get("state") == "serving")
-                == ["decode"] + ["prefill"] * prefill, timeout=30)
-        finally:
-            client.close()
-        return daemon, wait_file(tmp_path / "a" / "gateway.url").strip()
+        wait_for("every replica serving in rallyd's status", lambda: sorted(
+            w.get("role") for w in workers(client, ClusterKeys(cluster)) if w.get("state") == "serving")
+            == ["decode"] + ["prefill"] * prefill, timeout=30)
     except BaseException:
         daemon.stop()
         raise
+    finally:
+        client.close()
+    return daemon, gateway
 
 
 def counts(client: EtcdClient, keys: ClusterKeys, role: str) -> dict[str, int]:
     """The request counts of the worker in ``role``, as rallyd publishes them (its last beat)."""
-    def find() -> dict[str, int] | None:
-        kv = client.get(keys.node_status_of("a"))
-        workers = json.loads(kv.value)["workers"] if kv else []
-        return next((w["counts"] for w in workers if w.get("role") == role and "counts" in w), None)
-    return wait_for(f"the {role} replica's counts", find, timeout=10)
+    return wait_for(f"the {role} replica's counts", lambda: next(
+        (w["counts"] for w in workers(client, keys) if w.get("role") == role and "counts" in w), None), timeout=10)
 
 
 def requests() -> list[dict]:
@@ -134,7 +124,7 @@ def test_the_prefill_replica_killed_while_prompts_come_in(
         assert not late.is_alive()
         for i, ref in enumerate(reference):
             check(got[i], ref)
-        wait_for("generation 2", lambda: [p for p in plans(client, keys) if p.gen >= 2])
+        plan_of(client, keys, 2)
         d = counts(client, keys, "decode")
         assert d["kv_received"] == d["kv_freed"], d  # whatever arrived was freed
     finally:
@@ -147,13 +137,8 @@ def test_the_decode_replica_killed_mid_stream(
     keys = ClusterKeys(cluster_name)
     daemon, gateway = start(etcd, cluster_name, tmp_path, model)
     try:
-        streams = start_streams(gateway, requests())
-        streams.assert_in_flight()
-        psutil.Process(seat_pid(daemon, 1)).kill()  # replica 1: the decode replica, every stream on it
-        got = streams.join()
-        for i, ref in enumerate(reference):
-            check(got[i], ref)
-        wait_for("generation 2", lambda: [p for p in plans(client, keys) if p.gen >= 2])
+        kill_while_streaming(daemon, gateway, requests(), reference, lambda: 1)  # the decode replica: every stream
+        plan_of(client, keys, 2)
         url = wait_file(tmp_path / "a" / "api-1.url").strip()
 
         def serving() -> bool:
@@ -211,9 +196,7 @@ def test_two_prefill_replicas_work_for_one_decode_replica_at_once(
             check(got[i], ref)
 
         def sent() -> list[int] | None:
-            kv = client.get(keys.node_status_of("a"))
-            workers = json.loads(kv.value)["workers"] if kv else []
-            out = sorted(w.get("counts", {}).get("kv_sent", 0) for w in workers if w.get("role") == "prefill")
+            out = sorted(w.get("counts", {}).get("kv_sent", 0) for w in workers(client, keys) if w.get("role") == "prefill")
             return out if sum(out) == len(PROMPTS) else None
         per_prefill = wait_for("every prompt's KV sent", sent, timeout=10)
         assert len(per_prefill) == 2 and min(per_prefill) > 0, per_prefill  # both prefilled

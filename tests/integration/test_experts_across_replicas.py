@@ -16,22 +16,18 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import psutil
 import pytest
-import torch
 
 from rallypoint.protocol.experts import experts_of, first_map, next_map
 from rallypoint.protocol.keys import ClusterKeys
 from rallypoint.recovery import events as ev
 from rallypoint.recovery.events import read_events
 from rallypoint.rendezvous.etcd import EtcdClient
-from rallypoint.testing.daemons import DaemonProcess, daemon_args, wait_file, wait_for
+from rallypoint.testing.daemons import DaemonProcess, wait_file, wait_for
 from rallypoint.testing.etcd_server import EtcdCluster
 from rallypoint.worker.checkpoint import make_model
-from rallypoint.worker.sampling import generate
-from rallypoint.worker.shards import load_stage
-from tests.integration.test_rallyd_recovery import plans, seat_pid
-from tests.integration.test_rallyd_serving import start_streams
+from tests.integration.replicas import check, greedy_reference, kill_while_streaming, plan_of, start_replicas
+from tests.integration.test_rallyd_recovery import plans
 from tests.integration.test_serving import post
 
 EXPERTS, SLOTS = 8, 3
@@ -46,30 +42,12 @@ def moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(moe: Path) -> list[list[int]]:
-    """Each prompt's greedy tokens from the whole model in this process."""
-    torch.set_num_threads(1)
-    model = load_stage(moe, dtype=torch.float32)
-    return [generate(model, torch.tensor([p]), TOKENS)[0][0].tolist() for p in PROMPTS]
-
-
-def check(got: list[int], ref: list[int]) -> None:
-    """A completion is the reference's tokens (it may stop early at the model's EOS)."""
-    assert got and got == ref[:len(got)], (got, ref)
+    return greedy_reference(moe, PROMPTS, TOKENS)
 
 
 def start(etcd: EtcdCluster, cluster: str, tmp_path: Path, model: Path, *extra: str) -> tuple[DaemonProcess, str]:
     """One node, three one-rank replicas sharing the experts; returns the daemon and its gateway."""
-    args = daemon_args(etcd.endpoints, cluster, "--tp", "1", "--dp", "3", "--cpu-ranks", "3", "--ep", "dp",
-                       "--expert-copies", "2", "--state-dir", str(tmp_path / "a"), "--worker-model", str(model),
-                       *extra)
-    daemon = DaemonProcess("a", args, tmp_path / "a.log").start()
-    try:
-        for i in range(3):
-            wait_file(tmp_path / "a" / f"api-{i}.url", timeout=90)
-        return daemon, wait_file(tmp_path / "a" / "gateway.url").strip()
-    except BaseException:
-        daemon.stop()
-        raise
+    return start_replicas(etcd, cluster, tmp_path, model, 3, "--ep", "dp", "--expert-copies", "2", *extra)
 
 
 def loaded(client: EtcdClient, keys: ClusterKeys, gen: int) -> dict[int, dict]:
@@ -112,14 +90,9 @@ def test_replicas_sharing_experts_serve_the_reference_and_a_restarted_rank_reads
             url = wait_file(tmp_path / "a" / f"api-{i}.url").strip()
             check(post(url, requests()[i])[1]["choices"][0]["token_ids"], reference[i])
 
-        streams = start_streams(gateway, requests())
-        seat = busy_seat(tmp_path / "a")  # the dead replica's streams resume on another through the gateway
-        streams.assert_in_flight()
-        psutil.Process(seat_pid(daemon, seat)).kill()
-        got = streams.join()
-        for i, ref in enumerate(reference):
-            check(got[i], ref)
-        second = wait_for("generation 2", lambda: [p for p in plans(client, keys) if p.gen == 2])[0]
+        # the busiest replica dies: its streams resume on another through the gateway
+        seat = kill_while_streaming(daemon, gateway, requests(), reference, lambda: busy_seat(tmp_path / "a"))
+        second = plan_of(client, keys, 2)
         assert second.dp == 3 and second.experts == first.experts  # restarted in place: same slots
         at2 = wait_for("generation 2's weights", lambda: len(got := loaded(client, keys, 2)) == 3 and got)
         restarted = next(s.rank for s in second.ranks if (s.node, s.local_rank) == ("a", seat))
@@ -140,14 +113,8 @@ def test_with_no_restart_the_shrink_serves_on_from_the_copies_without_reading(
     daemon, gateway = start(etcd, cluster_name, tmp_path, moe, "--worker-restart-budget", "0",
                             "--worker-restart-window", "600")
     try:
-        streams = start_streams(gateway, requests())
-        seat = busy_seat(tmp_path / "a")
-        streams.assert_in_flight()
-        psutil.Process(seat_pid(daemon, seat)).kill()
-        got = streams.join()
-        for i, ref in enumerate(reference):
-            check(got[i], ref)
-        shrunk = wait_for("the shrunk plan", lambda: [p for p in plans(client, keys) if p.gen == 2])[0]
+        seat = kill_while_streaming(daemon, gateway, requests(), reference, lambda: busy_seat(tmp_path / "a"))
+        shrunk = plan_of(client, keys, 2)
         first = next(p for p in plans(client, keys) if p.gen == 1)
         seats = [(s.node, s.local_rank) for s in sorted(first.ranks, key=lambda s: s.rank)]
         survivors = [(s.node, s.local_rank) for s in sorted(shrunk.ranks, key=lambda s: s.rank)]

@@ -1,12 +1,20 @@
-"""worker.disaggregation's decode side, without a prefill replica: which requests it takes, and
-that every way of failing sends the request back to be prefilled locally, once."""
+"""worker.disaggregation without a prefill replica: which requests the decode side takes, that
+every way of failing sends the request back to be prefilled locally, once, and how a transfer
+that does not end is given up (``abandonable``)."""
 
 from __future__ import annotations
 
 import threading
+import time
+from types import SimpleNamespace
 
+import pytest
+import torch
+
+from rallypoint.errors import EtcdUnavailable
 from rallypoint.testing.daemons import wait_for
-from rallypoint.worker.disaggregation import Peer, RemotePrefill
+from rallypoint.worker.disaggregation import Peer, RemotePrefill, abandonable
+from rallypoint.worker.kv_transfer import TransferError
 from rallypoint.worker.requests import Request, SamplingParams
 
 
@@ -45,3 +53,55 @@ def test_a_prefill_replica_that_is_gone_sends_the_request_back() -> None:
     wait_for("the request back", lambda: list(rp.back))
     assert counts["prefill_fallbacks"] == 1 and counts["kv_received"] == counts["kv_freed"] == 0
     rp.close()
+
+
+def test_unreachable_etcd_while_looking_up_prefill_replicas_sends_the_request_back() -> None:
+    def peers() -> list[Peer]:
+        raise EtcdUnavailable("etcd at 127.0.0.1:1 unavailable")
+
+    woke, counts = threading.Event(), {}
+    rp = RemotePrefill(1, 3, None, None, peers, min_tokens=4, wake=woke.set, counts=counts)  # type: ignore[arg-type]
+    r = Request([1, 2, 3, 4], SamplingParams())
+    rp.start(r)
+    wait_for("the request back", lambda: list(rp.back))
+    assert counts["prefill_fallbacks"] == 1
+    rp.close()
+
+
+def _group(aborted: str | None = None) -> SimpleNamespace:
+    """What ``abandonable`` reads of a group (a stand-in: the transfer itself is faked here)."""
+    return SimpleNamespace(aborted_reason=aborted, device=torch.device("cpu"), label="dp[0,1]@g3")
+
+
+def test_a_transfer_finished_in_time_returns_its_result_and_its_error_propagates() -> None:
+    assert abandonable(lambda: 7, _group(), "a transfer") == 7  # type: ignore[arg-type]
+
+    def broken() -> int:
+        raise TransferError("peer lost")
+    with pytest.raises(TransferError, match="peer lost"):
+        abandonable(broken, _group(), "a transfer")  # type: ignore[arg-type]
+
+
+def test_a_transfer_is_given_up_when_its_group_is_aborted_and_what_it_brings_later_is_freed() -> None:
+    """gloo's abort does not wake a blocked receive: the waiting thread gives up instead, and the
+    receive that finishes later hands its entry to ``late``."""
+    group, release, freed = _group(), threading.Event(), []
+
+    def blocked() -> str:
+        release.wait(10)
+        return "entry"
+
+    threading.Timer(0.05, lambda: setattr(group, "aborted_reason", "rank 0 exited")).start()
+    t0 = time.monotonic()
+    with pytest.raises(TransferError, match="aborted: rank 0 exited"):
+        abandonable(blocked, group, "receiving the KV", late=freed.append)  # type: ignore[arg-type]
+    assert time.monotonic() - t0 < 2
+    release.set()
+    wait_for("the late entry freed", lambda: freed == ["entry"])
+
+
+def test_a_transfer_is_given_up_at_its_limit() -> None:
+    release = threading.Event()
+    with pytest.raises(TransferError, match="no end after 0.1s"):
+        abandonable(lambda: release.wait(10), _group(), "sending the KV", limit=0.1)  # type: ignore[arg-type]
+    release.set()
