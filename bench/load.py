@@ -533,7 +533,7 @@ def main() -> int:
                      help="[worker] stream_interval: seconds a stream waits after a chunk (tokens accumulate)")
     own.add_argument("--stall-timeout", type=float, default=30.0,
                      help="[worker] stall_timeout: a loaded CPU worker must not be taken for frozen")
-    own.add_argument("--gateway-accept", default="reuseport", choices=("reuseport", "shared"),
+    own.add_argument("--gateway-accept", default="shared", choices=("reuseport", "shared"),
                      help="[gateway] accept: a socket per gateway process, or one they all accept on")
     own.add_argument("--gateway-processes", type=int,
                      help="[gateway] processes: gateway processes sharing its port (0: a thread of rallyd; "

@@ -312,9 +312,12 @@ class GatewayConfig:
             on a thread of rallyd. Unset: one per 4 cores, at most 4, on nodes of 8 cores or more
             (a burst of a few hundred streams is more Python than one core turns around in time);
             a thread on smaller nodes.
-        accept: how the processes share the port: ``reuseport``, a socket each (``SO_REUSEPORT``:
-            the kernel spreads connections evenly over the processes, whether they are busy or
-            not); ``shared``, one socket whose connections the first free process accepts.
+        accept: how the processes share the port: ``shared`` (the default), one socket whose
+            connections the first free process accepts, so a busy process takes none;
+            ``reuseport``, a socket each (``SO_REUSEPORT``: the kernel spreads connections evenly
+            over the processes, whether they are busy or not). Side by side on one H200 node, 256
+            streams: 8 of 8 rounds at 26,300 tok/s or more through a shared socket, 2 of 8 below
+            25,000 with ``reuseport`` (bench/RESULTS.md).
     """
 
     enabled: bool = _opt(True, "bool")
@@ -323,7 +326,7 @@ class GatewayConfig:
     resume_timeout: timedelta = _opt(_secs(120.0), "seconds", gt=0)
     api_key: str | None = _opt(None, "str", repr=False)
     processes: int | None = _opt(None, "int", ge=0)
-    accept: str = _opt("reuseport", "choice", choices=("reuseport", "shared"))
+    accept: str = _opt("shared", "choice", choices=("reuseport", "shared"))
 
     def process_count(self, cpus: int | None) -> int:
         """Gateway processes for a node with ``cpus`` cores: as set, else by the node's size."""

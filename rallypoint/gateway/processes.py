@@ -57,8 +57,9 @@ class GatewayProcesses:
 
     Args:
         host, port: where the gateway listens (port 0: a free one).
-        count: how many processes serve it, each on a socket of its own (SO_REUSEPORT), or all on
-            one socket with ``shared_socket`` (the first free process accepts a connection).
+        count: how many processes serve it: all on one socket (``shared_socket``, the default:
+            the first free process accepts a connection), or each on a socket of its own
+            (SO_REUSEPORT: the kernel spreads the connections by address hash).
         upstreams: the serving drivers' URLs, best first (``routes.DriverRoutes``; never blocks).
         resume_timeout, model: as for ``server.Gateway``.
         api_key: required of clients; handed to the processes in their environment, not argv.
@@ -74,7 +75,7 @@ class GatewayProcesses:
                  model: str = "rallypoint", api_key: str | None = None,
                  on_request: Callable[[str], None] = lambda _: None, on_resume: Callable[[], None] = lambda: None,
                  title: str = "rallypoint gateway", log_level: str = "info", poll: float = 0.005,
-                 backlog: int = 4096, shared_socket: bool = False) -> None:
+                 backlog: int = 4096, shared_socket: bool = True) -> None:
         if count < 1:
             raise ValueError(f"gateway processes must be at least 1, not {count}")
         self.socks = [listen(host, port, backlog)] * count if shared_socket else listen_group(host, port, count, backlog)

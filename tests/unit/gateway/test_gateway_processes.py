@@ -41,7 +41,7 @@ def deployment() -> Iterator[tuple[GatewayProcesses, Routes, list[str], list[str
     routes, outcomes, resumes = Routes(), [], []
     gw = GatewayProcesses("127.0.0.1", 0, 2, routes, resume_timeout=5.0, model="m", api_key=KEY,
                           on_request=outcomes.append, on_resume=lambda: resumes.append("r"),
-                          title="rallypoint gateway (test)").start()
+                          title="rallypoint gateway (test)", shared_socket=False).start()  # a socket each
     try:
         yield gw, routes, outcomes, resumes
     finally:
@@ -133,13 +133,14 @@ def test_a_killed_process_is_started_again(deployment) -> None:
         healthy.stop()
 
 
-def test_a_taken_port_fails_at_once_in_rallyd() -> None:
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "reuseport"])
+def test_a_taken_port_fails_at_once_in_rallyd(shared: bool) -> None:
     """Bound in rallyd, before any process starts: another gateway (processes or a thread) on the
     same port fails at once, and so does one on a port another program holds."""
-    holder = GatewayProcesses("127.0.0.1", 0, 2, list, resume_timeout=1.0)  # bound, never started
+    holder = GatewayProcesses("127.0.0.1", 0, 2, list, resume_timeout=1.0, shared_socket=shared)  # never started
     try:
         with pytest.raises(OSError):
-            GatewayProcesses("127.0.0.1", holder.port, 2, list, resume_timeout=1.0)
+            GatewayProcesses("127.0.0.1", holder.port, 2, list, resume_timeout=1.0, shared_socket=shared)
         with pytest.raises(OSError):
             listen("127.0.0.1", holder.port)
     finally:
@@ -148,7 +149,7 @@ def test_a_taken_port_fails_at_once_in_rallyd() -> None:
     other = listen("127.0.0.1", 0)
     try:
         with pytest.raises(OSError):
-            GatewayProcesses("127.0.0.1", other.getsockname()[1], 2, list, resume_timeout=1.0)
+            GatewayProcesses("127.0.0.1", other.getsockname()[1], 2, list, resume_timeout=1.0, shared_socket=shared)
     finally:
         other.close()
     with pytest.raises(ValueError, match="at least 1"):
