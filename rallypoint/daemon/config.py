@@ -316,8 +316,8 @@ class GatewayConfig:
             connections the first free process accepts, so a busy process takes none;
             ``reuseport``, a socket each (``SO_REUSEPORT``: the kernel spreads connections evenly
             over the processes, whether they are busy or not). Side by side on one H200 node, 256
-            streams: 8 of 8 rounds at 26,300 tok/s or more through a shared socket, 2 of 8 below
-            25,000 with ``reuseport`` (bench/RESULTS.md).
+            streams, 8 rounds each: the same median, but a shared socket's slowest round was
+            26,300 tok/s against 24,500 with ``reuseport`` (bench/RESULTS.md).
     """
 
     enabled: bool = _opt(True, "bool")
